@@ -1,0 +1,142 @@
+"""REST handlers: health, the caller, nodes."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from .. import nodes
+from ..models import NODE_STATES, User
+from ..schemas import Health, Heartbeat, MeOut, NodeList, NodePatch
+from .base import APIError, APIHandler
+
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def check_node_name(name: str) -> str:
+    if not NODE_NAME.match(name):
+        raise APIError(
+            400,
+            f"Invalid node name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit.",
+            "bad_request",
+        )
+    return name
+
+
+class HealthHandler(APIHandler):
+    """``GET api/health`` — no authentication; for load balancers and the hub."""
+
+    auth_required = False
+
+    def get(self) -> None:
+        db_state = "ok"
+        try:
+            with self.ctx.db.session() as s:
+                s.execute(text("SELECT 1"))
+        except Exception:
+            db_state = "unreachable"
+        self.write_json(
+            Health(
+                status="ok" if db_state == "ok" else "degraded",
+                version=self.ctx.version,
+                database=db_state,
+                schema_revision=self.ctx.schema_revision,
+                backend=self.ctx.backend.get("kind"),
+                leader=self.ctx.is_leader(),
+            ),
+            status=200 if db_state == "ok" else 503,
+        )
+
+
+def touch_user(s: Session, name: str, admin: bool, now: datetime, credits_milli: int) -> User:
+    """The NSML user row for hub user *name*, created on first contact."""
+    user = s.scalar(select(User).where(User.name == name))
+    if user is None:
+        user = User(name=name, credits_milli=credits_milli, created=now, last_seen=now)
+        s.add(user)
+    user.permission = "admin" if admin else "user"
+    user.last_seen = now
+    return user
+
+
+class MeHandler(APIHandler):
+    """``GET api/me`` — the caller: name, permission level, credits."""
+
+    def get(self) -> None:
+        assert self.hub_user is not None
+        with self.ctx.db.session() as s:
+            user = touch_user(
+                s, self.user_name, self.is_admin, self.ctx.now(), self.ctx.default_credits_milli
+            )
+            out = MeOut(
+                name=user.name,
+                admin=self.is_admin,
+                permission="admin" if self.is_admin else "user",
+                credits=user.credits_milli / 1000,
+                groups=list(self.hub_user.get("groups") or []),
+                scopes=list(self.hub_user.get("scopes") or []),
+            )
+        self.write_json(out)
+
+
+class NodesHandler(APIHandler):
+    """``GET api/nodes[?state=up|draining|down]`` — nodes and their GPUs."""
+
+    def get(self) -> None:
+        state = self.get_query_argument("state", None)
+        if state is not None and state not in NODE_STATES:
+            raise APIError(
+                400,
+                f"Invalid state {state!r}; valid states: {', '.join(NODE_STATES)}.",
+                "bad_request",
+            )
+        now = self.ctx.now()
+        with self.ctx.db.session() as s:
+            out = NodeList(nodes=[nodes.node_out(n, now) for n in nodes.list_nodes(s, state)])
+        self.write_json(out)
+
+
+class NodeHandler(APIHandler):
+    """``GET api/nodes/NAME``; ``PATCH`` (admin) ``{"state": "draining"|"up"|"down"}``."""
+
+    def get(self, name: str) -> None:
+        check_node_name(name)
+        with self.ctx.db.session() as s:
+            node = nodes.get_node(s, name)
+            if node is None:
+                raise APIError(404, f"No node named {name!r}.", "not_found")
+            out = nodes.node_out(node, self.ctx.now())
+        self.write_json(out)
+
+    def patch(self, name: str) -> None:
+        self.require_admin()
+        check_node_name(name)
+        patch = self.body_as(NodePatch)
+        with self.ctx.db.session() as s:
+            node = nodes.get_node(s, name)
+            if node is None:
+                raise APIError(404, f"No node named {name!r}.", "not_found")
+            nodes.log.info(
+                "node %s: state %s -> %s by %s", name, node.state, patch.state, self.user_name
+            )
+            node.state = patch.state
+            out = nodes.node_out(node, self.ctx.now())
+        self.write_json(out)
+
+
+class HeartbeatHandler(APIHandler):
+    """``PUT api/nodes/NAME/heartbeat`` (admin or node agent token) — a node's report."""
+
+    def put(self, name: str) -> None:
+        self.require_admin()
+        check_node_name(name)
+        hb = self.body_as(Heartbeat)
+        with self.ctx.db.session() as s:
+            node = nodes.apply_heartbeat(s, name, hb, self.ctx.now())
+            s.flush()
+            out = nodes.node_out(node, self.ctx.now())
+        self.write_json(out)

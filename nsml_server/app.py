@@ -1,0 +1,380 @@
+"""``nsml-server``: the NSML control plane, a JupyterHub managed service.
+
+It is the only writer of the NSML database. Started by the hub (see
+``hub_config/jupyterhub_config.py``), it reads its address and credentials from the
+``JUPYTERHUB_*`` variables the hub gives a managed service, and its own settings from
+``NSML_*`` variables, a config file (``--config``) or the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from tornado import web
+from tornado.httpserver import HTTPServer
+from traitlets import Bool, Float, Integer, Unicode, default, validate
+from traitlets.config import Application
+
+from . import __version__, nodes
+from .api.base import NotFoundHandler, ServerContext
+from .api.handlers import HealthHandler, HeartbeatHandler, MeHandler, NodeHandler, NodesHandler
+from .api.openapi import openapi_document
+from .db import Database, SchemaError, check_schema, redact_url, upgrade
+from .schemas import Heartbeat
+
+
+def utcnow() -> datetime:
+    """Naive UTC now; the database stores naive UTC timestamps."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class OpenAPIHandler(web.RequestHandler):
+    """``GET api/openapi.json`` (no authentication)."""
+
+    def initialize(self, document: dict[str, Any]) -> None:
+        self.document = document
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(self.document)
+
+
+class DBSettings(Application):
+    """Settings shared by the server and its database subcommands."""
+
+    db_url = Unicode(
+        help="""SQLAlchemy URL of the NSML database.
+
+        Default: $NSML_DB_URL, else SQLite at <state_dir>/nsml.sqlite (fine for one machine).
+        Production: postgresql+psycopg://USER:PASSWORD@HOST/DB. The schema is managed by
+        Alembic; see `nsml-server upgrade-db`.
+        """,
+    ).tag(config=True)
+
+    state_dir = Unicode(
+        help="""Folder for the server's state (SQLite database, logs of local runs).
+
+        Default: $NSML_STATE_DIR, else ~/.local/share/jupyter-nsml. Created if missing.
+        """,
+    ).tag(config=True)
+
+    @default("state_dir")
+    def _default_state_dir(self) -> str:
+        return os.environ.get("NSML_STATE_DIR") or str(
+            Path.home() / ".local" / "share" / "jupyter-nsml"
+        )
+
+    @default("db_url")
+    def _default_db_url(self) -> str:
+        return os.environ.get("NSML_DB_URL") or f"sqlite:///{Path(self.state_dir) / 'nsml.sqlite'}"
+
+    aliases = {"db-url": "DBSettings.db_url", "state-dir": "DBSettings.state_dir"}
+
+    def ensure_state_dir(self) -> Path:
+        path = Path(self.state_dir).expanduser()
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+
+class UpgradeDB(DBSettings):
+    """Upgrade the NSML database schema to this version's newest revision."""
+
+    name = "nsml-server upgrade-db"
+    description = "Upgrade the NSML database to the schema this version needs. Back it up first."
+
+    def start(self) -> None:
+        self.ensure_state_dir()
+        upgrade(self.db_url)
+        print(f"database {redact_url(self.db_url)} is up to date")
+
+
+class NSMLServer(DBSettings):
+    """The NSML server: REST API, node registry, the local node's agent."""
+
+    name = "nsml-server"
+    version = __version__
+    description = "The NSML control plane (a JupyterHub managed service)."
+    examples = """
+    nsml-server                                   # as a hub managed service (the usual way)
+    nsml-server upgrade-db --db-url URL           # upgrade the database schema
+    """
+    subcommands = {
+        "upgrade-db": (UpgradeDB, UpgradeDB.description),
+    }
+
+    aliases = {
+        **DBSettings.aliases,
+        "config": "NSMLServer.config_file",
+        "port": "NSMLServer.port",
+        "ip": "NSMLServer.ip",
+        "node-name": "NSMLServer.node_name",
+        "log-level": "Application.log_level",
+    }
+    flags = {
+        "upgrade-db": (
+            {"NSMLServer": {"upgrade_db": True}},
+            "Upgrade an older database schema on start (back it up first).",
+        ),
+        "no-local-node": (
+            {"NSMLServer": {"local_node": False}},
+            "Do not register this machine as a compute node.",
+        ),
+    }
+
+    config_file = Unicode("", help="A Python config file (traitlets) to load.").tag(config=True)
+
+    ip = Unicode(
+        help="Address to listen on. Default: from $JUPYTERHUB_SERVICE_URL, else 127.0.0.1"
+    ).tag(config=True)
+    port = Integer(help="Port to listen on. Default: from $JUPYTERHUB_SERVICE_URL, else 8090").tag(
+        config=True
+    )
+    base_url = Unicode(
+        help="URL prefix of the service. Default: $JUPYTERHUB_SERVICE_PREFIX, else /services/nsml/"
+    ).tag(config=True)
+
+    @default("ip")
+    def _default_ip(self) -> str:
+        url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+        return (urlparse(url).hostname or "127.0.0.1") if url else "127.0.0.1"
+
+    @default("port")
+    def _default_port(self) -> int:
+        url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+        return (urlparse(url).port or 80) if url else 8090
+
+    @default("base_url")
+    def _default_base_url(self) -> str:
+        return os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/nsml/")
+
+    @validate("base_url")
+    def _slashes(self, proposal: Any) -> str:
+        v = str(proposal["value"])
+        return "/" + v.strip("/") + "/"
+
+    upgrade_db = Bool(
+        False,
+        help="Upgrade an older schema on start instead of refusing to start. Back up first.",
+    ).tag(config=True)
+
+    local_node = Bool(
+        True,
+        help="""Register the machine the server runs on as a compute node and run its node
+        agent in-process (the embedded default). Turn off when every node runs `nsml-agent`.""",
+    ).tag(config=True)
+
+    node_name = Unicode(
+        help="Name of the local node. Default: $NSML_NODE_NAME, else the host name."
+    ).tag(config=True)
+
+    @default("node_name")
+    def _default_node_name(self) -> str:
+        return os.environ.get("NSML_NODE_NAME") or socket.gethostname()
+
+    docker_url = Unicode(
+        None,
+        allow_none=True,
+        help="""Docker engine of the local node. Default: $NSML_DOCKER_URL, else DOCKER_HOST /
+        the local socket. When no engine answers, the local-process backend is used: it runs
+        sessions as plain processes and isolates nothing.""",
+    ).tag(config=True)
+
+    @default("docker_url")
+    def _default_docker_url(self) -> str | None:
+        return os.environ.get("NSML_DOCKER_URL") or None
+
+    heartbeat_interval = Float(
+        10.0,
+        help="Seconds between the local node's heartbeats, and between checks for silent nodes.",
+    ).tag(config=True)
+
+    node_timeout = Float(
+        45.0,
+        help="""Seconds without a heartbeat after which a node is marked down and receives no
+        new work. Should be several heartbeat intervals.""",
+    ).tag(config=True)
+
+    @validate("heartbeat_interval", "node_timeout")
+    def _positive(self, proposal: Any) -> float:
+        v = float(proposal["value"])
+        if v <= 0:
+            raise ValueError(f"{proposal['trait'].name} must be > 0 seconds, not {v}")
+        return v
+
+    default_credits = Float(
+        100.0, help="Credits a user starts with when first seen (GPU-minutes at price 1)."
+    ).tag(config=True)
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        super().initialize(argv)
+        if self.subapp is not None:
+            return
+        if self.config_file:
+            self.load_config_file(self.config_file)
+        self.log.setLevel(self.log_level)
+        for name in ("nsml_server", "nsml_agent"):
+            logging.getLogger(name).parent = self.log  # type: ignore[assignment]
+
+    # ---- start-up -------------------------------------------------------------------------
+
+    def init_db(self) -> None:
+        self.ensure_state_dir()
+        self.db = Database(self.db_url)
+        try:
+            self.schema_revision = check_schema(
+                self.db.engine, self.db_url, auto_upgrade=self.upgrade_db
+            )
+        except SchemaError as e:
+            self.log.critical("%s", e)
+            sys.exit(1)
+        self.log.info("database %s at revision %s", redact_url(self.db_url), self.schema_revision)
+
+    async def init_backend(self) -> None:
+        from .backends import select_backend
+
+        self.backend = await select_backend(
+            self.docker_url, Path(self.state_dir) / "local-runs", self.log
+        )
+        self.backend_info = self.backend.describe()
+        self.log.info("execution backend: %s", self.backend_info)
+
+    def init_hub_auth(self) -> Any:
+        from jupyterhub.services.auth import HubAuth
+
+        return HubAuth(parent=self, cache_max_age=60)
+
+    def make_app(self) -> web.Application:
+        self.ctx = ServerContext(
+            db=self.db,
+            hub_auth=self.init_hub_auth(),
+            version=__version__,
+            schema_revision=self.schema_revision,
+            now=utcnow,
+            backend=self.backend_info,
+            default_credits_milli=round(self.default_credits * 1000),
+        )
+        api = self.base_url + "api/"
+        k = {"ctx": self.ctx}
+        handlers: list[Any] = [
+            (api + "health", HealthHandler, k),
+            (
+                api + "openapi.json",
+                OpenAPIHandler,
+                {"document": openapi_document(__version__, self.base_url)},
+            ),
+            (api + "me", MeHandler, k),
+            (api + "nodes", NodesHandler, k),
+            (api + r"nodes/([^/]+)", NodeHandler, k),
+            (api + r"nodes/([^/]+)/heartbeat", HeartbeatHandler, k),
+            (api + ".*", NotFoundHandler, k),
+        ]
+        return web.Application(
+            handlers, default_handler_class=NotFoundHandler, default_handler_args=k
+        )
+
+    # ---- background loops -----------------------------------------------------------------
+
+    async def local_heartbeat(self) -> None:
+        """Collect this machine's inventory (in a thread) and record it."""
+        from gpu_scheduler.agent import collect_heartbeat, docker_images
+
+        info = self.backend_info
+
+        def collect() -> dict[str, Any]:
+            client = getattr(self.backend, "client", None)
+            return collect_heartbeat(
+                self.probe,
+                backend=str(info.get("kind", "local")),
+                docker_url=info.get("endpoint"),
+                images=docker_images(client),
+            )
+
+        body = await asyncio.get_running_loop().run_in_executor(None, collect)
+        hb = Heartbeat.model_validate(body)
+        with self.db.session() as s:
+            nodes.apply_heartbeat(s, self.node_name, hb, utcnow())
+
+    async def loop(self, period: float, fn: Any, what: str) -> None:
+        while True:
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("%s failed; retrying in %.0fs", what, period)
+            await asyncio.sleep(period)
+
+    async def check_nodes(self) -> None:
+        with self.db.session() as s:
+            nodes.mark_silent_nodes_down(s, utcnow(), timedelta(seconds=self.node_timeout))
+
+    async def serve(self) -> None:
+        self.init_db()
+        await self.init_backend()
+        app = self.make_app()
+        self.http = HTTPServer(app, xheaders=True)
+        self.http.listen(self.port, self.ip)
+        self.log.info(
+            "NSML server %s listening on http://%s:%d%sapi/",
+            __version__,
+            self.ip,
+            self.port,
+            self.base_url,
+        )
+        tasks = []
+        if self.local_node:
+            from gpu_scheduler.probe import probe_from_env
+
+            self.probe = probe_from_env(os.environ, node_name=self.node_name)
+            st = self.probe.status()
+            if st.enabled:
+                self.log.info("GPU probe %s: %d GPUs", st.kind, len(self.probe.gpus()))
+            else:
+                self.log.warning("GPU probe disabled: %s", st.reason)
+            tasks.append(
+                asyncio.create_task(
+                    self.loop(self.heartbeat_interval, self.local_heartbeat, "local heartbeat")
+                )
+            )
+        tasks.append(
+            asyncio.create_task(self.loop(self.heartbeat_interval, self.check_nodes, "node check"))
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        self.log.info("shutting down")
+        self.http.stop()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.local_node:
+            self.probe.close()
+        self.db.dispose()
+
+    def start(self) -> None:
+        if self.subapp is not None:
+            self.subapp.start()
+            return
+        asyncio.run(self.serve())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``nsml-server``."""
+    app = NSMLServer.instance()
+    app.initialize(argv)
+    app.start()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,117 @@
+"""Request and response bodies of the REST API (pydantic), also the source of the OpenAPI document.
+
+Every request body is validated here before any domain code sees it; a validation failure is
+a 400 whose message names each offending field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NodeState = Literal["up", "draining", "down"]
+
+
+class Strict(BaseModel):
+    """Base for request bodies: unknown fields are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class GpuReport(Strict):
+    """One GPU as a node's probe reports it."""
+
+    index: int = Field(ge=0, le=255)
+    uuid: str = Field(min_length=1, max_length=128)
+    model: str = Field(min_length=1, max_length=255)
+    memory_total_mib: int = Field(ge=0)
+    memory_used_mib: int = Field(default=0, ge=0)
+    utilization_pct: int | None = Field(default=None, ge=0, le=100)
+    nvlink_peers: list[int] = Field(default_factory=list)
+    pcie_group: int | None = Field(
+        default=None, description="GPUs under one PCIe switch share this id (lowest GPU index)"
+    )
+
+
+class ProbeReport(Strict):
+    """How the node's GPU probe is doing: enabled, or disabled and why."""
+
+    kind: Literal["nvml", "virtual", "none"]
+    enabled: bool
+    reason: str | None = None
+    driver_version: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class Heartbeat(Strict):
+    """A node agent's periodic report: its resources, GPUs, images and probe state."""
+
+    backend: Literal["docker", "local"] = "docker"
+    docker_url: str | None = Field(default=None, max_length=1024)
+    cpu_milli: int = Field(ge=0)
+    memory_mib: int = Field(ge=0)
+    gpu_probe: ProbeReport
+    gpus: list[GpuReport] = Field(default_factory=list, max_length=256)
+    images: list[str] = Field(default_factory=list, max_length=10_000)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class NodePatch(Strict):
+    """Admin change of a node: drain it (no new work), bring it back up, or mark it down."""
+
+    state: NodeState
+
+
+class GpuOut(BaseModel):
+    index: int
+    uuid: str
+    model: str
+    memory_total_mib: int
+    memory_used_mib: int
+    utilization_pct: int | None
+    nvlink_peers: list[int]
+    pcie_group: int | None
+    healthy: bool
+
+
+class NodeOut(BaseModel):
+    name: str
+    state: NodeState
+    backend: str
+    docker_url: str | None
+    cpu_milli: int
+    memory_mib: int
+    gpu_probe: dict[str, object]
+    gpus: list[GpuOut]
+    images: list[str]
+    labels: dict[str, str]
+    last_heartbeat: str | None = Field(description="ISO 8601, UTC")
+    heartbeat_age_s: float | None
+
+
+class NodeList(BaseModel):
+    nodes: list[NodeOut]
+
+
+class MeOut(BaseModel):
+    name: str
+    admin: bool
+    permission: Literal["user", "admin"]
+    credits: float = Field(description="balance in credits")
+    groups: list[str]
+    scopes: list[str]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    version: str
+    database: str
+    schema_revision: str
+    backend: str | None
+    leader: bool
+
+
+class Error(BaseModel):
+    message: str = Field(description="what went wrong and what to do, for a person")
+    reason: str = Field(description="a stable machine-readable code, e.g. 'bad_request'")

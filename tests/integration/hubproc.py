@@ -1,0 +1,174 @@
+"""A real ``jupyterhub`` process running the project's embedded config, for tests.
+
+One hub per test session (starting one costs seconds): the ``hub`` fixture in
+``tests/integration/conftest.py`` owns it. An extra config file adds a test-only service
+``test-admin`` whose token creates users and tokens through the hub's REST API.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+HUB_CONFIG = REPO / "hub_config" / "jupyterhub_config.py"
+
+TEST_CONFIG = """
+c = get_config()  # noqa
+c.JupyterHub.services.append(
+    {"name": "test-admin", "api_token": %(token)r}
+)
+c.JupyterHub.load_roles.append(
+    {"name": "test-admin", "scopes": ["admin:users", "admin:servers", "tokens", "list:users",
+     "read:users", "access:services", "admin-ui"], "services": ["test-admin"]}
+)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class HubProcess:
+    """Start, stop and talk to one jupyterhub process and its ``nsml`` service."""
+
+    state_dir: Path
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    admin_token: str = field(default_factory=lambda: os.urandom(16).hex())
+    user_password: str = "lab-password-1234"
+    admin_password: str = "admin-password-" + "x" * 24
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.port = free_port()
+        self.api_port = free_port()
+        self.service_port = free_port()
+        self.proxy_api_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api = f"{self.url}/hub/api"
+        self.nsml_api = f"{self.url}/services/nsml/api"
+        self.log_path = self.state_dir / "hub.log"
+        self.extra_config = self.state_dir / "test_config.py"
+        self.extra_config.write_text(TEST_CONFIG % {"token": self.admin_token})
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NSML_", "JUPYTERHUB_"))}
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+        env.update(
+            NSML_STATE_DIR=str(self.state_dir),
+            NSML_HUB_BIND_URL=self.url,
+            NSML_HUB_API_PORT=str(self.api_port),
+            NSML_SERVICE_PORT=str(self.service_port),
+            NSML_PROXY_API_PORT=str(self.proxy_api_port),
+            NSML_USER_PASSWORD=self.user_password,
+            NSML_ADMIN_PASSWORD=self.admin_password,
+            NSML_ADMIN_USERS="admin",
+            NSML_VIRTUAL_GPUS="4",
+            NSML_EXTRA_CONFIG=str(self.extra_config),
+            NSML_NODE_NAME="local-test",
+        )
+        env.update(self.env_overrides)
+        return env
+
+    def start(self, timeout: float = 60) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jupyterhub",
+                "-f",
+                str(HUB_CONFIG),
+            ],
+            cwd=self.state_dir,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"jupyterhub exited ({self.proc.returncode}):\n{self.log_tail()}"
+                )
+            try:
+                r = requests.get(f"{self.nsml_api}/health", timeout=2)
+                if r.status_code == 200 and self.admin("GET", "/").status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"jupyterhub did not come up in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM the hub (it stops its proxy and services); SIGKILL the group if stuck."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, n: int = 80) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def admin(self, method: str, path: str, **kw: Any) -> requests.Response:
+        """A hub REST API call with the test-admin service's token."""
+        headers = {"Authorization": f"token {self.admin_token}"}
+        return requests.request(method, self.api + path, headers=headers, timeout=60, **kw)
+
+    def user_token(self, name: str, **token_request: Any) -> str:
+        """Create user *name* if needed and return a new API token of theirs."""
+        r = self.admin("GET", f"/users/{name}")
+        if r.status_code == 404:
+            self.admin("POST", f"/users/{name}").raise_for_status()
+        r = self.admin("POST", f"/users/{name}/tokens", json=token_request or {"note": "test"})
+        r.raise_for_status()
+        return str(r.json()["token"])
+
+    def login(self, name: str, password: str | None = None) -> requests.Session:
+        """Log in through the hub's login form, like a browser; returns the cookie session."""
+        s = requests.Session()
+        s.get(f"{self.url}/hub/login", timeout=30).raise_for_status()
+        xsrf = s.cookies.get("_xsrf")
+        r = s.post(
+            f"{self.url}/hub/login",
+            data={"username": name, "password": password or self.user_password, "_xsrf": xsrf},
+            allow_redirects=False,
+            timeout=30,
+        )
+        if r.status_code != 302:
+            raise AssertionError(f"login as {name} failed: {r.status_code} {r.text[:300]}")
+        return s
+
+    def nsml(self, method: str, path: str, token: str | None, **kw: Any) -> requests.Response:
+        """A call to the NSML API through the proxy."""
+        headers = kw.pop("headers", {})
+        if token is not None:
+            headers["Authorization"] = f"token {token}"
+        return requests.request(
+            method, f"{self.nsml_api}/{path}", headers=headers, timeout=30, **kw
+        )
