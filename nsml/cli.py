@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .client import Client, NSMLError
-from .config import ConfigError
+from .config import ConfigError, resolve
 
 
 def _print_json(obj: Any) -> None:
@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    verb("health", cmd_health, "is the NSML server up? (no token needed)")
+    verb("health", cmd_health, "is the NSML server up? (no token needed)").set_defaults(
+        anonymous=True
+    )
     verb("whoami", cmd_whoami, "who the token belongs to: permission level and credits")
     sp = verb("nodes", cmd_nodes, "list the cluster's nodes and GPUs; drain a node (admin)")
     sp.add_argument("--state", choices=["up", "draining", "down"], help="only nodes in this state")
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``nsml``."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.fn(Client(), args))
+        config = resolve(require_token=not getattr(args, "anonymous", False))
+        return int(args.fn(Client(config), args))
     except (NSMLError, ConfigError) as e:
         print(f"nsml: {e}", file=sys.stderr)
         return 2

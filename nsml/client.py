@@ -26,7 +26,8 @@ class Client:
         self.config = config or resolve()
         self.timeout = timeout
         self._http = requests.Session()
-        self._http.headers["Authorization"] = f"token {self.config.token}"
+        if self.config.token:
+            self._http.headers["Authorization"] = f"token {self.config.token}"
         self._http.headers["User-Agent"] = "nsml-client"
 
     def request(self, method: str, path: str, body: Any = None, **params: Any) -> Any:

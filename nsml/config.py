@@ -59,6 +59,8 @@ def _fetch_json(url: str, token: str) -> dict[str, object]:
 def resolve(
     env: Mapping[str, str] | None = None,
     fetch: Callable[[str, str], dict[str, object]] | None = _fetch_json,
+    *,
+    require_token: bool = True,
 ) -> ClientConfig:
     """Resolve the API URL and token from *env* (default: the process environment)."""
     env = os.environ if env is None else env
@@ -81,7 +83,7 @@ def resolve(
                 "token from /hub/token). Inside a notebook server these come from the hub."
             )
         api, source = found, "JUPYTERHUB_API_URL"
-    if not token:
+    if not token and require_token:
         raise ConfigError(
             "No token: set NSML_TOKEN to a JupyterHub API token (create one at /hub/token)."
         )

@@ -48,6 +48,23 @@ class OpenAPIHandler(web.RequestHandler):
         self.finish(self.document)
 
 
+class IndexHandler(web.RequestHandler):
+    """``GET /services/nsml/``: where the API and its description are (the hub polls it)."""
+
+    def initialize(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    def get(self) -> None:
+        self.finish(
+            {
+                "name": "nsml",
+                "version": __version__,
+                "api": self.base_url + "api/",
+                "openapi": self.base_url + "api/openapi.json",
+            }
+        )
+
+
 class DBSettings(Application):
     """Settings shared by the server and its database subcommands."""
 
@@ -265,6 +282,7 @@ class NSMLServer(DBSettings):
         api = self.base_url + "api/"
         k = {"ctx": self.ctx}
         handlers: list[Any] = [
+            (self.base_url, IndexHandler, {"base_url": self.base_url}),
             (api + "health", HealthHandler, k),
             (
                 api + "openapi.json",

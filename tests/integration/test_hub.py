@@ -250,7 +250,7 @@ def test_logging_in_starts_a_notebook_server_in_a_container(
     assert container.attrs["HostConfig"]["NetworkMode"] == "host"
     # The server answers through the proxy, with the user's cookie (OAuth) and with a token.
     # Like a browser: the page visit sets the server's _xsrf cookie, API calls echo it.
-    page = session.get(f"{hub.url}/user/dora/tree", timeout=60)
+    page = session.get(f"{hub.url}/user/dora/lab", timeout=60)
     assert page.status_code == 200, page.status_code
     xsrf = session.cookies.get("_xsrf", path="/user/dora/")
     r = session.get(f"{hub.url}/user/dora/api/status", headers={"X-XSRFToken": xsrf}, timeout=60)
@@ -300,3 +300,17 @@ def test_a_hub_restart_leaves_servers_running_and_known(
     assert container.status == "running"
     hub.admin("DELETE", "/users/erin/server")
     wait_for(lambda: not server_ready(hub, "erin"), timeout=60, what="erin's server stopped")
+
+
+def test_cli_health_needs_no_token(hub: HubProcess) -> None:
+    env = client_env(hub, "")
+    del env["NSML_TOKEN"]
+    r = subprocess.run([NSML, "health"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok ")
+
+
+def test_the_service_root_says_where_the_api_is(hub: HubProcess) -> None:
+    r = requests.get(f"{hub.url}/services/nsml/", timeout=10)
+    assert r.status_code == 200
+    assert r.json()["api"] == "/services/nsml/api/"
