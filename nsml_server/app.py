@@ -28,6 +28,7 @@ from . import __version__, nodes
 from .api.base import NotFoundHandler, ServerContext
 from .api.handlers import HealthHandler, HeartbeatHandler, MeHandler, NodeHandler, NodesHandler
 from .api.openapi import openapi_document
+from .api.placements import PlacementHandler, PlacementsHandler
 from .db import Database, SchemaError, check_schema, redact_url, upgrade
 from .schemas import Heartbeat
 
@@ -227,6 +228,49 @@ class NSMLServer(DBSettings):
             raise ValueError(f"{proposal['trait'].name} must be > 0 seconds, not {v}")
         return v
 
+    server_id = Unicode(
+        help="Name of this server in the leader lease. Default: HOST:PORT:PID."
+    ).tag(config=True)
+
+    @default("server_id")
+    def _default_server_id(self) -> str:
+        return f"{socket.gethostname()}:{self.port}:{os.getpid()}"
+
+    lease_ttl = Float(
+        3.0,
+        help="""Seconds a scheduler lease lasts without renewal. A standby server takes over
+        scheduling this long after the leader stops renewing (crash, SIGKILL, partition).
+        Servers sharing a database need clocks synchronised well within this.""",
+    ).tag(config=True)
+
+    lease_renew_interval = Float(
+        1.0, help="Seconds between lease renewals (and a standby's attempts to take over)."
+    ).tag(config=True)
+
+    max_gpus_per_user = Float(
+        None,
+        allow_none=True,
+        help="GPUs one user may hold at once (fractions count); None: no cap. Over it, "
+        "requests wait (they are not refused).",
+    ).tag(config=True)
+
+    max_jobs_per_user = Integer(
+        None, allow_none=True, help="Sessions and servers one user may run at once; None: no cap."
+    ).tag(config=True)
+
+    backfill = Bool(
+        True,
+        help="""Let smaller requests start around the reservation of the request at the head
+        of the queue, on other nodes only, so the head is never delayed. False: strict order.""",
+    ).tag(config=True)
+
+    @validate("lease_ttl", "lease_renew_interval")
+    def _lease_positive(self, proposal: Any) -> float:
+        v = float(proposal["value"])
+        if v <= 0:
+            raise ValueError(f"{proposal['trait'].name} must be > 0 seconds, not {v}")
+        return v
+
     default_credits = Float(
         100.0, help="Credits a user starts with when first seen (GPU-minutes at price 1)."
     ).tag(config=True)
@@ -269,6 +313,31 @@ class NSMLServer(DBSettings):
 
         return HubAuth(parent=self, cache_max_age=60)
 
+    def init_scheduler(self) -> None:
+        from gpu_scheduler.policy import PlacementPolicy
+        from gpu_scheduler.queue import UserLimits
+
+        from .lease import LeaderLease
+        from .scheduler import Scheduler
+
+        if self.lease_renew_interval * 2 > self.lease_ttl:
+            self.log.warning(
+                "lease_renew_interval=%s is more than half of lease_ttl=%s: the lease may lapse "
+                "between renewals",
+                self.lease_renew_interval,
+                self.lease_ttl,
+            )
+        self.lease = LeaderLease(self.db, self.server_id, ttl_s=self.lease_ttl, now=utcnow)
+        self.scheduler = Scheduler(
+            self.db,
+            self.lease,
+            PlacementPolicy(parent=self),
+            now=utcnow,
+            default_limits=UserLimits(self.max_gpus_per_user, self.max_jobs_per_user),
+            backfill=self.backfill,
+            renew_interval_s=self.lease_renew_interval,
+        )
+
     def make_app(self) -> web.Application:
         self.ctx = ServerContext(
             db=self.db,
@@ -278,6 +347,8 @@ class NSMLServer(DBSettings):
             now=utcnow,
             backend=self.backend_info,
             default_credits_milli=round(self.default_credits * 1000),
+            scheduler=self.scheduler,
+            is_leader=lambda: self.lease.is_leader,
         )
         api = self.base_url + "api/"
         k = {"ctx": self.ctx}
@@ -293,6 +364,8 @@ class NSMLServer(DBSettings):
             (api + "nodes", NodesHandler, k),
             (api + r"nodes/([^/]+)", NodeHandler, k),
             (api + r"nodes/([^/]+)/heartbeat", HeartbeatHandler, k),
+            (api + "placements", PlacementsHandler, k),
+            (api + r"placements/(\d+)", PlacementHandler, k),
             (api + ".*", NotFoundHandler, k),
         ]
         return web.Application(
@@ -338,6 +411,7 @@ class NSMLServer(DBSettings):
     async def serve(self) -> None:
         self.init_db()
         await self.init_backend()
+        self.init_scheduler()
         app = self.make_app()
         self.http = HTTPServer(app, xheaders=True)
         self.http.listen(self.port, self.ip)
@@ -367,12 +441,15 @@ class NSMLServer(DBSettings):
             asyncio.create_task(self.loop(self.heartbeat_interval, self.check_nodes, "node check"))
         )
         stop = asyncio.Event()
+        scheduler_task = asyncio.create_task(self.scheduler.run(stop))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         self.log.info("shutting down")
         self.http.stop()
+        self.scheduler.wake()
+        await scheduler_task  # resigns the lease so that a standby takes over at once
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

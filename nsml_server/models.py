@@ -14,12 +14,16 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -63,6 +67,10 @@ class Node(Base):
     """A compute node: a Docker engine (or the local-process fallback) plus its GPUs."""
 
     __tablename__ = "nodes"
+    __table_args__ = (
+        CheckConstraint("cpu_allocated_milli >= 0", name="cpu_allocated_nonnegative"),
+        CheckConstraint("memory_allocated_mib >= 0", name="memory_allocated_nonnegative"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), unique=True)
@@ -71,6 +79,9 @@ class Node(Base):
     state: Mapped[str] = mapped_column(String(16), default="up")
     cpu_milli: Mapped[int] = mapped_column(Integer, default=0)
     memory_mib: Mapped[int] = mapped_column(BigInteger, default=0)
+    # What active allocations hold; changed only by conditional UPDATEs in nsml_server.ledger.
+    cpu_allocated_milli: Mapped[int] = mapped_column(Integer, default=0)
+    memory_allocated_mib: Mapped[int] = mapped_column(BigInteger, default=0)
     gpu_probe: Mapped[dict[str, Any]] = mapped_column(default=dict)
     images: Mapped[list[Any]] = mapped_column(default=list)
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -86,7 +97,13 @@ class Gpu(Base):
     """One GPU of a node, as the node's probe last reported it."""
 
     __tablename__ = "gpus"
-    __table_args__ = (UniqueConstraint("node_id", "index", name="uq_gpus_node_id_index"),)
+    __table_args__ = (
+        UniqueConstraint("node_id", "index", name="uq_gpus_node_id_index"),
+        # A GPU is never given beyond its capacity, whatever the code above does.
+        CheckConstraint(
+            "allocated_milli >= 0 AND allocated_milli <= 1000", name="allocated_within_capacity"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
@@ -99,5 +116,76 @@ class Gpu(Base):
     nvlink_peers: Mapped[list[Any]] = mapped_column(default=list)
     pcie_group: Mapped[int | None] = mapped_column(Integer)
     healthy: Mapped[bool] = mapped_column(Boolean, default=True)
+    allocated_milli: Mapped[int] = mapped_column(Integer, default=0)
 
     node: Mapped[Node] = relationship(back_populates="gpus")
+
+
+class Allocation(Base):
+    """Resources held on one node by exactly one holder (a session or a notebook server).
+
+    ``holder`` is unique among active allocations: asking twice for the same holder returns
+    the allocation it already has. Releasing is idempotent.
+    """
+
+    __tablename__ = "allocations"
+    __table_args__ = (
+        Index(
+            "uq_allocations_active_holder",
+            "holder",
+            unique=True,
+            sqlite_where=text("state = 'active'"),
+            postgresql_where=text("state = 'active'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    user_name: Mapped[str] = mapped_column(String(255), index=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"), index=True)
+    gpu_indices: Mapped[list[Any]] = mapped_column(default=list)
+    gpu_uuids: Mapped[list[Any]] = mapped_column(default=list)
+    gpu_milli_per_gpu: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_milli: Mapped[int] = mapped_column(Integer, default=0)
+    memory_mib: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="active")
+    created: Mapped[datetime] = mapped_column(DateTime)
+    released: Mapped[datetime | None] = mapped_column(DateTime)
+    leader_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    score: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    node: Mapped[Node] = relationship()
+
+
+class PlacementRequestRow(Base):
+    """A request waiting for, or decided by, the scheduler (the queue, persisted)."""
+
+    __tablename__ = "placement_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255), index=True)
+    user_name: Mapped[str] = mapped_column(String(255))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="waiting", index=True)
+    code: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)
+    position: Mapped[int | None] = mapped_column(Integer)
+    allocation_id: Mapped[int | None] = mapped_column(ForeignKey("allocations.id"))
+    created: Mapped[datetime] = mapped_column(DateTime)
+    decided: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Lease(Base):
+    """A named lease (the scheduler's leadership): whoever holds an unexpired one leads.
+
+    ``epoch`` grows at every change of holder and fences a former leader's late writes.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255), default="")
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    renewed_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -115,3 +115,66 @@ class Health(BaseModel):
 class Error(BaseModel):
     message: str = Field(description="what went wrong and what to do, for a person")
     reason: str = Field(description="a stable machine-readable code, e.g. 'bad_request'")
+
+
+HOLDER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,199}$"
+
+
+class PlacementIn(Strict):
+    """Ask the scheduler for resources on one node."""
+
+    holder: str = Field(
+        pattern=HOLDER_PATTERN,
+        description="what will hold the resources, unique per user, e.g. 'notebook' or "
+        "'mnist/3'; asking again for the same holder returns the same placement",
+    )
+    gpus: float = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="0 (CPU only), a fraction below 1 (a share of one GPU, e.g. 0.25), or a "
+        "whole number of GPUs on one node",
+    )
+    gpu_models: list[str] = Field(default_factory=list, description="acceptable GPU models")
+    cpu: float = Field(default=1.0, ge=0, le=4096, description="CPU cores")
+    memory: str | int = Field(
+        default="1G", description="memory: '8G', '512M' (binary units) or a number of MiB"
+    )
+    datasets: list[str] = Field(default_factory=list, description="'name' or 'name@version'")
+    image: str | None = Field(default=None, max_length=512)
+    priority: int = Field(
+        default=0, ge=-100, le=100, description="higher first; above 0 needs an admin"
+    )
+    wait_s: float = Field(
+        default=0, ge=0, le=300, description="seconds to wait for a decision before answering"
+    )
+    user: str | None = Field(default=None, description="place on behalf of this user (admin)")
+
+
+class AllocationOut(BaseModel):
+    id: int
+    node: str
+    gpu_indices: list[int]
+    gpu_uuids: list[str]
+    gpu_milli_per_gpu: int
+    cpu_milli: int
+    memory_mib: int
+    state: Literal["active", "released"]
+
+
+class PlacementOut(BaseModel):
+    id: int
+    holder: str
+    user: str
+    state: Literal["waiting", "placed", "released", "failed", "cancelled"]
+    position: int | None = Field(description="1 = next in line (waiting requests only)")
+    code: str | None = Field(description="placed | unschedulable | infeasible | user-limit | ...")
+    reason: str | None = Field(description="why it waits or failed, for a person")
+    request: dict[str, object]
+    allocation: AllocationOut | None
+    created: str
+    decided: str | None
+
+
+class PlacementList(BaseModel):
+    placements: list[PlacementOut]

@@ -46,6 +46,7 @@ class ServerContext:
     backend: dict[str, Any] = field(default_factory=dict)
     is_leader: Callable[[], bool] = lambda: True
     default_credits_milli: int = 0
+    scheduler: Any = None
 
 
 class APIHandler(web.RequestHandler):

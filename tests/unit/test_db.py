@@ -19,7 +19,15 @@ from nsml_server.db import (
     upgrade_command,
 )
 
-TABLES = {"users", "nodes", "gpus", "alembic_version"}
+TABLES = {
+    "users",
+    "nodes",
+    "gpus",
+    "allocations",
+    "placement_requests",
+    "leases",
+    "alembic_version",
+}
 
 
 def sqlite_url(tmp_path: Path) -> str:

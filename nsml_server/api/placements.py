@@ -1,0 +1,180 @@
+"""``api/placements``: ask the scheduler for resources, follow the request, release them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gpu_scheduler.model import GPU_MILLI, PlacementRequest
+from gpu_scheduler.probe import parse_memory_mib
+
+from ..models import Allocation, Node, PlacementRequestRow
+from ..schemas import AllocationOut, PlacementIn, PlacementList, PlacementOut
+from .base import APIError, APIHandler
+
+
+def iso(t: datetime | None) -> str | None:
+    return t.isoformat() + "Z" if t else None
+
+
+def spec_of(body: PlacementIn) -> dict[str, object]:
+    """Validate the resource ask and turn it into the stored spec (milli units, MiB)."""
+    g = body.gpus
+    if 0 < g < 1:
+        gpu_milli = round(g * GPU_MILLI)
+        if gpu_milli < 1:
+            raise APIError(400, f"gpus={g} is below 0.001 GPU.", "bad_request")
+    elif g != int(g):
+        raise APIError(
+            400,
+            f"gpus={g} is not valid: ask for 0, a fraction below 1 (e.g. 0.5), or a whole "
+            "number of GPUs (e.g. 2).",
+            "bad_request",
+        )
+    else:
+        gpu_milli = int(g) * GPU_MILLI
+    try:
+        memory_mib = (
+            body.memory if isinstance(body.memory, int) else parse_memory_mib(body.memory, "memory")
+        )
+    except ValueError as e:
+        raise APIError(400, str(e), "bad_request") from e
+    if memory_mib < 0:
+        raise APIError(400, f"memory={body.memory!r} must not be negative.", "bad_request")
+    datasets = []
+    for ref in body.datasets:
+        name, _, version = ref.partition("@")
+        if not name:
+            raise APIError(400, f"dataset {ref!r}: use 'name' or 'name@version'.", "bad_request")
+        datasets.append({"ref": f"{name}@{version or 'latest'}", "bytes": 0})
+    spec = {
+        "gpu_milli": gpu_milli,
+        "gpu_models": sorted(set(body.gpu_models)),
+        "cpu_milli": round(body.cpu * 1000),
+        "memory_mib": memory_mib,
+        "datasets": datasets,
+        "image": body.image,
+    }
+    try:
+        PlacementRequest(
+            gpu_milli=gpu_milli,
+            cpu_milli=int(spec["cpu_milli"]),  # type: ignore[call-overload]
+            memory_mib=memory_mib,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e), "bad_request") from e
+    return spec
+
+
+def placement_out(s: Session, row: PlacementRequestRow) -> PlacementOut:
+    alloc = s.get(Allocation, row.allocation_id) if row.allocation_id else None
+    node = s.get(Node, alloc.node_id) if alloc else None
+    return PlacementOut(
+        id=row.id,
+        holder=row.holder.split(":", 1)[-1],
+        user=row.user_name,
+        state=row.state,  # type: ignore[arg-type]
+        position=row.position,
+        code=row.code,
+        reason=row.message,
+        request=dict(row.spec),
+        allocation=AllocationOut(
+            id=alloc.id,
+            node=node.name if node else "?",
+            gpu_indices=list(alloc.gpu_indices),
+            gpu_uuids=list(alloc.gpu_uuids),
+            gpu_milli_per_gpu=alloc.gpu_milli_per_gpu,
+            cpu_milli=alloc.cpu_milli,
+            memory_mib=alloc.memory_mib,
+            state=alloc.state,  # type: ignore[arg-type]
+        )
+        if alloc
+        else None,
+        created=iso(row.created) or "",
+        decided=iso(row.decided),
+    )
+
+
+class PlacementsHandler(APIHandler):
+    """``POST api/placements`` (ask); ``GET api/placements[?state=...&all=1]`` (list)."""
+
+    async def post(self) -> None:
+        try:
+            body = self.body_as(PlacementIn)
+        except ValidationError as e:  # pragma: no cover - body_as maps these
+            raise APIError(400, str(e), "bad_request") from e
+        user = self.user_name
+        if body.user is not None and body.user != user:
+            self.require_admin()
+            user = body.user
+        if body.priority > 0:
+            self.require_admin()
+        spec = spec_of(body)
+        scheduler = self.ctx.scheduler
+        assert scheduler is not None
+        with self.ctx.db.session() as s:
+            row = scheduler.submit(
+                s, user=user, holder=f"{user}:{body.holder}", spec=spec, priority=body.priority
+            )
+            request_id, fresh = row.id, row.decided is None and row.state == "waiting"
+        if body.wait_s > 0:
+            await scheduler.wait_decided(request_id, body.wait_s)
+        with self.ctx.db.session() as s:
+            row = s.get(PlacementRequestRow, request_id)
+            assert row is not None
+            out = placement_out(s, row)
+        if out.state == "failed":
+            raise APIError(422, out.reason or "This request can never fit.", "infeasible")
+        status = {"placed": 201, "waiting": 202}.get(out.state, 200)
+        if not fresh and out.state == "placed":
+            status = 200
+        self.write_json(out, status=status)
+
+    def get(self) -> None:
+        state = self.get_query_argument("state", None)
+        states = ("waiting", "placed", "released", "failed", "cancelled")
+        if state is not None and state not in states:
+            raise APIError(
+                400, f"Invalid state {state!r}; valid: {', '.join(states)}.", "bad_request"
+            )
+        everyone = self.get_query_argument("all", "0") in ("1", "true")
+        if everyone:
+            self.require_admin()
+        with self.ctx.db.session() as s:
+            q = select(PlacementRequestRow).order_by(PlacementRequestRow.id)
+            if not everyone:
+                q = q.where(PlacementRequestRow.user_name == self.user_name)
+            if state is not None:
+                q = q.where(PlacementRequestRow.state == state)
+            out = PlacementList(placements=[placement_out(s, r) for r in s.scalars(q)])
+        self.write_json(out)
+
+
+class PlacementHandler(APIHandler):
+    """``GET api/placements/ID``; ``DELETE`` cancels a waiting request or releases (idempotent)."""
+
+    def _row(self, s: Session, pid: str) -> PlacementRequestRow:
+        row = s.get(PlacementRequestRow, int(pid))
+        if row is None:
+            raise APIError(404, f"No placement {pid}.", "not_found")
+        if row.user_name != self.user_name and not self.is_admin:
+            raise APIError(403, f"Placement {pid} belongs to another user.", "forbidden")
+        return row
+
+    def get(self, pid: str) -> None:
+        with self.ctx.db.session() as s:
+            out = placement_out(s, self._row(s, pid))
+        self.write_json(out)
+
+    def delete(self, pid: str) -> None:
+        scheduler = self.ctx.scheduler
+        assert scheduler is not None
+        with self.ctx.db.session() as s:
+            row = self._row(s, pid)
+            scheduler.release(s, row)
+            s.flush()
+            out = placement_out(s, row)
+        self.write_json(out)

@@ -1,0 +1,129 @@
+"""The scheduler through the API: GPUs given once, queue positions, can-never-fit, release."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import wait_for
+from tests.integration.hubproc import HubProcess
+from tests.integration.test_hub import assert_json_error
+
+pytestmark = [pytest.mark.hub, pytest.mark.docker]
+
+
+def local_model(hub: HubProcess) -> str:
+    """The local node's GPU model: other tests may register more nodes, of other models."""
+    node = hub.nsml("GET", "nodes/local-test", hub.user_token("admin")).json()
+    return str(node["gpus"][0]["model"])
+
+
+def ask(hub: HubProcess, token: str, holder: str, **body: Any) -> Any:
+    body = {
+        "holder": holder,
+        "cpu": 0.1,
+        "memory": "256M",
+        "wait_s": 10,
+        "gpu_models": [local_model(hub)],
+        **body,
+    }
+    return hub.nsml("POST", "placements", token, json=body)
+
+
+def test_gpus_are_given_once_then_queued_then_handed_over(hub: HubProcess) -> None:
+    alice, bob, carol = (hub.user_token(u) for u in ("pa-alice", "pa-bob", "pa-carol"))
+    ra = ask(hub, alice, "nb", gpus=2)
+    rb = ask(hub, bob, "nb", gpus=2)
+    assert ra.status_code == 201 and rb.status_code == 201, (ra.text, rb.text)
+    ga, gb = ra.json()["allocation"], rb.json()["allocation"]
+    assert ga["node"] == gb["node"] == "local-test"
+    assert len(ga["gpu_indices"]) == 2 and len(gb["gpu_indices"]) == 2
+    assert not set(ga["gpu_indices"]) & set(gb["gpu_indices"]), "disjoint GPUs"
+
+    rc = ask(hub, carol, "nb", gpus=1, wait_s=1)
+    assert rc.status_code == 202, rc.text
+    waiting = rc.json()
+    assert waiting["state"] == "waiting" and waiting["position"] == 1
+    assert "Insufficient gpu" in waiting["reason"], waiting["reason"]
+
+    # Asking again for the same holder returns the same request.
+    again = ask(hub, carol, "nb", gpus=1, wait_s=0)
+    assert again.json()["id"] == waiting["id"]
+
+    released = hub.nsml("DELETE", f"placements/{ra.json()['id']}", alice)
+    assert released.status_code == 200 and released.json()["state"] == "released"
+    assert released.json()["allocation"]["state"] == "released"
+    # Releasing twice is fine.
+    assert hub.nsml("DELETE", f"placements/{ra.json()['id']}", alice).status_code == 200
+
+    placed = wait_for(
+        lambda: (
+            (r := hub.nsml("GET", f"placements/{waiting['id']}", carol).json())["state"] == "placed"
+            and r
+        ),
+        timeout=15,
+        what="carol placed after alice released",
+    )
+    assert placed["allocation"]["gpu_indices"][0] in ga["gpu_indices"]
+    for token, r in ((bob, rb), (carol, rc)):
+        hub.nsml("DELETE", f"placements/{r.json()['id']}", token)
+
+
+def test_more_gpus_than_any_node_has_can_never_fit(hub: HubProcess) -> None:
+    r = ask(hub, hub.user_token("pa-dan"), "big", gpus=99, gpu_models=[])
+    body = assert_json_error(r, 422, "infeasible")
+    assert "never fit" in body["message"] and "local-test" in body["message"]
+
+
+def test_a_fraction_shares_a_gpu(hub: HubProcess) -> None:
+    token = hub.user_token("pa-erin")
+    r1 = ask(hub, token, "half-1", gpus=0.5)
+    r2 = ask(hub, token, "half-2", gpus=0.5)
+    assert r1.status_code == r2.status_code == 201
+    a1, a2 = r1.json()["allocation"], r2.json()["allocation"]
+    assert a1["gpu_milli_per_gpu"] == 500
+    assert a1["gpu_indices"] == a2["gpu_indices"], "two halves pack onto one GPU"
+    for r in (r1, r2):
+        hub.nsml("DELETE", f"placements/{r.json()['id']}", token)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        pytest.param({"gpus": 1.5}, "whole number", id="one and a half GPUs"),
+        pytest.param({"gpus": -1}, "greater than or equal", id="negative GPUs"),
+        pytest.param({"memory": "-5G"}, "memory", id="negative memory"),
+        pytest.param({"memory": "lots"}, "memory", id="memory not a size"),
+        pytest.param({"holder": "../etc"}, "holder", id="holder with a path"),
+        pytest.param({"datasets": ["@v1"]}, "dataset", id="dataset without a name"),
+        pytest.param({"colour": "blue"}, "unknown field", id="unknown field"),
+    ],
+)
+def test_bad_requests_are_400_and_nothing_is_allocated(
+    hub: HubProcess, body: dict[str, Any], words: str
+) -> None:
+    token = hub.user_token("pa-frank")
+    r = hub.nsml("POST", "placements", token, json={"holder": "x", **body})
+    assert words in assert_json_error(r, 400, "bad_request")["message"]
+    assert hub.nsml("GET", "placements", token).json()["placements"] == []
+
+
+def test_only_admins_raise_priority_or_ask_for_others(hub: HubProcess) -> None:
+    token = hub.user_token("pa-gina")
+    assert_json_error(ask(hub, token, "x", priority=5), 403, "forbidden")
+    assert_json_error(ask(hub, token, "x", user="pa-other"), 403, "forbidden")
+
+
+def test_another_user_cannot_read_or_release_my_placement(hub: HubProcess) -> None:
+    owner, other = hub.user_token("pa-hank"), hub.user_token("pa-ivy")
+    r = ask(hub, owner, "mine", gpus=0)
+    pid = r.json()["id"]
+    assert_json_error(hub.nsml("GET", f"placements/{pid}", other), 403, "forbidden")
+    assert_json_error(hub.nsml("DELETE", f"placements/{pid}", other), 403, "forbidden")
+    assert hub.nsml("GET", f"placements/{pid}", owner).json()["state"] == "placed"
+    hub.nsml("DELETE", f"placements/{pid}", owner)
+
+
+def test_health_says_this_server_leads(hub: HubProcess) -> None:
+    assert hub.nsml("GET", "health", None).json()["leader"] is True

@@ -1,0 +1,195 @@
+"""The ledger never gives a GPU twice; the lease elects one scheduler and fences the old one."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from nsml_server import ledger, nodes
+from nsml_server.db import Database, check_schema
+from nsml_server.lease import LeaderLease, LostLease
+from nsml_server.schemas import Heartbeat
+
+T0 = datetime(2026, 1, 1, 12, 0, 0)
+
+
+def heartbeat(gpus: int = 4, cpu: int = 16000, mem: int = 65536) -> Heartbeat:
+    return Heartbeat.model_validate(
+        {
+            "cpu_milli": cpu,
+            "memory_mib": mem,
+            "gpu_probe": {"kind": "virtual", "enabled": True},
+            "gpus": [
+                {"index": i, "uuid": f"GPU-{i}", "model": "V100", "memory_total_mib": 16384}
+                for i in range(gpus)
+            ],
+        }
+    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'nsml.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    database = Database(url)
+    with database.engine.begin() as conn:  # a clean schema for every test
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        for t in ("placement_requests", "allocations", "leases", "gpus", "nodes", "users"):
+            conn.execute(
+                text(
+                    f"DROP TABLE IF EXISTS {t} CASCADE"
+                    if request.param != "sqlite"
+                    else f"DROP TABLE IF EXISTS {t}"
+                )
+            )
+    check_schema(database.engine, url)
+    with database.session() as s:
+        nodes.apply_heartbeat(s, "node-a", heartbeat(), T0)
+    yield database
+    database.dispose()
+
+
+def reserve(db: Database, holder: str, gpus: list[int], milli: int = 1000, **kw: int) -> int:
+    with db.session() as s:
+        a = ledger.reserve(
+            s,
+            holder=holder,
+            user_name="alice",
+            node_name="node-a",
+            gpu_indices=gpus,
+            gpu_milli_per_gpu=milli,
+            cpu_milli=kw.get("cpu", 1000),
+            memory_mib=kw.get("mem", 1024),
+            now=T0,
+        )
+        return a.id
+
+
+def gpu_milli(db: Database) -> list[int]:
+    with db.session() as s:
+        return [g.allocated_milli for g in nodes.get_node(s, "node-a").gpus]  # type: ignore[union-attr]
+
+
+def test_a_whole_gpu_is_never_given_twice(db: Database) -> None:
+    reserve(db, "s1", [0, 1])
+    with pytest.raises(ledger.Conflict, match="gpu1"):
+        reserve(db, "s2", [1, 2])
+    assert gpu_milli(db) == [1000, 1000, 0, 0], "the failed reservation left nothing behind"
+
+
+def test_fractions_share_a_gpu_up_to_1000_milli(db: Database) -> None:
+    reserve(db, "a", [0], 600)
+    reserve(db, "b", [0], 400)
+    with pytest.raises(ledger.Conflict):
+        reserve(db, "c", [0], 1)
+    assert gpu_milli(db)[0] == 1000
+
+
+def test_cpu_and_memory_are_reserved_too(db: Database) -> None:
+    reserve(db, "a", [], 0, cpu=15000)
+    with pytest.raises(ledger.Conflict, match="CPU/memory"):
+        reserve(db, "b", [], 0, cpu=2000)
+
+
+def test_release_is_idempotent_and_gives_everything_back(db: Database) -> None:
+    aid = reserve(db, "a", [0, 1], cpu=4000)
+    with db.session() as s:
+        assert ledger.release(s, aid, T0) is True
+    with db.session() as s:
+        assert ledger.release(s, aid, T0) is False
+        node = nodes.get_node(s, "node-a")
+        assert node is not None and node.cpu_allocated_milli == 0
+    assert gpu_milli(db) == [0, 0, 0, 0]
+
+
+def test_a_draining_node_receives_nothing(db: Database) -> None:
+    with db.session() as s:
+        node = nodes.get_node(s, "node-a")
+        assert node is not None
+        node.state = "draining"
+    with pytest.raises(ledger.Conflict, match="not up"):
+        reserve(db, "a", [0])
+
+
+def test_one_active_allocation_per_holder(db: Database) -> None:
+    reserve(db, "same", [0])
+    with pytest.raises(IntegrityError):
+        reserve(db, "same", [1])
+
+
+def test_the_database_refuses_an_over_allocated_gpu_whatever_the_code(db: Database) -> None:
+    with pytest.raises(IntegrityError), db.session() as s:
+        s.execute(text('UPDATE gpus SET allocated_milli = 1001 WHERE "index" = 0'))
+
+
+def test_concurrent_reservations_of_one_gpu_have_one_winner(db: Database) -> None:
+    wins, conflicts, errors = [], [], []
+    barrier = threading.Barrier(12)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            reserve(db, f"h{i}", [3])
+            wins.append(i)
+        except ledger.Conflict:
+            conflicts.append(i)
+        except Exception as e:  # e.g. SQLite "database is locked" must not happen
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(wins) == 1 and len(conflicts) == 11
+    assert gpu_milli(db)[3] == 1000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> datetime:
+        return self.t
+
+
+def test_one_leader_and_takeover_after_the_lease_lapses(db: Database) -> None:
+    clock = Clock()
+    a = LeaderLease(db, "server-a", ttl_s=3, now=clock)
+    b = LeaderLease(db, "server-b", ttl_s=3, now=clock)
+    assert a.tick() and a.epoch == 1
+    assert not b.tick()
+    clock.t += timedelta(seconds=2)
+    assert a.tick(), "renewal keeps the lease"
+    clock.t += timedelta(seconds=2)
+    assert not b.tick(), "renewed 2 s ago, still valid"
+    clock.t += timedelta(seconds=4)  # a stops renewing (crash, pause, partition)
+    assert b.tick() and b.epoch == 2
+    with pytest.raises(LostLease), db.session() as s:
+        a.fence(s)
+    assert not a.tick() and not a.is_leader
+
+
+def test_a_resigned_lease_is_taken_over_at_once(db: Database) -> None:
+    clock = Clock()
+    a = LeaderLease(db, "server-a", ttl_s=30, now=clock)
+    b = LeaderLease(db, "server-b", ttl_s=30, now=clock)
+    assert a.tick()
+    a.resign()
+    assert b.tick() and b.epoch == 2
+
+
+def test_fence_passes_for_the_leader(db: Database) -> None:
+    a = LeaderLease(db, "server-a", ttl_s=3, now=Clock())
+    a.tick()
+    with db.session() as s:
+        assert a.fence(s) == 1
