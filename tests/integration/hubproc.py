@@ -27,6 +27,14 @@ c = get_config()  # noqa
 c.JupyterHub.services.append(
     {"name": "test-admin", "api_token": %(token)r}
 )
+# Extra NSML servers started by tests (standbys) check tokens with this service's token.
+c.JupyterHub.services.append(
+    {"name": "nsml-standby", "api_token": %(standby_token)r}
+)
+c.JupyterHub.load_roles.append(
+    {"name": "nsml-standby", "scopes": ["read:users", "read:groups"],
+     "services": ["nsml-standby"]}
+)
 c.JupyterHub.load_roles.append(
     {"name": "test-admin", "scopes": ["admin:users", "admin:servers", "tokens", "list:users",
      "read:users", "access:services", "admin-ui"], "services": ["test-admin"]}
@@ -47,6 +55,7 @@ class HubProcess:
     state_dir: Path
     env_overrides: dict[str, str] = field(default_factory=dict)
     admin_token: str = field(default_factory=lambda: os.urandom(16).hex())
+    standby_token: str = field(default_factory=lambda: os.urandom(16).hex())
     user_password: str = "lab-password-1234"
     admin_password: str = "admin-password-" + "x" * 24
     proc: subprocess.Popen[bytes] | None = None
@@ -61,7 +70,9 @@ class HubProcess:
         self.nsml_api = f"{self.url}/services/nsml/api"
         self.log_path = self.state_dir / "hub.log"
         self.extra_config = self.state_dir / "test_config.py"
-        self.extra_config.write_text(TEST_CONFIG % {"token": self.admin_token})
+        self.extra_config.write_text(
+            TEST_CONFIG % {"token": self.admin_token, "standby_token": self.standby_token}
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -172,3 +183,68 @@ class HubProcess:
         return requests.request(
             method, f"{self.nsml_api}/{path}", headers=headers, timeout=30, **kw
         )
+
+
+@dataclass
+class ServerProcess:
+    """A standalone ``nsml-server`` (e.g. a standby) that checks tokens with *hub*."""
+
+    hub: HubProcess
+    db_url: str
+    name: str
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/services/nsml/api"
+        self.log_path = self.hub.state_dir / f"{self.name}.log"
+
+    def start(self, timeout: float = 60) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NSML_", "JUPYTERHUB_"))}
+        env.update(
+            JUPYTERHUB_API_URL=f"http://127.0.0.1:{self.hub.api_port}/hub/api",
+            JUPYTERHUB_API_TOKEN=self.hub.standby_token,
+            JUPYTERHUB_SERVICE_NAME="nsml",
+            NSML_DB_URL=self.db_url,
+            NSML_STATE_DIR=str(self.hub.state_dir / self.name),
+        )
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "nsml-server"),
+                "--port",
+                str(self.port),
+                "--no-local-node",
+                f"--NSMLServer.server_id={self.name}",
+                *self.args,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.api}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not come up:\n{self.log_path.read_text()[-3000:]}")
+
+    def health(self) -> dict[str, Any]:
+        return dict(requests.get(f"{self.api}/health", timeout=5).json())
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
