@@ -52,8 +52,12 @@ def make_engine(db_url: str, **kwargs: Any) -> Engine:
     """Create an engine; SQLite gets WAL, foreign keys and a busy timeout."""
     if db_url.startswith("sqlite"):
         kwargs.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
-    else:
-        kwargs.setdefault("pool_pre_ping", True)
+    elif "poolclass" not in kwargs:
+        # No pre-ping: it costs a round trip per transaction. Connections are recycled
+        # instead, and a request that meets a dropped connection fails once and is retried
+        # by its client.
+        kwargs.setdefault("pool_recycle", 1800)
+        kwargs.setdefault("pool_size", 10)
     engine = create_engine(db_url, **kwargs)
     if engine.dialect.name == "sqlite":
 

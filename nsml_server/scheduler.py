@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.orm import Session
 
 from gpu_scheduler.fgd import PodShape, RecentMix
 from gpu_scheduler.model import (
@@ -35,7 +35,7 @@ from gpu_scheduler.queue import QueuedJob, UserLimits, UserUsage, schedule
 from . import ledger
 from .db import Database
 from .lease import LeaderLease, LostLease
-from .models import Allocation, Node, PlacementRequestRow
+from .models import Allocation, Gpu, Node, PlacementRequestRow
 
 log = logging.getLogger("nsml_server.scheduler")
 
@@ -59,37 +59,102 @@ def request_of(spec: dict[str, Any], name: str = "") -> PlacementRequest:
     )
 
 
+class SnapshotCache:
+    """Builds the cluster snapshot from the ledger, reusing unchanged nodes between passes.
+
+    Two plain queries per pass (nodes, GPUs); a node whose row values did not change keeps its
+    :class:`NodeSnapshot` (and its rows of the policy's numpy layout).
+    """
+
+    def __init__(self) -> None:
+        self.snapshot: ClusterSnapshot | None = None
+        self.keys: dict[str, tuple[Any, ...]] = {}
+        self.node_ids: dict[str, int] = {}
+
+    def build(self, s: Session) -> ClusterSnapshot:
+        node_rows = s.execute(
+            select(
+                Node.id,
+                Node.name,
+                Node.cpu_milli,
+                Node.memory_mib,
+                Node.cpu_allocated_milli,
+                Node.memory_allocated_mib,
+                Node.state,
+                Node.images,
+            ).order_by(Node.name)
+        ).all()
+        gpus_of: dict[int, list[tuple[Any, ...]]] = {}
+        for row in s.execute(
+            select(
+                Gpu.node_id,
+                Gpu.index,
+                Gpu.model,
+                Gpu.uuid,
+                Gpu.memory_total_mib,
+                Gpu.allocated_milli,
+                Gpu.nvlink_peers,
+                Gpu.pcie_group,
+                Gpu.healthy,
+            ).order_by(Gpu.node_id, Gpu.index)
+        ):
+            gpus_of.setdefault(row[0], []).append(tuple(row[1:]))
+        names = [r[1] for r in node_rows]
+        self.node_ids = {r[1]: r[0] for r in node_rows}
+        snap = self.snapshot
+        if snap is None or [n.name for n in snap.nodes] != names:
+            snap = None
+        keys: dict[str, tuple[Any, ...]] = {}
+        fresh: list[NodeSnapshot] = []
+        for r in node_rows:
+            gpus = gpus_of.get(r[0], [])
+            key = (
+                *r[2:7],
+                tuple(r[7] or ()),
+                tuple((*g[:5], tuple(g[5] or ()), *g[6:]) for g in gpus),
+            )
+            keys[r[1]] = key
+            if snap is not None and self.keys.get(r[1]) == key:
+                continue
+            node = _node_snapshot(r, gpus)
+            if snap is not None:
+                snap = snap.with_node(node)
+            else:
+                fresh.append(node)
+        if snap is None:
+            snap = ClusterSnapshot(fresh)
+        self.snapshot, self.keys = snap, keys
+        return snap
+
+
+def _node_snapshot(r: Any, gpus: list[tuple[Any, ...]]) -> NodeSnapshot:
+    return NodeSnapshot(
+        name=r[1],
+        cpu_total_milli=r[2],
+        memory_total_mib=r[3],
+        gpus=tuple(
+            GpuSnapshot(
+                index=index,
+                model=model,
+                uuid=uuid,
+                memory_total_mib=mem,
+                free_milli=max(0, 1000 - allocated) if healthy else 0,
+                nvlink_peers=frozenset(peers or ()),
+                pcie_group=None if pcie is None else str(pcie),
+                healthy=bool(healthy),
+            )
+            for index, model, uuid, mem, allocated, peers, pcie, healthy in gpus
+        ),
+        cpu_free_milli=min(r[2], max(0, r[2] - r[4])),
+        memory_free_mib=min(r[3], max(0, r[3] - r[5])),
+        state=NodeState(r[6]),
+        images=frozenset(r[7] or ()),
+    )
+
+
 def build_snapshot(s: Session) -> ClusterSnapshot:
     """The cluster as the ledger sees it now, nodes in name order (stable tie-breaking)."""
-    nodes = s.scalars(select(Node).options(selectinload(Node.gpus)).order_by(Node.name))
-    out = []
-    for n in nodes:
-        gpus = tuple(
-            GpuSnapshot(
-                index=g.index,
-                model=g.model,
-                uuid=g.uuid,
-                memory_total_mib=g.memory_total_mib,
-                free_milli=max(0, 1000 - g.allocated_milli) if g.healthy else 0,
-                nvlink_peers=frozenset(g.nvlink_peers),
-                pcie_group=None if g.pcie_group is None else str(g.pcie_group),
-                healthy=g.healthy,
-            )
-            for g in n.gpus
-        )
-        out.append(
-            NodeSnapshot(
-                name=n.name,
-                cpu_total_milli=n.cpu_milli,
-                memory_total_mib=n.memory_mib,
-                gpus=gpus,
-                cpu_free_milli=max(0, n.cpu_milli - n.cpu_allocated_milli),
-                memory_free_mib=max(0, n.memory_mib - n.memory_allocated_mib),
-                state=NodeState(n.state),
-                images=frozenset(n.images),
-            )
-        )
-    return ClusterSnapshot(out)
+    return SnapshotCache().build(s)
 
 
 def user_usage(s: Session) -> dict[str, UserUsage]:
@@ -137,6 +202,7 @@ class Scheduler:
         backfill: bool = True,
         renew_interval_s: float = 1.0,
         idle_poll_s: float = 0.25,
+        gather_s: float = 0.005,
     ) -> None:
         self.db = db
         self.lease = lease
@@ -147,8 +213,15 @@ class Scheduler:
         self.backfill = backfill
         self.renew_interval_s = renew_interval_s
         self.idle_poll_s = idle_poll_s
+        self.gather_s = gather_s
         self.mix: RecentMix = policy.recent_mix()
         self._seen_id = 0
+        self.snapshots = SnapshotCache()
+        # Usage only matters to per-user limits; without limits the pass skips that query.
+        self.limits_apply = (
+            self.default_limits.max_gpus is not None or self.default_limits.max_jobs is not None
+        )
+        self.decisions: dict[int, dict[str, Any]] = {}
         self._wake: asyncio.Event | None = None
         self._decided: asyncio.Condition | None = None
 
@@ -206,24 +279,33 @@ class Scheduler:
         if self._wake is not None:
             self._wake.set()
 
-    async def wait_decided(self, request_id: int, timeout_s: float) -> None:
-        """Return when the request left ``waiting`` or *timeout_s* passed (whichever first)."""
+    async def wait_decided(self, request_id: int, timeout_s: float) -> dict[str, Any] | None:
+        """Wait until the request left ``waiting`` or *timeout_s* passed.
+
+        Returns the decision when this server made it (the leader remembers its recent
+        decisions), else None: the caller reads the request from the database.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            with self.db.session() as s:
-                state = s.scalar(
-                    select(PlacementRequestRow.state).where(PlacementRequestRow.id == request_id)
-                )
-            if state != "waiting":
-                return
+            if request_id in self.decisions:
+                return self.decisions[request_id]
+            if not self.lease.is_leader or self._decided is None:
+                with self.db.session() as s:
+                    state = s.scalar(
+                        select(PlacementRequestRow.state).where(
+                            PlacementRequestRow.id == request_id
+                        )
+                    )
+                if state != "waiting":
+                    return None
             left = deadline - loop.time()
             if left <= 0:
-                return
+                return None
             if self.lease.is_leader and self._decided is not None:
                 async with self._decided:
                     try:
-                        await asyncio.wait_for(self._decided.wait(), min(left, 1.0))
+                        await asyncio.wait_for(self._decided.wait(), min(left, 0.5))
                     except TimeoutError:
                         pass
             else:
@@ -232,17 +314,23 @@ class Scheduler:
     # ---- the leader ---------------------------------------------------------------------
 
     def run_pass(self) -> PassResult:
-        """One scheduling pass (blocking; call in the loop only while leading)."""
+        """One scheduling pass (blocking; call in the loop only while leading).
+
+        Reads the waiting requests and the ledger, runs the pure queue step, and writes every
+        reservation and request update in a handful of batched statements, in one transaction
+        fenced by the lease.
+        """
         result = PassResult()
+        R = PlacementRequestRow
         with self.db.session() as s:
             epoch = self.lease.fence(s)
-            rows = list(
-                s.scalars(
-                    select(PlacementRequestRow)
-                    .where(PlacementRequestRow.state == "waiting")
-                    .order_by(PlacementRequestRow.id)
+            rows = s.execute(
+                select(
+                    R.id, R.holder, R.user_name, R.priority, R.spec, R.position, R.code, R.message
                 )
-            )
+                .where(R.state == "waiting")
+                .order_by(R.id)
+            ).all()
             if not rows:
                 return result
             by_id = {str(r.id): r for r in rows}
@@ -253,10 +341,11 @@ class Scheduler:
                     self.mix.observe(PodShape.of(req))
                 jobs.append(QueuedJob(str(r.id), r.user_name, req, r.priority, r.id))
             self._seen_id = max(self._seen_id, rows[-1].id)
+            snapshot = self.snapshots.build(s)
             plan = schedule(
                 jobs,
-                build_snapshot(s),
-                usage=user_usage(s),
+                snapshot,
+                usage=user_usage(s) if self.limits_apply else None,
                 default_limits=self.default_limits,
                 admit=self.admit,
                 mix=self.mix.typical(),
@@ -265,51 +354,144 @@ class Scheduler:
                 backfill=self.backfill,
             )
             now = self.now()
-            for start in plan.starts:
-                row = by_id[start.job.id]
-                p = start.placement
-                try:
-                    with s.begin_nested():
-                        alloc = ledger.reserve(
-                            s,
-                            holder=row.holder,
-                            user_name=row.user_name,
-                            node_name=p.node,
-                            gpu_indices=p.gpu_indices,
-                            gpu_uuids=p.gpu_uuids,
-                            gpu_milli_per_gpu=p.gpu_milli_per_gpu,
-                            cpu_milli=p.cpu_milli,
-                            memory_mib=p.memory_mib,
-                            now=now,
-                            leader_epoch=epoch,
-                            score={"total": p.score, **p.score_parts},
+            grants = [
+                ledger.Grant(
+                    holder=by_id[st.job.id].holder,
+                    user_name=by_id[st.job.id].user_name,
+                    node_id=self.snapshots.node_ids[st.placement.node],
+                    gpu_indices=st.placement.gpu_indices,
+                    gpu_uuids=st.placement.gpu_uuids,
+                    gpu_milli_per_gpu=st.placement.gpu_milli_per_gpu,
+                    cpu_milli=st.placement.cpu_milli,
+                    memory_mib=st.placement.memory_mib,
+                    score={"total": st.placement.score, **st.placement.score_parts},
+                )
+                for st in plan.starts
+            ]
+            alloc_ids = self._reserve(s, grants, now, epoch)
+            changes: list[dict[str, Any]] = []
+            for st, aid in zip(plan.starts, alloc_ids, strict=True):
+                row, p = by_id[st.job.id], st.placement
+                if aid is None:
+                    changes.append(
+                        self._change(
+                            row,
+                            "waiting",
+                            None,
+                            row.position,
+                            row.code,
+                            "retrying: the resources were taken",
+                            None,
                         )
-                except ledger.Conflict as e:
-                    log.warning(
-                        "%s: placement on %s lost a race (%s); retrying", row.holder, p.node, e
                     )
-                    row.message = f"retrying: {e}"
                     continue
-                row.state = "placed"
-                row.allocation_id = alloc.id
-                row.code = "placed"
-                row.message = f"placed on {p.node}" + (" (backfilled)" if start.backfilled else "")
-                row.position = None
-                row.decided = now
+                msg = f"placed on {p.node}" + (" (backfilled)" if st.backfilled else "")
+                changes.append(self._change(row, "placed", aid, None, "placed", msg, now))
+                self._remember(row, "placed", aid, p.node, p, msg, now)
                 result.placed += 1
             for w in plan.waiting:
                 row = by_id[w.job.id]
+                code = w.code.value if w.code is not None else w.kind
+                msg = w.reason + detail(w.reasons)
                 if w.kind == "infeasible":
-                    row.state = "failed"
-                    row.decided = now
+                    changes.append(self._change(row, "failed", None, None, code, msg, now))
+                    self._remember(row, "failed", None, None, None, msg, now, code)
                     result.failed += 1
-                    log.info("%s can never fit: %s", row.holder, w.reason)
-                else:
-                    result.waiting += 1
-                row.code = w.code.value if w.code is not None else w.kind
-                row.message = w.reason + detail(w.reasons)
-                row.position = w.position if row.state == "waiting" else None
+                    log.info("%s can never fit: %s", row.holder, msg)
+                    continue
+                result.waiting += 1
+                if (row.position, row.code, row.message) != (w.position, code, msg):
+                    changes.append(self._change(row, "waiting", None, w.position, code, msg, None))
+            if changes:
+                s.connection().execute(
+                    update(R)
+                    .where(R.id == bindparam("rid"), R.state == "waiting")
+                    .values(
+                        state=bindparam("st"),
+                        allocation_id=bindparam("aid"),
+                        position=bindparam("pos"),
+                        code=bindparam("cd"),
+                        message=bindparam("msg"),
+                        decided=bindparam("dec"),
+                    ),
+                    changes,
+                )
         return result
+
+    @staticmethod
+    def _change(
+        row: Any,
+        state: str,
+        aid: int | None,
+        pos: int | None,
+        code: str | None,
+        msg: str | None,
+        decided: datetime | None,
+    ) -> dict[str, Any]:
+        return {
+            "rid": row.id,
+            "st": state,
+            "aid": aid,
+            "pos": pos,
+            "cd": code,
+            "msg": msg,
+            "dec": decided,
+        }
+
+    def _reserve(
+        self, s: Session, grants: list[ledger.Grant], now: datetime, epoch: int
+    ) -> list[int | None]:
+        """Reserve the pass's grants in one batch; on a conflict, one by one."""
+        if not grants:
+            return []
+        try:
+            with s.begin_nested():
+                return list(ledger.reserve_many(s, grants, now=now, leader_epoch=epoch))
+        except ledger.Conflict as e:
+            log.warning("batch reservation conflicted (%s); reserving one by one", e)
+        out: list[int | None] = []
+        for g in grants:
+            try:
+                with s.begin_nested():
+                    out.append(ledger.reserve_many(s, [g], now=now, leader_epoch=epoch)[0])
+            except ledger.Conflict as e:
+                log.warning("%s: lost a race (%s); it stays queued", g.holder, e)
+                out.append(None)
+        self.snapshots.snapshot = None  # the ledger moved under us: rebuild next pass
+        return out
+
+    def _remember(
+        self,
+        row: Any,
+        state: str,
+        aid: int | None,
+        node: str | None,
+        p: Any,
+        msg: str,
+        now: datetime,
+        code: str = "placed",
+    ) -> None:
+        """Keep a decision in memory so that a waiting handler answers without a query."""
+        self.decisions[row.id] = {
+            "state": state,
+            "code": code,
+            "reason": msg,
+            "decided": now,
+            "allocation": None
+            if aid is None
+            else {
+                "id": aid,
+                "node": node,
+                "gpu_indices": list(p.gpu_indices),
+                "gpu_uuids": list(p.gpu_uuids),
+                "gpu_milli_per_gpu": p.gpu_milli_per_gpu,
+                "cpu_milli": p.cpu_milli,
+                "memory_mib": p.memory_mib,
+                "state": "active",
+            },
+        }
+        while len(self.decisions) > 10_000:
+            self.decisions.pop(next(iter(self.decisions)))
 
     async def run(self, stop: asyncio.Event) -> None:
         """The loop: keep the lease, and while leading, run a pass whenever woken."""
@@ -323,6 +505,9 @@ class Scheduler:
                     await loop.run_in_executor(None, self.lease.tick)
                     next_tick = loop.time() + self.renew_interval_s
                 if self.lease.is_leader:
+                    if self._wake.is_set() and self.gather_s > 0:
+                        # Let requests arriving together share one pass (one transaction).
+                        await asyncio.sleep(self.gather_s)
                     self._wake.clear()
                     res = await loop.run_in_executor(None, self.run_pass)
                     if res.placed or res.failed:

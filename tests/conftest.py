@@ -66,17 +66,6 @@ def nsml_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for version in ("17", "16", "15", "14"):
-        path = Path(f"/usr/lib/postgresql/{version}/bin/{name}")
-        if path.exists():
-            return str(path)
-    return None
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A private PostgreSQL cluster for this test session; yields a URL of an empty database.
@@ -87,58 +76,14 @@ def postgres_url() -> Iterator[str]:
     if os.environ.get("NSML_TEST_POSTGRES_URL"):
         yield os.environ["NSML_TEST_POSTGRES_URL"]
         return
-    import pwd
-    import socket
-    import subprocess
-    import tempfile
-    import time
+    from tests.integration.pgproc import PostgresUnavailable, private_postgres
 
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        service_missing("db", "PostgreSQL is not installed (scripts/test.sh installs it)")
     try:
-        pg_user = pwd.getpwnam("postgres")
-    except KeyError:
-        service_missing("db", "no 'postgres' system user to run the server as")
-    tmp = Path(tempfile.mkdtemp(prefix="nsml-pg-"))
-    os.chown(tmp, pg_user.pw_uid, pg_user.pw_gid)
-    data = tmp / "data"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    def as_postgres(*cmd: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["runuser", "-u", "postgres", "--", *cmd],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=120,
-        )
-
-    r = as_postgres(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
-    if r.returncode != 0:
-        pytest.fail(f"initdb failed: {r.stderr}")
-    opts = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
-    r = as_postgres(pg_ctl, "-D", str(data), "-o", opts, "-l", str(tmp / "pg.log"), "-w", "start")
-    if r.returncode != 0:
-        pytest.fail(f"pg_ctl start failed: {r.stderr}\n{(tmp / 'pg.log').read_text()}")
+        cm = private_postgres()
+        url = cm.__enter__()
+    except PostgresUnavailable as e:
+        service_missing("db", str(e))
     try:
-        import psycopg
-
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with psycopg.connect(
-                    f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True
-                ) as conn:
-                    conn.execute("CREATE DATABASE nsml")
-                break
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/nsml"
+        yield url
     finally:
-        as_postgres(pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(tmp, ignore_errors=True)
+        cm.__exit__(None, None, None)

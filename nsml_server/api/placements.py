@@ -120,12 +120,29 @@ class PlacementsHandler(APIHandler):
                 s, user=user, holder=f"{user}:{body.holder}", spec=spec, priority=body.priority
             )
             request_id, fresh = row.id, row.decided is None and row.state == "waiting"
-        if body.wait_s > 0:
-            await scheduler.wait_decided(request_id, body.wait_s)
-        with self.ctx.db.session() as s:
-            row = s.get(PlacementRequestRow, request_id)
-            assert row is not None
             out = placement_out(s, row)
+        decision = None
+        if body.wait_s > 0 and out.state == "waiting":
+            decision = await scheduler.wait_decided(request_id, body.wait_s)
+        if decision is not None:
+            # Decided by this server just now: answer from memory, no query.
+            out = out.model_copy(
+                update={
+                    "state": decision["state"],
+                    "code": decision["code"],
+                    "reason": decision["reason"],
+                    "position": None,
+                    "decided": iso(decision["decided"]),
+                    "allocation": AllocationOut(**decision["allocation"])
+                    if decision["allocation"]
+                    else None,
+                }
+            )
+        elif body.wait_s > 0 and out.state == "waiting":
+            with self.ctx.db.session() as s:
+                row = s.get(PlacementRequestRow, request_id)
+                assert row is not None
+                out = placement_out(s, row)
         if out.state == "failed":
             raise APIError(422, out.reason or "This request can never fit.", "infeasible")
         status = {"placed": 201, "waiting": 202}.get(out.state, 200)
