@@ -80,6 +80,8 @@ def _credentials() -> dict[str, str]:
         "admin_password": os.environ.get("NSML_ADMIN_PASSWORD")
         or stored.get("admin_password")
         or secrets.token_urlsafe(32),
+        # The hub's spawner calls the NSML API with this token (service `nsml-spawner`).
+        "spawner_token": stored.get("spawner_token") or secrets.token_hex(32),
     }
     if creds != stored:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -122,7 +124,11 @@ for _k in ("DOCKER_HOST", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY", "PATH", "HOME
         _forwarded[_k] = os.environ[_k]
 os.environ.setdefault("NSML_API_URL_FOR_SERVERS", f"{SERVICE_URL}/services/nsml/api/")
 
+# NSMLSpawner runs inside the hub and asks the NSML server for placements with this token.
+os.environ["NSML_SPAWNER_TOKEN"] = CREDS["spawner_token"]
+
 c.JupyterHub.services = [
+    {"name": "nsml-spawner", "api_token": CREDS["spawner_token"]},
     {
         "name": "nsml",
         "url": SERVICE_URL,
@@ -130,10 +136,16 @@ c.JupyterHub.services = [
         "environment": _forwarded,
         "display": True,
         "oauth_no_confirm": True,
-    }
+    },
 ]
 
 c.JupyterHub.load_roles = [
+    # The hub's spawner may only call the NSML API (which trusts it to place for users).
+    {
+        "name": "nsml-spawner",
+        "scopes": ["access:services!service=nsml"],
+        "services": ["nsml-spawner"],
+    },
     # The NSML server reads who users are and which groups (teams) they belong to; nothing else.
     {"name": "nsml-service", "scopes": ["read:users", "read:groups"], "services": ["nsml"]},
     # Users' tokens may call the NSML API (JupyterHub gives new tokens no service access).

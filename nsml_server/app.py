@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from tornado import web
 from tornado.httpserver import HTTPServer
-from traitlets import Bool, Float, Integer, Unicode, default, validate
+from traitlets import Bool, Float, Integer, List, Unicode, default, validate
 from traitlets.config import Application
 
 from . import __version__, nodes
@@ -271,6 +271,15 @@ class NSMLServer(DBSettings):
             raise ValueError(f"{proposal['trait'].name} must be > 0 seconds, not {v}")
         return v
 
+    trusted_services = List(
+        Unicode(),
+        ["nsml-spawner"],
+        help="""Hub services whose tokens may act for any user (place resources on a user's
+        behalf), like an admin. The embedded config registers `nsml-spawner`, the token the
+        hub's NSMLSpawner uses. A service's token must still carry
+        access:services!service=nsml.""",
+    ).tag(config=True)
+
     default_credits = Float(
         100.0, help="Credits a user starts with when first seen (GPU-minutes at price 1)."
     ).tag(config=True)
@@ -348,6 +357,7 @@ class NSMLServer(DBSettings):
             backend=self.backend_info,
             default_credits_milli=round(self.default_credits * 1000),
             scheduler=self.scheduler,
+            trusted_services=frozenset(self.trusted_services),
             is_leader=lambda: self.lease.is_leader,
         )
         api = self.base_url + "api/"

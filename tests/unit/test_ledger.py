@@ -193,3 +193,29 @@ def test_fence_passes_for_the_leader(db: Database) -> None:
     a.tick()
     with db.session() as s:
         assert a.fence(s) == 1
+
+
+def test_a_silent_node_is_marked_down_and_receives_nothing(db: Database) -> None:
+    with db.session() as s:
+        assert (
+            nodes.mark_silent_nodes_down(s, T0 + timedelta(seconds=30), timedelta(seconds=45)) == []
+        )
+        assert nodes.mark_silent_nodes_down(
+            s, T0 + timedelta(seconds=60), timedelta(seconds=45)
+        ) == ["node-a"]
+    with pytest.raises(ledger.Conflict, match="not up"):
+        reserve(db, "late", [0])
+    with db.session() as s:  # its next heartbeat brings it back
+        node = nodes.apply_heartbeat(s, "node-a", heartbeat(), T0 + timedelta(seconds=61))
+        assert node.state == "up"
+    reserve(db, "late", [0])
+
+
+def test_a_gpu_missing_from_a_heartbeat_turns_unhealthy_and_is_not_given(db: Database) -> None:
+    with db.session() as s:
+        nodes.apply_heartbeat(s, "node-a", heartbeat(gpus=3), T0)
+    with pytest.raises(ledger.Conflict, match="gpu3"):
+        reserve(db, "x", [3])
+    with db.session() as s:
+        node = nodes.get_node(s, "node-a")
+        assert node is not None and [g.healthy for g in node.gpus] == [True, True, True, False]
