@@ -25,9 +25,11 @@ from gpu_scheduler import (
     TypicalMix,
     Weights,
     choose_gpus,
+    explain,
     place,
 )
 from gpu_scheduler.fgd import NodeArrays, fragmentation_of_nodes
+from gpu_scheduler.model import count_reasons
 
 
 def node(
@@ -287,8 +289,41 @@ def test_can_never_fit_vs_not_now(
     result = place(ClusterSnapshot(nodes), request_, mix=MIX)
     assert result.code is code
     assert result.never_fits is (code is Code.INFEASIBLE)
-    fast = place(ClusterSnapshot(nodes), request_, mix=MIX, explain_failures=False)
-    assert fast.code is code
+    assert explain(ClusterSnapshot(nodes), request_)[0] is code
+
+
+def test_summary_counts_agree_with_the_reasons_on_random_clusters() -> None:
+    """The vectorised failure path and the per-node sentences never disagree."""
+    rng = random.Random(3)
+    models = ["A100", "T4", "V100"]
+    for _ in range(300):
+        nodes = [
+            node(
+                f"n{i}",
+                free=[rng.choice([0, 0, 250, 500, 1000]) for _ in range(rng.choice([0, 1, 2, 4]))],
+                model=rng.choice(models),
+                cpu=rng.choice([4000, 16000]),
+                cpu_free=rng.choice([-1, 0, 2000]),
+                mem=rng.choice([8192, 65536]),
+                mem_free=rng.choice([-1, 0, 4096]),
+                state=rng.choice(list(NodeState)),
+            )
+            for i in range(rng.randint(0, 4))
+        ]
+        request = gpus(
+            rng.choice([0, 0.25, 0.5, 1, 2, 4]),
+            cpu_milli=rng.choice([1000, 8000, 32000]),
+            memory_mib=rng.choice([1024, 16384, 131072]),
+            gpu_models=frozenset(rng.sample([*models, "H100"], rng.choice([0, 1, 2]))),
+        )
+        snap = ClusterSnapshot(nodes)
+        result = place(snap, request, mix=MIX)
+        code, reasons = explain(snap, request)
+        assert result.code is code
+        if not result.placed:
+            assert list(result.reasons) == reasons
+            assert result.counts is not None
+            assert {k: v for k, v in result.counts.items() if v} == count_reasons(reasons)
 
 
 @pytest.mark.parametrize(
@@ -539,7 +574,7 @@ def test_invalid_requests_are_rejected_with_the_fix(bad: dict[str, int]) -> None
     [
         ("fragmentation_weight", -1.0, "must be a finite number >= 0"),
         ("dataset_weight", float("nan"), "must be a finite number >= 0"),
-        ("tie_resolution", 0.0, "must be > 0"),
+        ("tie_resolution", 0.0, "must be a finite number > 0"),
         ("strategy", "random", "is not one of"),
         ("mix_window", 0, "must be >= 1"),
         ("mix_coverage", 1.5, "within"),
@@ -552,8 +587,8 @@ def test_policy_knobs_are_validated_on_assignment(trait: str, value: object, mes
 
 
 def test_policy_knobs_become_plain_values() -> None:
-    policy = PlacementPolicy(dataset_weight=25.0, tie_resolution=1.0)
-    assert policy.weights() == Weights(dataset=25.0, tie_resolution=1.0)
+    policy = PlacementPolicy(dataset_weight=25.0, tie_resolution=2.0)
+    assert policy.weights() == Weights(dataset=25.0, tie_resolution=2.0)
     snap = ClusterSnapshot([node("a", 8)])
     assert policy.place(snap, gpus(1), MIX).placed
     assert policy.recent_mix().window == policy.mix_window
