@@ -113,8 +113,8 @@ def measure(db: str, n: int, concurrency: int) -> dict[str, Any]:
         state = Path(tempfile.mkdtemp(prefix="nsml-bench-"))
         stack.callback(shutil.rmtree, state, True)
         hub = HubProcess(state, env_overrides=env)
-        hub.start()
         stack.callback(hub.stop)
+        hub.start()
         admin = hub.user_token("admin")
         import requests
 

@@ -116,9 +116,9 @@ class HubProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"jupyterhub exited ({self.proc.returncode}):\n{self.log_tail()}"
-                )
+                code = self.proc.returncode
+                self.stop()
+                raise RuntimeError(f"jupyterhub exited ({code}):\n{self.log_tail()}")
             try:
                 r = requests.get(f"{self.nsml_api}/health", timeout=2)
                 if r.status_code == 200 and self.admin("GET", "/").status_code == 200:
@@ -126,18 +126,29 @@ class HubProcess:
             except requests.RequestException:
                 pass
             time.sleep(0.25)
+        self.stop()
         raise RuntimeError(f"jupyterhub did not come up in {timeout}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30) -> None:
-        """SIGTERM the hub (it stops its proxy and services); SIGKILL the group if stuck."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM the hub (it stops its proxy and services); SIGKILL the group if stuck.
+
+        The hub runs in its own process group: whatever it leaves behind (a proxy, when the
+        hub itself died) is stopped with the group.
+        """
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        pgid = self.proc.pid
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.proc.wait(10)
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
         self.proc = None
 
     def log_text(self) -> str:
