@@ -153,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         log.warning("no local Docker engine answers (%s); reporting no images", e)
         client = None
+    if client is not None and not args.docker_url:
+        log.warning(
+            "no --docker-url: the server cannot reach this node's engine, so the node is "
+            "listed but receives no work"
+        )
     url = args.api_url.rstrip("/") + f"/nodes/{args.name}/heartbeat"
     headers = {"Authorization": f"token {args.token}"}
     delay = args.interval

@@ -82,6 +82,8 @@ class SnapshotCache:
                 Node.memory_allocated_mib,
                 Node.state,
                 Node.images,
+                Node.backend,
+                Node.docker_url,
             ).order_by(Node.name)
         ).all()
         gpus_of: dict[int, list[tuple[Any, ...]]] = {}
@@ -147,9 +149,15 @@ def _node_snapshot(r: Any, gpus: list[tuple[Any, ...]]) -> NodeSnapshot:
         ),
         cpu_free_milli=min(r[2], max(0, r[2] - r[4])),
         memory_free_mib=min(r[3], max(0, r[3] - r[5])),
-        state=NodeState(r[6]),
+        state=NodeState(r[6]) if reachable(r) else NodeState.DOWN,
         images=frozenset(r[7] or ()),
     )
+
+
+def reachable(r: Any) -> bool:
+    """Whether work can be started on the node: a Docker node needs its engine's address
+    (an agent started without --docker-url is listed, but receives nothing)."""
+    return not (r[8] == "docker" and not r[9])
 
 
 def build_snapshot(s: Session) -> ClusterSnapshot:

@@ -1,30 +1,120 @@
-"""``NSMLSpawner(DockerSpawner)``: a user's notebook server in a container of the NSML image.
+"""``NSMLSpawner(DockerSpawner)``: notebook servers placed on the cluster by the NSML scheduler.
 
-Containers use the host's network (no private-range address; the engine runs with
-``--bridge=none``), so each server listens on a free port of the node chosen at start and the
-hub reaches it at ``127.0.0.1:PORT``.
+A spawn goes: validate ``user_options`` (a 400 that lists the valid choices, before anything is
+allocated) -> ask the NSML server for a placement for the user (``holder`` ``notebook`` or
+``notebook:NAME``) and wait in its queue, reporting the position through :meth:`progress` ->
+create the container on the chosen node's Docker engine with exactly the allocated GPUs, hard
+memory and CPU limits, and the datasets asked for -> wait until the server answers (a container
+that ends first fails the start with the reason, e.g. out of memory) -> return its address.
+
+Stopping (or finding the container gone or exited) releases the allocation, idempotently and
+with retries. The placement and the node are kept in the spawner's state, so a hub restart
+finds running servers with their GPUs still allocated. A container killed at its memory limit
+is reported as such: in the hub's log, in the server's state (``last_exit``) and on the next
+spawn form.
+
+Containers use the host's network (no private-range address; engines run with
+``--bridge=none``), so each server listens on a free port of its node.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from typing import Any
+import socket
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, TypeVar
 
+import docker
+import requests.exceptions
 from docker.errors import APIError, ImageNotFound
 from dockerspawner import DockerSpawner
-from jupyterhub.spawner import SpawnException  # type: ignore[attr-defined]
+from dockerspawner.dockerspawner import _deep_merge
+from jupyterhub.spawner import SpawnException
 from jupyterhub.utils import random_port
-from traitlets import Unicode, default
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from traitlets import Bool, Dict, Enum, Float, Integer, TraitError, Unicode, default, validate
+
+from gpu_scheduler.probe import parse_memory_mib
+
+from .client import (
+    Infeasible,
+    NSMLClient,
+    NSMLError,
+    NSMLUnavailable,
+    QueueTimeout,
+    wait_for_placement,
+)
+from .options import (
+    Choices,
+    ClusterLimits,
+    NotebookOptions,
+    OptionsError,
+    cluster_limits,
+    format_mib,
+    options_from_form,
+    render_form,
+    validate_options,
+)
+from .spec import (
+    Allocation,
+    ContainerSettings,
+    Engine,
+    LastExit,
+    NodeUnreachable,
+    describe_exit,
+    engine_url_for,
+    holder_for,
+    notebook_container,
+    server_host,
+    tls_files,
+)
 
 DEFAULT_IMAGE = "jupyter-nsml/singleuser:latest"
+QUEUE_POLL_S = 10.0  # one long poll of the placement API while waiting in the queue
+T = TypeVar("T")
+
+# Releases handed off by clear_state() (a synchronous hook) keep running here.
+_BACKGROUND: set[asyncio.Task[Any]] = set()
 
 
-class NSMLSpawner(DockerSpawner):
-    """Spawns notebook servers in containers of the jupyter-nsml single-user image."""
+async def _render_options_form(spawner: NSMLSpawner) -> str:
+    """``Spawner.options_form``: the GPU / image / datasets / limits form."""
+    return await spawner.render_options_form()
+
+
+def _options_from_form(
+    formdata: dict[str, list[str]], spawner: NSMLSpawner | None = None
+) -> dict[str, Any]:
+    """``Spawner.options_from_form``: form fields -> ``user_options``, checked without the
+    cluster (the full check runs when the server starts). A ValueError re-shows the form."""
+    options = options_from_form(formdata)
+    if spawner is not None:
+        validate_options(options, spawner.choices(cluster=None))
+    return options
+
+
+def _options_applied_in_start(spawner: NSMLSpawner, user_options: dict[str, Any]) -> None:
+    """``Spawner.apply_user_options``: NSMLSpawner validates and applies ``user_options`` in
+    ``start()``, where a bad value becomes a 400 that lists the valid choices."""
+
+
+class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
+    """Notebook servers with GPUs, placed by the NSML scheduler, in containers on its nodes."""
+
+    # ---- DockerSpawner defaults for the cluster ----------------------------------------------
 
     @default("image")
     def _default_image(self) -> str:
         return os.environ.get("NSML_NOTEBOOK_IMAGE", DEFAULT_IMAGE)
+
+    @default("allowed_images")
+    def _default_allowed_images(self) -> dict[str, str]:
+        image = getattr(self, "_configured_image", None) or self.image
+        return {image: image}
 
     @default("network_name")
     def _default_network_name(self) -> str:
@@ -42,56 +132,831 @@ class NSMLSpawner(DockerSpawner):
     def _default_remove(self) -> bool:
         return True
 
+    @default("poll_interval")
+    def _default_poll_interval(self) -> int:
+        # A server that died holds GPUs until a poll notices; notice it soon.
+        return 10
+
+    @default("options_form")
+    def _default_options_form(self) -> Callable[[NSMLSpawner], Any]:
+        return _render_options_form
+
+    @default("options_from_form")
+    def _default_options_from_form(self) -> Callable[..., dict[str, Any]]:
+        return _options_from_form
+
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> Callable[..., None]:
+        return _options_applied_in_start
+
+    # ---- configuration -----------------------------------------------------------------------
+
     nsml_api_url = Unicode(
         help="""URL of the NSML API as seen from inside a notebook container, given to the
-        `nsml` client as NSML_API_URL. Default: $NSML_API_URL_FOR_SERVERS, set by the hub config
-        to the service's own address (containers share the host's network).""",
+        `nsml` client as NSML_API_URL (with the server's own token as NSML_TOKEN). Default:
+        $NSML_API_URL_FOR_SERVERS, set by the hub config to the service's own address
+        (containers share the host's network). Empty: the variable is not set.""",
     ).tag(config=True)
 
     @default("nsml_api_url")
     def _default_nsml_api_url(self) -> str:
         return os.environ.get("NSML_API_URL_FOR_SERVERS", "")
 
-    def get_env(self) -> dict[str, Any]:
-        env: dict[str, Any] = super().get_env()
-        if self.nsml_api_url:
-            env["NSML_API_URL"] = self.nsml_api_url
-        return env
+    scheduler_url = Unicode(
+        help="""URL of the NSML API as the hub reaches it, for placements. Default:
+        $NSML_SPAWNER_API_URL, else $NSML_API_URL_FOR_SERVERS (the service's direct address,
+        e.g. http://127.0.0.1:8090/services/nsml/api/).""",
+    ).tag(config=True)
 
-    async def start(self) -> tuple[str, int]:  # type: ignore[override]
-        # Host networking: every server needs its own port on the node. The container is
-        # always created afresh (remove=True), so a new port is always safe.
-        self.port = random_port()
+    @default("scheduler_url")
+    def _default_scheduler_url(self) -> str:
+        return os.environ.get("NSML_SPAWNER_API_URL") or os.environ.get(
+            "NSML_API_URL_FOR_SERVERS", ""
+        )
+
+    scheduler_token = Unicode(
+        help="""Hub API token of the trusted service `nsml-spawner`, which may place resources
+        on a user's behalf. Default: $NSML_SPAWNER_TOKEN (the hub config sets it).""",
+    ).tag(config=True)
+
+    @default("scheduler_token")
+    def _default_scheduler_token(self) -> str:
+        return os.environ.get("NSML_SPAWNER_TOKEN", "")
+
+    queue_timeout = Float(
+        60.0,
+        help="""Seconds a spawn waits in the NSML queue for its GPUs before giving up with
+        "no capacity" (HTTP 503; the request is cancelled). Default 60. It is cut to
+        Spawner.start_timeout minus 10 s, since the hub cancels a start after that; it does
+        not bound the time the container then takes to start.""",
+    ).tag(config=True)
+
+    @validate("queue_timeout")
+    def _validate_queue_timeout(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if not value > 0:
+            raise TraitError(f"queue_timeout={value!r} must be more than 0 seconds, e.g. 60")
+        return value
+
+    allow_gpu_sharing = Bool(
+        False,
+        help="""Let users ask for a fraction of one GPU (e.g. gpus=0.5); the scheduler packs
+        fractions onto shared GPUs. Default False. Sharing gives no memory isolation between
+        the containers on one GPU: a fraction is a scheduling share, not a hardware limit.""",
+    ).tag(config=True)
+
+    max_gpus = Float(
+        None,
+        allow_none=True,
+        help="""Most GPUs one notebook server may ask for. Default None: as many as the
+        largest node has (of the model asked for). It does not limit a user's total.""",
+    ).tag(config=True)
+
+    default_cpu = Float(
+        1.0,
+        help="""CPU cores of a server that does not ask (a hard limit; the scheduler reserves
+        them on the node). Default 1.""",
+    ).tag(config=True)
+
+    max_cpu = Float(
+        None,
+        allow_none=True,
+        help="""Most CPU cores one server may ask for. Default None: as many as the largest
+        node has.""",
+    ).tag(config=True)
+
+    @validate("default_cpu", "max_cpu", "max_gpus")
+    def _validate_positive(self, proposal: Any) -> float | None:
+        value = proposal["value"]
+        name = proposal["trait"].name
+        if value is None and name != "default_cpu":
+            return None
+        if value is None or not float(value) > 0:
+            raise TraitError(f"{name}={value!r} must be a number above 0, e.g. 2")
+        return float(value)
+
+    default_memory = Unicode(
+        "2G",
+        help="""Memory of a server that does not ask, e.g. "2G" or "512M" (binary units): a
+        hard limit, no swap beyond it; a server that uses more is stopped by the engine.
+        Default "2G".""",
+    ).tag(config=True)
+
+    max_memory = Unicode(
+        None,
+        allow_none=True,
+        help="""Most memory one server may ask for, e.g. "64G". Default None: as much as the
+        largest node has.""",
+    ).tag(config=True)
+
+    @validate("default_memory", "max_memory")
+    def _validate_memory(self, proposal: Any) -> str | None:
+        value = proposal["value"]
+        name = proposal["trait"].name
+        if value is None and name == "max_memory":
+            return None
         try:
-            ip_port: tuple[str, int] = await super().start()
-        except ImageNotFound as e:
-            raise SpawnException(
-                f"The notebook image {self.image!r} is not on this node's Docker engine. "
-                "An admin can build it with hub_config/images/build.sh.",
-            ) from e
-        except APIError as e:
-            if "could not select device driver" in str(e):
+            parse_memory_mib(str(value), name)
+        except ValueError as e:
+            raise TraitError(str(e)) from e
+        return str(value)
+
+    local_node = Unicode(
+        help="""Name of the node whose Docker engine is the hub's own (DOCKER_HOST, or the
+        local socket). Default: $NSML_NODE_NAME, else this machine's host name, as the NSML
+        server names its local node.""",
+    ).tag(config=True)
+
+    @default("local_node")
+    def _default_local_node(self) -> str:
+        return os.environ.get("NSML_NODE_NAME") or socket.gethostname()
+
+    node_docker_urls = Dict(
+        value_trait=Unicode(),
+        help="""Docker engine URL per node name, when the hub reaches a node's engine at
+        another address than the one its agent advertises (e.g. {"node-a":
+        "tcp://10.0.0.5:2376"}). TCP engines use TLS from DockerSpawner.tls_config, else
+        from the files in $DOCKER_CERT_PATH. Default: none.""",
+    ).tag(config=True)
+
+    visible_devices = Enum(
+        ["index", "uuid"],
+        "index",
+        help="""How containers name their GPUs in NVIDIA_VISIBLE_DEVICES and device requests:
+        by the node's index ("2,3") or by UUID ("GPU-..."). Default "index"; both name
+        the same GPUs when the node's driver numbers them in NVML order.""",
+    ).tag(config=True)
+
+    docker_threads = Integer(
+        8,
+        help="""Threads that run blocking Docker engine calls for all spawners of the hub
+        (shared, sized by the first spawner). Default 8.""",
+    ).tag(config=True)
+
+    @validate("docker_threads")
+    def _validate_docker_threads(self, proposal: Any) -> int:
+        value = int(proposal["value"])
+        if value < 1:
+            raise TraitError(f"docker_threads={value!r} must be at least 1, e.g. 8")
+        return value
+
+    release_retries = Integer(
+        6,
+        help="""Extra attempts to release an allocation while the NSML server does not answer
+        (jittered exponential backoff from 0.25 s, doubling up to 8 s: about 16 s for 6). After
+        the last, the allocation stays held and the hub log says how to release it.""",
+    ).tag(config=True)
+
+    @validate("release_retries")
+    def _validate_release_retries(self, proposal: Any) -> int:
+        value = int(proposal["value"])
+        if value < 0:
+            raise TraitError(f"release_retries={value!r} must be 0 or more, e.g. 6")
+        return value
+
+    # ---- per-spawner state -------------------------------------------------------------------
+
+    allocation: Allocation | None = None
+    engine_url: str | None = None
+    last_exit: LastExit | None = None
+    options: NotebookOptions | None = None
+
+    # Shared across spawners of the hub: one thread pool, one client per engine, one API client.
+    _pool: ClassVar[ThreadPoolExecutor | None] = None
+    _engines: ClassVar[dict[str, docker.APIClient]] = {}
+    _nvidia: ClassVar[dict[str, bool]] = {}
+    _engines_lock: ClassVar[threading.Lock] = threading.Lock()
+    _api: ClassVar[NSMLClient | None] = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # The configured image: start() sets self.image to the one a user chose.
+        self._configured_image: str = self.image
+        self._events: list[dict[str, Any]] = []
+        self._events_changed = asyncio.Event()
+        self._start_done = False
+        self._release_task: asyncio.Task[Any] | None = None
+
+    # ---- the NSML API and the Docker engines -------------------------------------------------
+
+    @property
+    def api(self) -> NSMLClient:
+        """The client of the NSML API (shared by the hub's spawners)."""
+        cls = NSMLSpawner
+        if cls._api is None or cls._api.base_url != self.scheduler_url.rstrip("/") + "/":
+            try:
+                cls._api = NSMLClient(self.scheduler_url, self.scheduler_token, logger=self.log)
+            except ValueError as e:
                 raise SpawnException(
-                    "This node's Docker engine cannot give containers GPUs (no NVIDIA runtime). "
-                    "Ask for 0 GPUs, or ask an admin to install the NVIDIA container toolkit.",
+                    "The hub cannot reach the NSML scheduler (not configured); tell an admin.",
+                    reason="misconfigured",
+                    status_code=500,
+                    log_message=str(e),
                 ) from e
+        return cls._api
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """Threads for blocking docker-py calls (DockerSpawner's is one thread for the hub)."""
+        cls = NSMLSpawner
+        if cls._pool is None:
+            cls._pool = ThreadPoolExecutor(
+                max_workers=self.docker_threads, thread_name_prefix="nsml-spawner-docker"
+            )
+        return cls._pool
+
+    @property
+    def client(self) -> docker.APIClient:
+        """The docker-py client of this server's engine (blocking: used in executor threads)."""
+        key = self.engine_url or ""
+        cls = NSMLSpawner
+        with cls._engines_lock:
+            client = cls._engines.get(key)
+            if client is None:
+                client = cls._engines[key] = docker.APIClient(**self._engine_kwargs())
+            return client
+
+    def _engine_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"version": "auto"}
+        url = self.engine_url
+        if url is None:
+            # The hub's own engine, exactly as DockerSpawner reaches it.
+            if self.tls_config:
+                kwargs["tls"] = docker.tls.TLSConfig(**self.tls_config)
+            kwargs.update(docker.utils.kwargs_from_env())
+        else:
+            kwargs["base_url"] = url
+            if url.startswith(("tcp://", "https://")):
+                cert_path = os.environ.get("DOCKER_CERT_PATH")
+                if self.tls_config:
+                    kwargs["tls"] = docker.tls.TLSConfig(**self.tls_config)
+                elif cert_path:
+                    kwargs["tls"] = docker.tls.TLSConfig(**tls_files(cert_path))
+        kwargs.update(self.client_kwargs)
+        return kwargs
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self.executor.submit(fn))
+
+    async def _nvidia_runtime(self) -> bool:
+        """Whether this server's engine has the ``nvidia`` runtime (asked once per engine)."""
+        key = self.engine_url or ""
+        if key not in NSMLSpawner._nvidia:
+            info = await self.docker("info")
+            runtimes = info.get("Runtimes") or {}
+            NSMLSpawner._nvidia[key] = "nvidia" in runtimes
+            self.log.info(
+                "Docker engine %s at %s: runtimes %s%s",
+                info.get("ServerVersion"),
+                self.engine_url or "the hub's host",
+                ", ".join(sorted(runtimes)) or "none",
+                "" if "nvidia" in runtimes else " (no nvidia: GPUs are passed as env only)",
+            )
+        return NSMLSpawner._nvidia[key]
+
+    # ---- options -----------------------------------------------------------------------------
+
+    def choices(self, cluster: ClusterLimits | None) -> Choices:
+        """What users may ask for on this hub (*cluster*: the largest nodes, if known)."""
+        allowed = self._get_allowed_images()
+        any_image = allowed == "*"
+        if isinstance(allowed, list | tuple):
+            allowed = {image: image for image in allowed}
+        return Choices(
+            images={} if any_image else dict(allowed or {}),
+            default_image=self._configured_image,
+            any_image=any_image,
+            allow_gpu_sharing=self.allow_gpu_sharing,
+            max_gpus=self.max_gpus,
+            default_cpu=self.default_cpu,
+            max_cpu=self.max_cpu,
+            default_memory_mib=parse_memory_mib(self.default_memory, "default_memory"),
+            max_memory_mib=(
+                parse_memory_mib(self.max_memory, "max_memory") if self.max_memory else None
+            ),
+            cluster=cluster,
+        )
+
+    async def _cluster(self) -> tuple[ClusterLimits, dict[str, dict[str, Any]]]:
+        nodes = await self.api.nodes()
+        return cluster_limits(nodes), {str(n["name"]): n for n in nodes}
+
+    async def render_options_form(self) -> str:
+        """The spawn form, with the cluster's GPU models and why the last server stopped."""
+        try:
+            limits: ClusterLimits | None = (await self._cluster())[0]
+        except NSMLError as e:
+            self.log.warning("%s: spawn form without cluster facts: %s", self._log_name, e)
+            limits = None
+        notice = None
+        if self.last_exit is not None and self.last_exit.reason != "exited":
+            notice = "Your last server stopped. " + self.last_exit.message
+        return render_form(self.choices(limits), self.user_options or {}, notice)
+
+    def options_from_query(self, query_data: dict[str, list[str]]) -> dict[str, Any]:
+        """``/hub/spawn?opt-gpus=1&opt-memory=4G``: the same fields as the form."""
+        return _options_from_form(query_data, self)
+
+    # ---- progress ----------------------------------------------------------------------------
+
+    def _emit(self, progress: int, message: str) -> None:
+        """Record a progress event for :meth:`progress` and log it."""
+        self._events.append({"progress": progress, "message": message})
+        self.log.info("%s: %s", self._log_name, message)
+        changed, self._events_changed = self._events_changed, asyncio.Event()
+        changed.set()
+
+    async def progress(self) -> Any:
+        """Progress events of the current start: the queue position while waiting, then the
+        node and GPUs, then the container (like kubespawner's event stream)."""
+        seen = 0
+        while True:
+            changed = self._events_changed
+            while seen < len(self._events):
+                yield self._events[seen]
+                seen += 1
+            if self._start_done:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), 1.0)
+
+    # ---- start -------------------------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        """Validate, wait for a placement, start the container on the chosen node, and wait
+        until the server answers. Raises SpawnException: 400 for bad options or a request that
+        can never fit, 503 when nothing fits within ``queue_timeout``."""
+        self._events = []
+        self._start_done = False
+        try:
+            return await self._start()
+        finally:
+            self._start_done = True
+            changed, self._events_changed = self._events_changed, asyncio.Event()
+            changed.set()
+
+    async def _start(self) -> tuple[str, int]:
+        try:
+            limits, nodes = await self._cluster()
+        except NSMLError as e:
+            raise self._unavailable(e) from e
+        try:
+            opts = validate_options(self.user_options or {}, self.choices(limits))
+        except OptionsError as e:
+            raise SpawnException(str(e), reason="invalid_options", status_code=400) from None
+        self.options = opts
+        self.image = opts.image
+        alloc = await self._place(opts)
+        try:
+            node = nodes.get(alloc.node) or await self.api.node(alloc.node)
+            self.engine_url = engine_url_for(
+                alloc.node,
+                node.get("docker_url"),
+                local_node=self.local_node,
+                overrides=self.node_docker_urls,
+            )
+            # Host networking: a fresh port per start (the container is always new).
+            self.port = random_port()
+            self._emit(70, f"Creating the container on {alloc.node} ({alloc.gpu_words()})")
+            ip_port: tuple[str, int] = await super().start()
+            self._emit(90, f"Server started on {alloc.node}; waiting for it to answer")
+            await self._wait_answering(*ip_port)
+        except asyncio.CancelledError:
+            self._hand_off_release()
             raise
+        except Exception as e:
+            await self._remove_quietly()
+            await self._release_now()
+            raise self._start_error(e, alloc) from e
+        self.last_exit = None
         return ip_port
 
-    async def get_ip_and_port(self) -> tuple[str, int]:  # type: ignore[override]
-        return "127.0.0.1", int(self.port)
+    async def _wait_answering(self, host: str, port: int) -> None:
+        """Wait until the server answers HTTP (any status below 500), as the hub's check does.
+
+        Polling every 0.05-0.5 s from here means the hub's own check (a jittered back-off of
+        up to 5 s between tries) finds the server up at its first try; a container that ends
+        meanwhile fails the start at once, saying why (e.g. out of memory). After
+        ``http_timeout`` seconds this returns and leaves the verdict to the hub.
+        """
+        base = self.server.base_url if self.server is not None else "/"
+        url = f"http://{host}:{port}{base}api"
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        next_inspect = t0 + 1.0
+        while (elapsed := loop.time() - t0) < self.http_timeout:
+            try:
+                resp = await self.api.http.fetch(
+                    HTTPRequest(url, request_timeout=2, connect_timeout=1, follow_redirects=False),
+                    raise_error=False,
+                )
+                if 0 < resp.code < 500 and resp.code != 599:
+                    self._emit(95, f"Server answers ({elapsed:.1f}s after its container started)")
+                    return
+            except (HTTPClientError, OSError):
+                pass  # not listening yet
+            if loop.time() >= next_inspect:
+                next_inspect = loop.time() + 1.0
+                container = await self.get_object()
+                state = (container or {}).get("State") or {}
+                if not state.get("Running"):
+                    memory = self.allocation.memory_mib if self.allocation else 0
+                    ended = describe_exit(state, memory) if container else None
+                    raise self._ended_while_starting(ended)
+            await asyncio.sleep(min(0.5, 0.05 + 0.05 * elapsed))
+        self.log.warning(
+            "%s: server at %s did not answer in %ss; leaving it to the hub",
+            self._log_name,
+            url,
+            self.http_timeout,
+        )
+
+    def _ended_while_starting(self, ended: LastExit | None) -> Exception:
+        """The start failed because the container ended before its server answered."""
+        if ended is None:
+            err: Exception = SpawnException(
+                "Your server's container disappeared while it was starting; try again.",
+                reason="container_gone",
+                status_code=500,
+            )
+            return err
+        self.last_exit = ended
+        self.log.warning("%s: container ended while starting: %s", self._log_name, ended.message)
+        err = SpawnException(
+            ended.message,
+            reason=ended.reason,
+            status_code=400 if ended.reason == "oom_killed" else 500,
+        )
+        return err
+
+    async def _place(self, opts: NotebookOptions) -> Allocation:
+        """Ask the scheduler and wait in its queue; raise SpawnException when it cannot be."""
+        body = opts.placement_body(holder_for(self.name), self.user.name)
+        timeout = min(self.queue_timeout, max(1.0, float(self.start_timeout) - 10))
+        self._emit(10, f"Asking the NSML scheduler for {opts.describe()}")
+        last: dict[str, Any] = {}
+
+        def on_wait(out: dict[str, Any], waited: float) -> None:
+            if (out.get("position"), out.get("reason")) != (
+                last.get("position"),
+                last.get("reason"),
+            ):
+                self.placement_id = int(out["id"])
+                self._emit(
+                    20,
+                    f"Waiting in the NSML queue at position {out.get('position')} "
+                    f"({waited:.0f}s of at most {timeout:.0f}s): {out.get('reason')}",
+                )
+            last.update(out)
+
+        try:
+            out = await wait_for_placement(
+                self.api, body, timeout_s=timeout, poll_s=QUEUE_POLL_S, on_wait=on_wait
+            )
+        except asyncio.CancelledError:
+            if self.placement_id:
+                self._hand_off_release()
+            else:
+                # Cancelled during the first ask: the request may exist without our knowing
+                # its id. Asking again for the same holder names it; then cancel it.
+                self._hand_off(self._cancel_holder(body), f"the request of {body['holder']}")
+            raise
+        except Infeasible as e:
+            raise SpawnException(
+                f"{e.message} Ask for fewer GPUs, another GPU model, less CPU or memory.",
+                reason="infeasible",
+                status_code=400,
+            ) from None
+        except QueueTimeout as e:
+            await self._release_now()
+            raise self._capacity_error(opts, e) from None
+        except NSMLError as e:
+            await self._release_now()
+            raise self._unavailable(e) from e
+        finally:
+            self.placement_id = 0
+        alloc = Allocation.from_placement(out)
+        self.allocation = alloc
+        self._emit(50, f"Placed on {alloc.node}: {alloc.gpu_words()}")
+        return alloc
+
+    @property
+    def placement_id(self) -> int:
+        """The placement request this spawner holds or waits for (0: none)."""
+        if self.allocation is not None:
+            return self.allocation.placement_id
+        return self._waiting_id
+
+    @placement_id.setter
+    def placement_id(self, value: int) -> None:
+        self._waiting_id = value
+
+    _waiting_id: int = 0
+
+    def _capacity_error(self, opts: NotebookOptions, e: QueueTimeout) -> SpawnException:
+        try_next = ["fewer GPUs"]
+        if opts.gpus > 0 and opts.gpu_model:
+            try_next.append("another GPU model (or any model)")
+        elif opts.gpus > 0:
+            try_next.append("a fraction of a GPU" if self.allow_gpu_sharing else "a GPU model")
+        try_next.append("less CPU or memory")
+        return SpawnException(
+            f"No room for your server after {e.waited_s:.0f}s in the NSML queue (position "
+            f"{e.last.get('position')}): {e.last.get('reason')}. Try {', '.join(try_next)}, "
+            "or try again later.",
+            reason="capacity",
+            status_code=503,
+        )
+
+    def _unavailable(self, e: NSMLError) -> SpawnException:
+        if isinstance(e, NSMLUnavailable):
+            return SpawnException(
+                "The NSML scheduler does not answer right now; try again in a minute.",
+                reason="nsml_unavailable",
+                status_code=503,
+                log_message=str(e),
+            )
+        if e.status in (401, 403):
+            return SpawnException(
+                "The hub may not ask the NSML scheduler for servers (a configuration problem); "
+                "tell an admin.",
+                reason="misconfigured",
+                status_code=500,
+                log_message=f"the NSML API refused the spawner's token: {e}; check "
+                "c.NSMLSpawner.scheduler_token and NSMLServer.trusted_services",
+            )
+        return SpawnException(
+            f"The NSML scheduler refused the server: {e.message}",
+            reason=e.reason,
+            status_code=400 if e.status == 400 else 503,
+        )
+
+    def _start_error(self, e: Exception, alloc: Allocation) -> Exception:
+        """Map a container start failure to a message for the user."""
+        if isinstance(e, NSMLError):
+            err: Exception = self._unavailable(e)
+            return err
+        if isinstance(e, NodeUnreachable):
+            err = SpawnException(
+                f"The scheduler placed the server on {alloc.node}, but {e}",
+                reason="node_unreachable",
+                status_code=503,
+            )
+            return err
+        if isinstance(e, ImageNotFound):
+            err = SpawnException(
+                f"The notebook image {self.image!r} is not on the Docker engine of node "
+                f"{alloc.node}. An admin can build it with hub_config/images/build.sh.",
+                reason="image_not_found",
+                status_code=503,
+            )
+            return err
+        if isinstance(e, APIError) and "could not select device driver" in str(e):
+            NSMLSpawner._nvidia.pop(self.engine_url or "", None)
+            err = SpawnException(
+                f"The Docker engine of node {alloc.node} cannot give containers GPUs (no "
+                "NVIDIA runtime). Ask for 0 GPUs, or ask an admin to install the NVIDIA "
+                "container toolkit there.",
+                reason="gpu_runtime_missing",
+                status_code=503,
+            )
+            return err
+        if isinstance(e, requests.exceptions.ConnectionError):
+            err = SpawnException(
+                f"The Docker engine of node {alloc.node} does not answer; try again later.",
+                reason="engine_unavailable",
+                status_code=503,
+                log_message=f"{alloc.node} ({self.engine_url or 'local engine'}): {e}",
+            )
+            return err
+        return e
+
+    # ---- the container -----------------------------------------------------------------------
+
+    async def create_object(self) -> dict[str, Any]:
+        """Create the container from the pure spec (:func:`notebook_container`)."""
+        assert self.options is not None and self.allocation is not None
+        engine = Engine(
+            node=self.allocation.node,
+            url=self.engine_url,
+            nvidia_runtime=await self._nvidia_runtime(),
+        )
+        settings = ContainerSettings(
+            name=self.container_name,
+            command=await self.get_command(),
+            base_env=self.get_env(),
+            nsml_api_url=self.nsml_api_url,
+            api_token=self.api_token or "",
+            labels={
+                "org.jupyter.service": "jupyterhub",
+                "nsml.kind": "notebook",
+                "nsml.user": self.user.name,
+                "nsml.server": self.name,
+                "nsml.node": self.allocation.node,
+                "nsml.placement": str(self.allocation.placement_id),
+            },
+            visible_devices="uuid" if self.visible_devices == "uuid" else "index",
+            binds=self.volume_binds,
+        )
+        args = notebook_container(self.options, self.allocation, engine, settings)
+        create, host = dict(args.create), dict(args.host_config)
+        for extra, into in (
+            (self.extra_create_kwargs, create),
+            (self.extra_host_config, host),
+        ):
+            value = self._eval_if_callable(extra)
+            if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+                value = await value
+            _deep_merge(into, self._render_templates(value))
+
+        def create_container() -> dict[str, Any]:
+            api = self.client
+            created: dict[str, Any] = api.create_container(
+                host_config=api.create_host_config(**host), **create
+            )
+            return created
+
+        return await self._in_thread(create_container)
+
+    async def stop_object(self) -> None:
+        """``docker stop``, unless there is no container (stop after a failed start)."""
+        if self.object_id:
+            await super().stop_object()
+
+    async def remove_object(self) -> None:
+        """``docker rm -v``, unless there is no container."""
+        if self.object_id:
+            await super().remove_object()
+
+    async def _remove_quietly(self) -> None:
+        cid = str(getattr(self, "object_id", "") or "")
+        try:
+            await self.remove_object()
+        except Exception as e:
+            self.log.warning("%s: could not remove container %s: %s", self._log_name, cid[:12], e)
+        self.object_id = ""
+
+    async def get_ip_and_port(self) -> tuple[str, int]:
+        """Host networking: the node's address and the port picked at start."""
+        return server_host(self.engine_url), int(self.port)
+
+    # ---- poll / stop ------------------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        """None while the container runs; else its exit status, after recording why it ended
+        (``last_exit``), releasing the allocation and removing the container."""
+        try:
+            container = await self.get_object()
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+            self.log.warning(
+                "%s: the Docker engine of node %s does not answer (%s); assuming the server "
+                "still runs",
+                self._log_name,
+                self.allocation.node if self.allocation else "?",
+                e,
+            )
+            return None
+        if container is None:
+            if self.allocation is not None:
+                self.log.warning(
+                    "%s: container %s is gone; releasing its allocation",
+                    self._log_name,
+                    self.object_name,
+                )
+            await self._release_now()
+            # Gone: removed by an earlier poll that recorded why it ended, or by someone else.
+            return self.last_exit.exit_code if self.last_exit is not None else 0
+        state = container.get("State") or {}
+        if state.get("Running"):
+            return None
+        memory = self.allocation.memory_mib if self.allocation else 0
+        ended = describe_exit(state, memory)
+        self.last_exit = ended
+        if ended.reason == "oom_killed":
+            self.log.warning(
+                "%s: container %s on %s was killed by the engine at its %s memory limit "
+                "(OOMKilled, exit code %d)",
+                self._log_name,
+                self.object_name,
+                self.allocation.node if self.allocation else "?",
+                format_mib(memory),
+                ended.exit_code,
+            )
+        else:
+            self.log.warning(
+                "%s: container %s ended: %s", self._log_name, self.object_name, ended.message
+            )
+        await self._release_now()
+        if self.remove:
+            await self._remove_quietly()
+        return ended.exit_code
+
+    async def stop(self, now: bool = False) -> None:
+        """Stop and remove the container, then release the allocation (idempotent)."""
+        self._release_task = None
+        await super().stop(now=now)  # ends with clear_state(), which hands off the release
+        task = self._release_task
+        if task is not None:
+            await asyncio.shield(task)
+
+    def _hand_off_release(self) -> asyncio.Task[Any] | None:
+        """Start releasing what this spawner holds, in the background; forget it here."""
+        pid = self.placement_id
+        self.allocation = None
+        self._waiting_id = 0
+        if not pid:
+            return None
+        return self._hand_off(self._release(pid), f"placement {pid}")
+
+    def _hand_off(self, work: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any] | None:
+        """Run *work* (releasing *what*) in the background, kept alive until done."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            work.close()
+            self.log.error(
+                "%s: cannot release %s now (no event loop); an admin can release it with "
+                "DELETE /services/nsml/api/placements/ID",
+                self._log_name,
+                what,
+            )
+            return None
+        task = loop.create_task(work)
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+        self._release_task = task
+        return task
+
+    async def _cancel_holder(self, body: dict[str, Any]) -> None:
+        """Cancel the request of this server's holder whose id was never learned."""
+        try:
+            _, out = await self.api.place(body, wait_s=0)
+        except NSMLError as e:
+            self.log.error(
+                "%s: could not find the placement of %s to cancel it (%s)",
+                self._log_name,
+                body.get("holder"),
+                e,
+            )
+            return
+        if out.get("state") in ("waiting", "placed"):
+            await self._release(int(out["id"]))
+
+    async def _release_now(self) -> None:
+        task = self._hand_off_release()
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _release(self, pid: int) -> bool:
+        """``DELETE placements/ID`` with retries; True when released (or already gone)."""
+        try:
+            out = await self.api.release(pid, retries=self.release_retries)
+        except NSMLError as e:
+            self.log.error(
+                "%s: could not release placement %d (%s); its resources stay allocated until "
+                "an admin releases it: DELETE /services/nsml/api/placements/%d",
+                self._log_name,
+                pid,
+                e,
+                pid,
+            )
+            return False
+        self.log.info(
+            "%s: released placement %d (%s)",
+            self._log_name,
+            pid,
+            out.get("state") if out else "unknown to the NSML server",
+        )
+        return True
+
+    # ---- state -------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
         state: dict[str, Any] = super().get_state()
         if self.port:
             state["port"] = self.port
+        if self.allocation is not None:
+            state["allocation"] = self.allocation.to_state()
+            state["engine_url"] = self.engine_url
+        if self.last_exit is not None:
+            state["last_exit"] = self.last_exit.to_state()
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
         if state.get("port"):
             self.port = int(state["port"])
+        if state.get("allocation"):
+            self.allocation = Allocation.from_state(state["allocation"])
+            self.engine_url = state.get("engine_url")
+        if state.get("last_exit"):
+            self.last_exit = LastExit.from_state(state["last_exit"])
 
     def clear_state(self) -> None:
+        """Forget the server; an allocation still held is released in the background. Why
+        the last server ended (``last_exit``) is kept for the next spawn form."""
         super().clear_state()
+        self._hand_off_release()
         self.port = 0
+        self.engine_url = None
+        self.options = None

@@ -242,7 +242,7 @@ def test_logging_in_starts_a_notebook_server_in_a_container(
     hub: HubProcess, docker_client: Any
 ) -> None:
     session = hub.login("dora")
-    r = session.get(f"{hub.url}/hub/spawn", timeout=120)
+    r = session.get(f"{hub.url}/hub/spawn?opt-gpus=0", timeout=120)
     assert r.status_code == 200, r.status_code
     wait_for(lambda: server_ready(hub, "dora"), timeout=120, what="dora's server ready")
     container = container_of(docker_client, hub, "dora")

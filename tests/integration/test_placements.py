@@ -127,3 +127,26 @@ def test_another_user_cannot_read_or_release_my_placement(hub: HubProcess) -> No
 
 def test_health_says_this_server_leads(hub: HubProcess) -> None:
     assert hub.nsml("GET", "health", None).json()["leader"] is True
+
+
+def test_a_node_whose_engine_cannot_be_reached_receives_nothing(hub: HubProcess) -> None:
+    """An agent that gives no --docker-url registers its GPUs, but no work goes there."""
+    admin = hub.user_token("admin")
+    hb = {
+        "cpu_milli": 64000,
+        "memory_mib": 65536,
+        "gpu_probe": {"kind": "virtual", "enabled": True},
+        "gpus": [
+            {
+                "index": 0,
+                "uuid": "GPU-unreachable-0",
+                "model": "Unreachable-GPU",
+                "memory_total_mib": 1024,
+            }
+        ],
+    }
+    assert hub.nsml("PUT", "nodes/no-engine/heartbeat", admin, json=hb).status_code == 200
+    r = ask(hub, hub.user_token("pa-kim"), "x", gpus=1, gpu_models=["Unreachable-GPU"], wait_s=2)
+    assert r.status_code == 202, r.text
+    assert "no-engine" in r.json()["reason"]
+    hub.nsml("DELETE", f"placements/{r.json()['id']}", hub.user_token("pa-kim"))

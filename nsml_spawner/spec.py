@@ -1,0 +1,353 @@
+"""Pure builders of notebook containers: (options, allocation, engine, settings) -> docker-py args.
+
+Like kubespawner's ``make_pod``: no hub, no Docker engine, no clock. The spawner gathers the
+values and does the I/O. The container arguments come from the same builder the NSML server
+uses for training sessions (:func:`nsml_server.backends.docker.container_args`), so notebooks and
+sessions get GPUs, limits and host networking the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from escapism import escape
+
+from nsml_server.backends.base import Mount, RunSpec
+from nsml_server.backends.docker import ContainerArgs, container_args
+
+from .options import NotebookOptions, format_mib
+
+__all__ = [
+    "Allocation",
+    "ContainerSettings",
+    "Engine",
+    "LastExit",
+    "NodeUnreachable",
+    "dataset_mounts",
+    "describe_exit",
+    "engine_url_for",
+    "holder_for",
+    "notebook_container",
+    "server_host",
+    "tls_files",
+]
+
+MIB = 1024 * 1024
+_HOLDER_SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-"
+
+
+class NodeUnreachable(ValueError):
+    """The hub has no way to reach the Docker engine of a node."""
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The resources the scheduler gave one notebook server.
+
+    Attributes:
+        placement_id: the placement request (``api/placements/ID``).
+        allocation_id: the allocation row that holds the resources.
+        node: the node's name.
+        gpu_indices: the node's GPU indices (a shared GPU appears once).
+        gpu_uuids: the same GPUs' UUIDs.
+        gpu_milli_per_gpu: the share of each GPU, 1000 for a whole GPU.
+        cpu_milli: CPU in milli-cores.
+        memory_mib: memory in MiB.
+    """
+
+    placement_id: int
+    allocation_id: int
+    node: str
+    gpu_indices: tuple[int, ...] = ()
+    gpu_uuids: tuple[str, ...] = ()
+    gpu_milli_per_gpu: int = 0
+    cpu_milli: int = 0
+    memory_mib: int = 0
+
+    @classmethod
+    def from_placement(cls, placement: Mapping[str, Any]) -> Allocation:
+        """From a ``PlacementOut`` body whose state is ``placed``."""
+        a = placement["allocation"]
+        return cls(
+            placement_id=int(placement["id"]),
+            allocation_id=int(a["id"]),
+            node=str(a["node"]),
+            gpu_indices=tuple(int(i) for i in a.get("gpu_indices") or ()),
+            gpu_uuids=tuple(str(u) for u in a.get("gpu_uuids") or ()),
+            gpu_milli_per_gpu=int(a.get("gpu_milli_per_gpu") or 0),
+            cpu_milli=int(a.get("cpu_milli") or 0),
+            memory_mib=int(a.get("memory_mib") or 0),
+        )
+
+    def to_state(self) -> dict[str, Any]:
+        """A JSON-able dict for the spawner's state (the inverse of :meth:`from_state`)."""
+        return {
+            "placement_id": self.placement_id,
+            "allocation_id": self.allocation_id,
+            "node": self.node,
+            "gpu_indices": list(self.gpu_indices),
+            "gpu_uuids": list(self.gpu_uuids),
+            "gpu_milli_per_gpu": self.gpu_milli_per_gpu,
+            "cpu_milli": self.cpu_milli,
+            "memory_mib": self.memory_mib,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Allocation:
+        return cls(
+            placement_id=int(state["placement_id"]),
+            allocation_id=int(state.get("allocation_id") or 0),
+            node=str(state["node"]),
+            gpu_indices=tuple(int(i) for i in state.get("gpu_indices") or ()),
+            gpu_uuids=tuple(str(u) for u in state.get("gpu_uuids") or ()),
+            gpu_milli_per_gpu=int(state.get("gpu_milli_per_gpu") or 0),
+            cpu_milli=int(state.get("cpu_milli") or 0),
+            memory_mib=int(state.get("memory_mib") or 0),
+        )
+
+    def gpu_words(self) -> str:
+        """``GPUs 2,3`` / ``half of GPU 1`` / ``no GPU``, for messages."""
+        if not self.gpu_indices:
+            return "no GPU"
+        ids = ",".join(str(i) for i in self.gpu_indices)
+        if self.gpu_milli_per_gpu and self.gpu_milli_per_gpu < 1000:
+            return f"{self.gpu_milli_per_gpu / 1000:g} of GPU {ids}"
+        return f"GPU{'s' if len(self.gpu_indices) > 1 else ''} {ids}"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The Docker engine that runs a node's containers, as the hub reaches it.
+
+    Attributes:
+        node: the node's name.
+        url: the engine's URL; None: the hub's own engine (``DOCKER_HOST`` or the local socket).
+        nvidia_runtime: the engine lists the ``nvidia`` runtime (only then are GPU device
+            requests added; without it they fail at container start).
+    """
+
+    node: str
+    url: str | None
+    nvidia_runtime: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerSettings:
+    """What the hub and its configuration add to every notebook container.
+
+    Attributes:
+        name: the container name.
+        command: the program and its arguments (the image's command plus the hub's args).
+        base_env: the hub's environment for single-user servers (``Spawner.get_env()``),
+            which carries the server's own API token as ``JUPYTERHUB_API_TOKEN``.
+        nsml_api_url: the NSML API as seen from inside the container ('' for none).
+        api_token: the server's hub token; the hub's ``server`` role scopes it to the ``nsml``
+            service, so the ``nsml`` client inside uses it as ``NSML_TOKEN``.
+        labels: container labels.
+        visible_devices: name GPUs by ``index`` (``2,3``) or by ``uuid`` (``GPU-...``).
+        binds: extra host paths (docker-py ``binds`` form), e.g. from
+            ``DockerSpawner.volumes``.
+        init: run Docker's init as PID 1.
+    """
+
+    name: str
+    command: Sequence[str]
+    base_env: Mapping[str, str] = field(default_factory=dict)
+    nsml_api_url: str = ""
+    api_token: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    visible_devices: Literal["index", "uuid"] = "index"
+    binds: Mapping[str, Any] = field(default_factory=dict)
+    init: bool = True
+
+
+@dataclass(frozen=True)
+class LastExit:
+    """Why a notebook server's container ended, as the engine reported it.
+
+    Attributes:
+        reason: ``oom_killed`` (the engine killed it at its memory limit), ``exited``
+            (the server ended by itself), or ``error`` (the engine could not run it).
+        exit_code: the container's exit status (137 for a kill).
+        message: a sentence for the user, with what to do.
+        finished_at: when it ended, as the engine wrote it (RFC 3339), if known.
+    """
+
+    reason: Literal["oom_killed", "exited", "error"]
+    exit_code: int
+    message: str
+    finished_at: str | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "exit_code": self.exit_code,
+            "message": self.message,
+            "finished_at": self.finished_at,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> LastExit:
+        reason = state.get("reason")
+        return cls(
+            reason=reason if reason in ("oom_killed", "exited", "error") else "exited",
+            exit_code=int(state.get("exit_code") or 0),
+            message=str(state.get("message") or ""),
+            finished_at=state.get("finished_at"),
+        )
+
+
+def holder_for(server_name: str) -> str:
+    """The placement holder of a user's server: ``notebook`` or ``notebook:NAME`` (escaped)."""
+    if not server_name:
+        return "notebook"
+    return "notebook:" + str(escape(server_name, safe=_HOLDER_SAFE, escape_char="_"))[:180]
+
+
+def dataset_mounts(datasets: Sequence[str], node: str) -> list[Mount]:
+    """Read-only mounts of *datasets* (``name@version``) on *node*.
+
+    The hook for the dataset store: it will return the node cache's path of each dataset,
+    mounted read-only under ``/data/NAME``. Until the store exists it mounts nothing; the
+    names still reach the scheduler (placement) and the container (``NSML_DATASETS``).
+    """
+    return []
+
+
+def notebook_container(
+    options: NotebookOptions,
+    allocation: Allocation,
+    engine: Engine,
+    settings: ContainerSettings,
+) -> ContainerArgs:
+    """The docker-py arguments of one notebook server's container.
+
+    The container sees exactly the allocated GPUs (``NVIDIA_VISIBLE_DEVICES``, and device
+    requests when the engine has the NVIDIA runtime), gets hard memory and CPU limits equal
+    to the allocation (no swap beyond it), the requested datasets read-only, and what the
+    ``nsml`` client needs.
+    """
+    if settings.visible_devices == "uuid" and all(allocation.gpu_uuids):
+        gpu_ids = list(allocation.gpu_uuids)
+    else:
+        gpu_ids = [str(i) for i in allocation.gpu_indices]
+    env = {str(k): str(v) for k, v in settings.base_env.items()}
+    env.update(
+        {
+            "NSML_NODE": allocation.node,
+            "NSML_PLACEMENT_ID": str(allocation.placement_id),
+            "NSML_GPU_MILLI": str(allocation.gpu_milli_per_gpu if gpu_ids else 0),
+            "NSML_DATASETS": ",".join(options.datasets),
+        }
+    )
+    if settings.nsml_api_url:
+        env["NSML_API_URL"] = settings.nsml_api_url
+    if settings.api_token:
+        env["NSML_TOKEN"] = settings.api_token
+    spec = RunSpec(
+        name=settings.name,
+        image=options.image,
+        command=list(settings.command),
+        env=env,
+        mounts=dataset_mounts(options.datasets, allocation.node),
+        gpu_ids=gpu_ids,
+        cpu_limit=allocation.cpu_milli / 1000 if allocation.cpu_milli > 0 else None,
+        mem_limit_bytes=allocation.memory_mib * MIB if allocation.memory_mib > 0 else None,
+        labels=dict(settings.labels),
+    )
+    args = container_args(spec, nvidia_runtime=engine.nvidia_runtime, init=settings.init)
+    if settings.binds:
+        args.host_config["binds"] = dict(settings.binds)
+    return args
+
+
+def engine_url_for(
+    node: str,
+    docker_url: str | None,
+    *,
+    local_node: str,
+    overrides: Mapping[str, str],
+) -> str | None:
+    """The URL of *node*'s Docker engine as the hub reaches it; None for the hub's own engine.
+
+    Order: the admin's override for the node, then the local node (the hub's own engine,
+    ``DOCKER_HOST`` or the local socket), then the URL the node's agent advertised.
+
+    Raises:
+        NodeUnreachable: a remote node that advertised no URL.
+    """
+    if node in overrides:
+        return overrides[node] or None
+    if node == local_node:
+        return None
+    if docker_url:
+        return docker_url
+    raise NodeUnreachable(
+        f"node {node} advertises no Docker engine URL, so the hub cannot start containers "
+        "there. An admin can start its agent with --docker-url tcp://HOST:2376 or set "
+        f"c.NSMLSpawner.node_docker_urls = {{{node!r}: 'tcp://HOST:2376'}}."
+    )
+
+
+def server_host(engine_url: str | None) -> str:
+    """Where the proxy reaches a server on that engine's node (host networking): the engine's
+    host for a TCP engine, else this machine."""
+    if engine_url:
+        parsed = urlparse(engine_url)
+        if parsed.scheme in ("tcp", "http", "https") and parsed.hostname:
+            return parsed.hostname
+    return "127.0.0.1"
+
+
+def tls_files(cert_path: str) -> dict[str, Any]:
+    """``docker.tls.TLSConfig`` keyword arguments for the files in *cert_path*
+    (``cert.pem``, ``key.pem``, ``ca.pem``, as ``DOCKER_CERT_PATH`` holds them)."""
+    return {
+        "client_cert": (os.path.join(cert_path, "cert.pem"), os.path.join(cert_path, "key.pem")),
+        "ca_cert": os.path.join(cert_path, "ca.pem"),
+        "verify": True,
+    }
+
+
+def describe_exit(state: Mapping[str, Any], memory_mib: int) -> LastExit:
+    """Why a container stopped, from ``docker inspect``'s ``State`` (not running).
+
+    Args:
+        state: the container's ``State``.
+        memory_mib: its memory limit in MiB (0 if unknown), for the message.
+    """
+    code = int(state.get("ExitCode") or 0)
+    finished = state.get("FinishedAt") or None
+    if finished and str(finished).startswith("0001-01-01"):
+        finished = None
+    if state.get("OOMKilled"):
+        limit = f"its {format_mib(memory_mib)} memory limit" if memory_mib else "its memory limit"
+        more = f" (e.g. memory={format_mib(memory_mib * 2)})" if memory_mib else ""
+        return LastExit(
+            reason="oom_killed",
+            exit_code=code or 137,
+            message=(
+                f"Out of memory: your notebook server used more than {limit} and was stopped "
+                f"by the container engine (exit code {code or 137}). Start it again with more "
+                f"memory{more}, or use less in your kernels."
+            ),
+            finished_at=finished,
+        )
+    error = str(state.get("Error") or "")
+    if error:
+        return LastExit(
+            reason="error",
+            exit_code=code,
+            message=f"Your notebook server could not run: {error} (exit code {code}).",
+            finished_at=finished,
+        )
+    return LastExit(
+        reason="exited",
+        exit_code=code,
+        message=f"Your notebook server stopped (exit code {code}).",
+        finished_at=finished,
+    )
