@@ -27,10 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpu_scheduler.probe import parse_memory_mib
 from nsml_datasets.errors import InvalidName
 from nsml_datasets.names import parse_ref
-
-from gpu_scheduler.probe import parse_memory_mib
 
 __all__ = [
     "ANY_MODEL",

@@ -321,7 +321,9 @@ def test_summary_counts_agree_with_the_reasons_on_random_clusters() -> None:
         code, reasons = explain(snap, request)
         assert result.code is code
         if not result.placed:
+            assert len(result.reasons) == len(reasons)  # known before any sentence is made
             assert list(result.reasons) == reasons
+            assert result.reasons[:2] == tuple(reasons[:2])
             assert result.counts is not None
             assert {k: v for k, v in result.counts.items() if v} == count_reasons(reasons)
 
@@ -575,6 +577,8 @@ def test_invalid_requests_are_rejected_with_the_fix(bad: dict[str, int]) -> None
         ("fragmentation_weight", -1.0, "must be a finite number >= 0"),
         ("dataset_weight", float("nan"), "must be a finite number >= 0"),
         ("tie_resolution", 0.0, "must be a finite number > 0"),
+        ("fraction_tie_resolution", -1.0, "must be a finite number > 0"),
+        ("fragmentation_scale", float("inf"), "must be a finite number > 0"),
         ("strategy", "random", "is not one of"),
         ("mix_window", 0, "must be >= 1"),
         ("mix_coverage", 1.5, "within"),
