@@ -38,7 +38,7 @@ DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces" / "op
 
 def replicate(nodes: list[TraceNode], count: int) -> list[TraceNode]:
     """``count`` nodes: the list repeated, each copy renamed ``<sn>-r<k>``."""
-    out = []
+    out: list[TraceNode] = []
     k = 0
     while len(out) < count:
         out += [replace(n, sn=f"{n.sn}-r{k}") for n in nodes[: count - len(out)]]

@@ -17,7 +17,6 @@ vectorised passes. Nothing here reads a clock, does I/O or draws random numbers.
 
 from __future__ import annotations
 
-import math
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,9 +30,8 @@ from .model import GPU_MILLI, NodeSnapshot, NodeState, PlacementRequest
 if TYPE_CHECKING:
     FloatArray = npt.NDArray[np.float64]
     IntArray = npt.NDArray[np.int64]
-    BoolArray = npt.NDArray[np.bool_]
 else:
-    FloatArray = IntArray = BoolArray = Any
+    FloatArray = IntArray = Any
 
 _STATE_CODE = {NodeState.UP: 0, NodeState.DRAINING: 1, NodeState.DOWN: 2}
 
@@ -516,16 +514,3 @@ def fragmentation_after_fraction(
     usable = c >= table.q_k[None, :]
     result: FloatArray = total - np.einsum("kq,kq->k", weights_after[rows] * usable, s)
     return result
-
-
-def fgd_score(delta: FloatArray) -> FloatArray:
-    """FGD's node score ``⌊100 · sigmoid(delta / 1000)⌋`` for ``delta = F(n) - F(n')``."""
-    return np.floor(100.0 / (1.0 + np.exp(-np.asarray(delta, dtype=np.float64) / 1000.0)))
-
-
-def sigmoid_scalar(x: float) -> float:
-    """The logistic function for one value (overflow-safe)."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)

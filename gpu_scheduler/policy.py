@@ -16,7 +16,8 @@ part, multiplied by the part's weight in points (:class:`Weights`):
 - *image* — 1 when the request's image is already on the node.
 
 Totals are bucketed by
-``Weights.tie_resolution``; within a bucket the node listed first in the snapshot wins.
+``Weights.tie_resolution`` (``fraction_tie_resolution`` for fractions of a GPU); within a
+bucket the node listed first in the snapshot wins.
 Consistent tie-breaking is itself a packing heuristic: it fills the same nodes first and keeps
 the others whole for large requests.
 
@@ -95,7 +96,8 @@ class Weights:
     best_fit: float = 0.0
     dataset: float = 20.0
     image: float = 5.0
-    tie_resolution: float = 1.0
+    tie_resolution: float = 2.0
+    fraction_tie_resolution: float = 1.0
     fragmentation_scale: float = FRAGMENTATION_SCALE
 
     def __post_init__(self) -> None:
@@ -108,11 +110,13 @@ class Weights:
                 f"fragmentation_scale={self.fragmentation_scale!r} must be a finite number > 0 "
                 "(milli-GPU, e.g. 1000)"
             )
-        if not (self.tie_resolution > 0 and np.isfinite(self.tie_resolution)):
-            raise ValueError(
-                f"tie_resolution={self.tie_resolution!r} must be a finite number > 0 "
-                "(1.0 buckets totals by whole points)"
-            )
+        for name in ("tie_resolution", "fraction_tie_resolution"):
+            value = getattr(self, name)
+            if not (value > 0 and np.isfinite(value)):
+                raise ValueError(
+                    f"{name}={value!r} must be a finite number > 0 (1.0 buckets totals by "
+                    "whole points)"
+                )
 
 
 DEFAULT_WEIGHTS = Weights()
@@ -329,7 +333,10 @@ def _score_nsml(
         img = weights.image * present[rows]
         parts["image"] = img
         total += img
-    key = np.floor(total / weights.tie_resolution + 1e-9)
+    resolution = (
+        weights.fraction_tie_resolution if request.is_fractional else weights.tie_resolution
+    )
+    key = np.floor(total / resolution + 1e-9)
     return _Scored(rows, key, total, parts, column)
 
 
@@ -533,26 +540,34 @@ def explain(snapshot: ClusterSnapshot, request: PlacementRequest) -> tuple[Code,
 
 
 class NodeReasons(Sequence[Reason]):
-    """The reasons of the given nodes, formatted on first access.
+    """The reasons of the given nodes, formatted as they are read.
 
     Deciding that nothing fits takes a few vectorised passes; formatting a sentence for each
-    of thousands of nodes takes longer, so it waits until someone reads them.
+    of thousands of nodes takes longer, so sentences are made on demand: reading the first
+    five formats only as many nodes as needed, and ``len()`` is known without formatting.
     """
 
-    __slots__ = ("_items", "_nodes", "_request")
+    __slots__ = ("_built", "_length", "_next", "_nodes", "_request")
 
-    def __init__(self, nodes: Sequence[NodeSnapshot], request: PlacementRequest) -> None:
+    def __init__(
+        self, nodes: Sequence[NodeSnapshot], request: PlacementRequest, length: int | None = None
+    ) -> None:
         self._nodes = nodes
         self._request = request
-        self._items: tuple[Reason, ...] | None = None
+        self._length = length
+        self._built: list[Reason] = []
+        self._next = 0
 
-    def _all(self) -> tuple[Reason, ...]:
-        if self._items is None:
-            self._items = tuple(r for nd in self._nodes for r in node_reasons(nd, self._request))
-        return self._items
+    def _extend(self, upto: int | None) -> None:
+        while (upto is None or len(self._built) < upto) and self._next < len(self._nodes):
+            self._built += node_reasons(self._nodes[self._next], self._request)
+            self._next += 1
 
     def __len__(self) -> int:
-        return len(self._all())
+        if self._length is None:
+            self._extend(None)
+            self._length = len(self._built)
+        return self._length
 
     @overload
     def __getitem__(self, index: int) -> Reason: ...
@@ -561,10 +576,22 @@ class NodeReasons(Sequence[Reason]):
     def __getitem__(self, index: slice) -> Sequence[Reason]: ...
 
     def __getitem__(self, index: int | slice) -> Reason | Sequence[Reason]:
-        return self._all()[index]
+        if isinstance(index, slice):
+            start, stop, step = index.start or 0, index.stop, index.step or 1
+            prefix = stop is not None and stop >= 0 and start >= 0 and step > 0
+            self._extend(stop if prefix else None)
+            return tuple(self._built[index])
+        self._extend(index + 1 if index >= 0 else None)
+        return self._built[index]
 
     def __iter__(self) -> Iterator[Reason]:
-        return iter(self._all())
+        i = 0
+        while True:
+            self._extend(i + 1)
+            if i >= len(self._built):
+                return
+            yield self._built[i]
+            i += 1
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Sequence):
@@ -572,10 +599,10 @@ class NodeReasons(Sequence[Reason]):
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash(self._all())
+        return hash(tuple(self))
 
     def __repr__(self) -> str:
-        return f"NodeReasons({list(self._all())!r})"
+        return f"NodeReasons({list(self)!r})"
 
 
 def _failure(
@@ -649,9 +676,8 @@ def place(
     rows = np.flatnonzero(fit.ok)
     if rows.size == 0:
         code, counts = _failure(arrays, request, fit)
-        return PlacementResult(
-            code, None, NodeReasons(snapshot.nodes, request), len(snapshot), counts
-        )
+        reasons = NodeReasons(snapshot.nodes, request, length=sum(counts.values()))
+        return PlacementResult(code, None, reasons, len(snapshot), counts)
     table = (mix or _EMPTY_MIX).table(arrays.models)
     if strategy is Strategy.FGD:
         scored = _score_fgd(arrays, rows, request, fit, table)
@@ -751,14 +777,21 @@ class PlacementPolicy(Configurable):
     )
 
     tie_resolution = Float(
+        2.0,
+        config=True,
+        help="""Width, in points, of the buckets in which the total scores of nodes are
+        compared for whole-GPU and CPU-only requests; nodes in the same bucket are settled by
+        their order in the snapshot (a stable order packs work onto the same nodes). Default
+        2.0. Larger values pack more by node order, smaller ones follow the score more
+        closely. It does not make ties impossible.""",
+    )
+
+    fraction_tie_resolution = Float(
         1.0,
         config=True,
-        help="""Width, in points, of the buckets total scores are compared in; nodes in the
-        same bucket are settled by their order in the snapshot (a stable order packs work
-        onto the same nodes). Default 1.0, which with the default fragmentation weight is
-        FGD's own rounding to whole points. Larger values pack more by node order, smaller
-        ones follow the score more closely (on the openb traces both lose allocation); it
-        does not make ties impossible.""",
+        help="""The same width for requests of a fraction of one GPU. Default 1.0 (FGD's own
+        rounding to whole points): where a fraction lands decides which later fractions still
+        fit, so their scores are compared more finely than those of whole-GPU requests.""",
     )
 
     mix_window = Integer(
@@ -793,7 +826,7 @@ class PlacementPolicy(Configurable):
             raise TraitError(f"{name}={value!r} must be a finite number >= 0, e.g. 10.0")
         return value
 
-    @validate("tie_resolution", "fragmentation_scale")
+    @validate("tie_resolution", "fraction_tie_resolution", "fragmentation_scale")
     def _validate_positive(self, proposal: dict[str, Any]) -> float:
         value = float(proposal["value"])
         name = getattr(proposal["trait"], "name", "value")
@@ -823,6 +856,7 @@ class PlacementPolicy(Configurable):
             dataset=self.dataset_weight,
             image=self.image_weight,
             tie_resolution=self.tie_resolution,
+            fraction_tie_resolution=self.fraction_tie_resolution,
             fragmentation_scale=self.fragmentation_scale,
         )
 

@@ -217,9 +217,11 @@ def replay(
 ) -> RunResult:
     """Replay ``pods`` on ``nodes`` under the protocol, placing with ``strategy``.
 
-    ``nsml`` measures fragmentation against the mix of the pods that arrived so far (each pod
-    is counted before it is placed, never a later one). ``fgd`` uses the typical pods of the
-    whole original list, as the FGD paper's simulator does. ``bestfit`` uses no mix.
+    ``nsml`` measures fragmentation against the mix of the last ``mix_window`` pods that
+    arrived so far (each pod is counted before it is placed, never a later one), recompiled
+    every ``mix_refresh`` arrivals. ``fgd`` uses the typical pods of the whole original list,
+    as the FGD paper's simulator does. ``bestfit`` uses no mix. ``seed`` only labels the
+    result; the stream is ``rng``.
     """
     capacity = gpu_capacity(nodes)
     arrived_pods = arrival_order(pods, capacity, rng)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,8 +45,8 @@ def node(
     state: NodeState = NodeState.UP,
     datasets: dict[str, int] | None = None,
     images: Sequence[str] = (),
-    nvlink: dict[int, Sequence[int]] | None = None,
-    pcie: dict[int, str] | None = None,
+    nvlink: Mapping[int, Sequence[int]] | None = None,
+    pcie: Mapping[int, str] | None = None,
 ) -> NodeSnapshot:
     """A node with ``gpus`` GPUs of ``model``; ``free`` gives each GPU's free milli."""
     shares = list(free) if free is not None else [1000] * gpus
@@ -77,7 +77,7 @@ def gpus(count: float, **kw: object) -> PlacementRequest:
     """A request for ``count`` GPUs (fractions allowed) with modest CPU and memory."""
     kw.setdefault("cpu_milli", 4000)
     kw.setdefault("memory_mib", 8192)
-    return PlacementRequest.gpus(count, **kw)  # type: ignore[arg-type]
+    return PlacementRequest.gpus(count, **kw)
 
 
 # A request mix with single GPUs, halves and whole 8-GPU jobs: the shapes a platform sees.
