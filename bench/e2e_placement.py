@@ -35,6 +35,8 @@ GPUS_PER_NODE = 8
 
 def heartbeat(name: str) -> dict[str, Any]:
     return {
+        # A Docker node is only given work when the server knows how to reach its engine.
+        "docker_url": f"tcp://{name}.invalid:2376",
         "cpu_milli": 128000,
         "memory_mib": 1048576,
         "gpu_probe": {"kind": "virtual", "enabled": True},

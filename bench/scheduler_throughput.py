@@ -11,8 +11,9 @@ cluster and the same request stream for comparison.
     python bench/scheduler_throughput.py --out bench/results/scheduler_throughput.json
 
 Writes ``{"policy": {"1213": {"per_s", "p50_ms", "p99_ms", ...}, "5000": {...}},
-"baseline_bestfit": {...}, "setup": {...}, "e2e": null}``. ``e2e`` is reserved for the
-end-to-end measurement (API request → persisted allocation) — see :func:`measure_e2e`.
+"baseline_bestfit": {...}, "setup": {...}, "e2e": {"sqlite": {"per_s", ...},
+"postgresql": {...}}}``; ``e2e`` is the whole path (API request → persisted allocation), see
+:func:`measure_e2e`.
 """
 
 from __future__ import annotations
@@ -111,14 +112,34 @@ def measure(
 
 
 def measure_e2e(args: argparse.Namespace) -> dict[str, Any] | None:
-    """End-to-end decisions: API request → persisted allocation (SQLite and PostgreSQL).
+    """End-to-end placements: API request → persisted allocation (SQLite and PostgreSQL).
 
-    Not measured here. To add it: start the NSML server against each database, register the
-    nodes of :func:`replicate`, submit the request stream through the REST API and time each
-    request until its allocation row is committed; return the same fields as :func:`measure`
-    per database, e.g. ``{"sqlite": {...}, "postgresql": {...}}``.
+    Runs :mod:`bench.e2e_placement` (a real hub with the `nsml` service, concurrent
+    ``POST api/placements`` through the proxy, a private PostgreSQL); ``--no-e2e`` skips it.
     """
-    return None
+    if args.no_e2e:
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import e2e_placement
+
+    out: dict[str, Any] = {}
+    for db in ("sqlite", "postgresql"):
+        r = e2e_placement.measure(db, args.e2e_requests, args.e2e_concurrency)
+        pl, fl = r["placements"], r["floor_get_me"]
+        out[db] = {
+            **pl,
+            "floor_get_me": fl,
+            "ratio_vs_floor": r["ratio_vs_floor"],
+            "nodes": r["nodes"],
+            "concurrency": r["concurrency"],
+        }
+        print(
+            f"e2e {db:<10} {pl['per_s']:>7.1f} placements/s  p50 {pl['p50_ms']:.1f} ms  "
+            f"p99 {pl['p99_ms']:.1f} ms  errors {pl['errors']}  (floor GET me "
+            f"{fl['per_s']:.1f}/s)",
+            flush=True,
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decisions", type=int, default=3000, help="decisions timed per size")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end measurement")
+    p.add_argument("--e2e-requests", type=int, default=1000, help="placements per database")
+    p.add_argument("--e2e-concurrency", type=int, default=32, help="requests in flight")
     args = p.parse_args(argv)
 
     base = load_nodes(args.nodes)

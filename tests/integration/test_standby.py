@@ -37,6 +37,8 @@ def fresh_database(postgres_url: str, name: str) -> str:
 
 def heartbeat(name: str) -> dict[str, Any]:
     return {
+        # A Docker node is only given work when the server knows how to reach its engine.
+        "docker_url": f"tcp://{name}.invalid:2376",
         "cpu_milli": 64000,
         "memory_mib": 262144,
         "gpu_probe": {"kind": "virtual", "enabled": True},
