@@ -30,6 +30,33 @@ class Conflict(Exception):
     """The resources are no longer free (another reservation won); re-plan and retry."""
 
 
+# The guarantee, stated once: a claim succeeds only if the row still has room for it. Both
+# statements take bind parameters: one claim (execute) and a batch (executemany) share them.
+_CLAIM_NODE = (
+    update(Node)
+    .where(
+        Node.id == bindparam("nid"),
+        Node.state == "up",
+        Node.cpu_allocated_milli + bindparam("cpu") <= Node.cpu_milli,
+        Node.memory_allocated_mib + bindparam("mem") <= Node.memory_mib,
+    )
+    .values(
+        cpu_allocated_milli=Node.cpu_allocated_milli + bindparam("cpu"),
+        memory_allocated_mib=Node.memory_allocated_mib + bindparam("mem"),
+    )
+)
+_CLAIM_GPU = (
+    update(Gpu)
+    .where(
+        Gpu.node_id == bindparam("nid"),
+        Gpu.index == bindparam("idx"),
+        Gpu.healthy.is_(True),
+        Gpu.allocated_milli + bindparam("milli") <= GPU_MILLI,
+    )
+    .values(allocated_milli=Gpu.allocated_milli + bindparam("milli"))
+)
+
+
 def reserve(
     s: Session,
     *,
@@ -48,60 +75,37 @@ def reserve(
     """Reserve resources on *node_name* for *holder*; raise :class:`Conflict` if they are gone.
 
     Whole GPUs (``gpu_milli_per_gpu == 1000``) need the GPU completely free; a fraction needs
-    that much free milli on the GPU. The node must be ``up``.
+    that much free milli on the GPU. The node must be ``up``. One row at a time, so that a
+    conflict names the GPU that refused; :func:`reserve_many` is the batched form.
     """
     node_id = s.scalar(select(Node.id).where(Node.name == node_name))
     if node_id is None:
         raise Conflict(f"node {node_name} is not registered")
-    r = s.execute(
-        update(Node)
-        .where(
-            Node.id == node_id,
-            Node.state == "up",
-            Node.cpu_allocated_milli + cpu_milli <= Node.cpu_milli,
-            Node.memory_allocated_mib + memory_mib <= Node.memory_mib,
-        )
-        .values(
-            cpu_allocated_milli=Node.cpu_allocated_milli + cpu_milli,
-            memory_allocated_mib=Node.memory_allocated_mib + memory_mib,
-        )
-        .execution_options(synchronize_session=False)
-    )
+    conn = s.connection()
+    r = conn.execute(_CLAIM_NODE, {"nid": node_id, "cpu": cpu_milli, "mem": memory_mib})
     if r.rowcount != 1:
         raise Conflict(f"node {node_name} is not up or lacks CPU/memory")
     for index in gpu_indices:
-        r = s.execute(
-            update(Gpu)
-            .where(
-                Gpu.node_id == node_id,
-                Gpu.index == index,
-                Gpu.healthy.is_(True),
-                Gpu.allocated_milli + gpu_milli_per_gpu <= GPU_MILLI,
-            )
-            .values(allocated_milli=Gpu.allocated_milli + gpu_milli_per_gpu)
-            .execution_options(synchronize_session=False)
-        )
+        r = conn.execute(_CLAIM_GPU, {"nid": node_id, "idx": index, "milli": gpu_milli_per_gpu})
         if r.rowcount != 1:
             raise Conflict(f"{node_name}:gpu{index} lacks {gpu_milli_per_gpu} free milli-GPU")
-    alloc = Allocation(
+    grant = Grant(
         holder=holder,
         user_name=user_name,
         node_id=node_id,
-        gpu_indices=list(gpu_indices),
-        gpu_uuids=list(gpu_uuids),
+        gpu_indices=tuple(gpu_indices),
+        gpu_uuids=tuple(gpu_uuids),
         gpu_milli_per_gpu=gpu_milli_per_gpu,
         cpu_milli=cpu_milli,
         memory_mib=memory_mib,
-        state="active",
-        created=now,
-        leader_epoch=leader_epoch,
         score=score or {},
     )
-    s.add(alloc)
-    s.flush()
+    (alloc_id,) = _insert_allocations(s, [grant], now, leader_epoch)
+    alloc = s.get(Allocation, alloc_id)
+    assert alloc is not None
     log.info(
         "allocation %d for %s: %s gpus %s x %d milli, %d mCPU, %d MiB",
-        alloc.id,
+        alloc_id,
         holder,
         node_name,
         list(gpu_indices),
@@ -185,61 +189,50 @@ def reserve_many(
         tot[1] += g.memory_mib
         for i in g.gpu_indices:
             per_gpu[(g.node_id, i)] = per_gpu.get((g.node_id, i), 0) + g.gpu_milli_per_gpu
-    node_stmt = (
-        update(Node)
-        .where(
-            Node.id == bindparam("nid"),
-            Node.state == "up",
-            Node.cpu_allocated_milli + bindparam("cpu") <= Node.cpu_milli,
-            Node.memory_allocated_mib + bindparam("mem") <= Node.memory_mib,
-        )
-        .values(
-            cpu_allocated_milli=Node.cpu_allocated_milli + bindparam("cpu"),
-            memory_allocated_mib=Node.memory_allocated_mib + bindparam("mem"),
-        )
-    )
     conn = s.connection()
-    r = conn.execute(node_stmt, [{"nid": n, "cpu": c, "mem": m} for n, (c, m) in per_node.items()])
+    r = conn.execute(
+        _CLAIM_NODE, [{"nid": n, "cpu": c, "mem": m} for n, (c, m) in per_node.items()]
+    )
     if r.rowcount != len(per_node):
         raise Conflict("a node is no longer up or lacks CPU/memory")
     if per_gpu:
-        gpu_stmt = (
-            update(Gpu)
-            .where(
-                Gpu.node_id == bindparam("nid"),
-                Gpu.index == bindparam("idx"),
-                Gpu.healthy.is_(True),
-                Gpu.allocated_milli + bindparam("milli") <= GPU_MILLI,
-            )
-            .values(allocated_milli=Gpu.allocated_milli + bindparam("milli"))
-        )
         r = conn.execute(
-            gpu_stmt,
-            [{"nid": n, "idx": i, "milli": m} for (n, i), m in per_gpu.items()],
+            _CLAIM_GPU, [{"nid": n, "idx": i, "milli": m} for (n, i), m in per_gpu.items()]
         )
         if r.rowcount != len(per_gpu):
             raise Conflict("a GPU no longer has the milli-GPU asked for")
-    rows = conn.execute(
-        insert(Allocation).returning(Allocation.id, sort_by_parameter_order=True),
-        [
-            {
-                "holder": g.holder,
-                "user_name": g.user_name,
-                "node_id": g.node_id,
-                "gpu_indices": list(g.gpu_indices),
-                "gpu_uuids": list(g.gpu_uuids),
-                "gpu_milli_per_gpu": g.gpu_milli_per_gpu,
-                "cpu_milli": g.cpu_milli,
-                "memory_mib": g.memory_mib,
-                "state": "active",
-                "created": now,
-                "released": None,
-                "leader_epoch": leader_epoch,
-                "score": g.score,
-            }
-            for g in grants
-        ],
-    ).all()
-    ids = [int(row[0]) for row in rows]
+    ids = _insert_allocations(s, grants, now, leader_epoch)
     log.info("reserved %d allocations in one batch (epoch %d)", len(ids), leader_epoch)
     return ids
+
+
+def _insert_allocations(
+    s: Session, grants: Sequence[Grant], now: datetime, leader_epoch: int
+) -> list[int]:
+    """Insert the allocation rows of already claimed *grants*; their ids, in order."""
+    rows = (
+        s.connection()
+        .execute(
+            insert(Allocation).returning(Allocation.id, sort_by_parameter_order=True),
+            [
+                {
+                    "holder": g.holder,
+                    "user_name": g.user_name,
+                    "node_id": g.node_id,
+                    "gpu_indices": list(g.gpu_indices),
+                    "gpu_uuids": list(g.gpu_uuids),
+                    "gpu_milli_per_gpu": g.gpu_milli_per_gpu,
+                    "cpu_milli": g.cpu_milli,
+                    "memory_mib": g.memory_mib,
+                    "state": "active",
+                    "created": now,
+                    "released": None,
+                    "leader_epoch": leader_epoch,
+                    "score": g.score,
+                }
+                for g in grants
+            ],
+        )
+        .all()
+    )
+    return [int(row[0]) for row in rows]
