@@ -537,6 +537,28 @@ def walk(
     return files
 
 
+def open_walked(file: LocalFile) -> tuple[int, os.stat_result]:
+    """Open a file found by :func:`walk` for reading; the caller closes the descriptor.
+
+    Raises:
+        UnsafePath: when it cannot be read, or was replaced by another file since the walk.
+    """
+    try:
+        fd, st = open_regular(file.source)
+    except OSError as e:
+        raise UnsafePath(
+            file.path, f"cannot read {file.path!r}: {e.strerror}", reason="unreadable"
+        ) from None
+    if (st.st_dev, st.st_ino) != (file.dev, file.ino):
+        os.close(fd)
+        raise UnsafePath(
+            file.path,
+            f"{file.path!r} was replaced while being pushed; push again",
+            reason="unreadable",
+        )
+    return fd, st
+
+
 def hash_local(
     file: LocalFile,
     *,
@@ -549,19 +571,8 @@ def hash_local(
         UnsafePath: when the file was replaced by another one since the walk, or grew past the
             limit.
     """
+    fd, _ = open_walked(file)
     try:
-        fd, st = open_regular(file.source)
-    except OSError as e:
-        raise UnsafePath(
-            file.path, f"cannot read {file.path!r}: {e.strerror}", reason="unreadable"
-        ) from None
-    try:
-        if (st.st_dev, st.st_ino) != (file.dev, file.ino):
-            raise UnsafePath(
-                file.path,
-                f"{file.path!r} was replaced while being pushed; push again",
-                reason="unreadable",
-            )
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             h, size = pump(
                 f, None, limit=max_file_bytes, on_bytes=tracker.add if tracker is not None else None

@@ -70,6 +70,7 @@ from .manifest import (
     LocalFile,
     Manifest,
     hash_local,
+    open_walked,
     validate_sha256,
     walk,
 )
@@ -569,19 +570,8 @@ class BlobStore:
                 counted = True
             else:
                 counted = False
+            fd, st = open_walked(f)
             try:
-                fd, st = open_regular(f.source)
-            except OSError as e:
-                raise UnsafePath(
-                    f.path, f"cannot read {f.path!r}: {e.strerror}", reason="unreadable"
-                ) from None
-            try:
-                if (st.st_dev, st.st_ino) != (f.dev, f.ino):
-                    raise UnsafePath(
-                        f.path,
-                        f"{f.path!r} was replaced while being pushed; push again",
-                        reason="unreadable",
-                    )
                 sha, size, new = self._ingest_fd(
                     fd,
                     st,
