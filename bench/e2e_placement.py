@@ -26,7 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.integration.hubproc import HubProcess  # noqa: E402
+from tests.integration.hubproc import HubProcess, virtual_node_heartbeat  # noqa: E402
 from tests.integration.pgproc import private_postgres  # noqa: E402
 
 NODES = 100
@@ -34,17 +34,7 @@ GPUS_PER_NODE = 8
 
 
 def heartbeat(name: str) -> dict[str, Any]:
-    return {
-        # A Docker node is only given work when the server knows how to reach its engine.
-        "docker_url": f"tcp://{name}.invalid:2376",
-        "cpu_milli": 128000,
-        "memory_mib": 1048576,
-        "gpu_probe": {"kind": "virtual", "enabled": True},
-        "gpus": [
-            {"index": i, "uuid": f"GPU-{name}-{i}", "model": "V100", "memory_total_mib": 16384}
-            for i in range(GPUS_PER_NODE)
-        ],
-    }
+    return virtual_node_heartbeat(name, gpus=GPUS_PER_NODE, cpu_milli=128000, memory_mib=1048576)
 
 
 def pct(values: list[float], q: float) -> float:

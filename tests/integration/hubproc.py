@@ -259,3 +259,22 @@ class ServerProcess:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
+
+
+def virtual_node_heartbeat(
+    name: str, *, gpus: int = 8, cpu_milli: int = 64000, memory_mib: int = 262144
+) -> dict[str, Any]:
+    """A heartbeat body for a virtual node with *gpus* V100s and a (fake) engine address.
+
+    A Docker node is only given work when the server knows how to reach its engine.
+    """
+    return {
+        "docker_url": f"tcp://{name}.invalid:2376",
+        "cpu_milli": cpu_milli,
+        "memory_mib": memory_mib,
+        "gpu_probe": {"kind": "virtual", "enabled": True},
+        "gpus": [
+            {"index": i, "uuid": f"GPU-{name}-{i}", "model": "V100", "memory_total_mib": 16384}
+            for i in range(gpus)
+        ],
+    }

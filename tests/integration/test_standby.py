@@ -16,7 +16,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
-from tests.integration.hubproc import HubProcess, ServerProcess
+from tests.integration.hubproc import HubProcess, ServerProcess, virtual_node_heartbeat
 
 pytestmark = [pytest.mark.hub, pytest.mark.db, pytest.mark.docker]
 
@@ -36,17 +36,7 @@ def fresh_database(postgres_url: str, name: str) -> str:
 
 
 def heartbeat(name: str) -> dict[str, Any]:
-    return {
-        # A Docker node is only given work when the server knows how to reach its engine.
-        "docker_url": f"tcp://{name}.invalid:2376",
-        "cpu_milli": 64000,
-        "memory_mib": 262144,
-        "gpu_probe": {"kind": "virtual", "enabled": True},
-        "gpus": [
-            {"index": i, "uuid": f"GPU-{name}-{i}", "model": "V100", "memory_total_mib": 16384}
-            for i in range(GPUS_PER_NODE)
-        ],
-    }
+    return virtual_node_heartbeat(name, gpus=GPUS_PER_NODE)
 
 
 @pytest.fixture()
