@@ -149,12 +149,6 @@ def release(s: Session, allocation_id: int, now: datetime) -> bool:
     return True
 
 
-def active_for_holder(s: Session, holder: str) -> Allocation | None:
-    return s.scalar(
-        select(Allocation).where(Allocation.holder == holder, Allocation.state == "active")
-    )
-
-
 @dataclass(frozen=True)
 class Grant:
     """One reservation of a batch (see :func:`reserve_many`)."""

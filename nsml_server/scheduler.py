@@ -40,7 +40,6 @@ from .models import Allocation, Gpu, Node, PlacementRequestRow
 log = logging.getLogger("nsml_server.scheduler")
 
 # Request states: waiting -> placed -> released; waiting -> failed (can never fit) | cancelled.
-FINAL_STATES = ("placed", "released", "failed", "cancelled")
 
 
 def request_of(spec: dict[str, Any], name: str = "") -> PlacementRequest:
@@ -158,11 +157,6 @@ def reachable(r: Any) -> bool:
     """Whether work can be started on the node: a Docker node needs its engine's address
     (an agent started without --docker-url is listed, but receives nothing)."""
     return not (r[8] == "docker" and not r[9])
-
-
-def build_snapshot(s: Session) -> ClusterSnapshot:
-    """The cluster as the ledger sees it now, nodes in name order (stable tie-breaking)."""
-    return SnapshotCache().build(s)
 
 
 def user_usage(s: Session) -> dict[str, UserUsage]:
