@@ -28,8 +28,9 @@ from . import __version__, nodes
 from .api.base import NotFoundHandler, ServerContext
 from .api.handlers import HealthHandler, HeartbeatHandler, MeHandler, NodeHandler, NodesHandler
 from .api.openapi import openapi_document
-from .api.placements import PlacementHandler, PlacementsHandler
+from .api.placements import PlacementHandler, PlacementsHandler, placement_out
 from .db import Database, SchemaError, check_schema, redact_url, upgrade
+from .scheduler import SubmitQueue
 from .schemas import Heartbeat
 
 
@@ -357,6 +358,7 @@ class NSMLServer(DBSettings):
             backend=self.backend_info,
             default_credits_milli=round(self.default_credits * 1000),
             scheduler=self.scheduler,
+            submit_queue=SubmitQueue(self.scheduler, placement_out),
             trusted_services=frozenset(self.trusted_services),
             is_leader=lambda: self.lease.is_leader,
         )
@@ -460,6 +462,7 @@ class NSMLServer(DBSettings):
         self.http.stop()
         self.scheduler.wake()
         await scheduler_task  # resigns the lease so that a standby takes over at once
+        self.ctx.submit_queue.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from gpu_scheduler.fgd import PodShape, RecentMix
@@ -189,6 +190,16 @@ class PassResult:
     failed: int = 0
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One placement request to queue: who, for which holder, what, at which priority."""
+
+    user: str
+    holder: str
+    spec: dict[str, Any]
+    priority: int = 0
+
+
 class Scheduler:
     """Submits requests (any server) and runs the scheduler loop (the lease holder)."""
 
@@ -232,36 +243,70 @@ class Scheduler:
     def submit(
         self, s: Session, *, user: str, holder: str, spec: dict[str, Any], priority: int
     ) -> PlacementRequestRow:
-        """Queue a request in the caller's transaction; idempotent per holder.
+        """Queue one request in the caller's transaction; idempotent per holder.
 
         A holder with an active allocation or a waiting request gets that one back.
         """
-        existing = s.scalar(
-            select(PlacementRequestRow)
-            .where(
-                PlacementRequestRow.holder == holder,
-                PlacementRequestRow.state.in_(("waiting", "placed")),
-            )
-            .order_by(PlacementRequestRow.id.desc())
-        )
-        if existing is not None:
-            if existing.state == "waiting":
-                return existing
-            alloc = s.get(Allocation, existing.allocation_id) if existing.allocation_id else None
-            if alloc is not None and alloc.state == "active":
-                return existing
-        row = PlacementRequestRow(
-            holder=holder,
-            user_name=user,
-            priority=priority,
-            spec=spec,
-            state="waiting",
-            created=self.now(),
-        )
-        s.add(row)
-        s.flush()
-        self.wake()
+        rid, fresh, _created = self.submit_many(s, [Submission(user, holder, spec, priority)])[0]
+        if fresh:
+            self.wake()  # the pass runs after the caller's transaction commits (event loop)
+        row = s.get(PlacementRequestRow, rid)
+        assert row is not None
         return row
+
+    def submit_many(self, s: Session, subs: list[Submission]) -> list[tuple[int, bool, datetime]]:
+        """Queue several requests with one lookup and one multi-row INSERT.
+
+        Returns ``(request id, fresh, created)`` per submission, in order. *fresh* is False
+        when the holder already had a waiting request or an active allocation (that request
+        is returned; it is also returned to a second submission of one holder in *subs*).
+        Does not wake the scheduler loop: the caller does, once the transaction committed.
+        """
+        R = PlacementRequestRow
+        live: dict[str, int] = {}
+        for rid, holder, state, alloc_state in s.execute(
+            select(R.id, R.holder, R.state, Allocation.state)
+            .outerjoin(Allocation, Allocation.id == R.allocation_id)
+            .where(R.holder.in_({x.holder for x in subs}), R.state.in_(("waiting", "placed")))
+            .order_by(R.id)
+        ):
+            if state == "waiting" or alloc_state == "active":
+                live[holder] = rid
+            else:
+                live.pop(holder, None)
+        now = self.now()
+        out: list[tuple[int, bool, datetime] | None] = [None] * len(subs)
+        first_of: dict[str, int] = {}
+        new: list[int] = []
+        for i, x in enumerate(subs):
+            if x.holder in live:
+                out[i] = (live[x.holder], False, now)
+            elif x.holder not in first_of:
+                first_of[x.holder] = i
+                new.append(i)
+        if new:
+            ids = s.scalars(
+                insert(R).returning(R.id, sort_by_parameter_order=True),
+                [
+                    {
+                        "holder": subs[i].holder,
+                        "user_name": subs[i].user,
+                        "priority": subs[i].priority,
+                        "spec": subs[i].spec,
+                        "state": "waiting",
+                        "created": now,
+                    }
+                    for i in new
+                ],
+            ).all()
+            for i, rid in zip(new, ids, strict=True):
+                out[i] = (rid, True, now)
+        for i, x in enumerate(subs):
+            if out[i] is None:  # a repeat of a holder first submitted in this batch
+                first = out[first_of[x.holder]]
+                assert first is not None
+                out[i] = (first[0], False, first[2])
+        return [o for o in out if o is not None]
 
     def release(self, s: Session, row: PlacementRequestRow) -> bool:
         """Cancel a waiting request or release a placed one. Idempotent."""
@@ -527,3 +572,94 @@ class Scheduler:
             except TimeoutError:
                 pass
         await loop.run_in_executor(None, self.lease.resign)
+
+
+Describe = Callable[[Session, PlacementRequestRow | None], Any]
+
+
+class SubmitQueue:
+    """Group commit of placement submissions, off the event loop.
+
+    Handlers ``await submit(...)``; one worker thread writes everything that arrived while
+    the previous batch was being committed in one transaction (:meth:`Scheduler.submit_many`).
+    Under load a batch holds many requests, so the database sees a few transactions per
+    scheduling pass instead of one per request; an idle server commits a lone request at once.
+    A batch that fails is retried one submission at a time, so one bad request fails alone.
+    """
+
+    def __init__(self, scheduler: Scheduler, describe: Describe, max_batch: int = 256) -> None:
+        self.scheduler = scheduler
+        self.describe = describe
+        self.max_batch = max_batch
+        self._pending: list[tuple[Submission, asyncio.Future[tuple[int, bool, datetime, Any]]]] = []
+        self._draining = False
+        self._task: asyncio.Future[None] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="nsml-submit")
+
+    async def submit(self, sub: Submission) -> tuple[int, bool, datetime, Any]:
+        """Queue *sub*; returns ``(request id, fresh, created, described)``.
+
+        *described* is ``describe(session, row)`` for a request that already existed (read in
+        the same transaction), None for a fresh one.
+        """
+        fut: asyncio.Future[tuple[int, bool, datetime, Any]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending.append((sub, fut))
+        if not self._draining:
+            self._draining = True
+            self._task = asyncio.ensure_future(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                subs = [b[0] for b in batch]
+                try:
+                    results: list[Any] = await loop.run_in_executor(
+                        self._executor, self._commit, subs
+                    )
+                except Exception as e:
+                    if len(batch) == 1:
+                        results = [e]
+                    else:
+                        log.warning(
+                            "a batch of %d submissions failed (%s); one by one", len(subs), e
+                        )
+                        results = []
+                        for sub in subs:
+                            try:
+                                results += await loop.run_in_executor(
+                                    self._executor, self._commit, [sub]
+                                )
+                            except Exception as e1:
+                                results.append(e1)
+                self.scheduler.wake()  # committed: the next pass sees them
+                for (_, fut), r in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(r, Exception):
+                        fut.set_exception(r)
+                    else:
+                        fut.set_result(r)
+        finally:
+            self._draining = False
+
+    def _commit(self, subs: list[Submission]) -> list[tuple[int, bool, datetime, Any]]:
+        with self.scheduler.db.session() as s:
+            done = self.scheduler.submit_many(s, subs)
+            return [
+                (
+                    rid,
+                    fresh,
+                    created,
+                    None if fresh else self.describe(s, s.get(PlacementRequestRow, rid)),
+                )
+                for rid, fresh, created in done
+            ]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 from pydantic import ValidationError
@@ -12,6 +13,7 @@ from gpu_scheduler.model import GPU_MILLI, PlacementRequest
 from gpu_scheduler.probe import parse_memory_mib
 
 from ..models import Allocation, Node, PlacementRequestRow
+from ..scheduler import Submission
 from ..schemas import AllocationOut, PlacementIn, PlacementList, PlacementOut
 from .base import APIError, APIHandler
 
@@ -69,7 +71,9 @@ def spec_of(body: PlacementIn) -> dict[str, object]:
     return spec
 
 
-def placement_out(s: Session, row: PlacementRequestRow) -> PlacementOut:
+def placement_out(s: Session, row: PlacementRequestRow | None) -> PlacementOut:
+    """The API view of a request (and its allocation, if placed)."""
+    assert row is not None
     alloc = s.get(Allocation, row.allocation_id) if row.allocation_id else None
     node = s.get(Node, alloc.node_id) if alloc else None
     return PlacementOut(
@@ -115,12 +119,35 @@ class PlacementsHandler(APIHandler):
         spec = spec_of(body)
         scheduler = self.ctx.scheduler
         assert scheduler is not None
-        with self.ctx.db.session() as s:
-            row = scheduler.submit(
-                s, user=user, holder=f"{user}:{body.holder}", spec=spec, priority=body.priority
+        sub = Submission(
+            user=user, holder=f"{user}:{body.holder}", spec=spec, priority=body.priority
+        )
+        if self.ctx.submit_queue is not None:
+            request_id, fresh, created, existing = await self.ctx.submit_queue.submit(sub)
+        else:
+            with self.ctx.db.session() as s:
+                request_id, fresh, created = scheduler.submit_many(s, [sub])[0]
+                existing = (
+                    None if fresh else placement_out(s, s.get(PlacementRequestRow, request_id))
+                )
+            scheduler.wake()
+        if fresh:
+            out = PlacementOut(
+                id=request_id,
+                holder=body.holder,
+                user=user,
+                state="waiting",
+                position=None,
+                code=None,
+                reason=None,
+                request=spec,
+                allocation=None,
+                created=iso(created) or "",
+                decided=None,
             )
-            request_id, fresh = row.id, row.decided is None and row.state == "waiting"
-            out = placement_out(s, row)
+        else:
+            out = existing
+        was_waiting = out.state == "waiting"
         decision = None
         if body.wait_s > 0 and out.state == "waiting":
             decision = await scheduler.wait_decided(request_id, body.wait_s)
@@ -139,16 +166,19 @@ class PlacementsHandler(APIHandler):
                 }
             )
         elif body.wait_s > 0 and out.state == "waiting":
-            with self.ctx.db.session() as s:
-                row = s.get(PlacementRequestRow, request_id)
-                assert row is not None
-                out = placement_out(s, row)
+            out = await asyncio.get_running_loop().run_in_executor(None, self._read, request_id)
         if out.state == "failed":
             raise APIError(422, out.reason or "This request can never fit.", "infeasible")
         status = {"placed": 201, "waiting": 202}.get(out.state, 200)
-        if not fresh and out.state == "placed":
+        if not was_waiting and out.state == "placed":
             status = 200
         self.write_json(out, status=status)
+
+    def _read(self, request_id: int) -> PlacementOut:
+        with self.ctx.db.session() as s:
+            row = s.get(PlacementRequestRow, request_id)
+            assert row is not None
+            return placement_out(s, row)
 
     def get(self) -> None:
         state = self.get_query_argument("state", None)

@@ -8,12 +8,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from nsml_server import ledger, nodes
 from nsml_server.db import Database, check_schema
 from nsml_server.lease import LeaderLease, LostLease
+from nsml_server.models import PlacementRequestRow
+from nsml_server.scheduler import Scheduler, Submission, SubmitQueue
 from nsml_server.schemas import Heartbeat
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
@@ -219,3 +221,71 @@ def test_a_gpu_missing_from_a_heartbeat_turns_unhealthy_and_is_not_given(db: Dat
     with db.session() as s:
         node = nodes.get_node(s, "node-a")
         assert node is not None and [g.healthy for g in node.gpus] == [True, True, True, False]
+
+
+def scheduler_for(db: Database) -> Scheduler:
+    from gpu_scheduler.policy import PlacementPolicy
+
+    return Scheduler(
+        db, LeaderLease(db, "s1", ttl_s=3, now=lambda: T0), PlacementPolicy(), now=lambda: T0
+    )
+
+
+def test_a_batch_of_submissions_is_idempotent_per_holder(db: Database) -> None:
+    sched = scheduler_for(db)
+    spec = {"gpu_milli": 1000, "cpu_milli": 100, "memory_mib": 64}
+    subs = [Submission("alice", h, spec) for h in ("alice:a", "alice:b", "alice:a")]
+    with db.session() as s:
+        first = sched.submit_many(s, subs)
+    assert [f for _, f, _ in first] == [True, True, False]
+    assert first[0][0] == first[2][0] != first[1][0]
+    with db.session() as s:  # a waiting request is returned again, nothing new is queued
+        again = sched.submit_many(s, [Submission("alice", "alice:b", spec)])
+        assert again[0][:2] == (first[1][0], False)
+        assert s.scalar(select(func.count()).select_from(PlacementRequestRow)) == 2
+
+
+def test_a_holder_whose_allocation_was_released_gets_a_new_request(db: Database) -> None:
+    sched = scheduler_for(db)
+    spec = {"gpu_milli": 1000, "cpu_milli": 100, "memory_mib": 64}
+    with db.session() as s:
+        ((rid, _, _),) = sched.submit_many(s, [Submission("alice", "alice:a", spec)])
+    aid = reserve(db, "alice:a", [0])
+    with db.session() as s:
+        s.execute(
+            update(PlacementRequestRow)
+            .where(PlacementRequestRow.id == rid)
+            .values(state="placed", allocation_id=aid)
+        )
+        assert sched.submit_many(s, [Submission("alice", "alice:a", spec)])[0][:2] == (rid, False)
+        ledger.release(s, aid, T0)
+        rid2, fresh, _ = sched.submit_many(s, [Submission("alice", "alice:a", spec)])[0]
+    assert fresh and rid2 != rid
+
+
+def test_the_submit_queue_commits_concurrent_submissions_and_fails_a_bad_one_alone(
+    db: Database,
+) -> None:
+    import asyncio
+
+    sched = scheduler_for(db)
+    queue = SubmitQueue(sched, lambda s, row: row.id if row else None)
+    spec = {"gpu_milli": 0, "cpu_milli": 100, "memory_mib": 64}
+
+    async def go() -> list[object]:
+        subs = [Submission("alice", f"alice:{i}", spec) for i in range(20)]
+        subs.append(Submission("alice", "alice:bad", {"x": object()}))  # not JSON: fails
+        subs.append(Submission("alice", "alice:3", spec))
+        return list(await asyncio.gather(*(queue.submit(x) for x in subs), return_exceptions=True))
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        queue.close()
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    assert len(ok) == 21
+    assert isinstance(results[20], Exception)
+    assert results[21][0] == results[3][0] and results[21][3] == results[3][0]  # type: ignore[index]
+    with db.session() as s:
+        ids = set(s.scalars(select(PlacementRequestRow.id)))
+    assert {r[0] for r in ok} <= ids  # type: ignore[index]
