@@ -115,6 +115,7 @@ def node_out(node: Node, now: datetime) -> NodeOut:
                 nvlink_peers=list(g.nvlink_peers),
                 pcie_group=g.pcie_group,
                 healthy=g.healthy,
+                allocated_milli=g.allocated_milli,
             )
             for g in node.gpus
         ],

@@ -73,6 +73,9 @@ class GpuOut(BaseModel):
     nvlink_peers: list[int]
     pcie_group: int | None
     healthy: bool
+    allocated_milli: int = Field(
+        0, description="milli-GPUs held by active allocations (1000 = whole)"
+    )
 
 
 class NodeOut(BaseModel):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +53,38 @@ def test_the_wheel_never_installs_a_top_level_datasets_package(wheel: Path) -> N
     } <= top
     assert "nsml_server/migrations/script.py.mako" in names
     assert any(n.startswith("nsml_server/migrations/versions/0001") for n in names)
+
+
+def test_the_wheel_makes_every_kernel_load_the_nsml_magics(wheel: Path) -> None:
+    import json
+
+    with zipfile.ZipFile(wheel) as z:
+        (name,) = [
+            n for n in z.namelist() if n.endswith("data/etc/ipython/ipython_kernel_config.json")
+        ]
+        config = json.loads(z.read(name))
+    assert config["InteractiveShellApp"]["extensions"] == ["nsml_magics"]
+
+
+def test_a_kernel_started_with_that_config_has_the_nsml_magic(tmp_path: Path) -> None:
+    """The shipped config file, read by a real IPython kernel (from a profile folder here)."""
+    import shutil
+
+    from jupyter_client.manager import start_new_kernel
+
+    profile = tmp_path / "profile_default"
+    profile.mkdir()
+    shutil.copy(REPO / "hub_config/ipython/ipython_kernel_config.json", profile)
+    out: list[dict[str, Any]] = []
+    km, kc = start_new_kernel(env={**os.environ, "IPYTHONDIR": str(tmp_path)})
+    try:
+        reply = kc.execute_interactive("%nsml help", timeout=60, output_hook=out.append)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert reply["content"]["status"] == "ok"
+    text = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+    assert "%nsml VERB" in text and "gpustat" in text
 
 
 def test_hugging_face_datasets_still_imports_beside_ours(tmp_path: Path) -> None:

@@ -1,0 +1,129 @@
+"""A live one-line status of a session in the notebook (ipywidgets), that never blocks the kernel.
+
+The line is an ``ipywidgets.HTML`` refreshed by an asyncio task on the kernel's own event
+loop; the HTTP call runs in a worker thread, so cells keep running while it follows the
+session. It stops by itself when the session reaches a final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+log = logging.getLogger("nsml_magics")
+
+FINAL_STATES = frozenset({"completed", "failed", "oom_killed", "stopped", "lost"})
+_COLORS = {
+    "queued": "#6c757d",
+    "preparing": "#0d6efd",
+    "running": "#198754",
+    "completed": "#198754",
+    "failed": "#dc3545",
+    "oom_killed": "#dc3545",
+    "lost": "#dc3545",
+    "stopped": "#fd7e14",
+}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render_status(s: Mapping[str, Any]) -> str:
+    """The status line's HTML for a session as the API describes it.
+
+    Shows the name, the state (with the queue position or the reason when there is one),
+    progress from the last report (epoch, step), up to four last metrics, the node and GPUs,
+    and the exit code of a finished session.
+    """
+    state = str(s.get("state", "?"))
+    color = _COLORS.get(state, "#6c757d")
+    parts = [
+        f"<b>{html.escape(str(s.get('name', '?')))}</b>",
+        f"<span style='color:{color};font-weight:bold'>{html.escape(state)}</span>",
+    ]
+    if s.get("position") and state == "queued":
+        parts.append(f"#{int(s['position'])} in queue")
+    last = s.get("last_metrics") or {}
+    step = last.get("step") if isinstance(last, Mapping) else None
+    values = dict(last.get("values") or {}) if isinstance(last, Mapping) else {}
+    epoch = values.pop("epoch", None)
+    if epoch is not None:
+        parts.append(f"epoch {_fmt(epoch)}")
+    if step is not None:
+        parts.append(f"step {_fmt(step)}")
+    if values:
+        shown = list(values.items())[:4]
+        parts.append(", ".join(f"{html.escape(str(k))} {_fmt(v)}" for k, v in shown))
+    if s.get("node"):
+        gpus = s.get("gpu_ids") or []
+        where = html.escape(str(s["node"]))
+        parts.append(f"{where} GPU {','.join(map(str, gpus))}" if gpus else where)
+    if s.get("gpu_util_pct") is not None:
+        parts.append(f"GPU use {int(s['gpu_util_pct'])}%")
+    if state in FINAL_STATES and s.get("exit_code") is not None:
+        parts.append(f"exit {s['exit_code']}")
+    if s.get("reason") and state not in ("running", "completed"):
+        parts.append(f"<i>{html.escape(str(s['reason']))[:200]}</i>")
+    return "<span style='font-family:monospace'>" + " · ".join(parts) + "</span>"
+
+
+class StatusLine:
+    """Follow one session: ``StatusLine(fetch).start()`` and display ``.widget``.
+
+    *fetch* returns the session's current description (a blocking call; it runs in a worker
+    thread). Errors are shown in the line and retried with back-off.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], Mapping[str, Any]],
+        *,
+        interval_s: float = 2.0,
+        render: Callable[[Mapping[str, Any]], str] = render_status,
+    ) -> None:
+        import ipywidgets
+
+        self.fetch = fetch
+        self.interval_s = interval_s
+        self.render = render
+        self.widget = ipywidgets.HTML(value="<i>starting…</i>")
+        self.last: Mapping[str, Any] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> StatusLine:
+        """Schedule the refresh task on the running (kernel) loop; a no-op without one."""
+        try:
+            loop = asyncio.get_event_loop()
+        except RuntimeError:
+            return self
+        self.task = loop.create_task(self.follow())
+        return self
+
+    async def follow(self) -> None:
+        """Refresh until the session ends (or the task is cancelled)."""
+        loop = asyncio.get_running_loop()
+        delay = self.interval_s
+        while True:
+            try:
+                status = await loop.run_in_executor(None, self.fetch)
+            except Exception as e:  # shown, then retried: the line must never die silently
+                msg = getattr(e, "message", None) or str(e) or e.__class__.__name__
+                self.widget.value = f"<i>status unavailable: {html.escape(msg)}; retrying</i>"
+                delay = min(delay * 2, 30.0)
+            else:
+                self.last = status
+                self.widget.value = self.render(status)
+                delay = self.interval_s
+                if str(status.get("state")) in FINAL_STATES:
+                    return
+            await asyncio.sleep(delay)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
