@@ -9,6 +9,7 @@ and only format what it returns.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 from collections.abc import Callable
@@ -16,8 +17,14 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import (
+    MagicArgumentParser,
+    argument,
+    magic_arguments,
+    parse_argstring,
+)
 from IPython.display import HTML, display
+from IPython.utils.process import arg_split
 
 from nsml.client import Client, NSMLError
 from nsml.config import ConfigError
@@ -56,7 +63,12 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> HTML:
     return HTML(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
-# ---- verb argument declarations (parsed with parse_argstring) ------------------------------
+# ---- verbs -----------------------------------------------------------------------------
+#
+# Every verb of the `nsml` command line is a verb here, parsed by an IPython
+# MagicArgumentParser built on the CLI's own sub-parser (one declaration of each verb's
+# arguments; mistakes raise UsageError). `run`, `fork`, `resume` and `status` add a live status
+# line; `gpustat` exists only here.
 
 
 @magic_arguments()
@@ -65,94 +77,21 @@ def _gpustat_args(line: str) -> None:
     """%nsml gpustat [--json]: the cluster's GPUs, node by node (allocation and use)."""
 
 
-@magic_arguments()
-@argument("--gpus", "-g", type=float, default=0, help="GPUs (0, a fraction below 1, or k whole)")
-@argument(
-    "--dataset",
-    "-d",
-    action="append",
-    default=[],
-    metavar="DATASET",
-    help="a dataset to mount read-only ('name' or 'name@version'); repeatable",
-)
-@argument("--memory", "-m", default=None, help="memory limit, e.g. 8G")
-@argument("--cpu", "-c", type=float, default=None, help="CPU cores")
-@argument("--image", default=None, help="container image (default: the notebook's)")
-@argument("--memo", default=None, help="a note kept with the session")
-@argument("script", nargs="?", default=None, help="the entry point (omit with %%nsml run)")
-def _run_args(line: str) -> None:
-    """%nsml run [--gpus N] [-d DATASET ...] [--memory 8G] [--image I] SCRIPT -- ARGS"""
+def cli_verbs() -> dict[str, argparse.ArgumentParser]:
+    """The `nsml` CLI's verbs and their parsers."""
+    from nsml.cli import build_parser
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
-@magic_arguments()
-@argument("--all", "-a", action="store_true", help="finished sessions too")
-@argument("--json", action="store_true", help="print the raw JSON")
-def _ps_args(line: str) -> None:
-    """%nsml ps [--all] [--json]: my sessions."""
-
-
-@magic_arguments()
-@argument("session", help="user/dataset/N, or a unique suffix such as 'mnist/3' or '3'")
-@argument("--json", action="store_true", help="print the raw JSON")
-def _session_args(line: str) -> None:
-    """A verb that takes one session."""
-
-
-@magic_arguments()
-@argument("session", help="user/dataset/N")
-@argument("--follow", "-f", action="store_true", help="keep printing until the session ends")
-@argument("--tail", "-n", type=int, default=None, help="only the last N lines")
-def _logs_args(line: str) -> None:
-    """%nsml logs SESSION [-f] [--tail N]"""
-
-
-@magic_arguments()
-@argument("session", help="user/dataset/N")
-@argument("--grace", type=float, default=None, help="seconds between SIGTERM and SIGKILL")
-def _stop_args(line: str) -> None:
-    """%nsml stop SESSION [--grace S]"""
-
-
-@magic_arguments()
-@argument("source", help="SESSION or SESSION/CHECKPOINT")
-@argument("--gpus", "-g", type=float, default=None, help="GPUs (default: the parent's)")
-@argument("--memory", "-m", default=None, help="memory limit (default: the parent's)")
-def _fork_args(line: str) -> None:
-    """%nsml fork SESSION[/CHECKPOINT] [--gpus N] -- ARGS"""
-
-
-@magic_arguments()
-@argument("a", help="a session")
-@argument("b", help="another session")
-def _diff_args(line: str) -> None:
-    """%nsml diff A B: code and argument differences."""
-
-
-@magic_arguments()
-@argument("session", help="user/dataset/N")
-@argument("text", nargs="*", help="the new memo (omit to show it)")
-def _memo_args(line: str) -> None:
-    """%nsml memo SESSION [TEXT ...]"""
-
-
-@magic_arguments()
-@argument("source", help="SESSION or SESSION/CHECKPOINT")
-@argument("dest", nargs="?", default=".", help="folder to write into (default: here)")
-def _pull_args(line: str) -> None:
-    """%nsml pull SESSION[/CHECKPOINT] [DIR]: download checkpoints."""
-
-
-@magic_arguments()
-@argument("session", help="a running session")
-def _exec_args(line: str) -> None:
-    """%nsml exec SESSION -- COMMAND ...: run a command in the session's container."""
-
-
-@magic_arguments()
-@argument("action", choices=["push", "ls", "info", "pull", "rm", "share"], help="what to do")
-@argument("rest", nargs="*", help="the action's arguments (see `nsml dataset ACTION --help`)")
-def _dataset_args(line: str) -> None:
-    """%nsml dataset push NAME DIR | ls | info NAME[@k] | pull NAME[@k] DIR | rm | share"""
+def magic_parser(verb: str, cli: argparse.ArgumentParser) -> MagicArgumentParser:
+    """``%nsml VERB``'s parser: the CLI verb's arguments, IPython's error handling."""
+    return MagicArgumentParser(
+        prog=f"%nsml {verb}", description=cli.description, parents=[cli], add_help=False
+    )
 
 
 @magics_class
@@ -160,6 +99,7 @@ class NSMLMagics(Magics):
     """``%nsml VERB ...`` and ``%%nsml run ...``."""
 
     _client: Client | None = None
+    _parsers: dict[str, MagicArgumentParser] | None = None
 
     @property
     def client(self) -> Client:
@@ -170,38 +110,164 @@ class NSMLMagics(Magics):
                 raise UsageError(str(e)) from None
         return self._client
 
+    @property
+    def parsers(self) -> dict[str, MagicArgumentParser]:
+        if self._parsers is None:
+            self._parsers = {v: magic_parser(v, p) for v, p in cli_verbs().items()}
+        return self._parsers
+
+    def verbs(self) -> list[str]:
+        return sorted({*self.parsers, *MAGIC_ONLY})
+
     @line_cell_magic
     def nsml(self, line: str, cell: str | None = None) -> Any:
         """Run an NSML command: ``%nsml VERB [ARGS]`` (``%nsml help`` lists the verbs)."""
         words = line.strip().split(None, 1)
         if not words:
-            raise UsageError(f"usage: %nsml VERB [ARGS]; verbs: {', '.join(sorted(VERBS))}")
+            raise UsageError(f"usage: %nsml VERB [ARGS]; verbs: {', '.join(self.verbs())}")
         verb, rest = words[0], words[1] if len(words) > 1 else ""
         if verb in ("help", "-h", "--help"):
             print(self.help())
             return None
-        fn = VERBS.get(verb)
-        if fn is None:
-            raise UsageError(f"%nsml {verb}: unknown verb; choose from {', '.join(sorted(VERBS))}")
+        if verb not in self.parsers and verb not in MAGIC_ONLY:
+            raise UsageError(f"%nsml {verb}: unknown verb; choose from {', '.join(self.verbs())}")
         if cell is not None and verb != "run":
             raise UsageError(f"%%nsml {verb}: only '%%nsml run' takes a cell (the script)")
         argline, extra = split_dashdash(rest)
         try:
-            return fn(self, argline, extra, cell)
+            if verb in MAGIC_ONLY:
+                return MAGIC_ONLY[verb](self, argline, extra, cell)
+            return self.dispatch(verb, argline, extra, cell)
         except NSMLError as e:
             raise UsageError(f"%nsml {verb}: {e.message}") from None
+        except SystemExit:  # -h printed the verb's help
+            return None
         except KeyboardInterrupt:
             return None
 
-    @staticmethod
-    def help() -> str:
+    def parse(self, verb: str, argline: str, cell: str | None) -> argparse.Namespace:
+        parser = self.parsers[verb]
+        argv = arg_split(argline)
+        if cell is not None and verb == "run":
+            # %%nsml run [OPTIONS] [SCRIPT]: the cell is the script; name it if not named.
+            try:
+                return parser.parse_args(argv)
+            except UsageError as e:
+                if "required" not in str(e):
+                    raise
+                return parser.parse_args([*argv, CELL_SCRIPT])
+        return parser.parse_args(argv)
+
+    def dispatch(self, verb: str, argline: str, extra: list[str], cell: str | None) -> Any:
+        ns = self.parse(verb, argline, cell)
+        ns.rest = extra
+        special = FOLLOWED.get(verb)
+        if special is not None:
+            return special(self, ns, cell)
+        rc = ns.fn(self.client, ns)
+        if rc:
+            raise UsageError(f"%nsml {verb} failed (exit status {rc}); see the message above")
+        return None
+
+    def follow(self, session: dict[str, Any]) -> None:
+        """Print the session's name and show its live status line (it never blocks)."""
+        from nsml import sessions
+
+        from .status import StatusLine
+
+        name = str(session["name"])
+        print(name)
+        line = StatusLine(lambda: sessions.status(self.client, name))
+        line.widget.value = line.render(session)
+        display(line.widget)
+        line.start()
+        self.lines[name] = line
+
+    @property
+    def lines(self) -> dict[str, Any]:
+        if not hasattr(self, "_lines"):
+            self._lines: dict[str, Any] = {}
+        return self._lines
+
+    def help(self) -> str:
         lines = ["%nsml VERB [ARGS]   (%%nsml run ... takes the cell as the script)", ""]
-        for name, fn in sorted(VERBS.items()):
-            lines.append(f"  {name:<8} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        for name in self.verbs():
+            if name in MAGIC_ONLY:
+                doc = (MAGIC_ONLY[name].__doc__ or "").strip().splitlines()[0]
+            else:
+                doc = (self.parsers[name].description or "").split(". ")[0]
+            lines.append(f"  {name:<8} {doc}")
+        lines.append("")
+        lines.append("%nsml VERB -h shows a verb's options.")
         return "\n".join(lines)
 
 
-# ---- verbs -----------------------------------------------------------------------------
+CELL_SCRIPT = "nsml_cell.py"
+
+
+def _run(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
+    from nsml import sessions
+
+    st = sessions.run(
+        m.client,
+        ns.script,
+        ns.rest,
+        folder=ns.folder,
+        cell=cell,
+        gpus=ns.gpus,
+        gpu_models=ns.gpu_model or [],
+        datasets=ns.dataset or [],
+        cpu=ns.cpu,
+        memory=ns.memory,
+        image=ns.image,
+        memo=ns.memo or "",
+        public=ns.public,
+    )
+    m.follow(st)
+
+
+def _fork(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
+    from nsml import sessions
+
+    args = [] if ns.no_args else (ns.rest or None)
+    st = sessions.fork(
+        m.client,
+        ns.session,
+        args,
+        gpus=ns.gpus,
+        cpu=ns.cpu,
+        memory=ns.memory,
+        image=ns.image,
+        memo=ns.memo,
+    )
+    m.follow(st)
+
+
+def _resume(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
+    from nsml import sessions
+
+    m.follow(sessions.resume(m.client, ns.session))
+
+
+def _status(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
+    from nsml import sessions
+
+    from .status import render_status
+
+    if ns.json:
+        ns.fn(m.client, ns)
+        return
+    st = sessions.status(m.client, ns.session)
+    display(HTML(render_status(st)))
+    ns.fn(m.client, ns)
+
+
+FOLLOWED: dict[str, Callable[[NSMLMagics, argparse.Namespace, str | None], Any]] = {
+    "run": _run,
+    "fork": _fork,
+    "resume": _resume,
+    "status": _status,
+}
 
 
 def _gpustat(self: NSMLMagics, line: str, extra: list[str], cell: str | None) -> None:
@@ -240,6 +306,6 @@ def _gpustat(self: NSMLMagics, line: str, extra: list[str], cell: str | None) ->
     display(_table(rows, cols))
 
 
-VERBS: dict[str, Verb] = {
+MAGIC_ONLY: dict[str, Verb] = {
     "gpustat": _gpustat,
 }

@@ -47,16 +47,15 @@ def render_status(s: Mapping[str, Any]) -> str:
         f"<b>{html.escape(str(s.get('name', '?')))}</b>",
         f"<span style='color:{color};font-weight:bold'>{html.escape(state)}</span>",
     ]
-    if s.get("position") and state == "queued":
-        parts.append(f"#{int(s['position'])} in queue")
-    last = s.get("last_metrics") or {}
-    step = last.get("step") if isinstance(last, Mapping) else None
-    values = dict(last.get("values") or {}) if isinstance(last, Mapping) else {}
+    queue = s.get("queue") or {}
+    if state == "queued" and queue.get("position"):
+        parts.append(f"#{int(queue['position'])} in queue")
+    values = dict(s.get("last_metrics") or {})
     epoch = values.pop("epoch", None)
     if epoch is not None:
         parts.append(f"epoch {_fmt(epoch)}")
-    if step is not None:
-        parts.append(f"step {_fmt(step)}")
+    if s.get("last_step") is not None:
+        parts.append(f"step {_fmt(s['last_step'])}")
     if values:
         shown = list(values.items())[:4]
         parts.append(", ".join(f"{html.escape(str(k))} {_fmt(v)}" for k, v in shown))
@@ -68,8 +67,9 @@ def render_status(s: Mapping[str, Any]) -> str:
         parts.append(f"GPU use {int(s['gpu_util_pct'])}%")
     if state in FINAL_STATES and s.get("exit_code") is not None:
         parts.append(f"exit {s['exit_code']}")
-    if s.get("reason") and state not in ("running", "completed"):
-        parts.append(f"<i>{html.escape(str(s['reason']))[:200]}</i>")
+    why = s.get("message") or queue.get("reason")
+    if why and state not in ("running", "completed"):
+        parts.append(f"<i>{html.escape(str(why))[:200]}</i>")
     return "<span style='font-family:monospace'>" + " · ".join(parts) + "</span>"
 
 

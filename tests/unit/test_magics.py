@@ -76,7 +76,8 @@ def test_the_status_line_shows_state_progress_metrics_and_gpus() -> None:
             "state": "running",
             "node": "gpu-1",
             "gpu_ids": ["0", "1"],
-            "last_metrics": {"step": 120, "values": {"epoch": 2, "loss": 0.123456}},
+            "last_step": 120,
+            "last_metrics": {"epoch": 2, "loss": 0.123456},
         }
     )
     for text in ("alice/mnist/3", "running", "epoch 2", "step 120", "loss 0.1235", "GPU 0,1"):
@@ -85,16 +86,16 @@ def test_the_status_line_shows_state_progress_metrics_and_gpus() -> None:
 
 def test_the_status_line_shows_why_a_session_failed() -> None:
     html = render_status(
-        {"name": "a/b/1", "state": "oom_killed", "exit_code": 137, "reason": "<over 64M>"}
+        {"name": "a/b/1", "state": "oom_killed", "exit_code": 137, "message": "<over 64M>"}
     )
     assert "exit 137" in html and "&lt;over 64M&gt;" in html
 
 
 def test_the_status_line_follows_until_the_session_ends_and_survives_errors() -> None:
     answers: list[Any] = [
-        {"name": "a/b/1", "state": "queued", "position": 2},
+        {"name": "a/b/1", "state": "queued", "queue": {"position": 2, "reason": "busy"}},
         RuntimeError("server restarting"),
-        {"name": "a/b/1", "state": "running", "last_metrics": {"step": 5, "values": {}}},
+        {"name": "a/b/1", "state": "running", "last_step": 5, "last_metrics": {}},
         {"name": "a/b/1", "state": "completed", "exit_code": 0},
         {"name": "a/b/1", "state": "never read"},
     ]
@@ -124,3 +125,24 @@ def test_the_status_line_follows_until_the_session_ends_and_survives_errors() ->
     assert seen == ["queued", "running", "completed"]
     assert "completed" in line.widget.value and "exit 0" in line.widget.value
     assert len(answers) == 1  # it stopped polling at the final state
+
+
+def test_cli_verbs_are_magic_verbs_with_the_clis_arguments(ip: InteractiveShell) -> None:
+    with pytest.raises(UsageError, match=r"invalid choice: 'bogus' \(choose from"):
+        ip.run_line_magic("nsml", "nodes --state bogus")
+
+
+def test_a_verbs_help_prints_and_returns(
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ip.run_line_magic("nsml", "nodes -h") is None
+    assert "%nsml nodes" in capsys.readouterr().out
+
+
+def test_without_a_server_configured_the_error_says_what_to_set(
+    ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("NSML_API_URL", "NSML_TOKEN", "JUPYTERHUB_API_TOKEN", "JUPYTERHUB_API_URL"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(UsageError, match="NSML_API_URL"):
+        ip.run_line_magic("nsml", "whoami")
