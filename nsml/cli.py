@@ -8,8 +8,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .cli_session import add_session_verbs
 from .client import Client, NSMLError
 from .config import ConfigError, resolve
+from .snapshot import SnapshotError
 
 
 def _print_json(obj: Any) -> None:
@@ -92,18 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--drain", metavar="NODE", help="stop placing new work on NODE (admin)")
     g.add_argument("--undrain", metavar="NODE", help="let NODE receive work again (admin)")
+    add_session_verbs(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``nsml``."""
+    """Entry point of ``nsml``. Arguments after ``--`` are the script's (run, fork, exec)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, rest = argv[:at], argv[at + 1 :]
     args = build_parser().parse_args(argv)
+    args.rest = rest
     try:
         config = resolve(require_token=not getattr(args, "anonymous", False))
         return int(args.fn(Client(config), args))
-    except (NSMLError, ConfigError) as e:
+    except (NSMLError, ConfigError, SnapshotError, ValueError) as e:
         print(f"nsml: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,14 +31,40 @@ class Client:
         self._http.headers["User-Agent"] = "nsml-client"
 
     def request(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        """Call the API with a JSON body (or none); return the decoded JSON answer.
+
+        Raises:
+            NSMLError: the API answered an error (its message and reason), or is unreachable.
+        """
+        r = self.raw(method, path, json=body, params=params)
+        if r.status_code == 204 or not r.content:
+            return None
+        try:
+            return r.json()
+        except ValueError:
+            return None
+
+    def raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        stream: bool = False,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> requests.Response:
+        """Call the API and return the response itself (binary bodies, streams); errors are
+        raised as :class:`NSMLError` like :meth:`request`."""
         url = self.config.url(path)
         try:
             r = self._http.request(
                 method,
                 url,
-                json=body,
-                params={k: v for k, v in params.items() if v is not None},
-                timeout=self.timeout,
+                params={k: v for k, v in (params or {}).items() if v is not None},
+                timeout=timeout or self.timeout,
+                stream=stream,
+                **kwargs,
             )
         except requests.RequestException as e:
             raise NSMLError(
@@ -46,17 +72,17 @@ class Client:
                 "Is the hub running? Check NSML_API_URL.",
                 reason="unreachable",
             ) from e
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
         if r.status_code >= 400:
+            try:
+                data = r.json()
+            except ValueError:
+                data = None
             if isinstance(data, dict) and "message" in data:
                 raise NSMLError(str(data["message"]), r.status_code, str(data.get("reason")))
             raise NSMLError(
                 f"{method} {url} answered {r.status_code} {r.reason}", r.status_code, "http_error"
             )
-        return data
+        return r
 
     def health(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "health")

@@ -285,6 +285,115 @@ class NSMLServer(DBSettings):
         100.0, help="Credits a user starts with when first seen (GPU-minutes at price 1)."
     ).tag(config=True)
 
+    # ---- training sessions ----------------------------------------------------------------
+
+    session_image = Unicode(
+        help="""Image of sessions that name none. Default: $NSML_SESSION_IMAGE, else
+        $NSML_NOTEBOOK_IMAGE, else jupyter-nsml/singleuser:latest (the notebook image has
+        Python and the nsml SDK). Images are never pulled: it must be on every node.""",
+    ).tag(config=True)
+
+    @default("session_image")
+    def _default_session_image(self) -> str:
+        return (
+            os.environ.get("NSML_SESSION_IMAGE")
+            or os.environ.get("NSML_NOTEBOOK_IMAGE")
+            or "jupyter-nsml/singleuser:latest"
+        )
+
+    session_api_url = Unicode(
+        help="""The NSML API as a session container reaches it (containers use the host's
+        network). Default: $NSML_SESSION_API_URL, else http://127.0.0.1:PORT/BASE_URL/api/
+        (this server's own address; set it to a routable address when nodes are remote).""",
+    ).tag(config=True)
+
+    @default("session_api_url")
+    def _default_session_api_url(self) -> str:
+        if os.environ.get("NSML_SESSION_API_URL"):
+            return os.environ["NSML_SESSION_API_URL"]
+        host = self.ip if self.ip not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{host}:{self.port}{self.base_url}api/"
+
+    session_stop_grace = Float(
+        10.0,
+        help="""Seconds a stopped session gets between SIGTERM and SIGKILL (the SDK saves a
+        checkpoint with the bound save function in that time). Docker rounds up to whole
+        seconds.""",
+    ).tag(config=True)
+
+    session_container_prefix = Unicode(
+        help="""Session containers are named PREFIX-ID-ATTEMPT. Default:
+        $NSML_CONTAINER_PREFIX-session, else nsml-session.""",
+    ).tag(config=True)
+
+    @default("session_container_prefix")
+    def _default_session_container_prefix(self) -> str:
+        return os.environ.get("NSML_CONTAINER_PREFIX", "nsml") + "-session"
+
+    session_keep_containers = Bool(
+        False, help="Leave ended session containers on the engine (for debugging)."
+    ).tag(config=True)
+
+    session_code_max_bytes = Integer(
+        100 * 1024 * 1024,
+        help="""Largest code snapshot, in bytes (uncompressed, and the upload itself). The
+        client refuses larger folders before uploading; list big files in .nsmlignore.""",
+    ).tag(config=True)
+
+    session_code_max_files = Integer(10_000, help="Most files in one code snapshot.").tag(
+        config=True
+    )
+
+    checkpoint_max_bytes = Integer(
+        20 * 1024**3, help="Largest checkpoint (a tar archive), in bytes."
+    ).tag(config=True)
+
+    @validate("session_stop_grace")
+    def _grace_nonnegative(self, proposal: Any) -> float:
+        v = float(proposal["value"])
+        if v < 0:
+            raise ValueError(f"session_stop_grace must be >= 0 seconds, not {v}")
+        return v
+
+    @validate("session_code_max_bytes", "session_code_max_files", "checkpoint_max_bytes")
+    def _limit_positive(self, proposal: Any) -> int:
+        v = int(proposal["value"])
+        if v <= 0:
+            raise ValueError(f"{proposal['trait'].name} must be > 0, not {v}")
+        return v
+
+    smtp_host = Unicode(
+        "",
+        help="""SMTP server for failure mail ('' disables mail; failures are always in the
+        event feed, GET api/events). Default: $NSML_SMTP_HOST.""",
+    ).tag(config=True)
+
+    @default("smtp_host")
+    def _default_smtp_host(self) -> str:
+        return os.environ.get("NSML_SMTP_HOST", "")
+
+    smtp_port = Integer(25, help="SMTP port (25; 587 with starttls; 465 with tls).").tag(
+        config=True
+    )
+    smtp_security = Unicode("none", help="SMTP transport security: none, starttls or tls.").tag(
+        config=True
+    )
+
+    @validate("smtp_security")
+    def _smtp_security(self, proposal: Any) -> str:
+        v = str(proposal["value"])
+        if v not in ("none", "starttls", "tls"):
+            raise ValueError(f"smtp_security must be none, starttls or tls, not {v!r}")
+        return v
+
+    smtp_from = Unicode("nsml@localhost", help="From address of failure mail.").tag(config=True)
+    smtp_to = Unicode(
+        "{user}",
+        help="Address of a user; {user} is replaced by the user name, e.g. '{user}@lab.org'.",
+    ).tag(config=True)
+    smtp_username = Unicode("", help="SMTP login name ('' for none).").tag(config=True)
+    smtp_password = Unicode("", help="SMTP password.").tag(config=True)
+
     def initialize(self, argv: list[str] | None = None) -> None:
         super().initialize(argv)
         if self.subapp is not None:
@@ -378,8 +487,9 @@ class NSMLServer(DBSettings):
             (api + r"nodes/([^/]+)/heartbeat", HeartbeatHandler, k),
             (api + "placements", PlacementsHandler, k),
             (api + r"placements/(\d+)", PlacementHandler, k),
-            (api + ".*", NotFoundHandler, k),
         ]
+        handlers += self.session_handlers(api)
+        handlers.append((api + ".*", NotFoundHandler, k))
         return web.Application(
             handlers, default_handler_class=NotFoundHandler, default_handler_args=k
         )
@@ -420,10 +530,64 @@ class NSMLServer(DBSettings):
         with self.db.session() as s:
             nodes.mark_silent_nodes_down(s, utcnow(), timedelta(seconds=self.node_timeout))
 
+    def init_sessions(self) -> None:
+        from .artifacts import ArtifactStore
+        from .notify import Notifier, SMTPSettings
+        from .session_runner import BackendPool, RunnerSettings, SessionRunner, server_label_for
+
+        state = Path(self.state_dir)
+        self.artifacts = ArtifactStore(state / "artifacts")
+        self.notifier = Notifier(
+            SMTPSettings(
+                host=self.smtp_host,
+                port=self.smtp_port,
+                sender=self.smtp_from,
+                to_template=self.smtp_to,
+                security=self.smtp_security,
+                username=self.smtp_username,
+                password=self.smtp_password,
+                base_url=os.environ.get("JUPYTERHUB_PUBLIC_HUB_URL", ""),
+            )
+        )
+        self.runner = SessionRunner(
+            self.db,
+            self.scheduler,
+            lambda: self.lease.is_leader,
+            BackendPool(self.db, self.node_name if self.local_node else None, self.backend),
+            self.artifacts,
+            state / "sessions",
+            RunnerSettings(
+                api_url=self.session_api_url,
+                stop_grace_s=self.session_stop_grace,
+                container_prefix=self.session_container_prefix,
+                server_label=server_label_for(self.db_url),
+                keep_containers=self.session_keep_containers,
+            ),
+            utcnow,
+            self.notifier,
+        )
+        self.log.info(
+            "sessions: image %s, API for containers %s", self.session_image, self.session_api_url
+        )
+
+    def session_handlers(self, api: str) -> list[Any]:
+        from .api.sessions import SessionService, session_handlers
+
+        service = SessionService(
+            runner=self.runner,
+            store=self.artifacts,
+            default_image=self.session_image,
+            code_max_bytes=self.session_code_max_bytes,
+            code_max_files=self.session_code_max_files,
+            checkpoint_max_bytes=self.checkpoint_max_bytes,
+        )
+        return session_handlers(api, self.ctx, service)
+
     async def serve(self) -> None:
         self.init_db()
         await self.init_backend()
         self.init_scheduler()
+        self.init_sessions()
         app = self.make_app()
         self.http = HTTPServer(app, xheaders=True)
         self.http.listen(self.port, self.ip)
@@ -454,6 +618,7 @@ class NSMLServer(DBSettings):
         )
         stop = asyncio.Event()
         scheduler_task = asyncio.create_task(self.scheduler.run(stop))
+        runner_task = asyncio.create_task(self.runner.run(stop))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -461,6 +626,8 @@ class NSMLServer(DBSettings):
         self.log.info("shutting down")
         self.http.stop()
         self.scheduler.wake()
+        self.runner.wake()
+        await runner_task  # session containers keep running; the next leader follows them
         await scheduler_task  # resigns the lease so that a standby takes over at once
         self.ctx.submit_queue.close()
         for t in tasks:
@@ -468,6 +635,7 @@ class NSMLServer(DBSettings):
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.local_node:
             self.probe.close()
+        await self.runner.backends.close()
         self.db.dispose()
 
     def start(self) -> None:

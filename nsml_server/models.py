@@ -189,3 +189,130 @@ class Lease(Base):
     epoch: Mapped[int] = mapped_column(Integer, default=0)
     expires_at: Mapped[datetime] = mapped_column(DateTime)
     renewed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+# ---- training sessions ------------------------------------------------------------------------
+
+SESSION_STATES = (
+    "queued",
+    "preparing",
+    "running",
+    "completed",
+    "failed",
+    "oom_killed",
+    "stopped",
+    "lost",
+)
+SESSION_ACTIVE_STATES = ("queued", "preparing", "running")
+SESSION_FINAL_STATES = ("completed", "failed", "oom_killed", "stopped", "lost")
+SESSION_VISIBILITIES = ("private", "public")
+
+
+class TrainingSession(Base):
+    """A background training session ``user/dataset/N`` and its life.
+
+    ``state`` moves ``queued -> preparing -> running -> completed | failed | oom_killed |
+    stopped | lost`` and only the session runner of the leading server moves it (with
+    conditional updates). ``token_hash`` is the SHA-256 of the session-scoped token given to
+    the container; it is cleared when the session ends.
+    """
+
+    __tablename__ = "sessions"
+    __table_args__ = (
+        UniqueConstraint("user_name", "dataset_key", "number", name="uq_sessions_user_dataset_n"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(512), unique=True)
+    user_name: Mapped[str] = mapped_column(String(255), index=True)
+    dataset_key: Mapped[str] = mapped_column(String(64))
+    number: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    visibility: Mapped[str] = mapped_column(String(16), default="private")
+    code_digest: Mapped[str] = mapped_column(String(64))
+    entry: Mapped[str] = mapped_column(String(1024))
+    args: Mapped[list[Any]] = mapped_column(default=list)
+    image: Mapped[str] = mapped_column(String(512))
+    datasets: Mapped[list[Any]] = mapped_column(default=list)
+    resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    placement_id: Mapped[int | None] = mapped_column(Integer)
+    node: Mapped[str | None] = mapped_column(String(255))
+    gpu_ids: Mapped[list[Any]] = mapped_column(default=list)
+    handle: Mapped[str | None] = mapped_column(String(255))
+    # Bytes of the stored log written before the current container's output began.
+    log_base: Mapped[int] = mapped_column(BigInteger, default=0)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)
+    stop_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("sessions.id", ondelete="SET NULL"), index=True
+    )
+    parent_name: Mapped[str | None] = mapped_column(String(512))
+    parent_checkpoint: Mapped[str | None] = mapped_column(String(255))
+    load_from: Mapped[str | None] = mapped_column(String(800))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    memo: Mapped[str] = mapped_column(Text, default="")
+    token_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    last_step: Mapped[int | None] = mapped_column(BigInteger)
+    last_metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    points: Mapped[int] = mapped_column(BigInteger, default=0)
+    created: Mapped[datetime] = mapped_column(DateTime)
+    started: Mapped[datetime | None] = mapped_column(DateTime)
+    finished: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class SessionEvent(Base):
+    """One entry of the event feed: a session changed state, failed, or has news."""
+
+    __tablename__ = "session_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    session_name: Mapped[str] = mapped_column(String(512))
+    user_name: Mapped[str] = mapped_column(String(255), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str | None] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text, default="")
+    created: Mapped[datetime] = mapped_column(DateTime)
+
+
+class SessionMetricChunk(Base):
+    """A batch of ``nsml.report`` points of one session, stored as received (compact JSON).
+
+    ``payload`` is ``[[step, wall_time, {"name": value, ...}], ...]`` in report order; a
+    batch is one row, so ingestion costs one insert per batch, not per point.
+    """
+
+    __tablename__ = "session_metric_chunks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    first_step: Mapped[int] = mapped_column(BigInteger)
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    count: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[str] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(DateTime)
+
+
+class SessionCheckpoint(Base):
+    """A checkpoint saved by ``nsml.save(name)``: a tar archive in the artifact store."""
+
+    __tablename__ = "session_checkpoints"
+    __table_args__ = (
+        UniqueConstraint("session_id", "name", name="uq_session_checkpoints_session_id_name"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    step: Mapped[int | None] = mapped_column(BigInteger)
+    created: Mapped[datetime] = mapped_column(DateTime)

@@ -181,3 +181,218 @@ class PlacementOut(BaseModel):
 
 class PlacementList(BaseModel):
     placements: list[PlacementOut]
+
+
+# ---- training sessions ------------------------------------------------------------------------
+
+SessionState = Literal[
+    "queued", "preparing", "running", "completed", "failed", "oom_killed", "stopped", "lost"
+]
+CHECKPOINT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"
+
+
+class CodeOut(BaseModel):
+    """A stored code snapshot."""
+
+    digest: str = Field(description="SHA-256 of the snapshot's manifest")
+    files: int
+    bytes: int
+
+
+class SessionIn(Strict):
+    """Start a training session: stored code, an entry point, arguments and resources."""
+
+    code: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="digest of a code snapshot (POST api/code)"
+    )
+    entry: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="the file in the snapshot to run, e.g. 'train.py' (run with python) or "
+        "'run.sh' (run with bash)",
+    )
+    args: list[str] = Field(default_factory=list, max_length=1000, description="its arguments")
+    gpus: float = Field(
+        default=0, ge=0, le=256, description="0, a fraction below 1, or a whole number"
+    )
+    gpu_models: list[str] = Field(default_factory=list, description="acceptable GPU models")
+    cpu: float = Field(default=1.0, gt=0, le=4096, description="CPU cores")
+    memory: str | int = Field(
+        default="1G", description="memory limit: '8G', '512M' (binary units) or MiB"
+    )
+    datasets: list[str] = Field(
+        default_factory=list, max_length=16, description="'name' or 'name@version'"
+    )
+    image: str | None = Field(
+        default=None, max_length=512, description="container image; default: the server's"
+    )
+    memo: str = Field(default="", max_length=10_000)
+    visibility: Literal["private", "public"] = Field(
+        default="private", description="public sessions can be read and forked by every user"
+    )
+
+
+class ForkIn(Strict):
+    """Start a new session from another one (and one of its checkpoints), with edits."""
+
+    checkpoint: str | None = Field(
+        default=None,
+        pattern=CHECKPOINT_PATTERN,
+        description="the parent's checkpoint the child loads (nsml.bind's load runs on it)",
+    )
+    args: list[str] | None = Field(
+        default=None, max_length=1000, description="replace the arguments (None: keep them)"
+    )
+    gpus: float | None = Field(default=None, ge=0, le=256)
+    gpu_models: list[str] | None = None
+    cpu: float | None = Field(default=None, gt=0, le=4096)
+    memory: str | int | None = None
+    image: str | None = Field(default=None, max_length=512)
+    memo: str | None = Field(default=None, max_length=10_000)
+
+
+class SessionPatch(Strict):
+    """Change a session's memo or visibility."""
+
+    memo: str | None = Field(default=None, max_length=10_000)
+    visibility: Literal["private", "public"] | None = None
+
+
+class SessionResources(BaseModel):
+    gpus: float
+    gpu_models: list[str]
+    cpu: float
+    memory_mib: int
+
+
+class QueueOut(BaseModel):
+    position: int | None = Field(description="1 = next in line")
+    code: str | None
+    reason: str | None = Field(description="why it waits, for a person")
+
+
+class SessionOut(BaseModel):
+    name: str = Field(description="user/dataset/N (dataset '_' when none was mounted)")
+    id: int
+    user: str
+    state: SessionState
+    visibility: Literal["private", "public"]
+    entry: str
+    args: list[str]
+    image: str
+    datasets: list[str]
+    code: str = Field(description="digest of the code snapshot")
+    resources: SessionResources
+    node: str | None
+    gpu_ids: list[str]
+    exit_code: int | None
+    reason: str | None = Field(
+        description="why it ended: completed | exit_code | oom_killed | stopped | lost | "
+        "start_failed | infeasible"
+    )
+    message: str | None = Field(description="the same, for a person")
+    queue: QueueOut | None = Field(description="queue position and reason while queued")
+    stop_requested: bool
+    parent: str | None = Field(description="the session this one was forked from")
+    parent_checkpoint: str | None
+    load_from: str | None = Field(description="SESSION/CHECKPOINT loaded at start, if any")
+    attempt: int = Field(description="1, plus one per resume")
+    memo: str
+    last_step: int | None
+    last_metrics: dict[str, float | None]
+    points: int = Field(description="report points received")
+    created: str
+    started: str | None
+    finished: str | None
+    duration_s: float | None
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionOut]
+
+
+class LogChunk(BaseModel):
+    offset: int = Field(description="byte offset of text in the stored log")
+    next_offset: int = Field(description="ask for this offset to continue")
+    size: int = Field(description="bytes stored so far")
+    text: str
+    complete: bool = Field(description="the session ended and its whole log is stored")
+
+
+class EventOut(BaseModel):
+    id: int
+    session: str
+    user: str
+    kind: Literal["state", "failure", "notice"]
+    state: SessionState | None
+    message: str
+    created: str
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+    last_id: int = Field(description="pass as ?since= to get only newer events")
+
+
+class MetricsIn(BaseModel):
+    """``nsml.report`` points: ``[[step, wall_time, {"name": value, ...}], ...]``."""
+
+    points: list[list[object]]
+
+
+class MetricsAccepted(BaseModel):
+    accepted: int
+
+
+class MetricSeries(BaseModel):
+    steps: list[int]
+    values: list[float | None]
+    walls: list[float]
+
+
+class MetricsOut(BaseModel):
+    session: str
+    last_step: int | None
+    last_metrics: dict[str, float | None]
+    points: int
+    series: dict[str, MetricSeries]
+
+
+class CheckpointOut(BaseModel):
+    session: str
+    name: str
+    size: int
+    sha256: str
+    step: int | None
+    created: str
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointOut]
+
+
+class ExecIn(Strict):
+    command: list[str] = Field(min_length=1, max_length=1000)
+    timeout_s: float = Field(default=60, gt=0, le=600)
+
+
+class ExecOut(BaseModel):
+    exit_code: int
+    output: str
+
+
+class FileChangeOut(BaseModel):
+    path: str
+    change: Literal["added", "removed", "changed"]
+    diff: str | None = Field(description="unified diff for text files, else None")
+
+
+class DiffOut(BaseModel):
+    a: str
+    b: str
+    args: dict[str, list[str]] = Field(description="'a' and 'b': each session's arguments")
+    args_diff: str = Field(description="unified diff of the arguments, one per line")
+    fields: dict[str, dict[str, object]] = Field(
+        description="other settings that differ: name -> {'a': ..., 'b': ...}"
+    )
+    code: list[FileChangeOut]

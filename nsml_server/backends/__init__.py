@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .base import (
     BackendError,
+    ExecResult,
     ExecutionBackend,
     GPURuntimeMissing,
     ImageNotFound,
@@ -30,6 +31,7 @@ __all__ = [
     "ISOLATION_WARNING",
     "BackendError",
     "DockerBackend",
+    "ExecResult",
     "ExecutionBackend",
     "GPURuntimeMissing",
     "ImageNotFound",

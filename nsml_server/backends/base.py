@@ -19,10 +19,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "BackendError",
+    "ExecResult",
     "ExecutionBackend",
     "GPURuntimeMissing",
     "ImageNotFound",
@@ -180,6 +182,15 @@ class RunStatus:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """What a command run inside a run answered: its exit code and output (capped)."""
+
+    exit_code: int
+    output: str
+    truncated: bool = False
+
+
 def gpu_env(gpu_ids: Sequence[str], *, container_local: bool) -> dict[str, str]:
     """The GPU environment variables of a run.
 
@@ -255,6 +266,45 @@ class ExecutionBackend(abc.ABC):
     async def close(self) -> None:
         """Release connections and threads; runs keep running."""
         return None
+
+    async def copy_logs(self, handle: str, dest: Path, skip: int = 0, poll_s: float = 0.5) -> int:
+        """Append the run's output to *dest* as it comes, after its first *skip* bytes, until
+        the run ends; return the bytes appended.
+
+        *skip* lets a caller that already stored part of the output (before a restart) go on
+        where it stopped. This default polls :meth:`logs`; backends override it with something
+        cheaper (a stream, a file). It returns early only when the run is missing.
+
+        Raises:
+            RunNotFound: for an unknown handle.
+        """
+        written = 0
+        while True:
+            st = await self.status(handle)
+            data = (await self.logs(handle)).encode()
+            new = data[skip + written :]
+            if new:
+                with dest.open("ab") as f:
+                    f.write(new)
+                written += len(new)
+            if st.state in (RunState.EXITED, RunState.MISSING):
+                return written
+            await asyncio.sleep(poll_s)
+
+    async def exec(
+        self, handle: str, command: Sequence[str], timeout_s: float = 60.0
+    ) -> ExecResult:
+        """Run *command* inside the running run; return its exit code and output.
+
+        Raises:
+            BackendError: with reason ``unsupported`` when the backend cannot do it, or
+                ``not_running`` when the run is not running.
+        """
+        raise BackendError(
+            f"running a command inside a run needs a Docker engine; the {self.kind} backend "
+            "cannot do it",
+            reason="unsupported",
+        )
 
     async def wait(self, handle: str, timeout_s: float, poll_s: float = 0.1) -> RunStatus:
         """Poll until the run is exited or missing, or *timeout_s* passes; return its status."""

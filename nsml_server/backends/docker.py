@@ -22,10 +22,11 @@ import math
 import os
 import random
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
@@ -36,6 +37,7 @@ from docker.types import Mount as DockerMount
 
 from .base import (
     BackendError,
+    ExecResult,
     ExecutionBackend,
     GPURuntimeMissing,
     ImageNotFound,
@@ -55,6 +57,8 @@ T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
 _TRANSIENT_STATUS = {429, 502, 503, 504}
+#: Output of ``exec`` kept (the tail beyond it is dropped).
+EXEC_OUTPUT_MAX = 1 << 20
 _NO_TIME = "0001-01-01T00:00:00Z"
 _STATES = {
     "created": RunState.CREATED,
@@ -213,6 +217,7 @@ class DockerBackend(ExecutionBackend):
         self._sem: asyncio.Semaphore | None = None
         self._sem_loop: asyncio.AbstractEventLoop | None = None
         self._server_version: str | None = None
+        self._stream_api: docker.APIClient | None = None
 
     # -- the one wrapper around docker-py ----------------------------------------------------
 
@@ -500,11 +505,148 @@ class DockerBackend(ExecutionBackend):
             found = await self._call("list", lambda api: api.containers(all=True, filters=filters))
             return [str(c["Id"]) for c in found]
 
+    # -- long calls: log streams and exec, each in a thread of its own ------------------------
+
+    def _long_api(self) -> docker.APIClient:
+        """A client without a read timeout (a quiet run sends nothing for hours) and with a
+        connection pool for many concurrent streams; long calls never take a slot of the
+        bounded pool that short calls use."""
+        with self._client_lock:
+            if self._stream_api is None:
+                if self.base_url is None:
+                    kwargs = docker.utils.kwargs_from_env()
+                else:
+                    kwargs = {"base_url": self.base_url, "tls": self._tls or False}
+                self._stream_api = docker.APIClient(
+                    timeout=None, version="auto", max_pool_size=256, **kwargs
+                )
+            return self._stream_api
+
+    async def _in_own_thread(
+        self, what: str, fn: Callable[[dict[str, Any]], T], cancel: Callable[[Any], None]
+    ) -> T:
+        """Run ``fn(holder)`` in a new daemon thread; on cancellation call
+        ``cancel(holder["stream"])`` (when set) so that the thread's blocking read ends."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        holder: dict[str, Any] = {}
+
+        def deliver(ok: bool, value: Any) -> None:
+            if fut.done():
+                return
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+        def body() -> None:
+            try:
+                result = fn(holder)
+            except BaseException as e:
+                loop.call_soon_threadsafe(deliver, False, e)
+            else:
+                loop.call_soon_threadsafe(deliver, True, result)
+
+        threading.Thread(target=body, name=f"nsml-docker-{what}", daemon=True).start()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            stream = holder.get("stream")
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    cancel(stream)
+            raise
+
+    async def copy_logs(self, handle: str, dest: Path, skip: int = 0, poll_s: float = 0.5) -> int:
+        """Follow the container's output (``docker logs -f``) into *dest*, past *skip* bytes.
+
+        Returns when the output ends: the container exited, or the stream broke (call
+        :meth:`status` to tell which and call again to go on).
+        """
+
+        def pump(holder: dict[str, Any]) -> int:
+            api = self._long_api()
+            try:
+                stream = api.logs(handle, stdout=True, stderr=True, stream=True, follow=True)
+            except docker.errors.NotFound:
+                raise RunNotFound(f"no container {handle!r} on {self.endpoint}") from None
+            holder["stream"] = stream
+            written, to_skip = 0, skip
+            with dest.open("ab") as out:
+                for chunk in stream:
+                    if to_skip:
+                        if len(chunk) <= to_skip:
+                            to_skip -= len(chunk)
+                            continue
+                        chunk, to_skip = chunk[to_skip:], 0
+                    out.write(chunk)
+                    out.flush()
+                    written += len(chunk)
+            return written
+
+        with self._engine_errors("follow a container's logs"):
+            return await self._in_own_thread("logs", pump, lambda s: s.close())
+
+    async def exec(
+        self, handle: str, command: Sequence[str], timeout_s: float = 60.0
+    ) -> ExecResult:
+        """``docker exec`` *command* in the running container; output capped at 1 MiB.
+
+        Raises:
+            BackendError: ``not_running`` when the container does not run, ``timeout`` when
+                the command did not end within *timeout_s* (it is left running).
+        """
+
+        def run(holder: dict[str, Any]) -> ExecResult:
+            api = self._long_api()
+            try:
+                ex = api.exec_create(handle, list(command), stdout=True, stderr=True)
+            except docker.errors.NotFound:
+                raise RunNotFound(f"no container {handle!r} on {self.endpoint}") from None
+            except docker.errors.APIError as e:
+                if e.status_code == 409:
+                    raise BackendError(
+                        "the session's container is not running", reason="not_running"
+                    ) from e
+                raise
+            stream = api.exec_start(ex["Id"], stream=True)
+            holder["stream"] = stream
+            kept = bytearray()
+            truncated = False
+            for chunk in stream:
+                kept += chunk
+                if len(kept) > EXEC_OUTPUT_MAX:
+                    del kept[: len(kept) - EXEC_OUTPUT_MAX]
+                    truncated = True
+            code = api.exec_inspect(ex["Id"]).get("ExitCode")
+            return ExecResult(
+                exit_code=-1 if code is None else int(code),
+                output=bytes(kept).decode("utf-8", "replace"),
+                truncated=truncated,
+            )
+
+        def cancel(stream: Any) -> None:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+
+        with self._engine_errors("run a command in a container"):
+            try:
+                return await asyncio.wait_for(self._in_own_thread("exec", run, cancel), timeout_s)
+            except TimeoutError:
+                raise BackendError(
+                    f"the command did not end within {timeout_s:g}s (it may still run)",
+                    reason="timeout",
+                ) from None
+
     async def close(self) -> None:
         """Close the HTTP connections and the thread pool; containers keep running."""
         client, self._client = self._client, None
         if client is not None:
             client.close()
+        stream_api, self._stream_api = self._stream_api, None
+        if stream_api is not None:
+            stream_api.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

@@ -377,6 +377,32 @@ class LocalProcessBackend(ExecutionBackend):
             raise RunNotFound(f"no local run {handle!r}")
         return await asyncio.to_thread(_tail, self._run_dir(handle) / "output.log", tail)
 
+    async def copy_logs(self, handle: str, dest: Path, skip: int = 0, poll_s: float = 0.2) -> int:
+        """Append the run's output file to *dest* past *skip* bytes, until the run ends."""
+        if self._record(handle) is None:
+            raise RunNotFound(f"no local run {handle!r}")
+        source = self._run_dir(handle) / "output.log"
+        written = 0
+
+        def pump() -> int:
+            try:
+                with source.open("rb") as src:
+                    src.seek(skip + written)
+                    data = src.read()
+            except FileNotFoundError:
+                return 0
+            if data:
+                with dest.open("ab") as out:
+                    out.write(data)
+            return len(data)
+
+        while True:
+            ended = (await self.status(handle)).state in (RunState.EXITED, RunState.MISSING)
+            written += await asyncio.to_thread(pump)
+            if ended:
+                return written
+            await asyncio.sleep(poll_s)
+
     async def stop(self, handle: str, grace_s: float = 10.0) -> None:
         """SIGTERM to the run's process group, wait up to *grace_s*, then SIGKILL."""
         rec = self._record(handle)

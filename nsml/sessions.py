@@ -1,0 +1,498 @@
+"""Session functions shared by the ``nsml`` CLI and the notebook magics.
+
+Every function takes a :class:`~nsml.client.Client`, returns plain data (the API's JSON as
+dicts) and prints nothing: the caller formats. Errors are :class:`~nsml.client.NSMLError`
+(from the API, with its message and reason) or :class:`~nsml.snapshot.SnapshotError` /
+:class:`ValueError` (caught before any call).
+
+Sessions are named ``USER/DATASET/N``; every function also accepts the short form
+``DATASET/N`` for the caller's own sessions. A checkpoint is named after a session:
+``USER/DATASET/N/CHECKPOINT`` (or ``DATASET/N/CHECKPOINT``).
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from .client import Client, NSMLError
+from .snapshot import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, build_archive, collect, safe_extract
+
+__all__ = [
+    "ACTIVE_STATES",
+    "FINAL_STATES",
+    "CodeUpload",
+    "diff",
+    "events",
+    "exec_in",
+    "follow_logs",
+    "fork",
+    "full_name",
+    "getid",
+    "logs",
+    "memo",
+    "metrics",
+    "model",
+    "ps",
+    "pull",
+    "resume",
+    "rm",
+    "run",
+    "split_checkpoint",
+    "status",
+    "stop",
+    "upload_code",
+    "wait",
+]
+
+ACTIVE_STATES = ("queued", "preparing", "running")
+FINAL_STATES = ("completed", "failed", "oom_killed", "stopped", "lost")
+
+
+@dataclass(frozen=True)
+class CodeUpload:
+    """A code snapshot stored by the server.
+
+    Attributes:
+        digest: what ``run`` passes as ``code``.
+        files: how many files it holds.
+        bytes: their total size.
+        skipped: paths left out (links that leave the folder, special files).
+    """
+
+    digest: str
+    files: int
+    bytes: int
+    skipped: tuple[str, ...] = ()
+
+
+# ---- names -----------------------------------------------------------------------------------
+
+
+def _me(client: Client) -> str:
+    cached = getattr(client, "_nsml_user", None)
+    if cached is None:
+        cached = str(client.me()["name"])
+        client._nsml_user = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def full_name(client: Client, ref: str) -> str:
+    """``DATASET/N`` -> ``ME/DATASET/N``; a full name is returned as it is.
+
+    Raises:
+        ValueError: *ref* is neither form.
+    """
+    parts = ref.strip("/").split("/")
+    if len(parts) == 3 and parts[2].isdigit():
+        return "/".join(parts)
+    if len(parts) == 2 and parts[1].isdigit():
+        return f"{_me(client)}/{parts[0]}/{parts[1]}"
+    raise ValueError(
+        f"{ref!r} is not a session name: use USER/DATASET/N or DATASET/N (e.g. alice/mnist/3)"
+    )
+
+
+def split_checkpoint(client: Client, ref: str) -> tuple[str, str | None]:
+    """``SESSION[/CHECKPOINT]`` -> (full session name, checkpoint or None).
+
+    Raises:
+        ValueError: *ref* names no session.
+    """
+    parts = ref.strip("/").split("/")
+    if len(parts) == 4 and parts[2].isdigit():
+        return full_name(client, "/".join(parts[:3])), parts[3]
+    if len(parts) == 3 and parts[1].isdigit() and not parts[2].isdigit():
+        return full_name(client, "/".join(parts[:2])), parts[2]
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        # DATASET/N/CHECKPOINT with a numeric checkpoint, or USER/DATASET/N with a numeric
+        # dataset: a session name wins when such a session exists.
+        try:
+            client.request("GET", _path("/".join(parts)))
+            return "/".join(parts), None
+        except NSMLError as e:
+            if e.status not in (403, 404):
+                raise
+        return full_name(client, "/".join(parts[:2])), parts[2]
+    return full_name(client, ref), None
+
+
+def _path(name: str, suffix: str = "") -> str:
+    return "sessions/" + "/".join(quote(p, safe="") for p in name.split("/")) + suffix
+
+
+# ---- starting ---------------------------------------------------------------------------------
+
+
+def upload_code(
+    client: Client,
+    folder: str | os.PathLike[str] = ".",
+    *,
+    extra: dict[str, bytes] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_files: int = DEFAULT_MAX_FILES,
+) -> CodeUpload:
+    """Snapshot *folder* (honouring ``.nsmlignore`` and the limits) and upload it.
+
+    *extra* adds files that are not on disk (path -> content), replacing same-named ones.
+
+    Raises:
+        SnapshotError: the folder is too large or missing.
+        NSMLError: the server refused it.
+    """
+    snap = collect(folder, extra=extra, max_bytes=max_bytes, max_files=max_files)
+    archive = build_archive(snap)
+    try:
+        with archive.open("rb") as f:
+            r = client.raw(
+                "POST",
+                "code",
+                data=f,
+                headers={"Content-Type": "application/gzip"},
+                timeout=max(60.0, client.timeout),
+            )
+        body = r.json()
+    finally:
+        archive.unlink(missing_ok=True)
+    return CodeUpload(
+        digest=str(body["digest"]),
+        files=int(body["files"]),
+        bytes=int(body["bytes"]),
+        skipped=tuple(snap.skipped),
+    )
+
+
+def run(
+    client: Client,
+    entry: str,
+    args: Sequence[str] = (),
+    *,
+    folder: str | os.PathLike[str] = ".",
+    cell: str | None = None,
+    gpus: float = 0,
+    gpu_models: Sequence[str] = (),
+    datasets: Sequence[str] = (),
+    cpu: float | None = None,
+    memory: str | int | None = None,
+    image: str | None = None,
+    memo: str = "",
+    public: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, Any]:
+    """Start a session: upload *folder* and run *entry* with *args* in the background.
+
+    Args:
+        entry: the script, relative to *folder* (``train.py``; ``.sh`` runs with bash).
+        args: its arguments.
+        folder: the code to snapshot (honouring ``.nsmlignore``).
+        cell: source to run as *entry* instead of the file on disk (a ``%%nsml run`` cell);
+            the rest of *folder* is still uploaded.
+        gpus: 0, a fraction below 1, or a whole number.
+        datasets: ``name`` or ``name@version``; the first names the session.
+        cpu: CPU cores (default: the server's, 1).
+        memory: limit, e.g. ``"8G"`` (default: the server's, 1G).
+        image: container image (default: the server's).
+        memo: a note kept with the session.
+        public: let every user read and fork it.
+
+    Returns:
+        The new session (``name``, ``state`` ``queued``, ...).
+    """
+    extra = {entry: cell.encode()} if cell is not None else None
+    if cell is None and not (Path(folder) / entry).is_file():
+        raise ValueError(f"{entry} is not a file in {Path(folder).resolve()}")
+    code = upload_code(client, folder, extra=extra, max_bytes=max_bytes)
+    body: dict[str, Any] = {
+        "code": code.digest,
+        "entry": entry,
+        "args": list(args),
+        "gpus": gpus,
+        "gpu_models": list(gpu_models),
+        "datasets": list(datasets),
+        "memo": memo,
+        "visibility": "public" if public else "private",
+    }
+    if cpu is not None:
+        body["cpu"] = cpu
+    if memory is not None:
+        body["memory"] = memory
+    if image:
+        body["image"] = image
+    result: dict[str, Any] = client.request("POST", "sessions", body)
+    return result
+
+
+def fork(
+    client: Client,
+    ref: str,
+    args: Sequence[str] | None = None,
+    *,
+    gpus: float | None = None,
+    cpu: float | None = None,
+    memory: str | int | None = None,
+    image: str | None = None,
+    memo: str | None = None,
+) -> dict[str, Any]:
+    """Start a new session from ``SESSION[/CHECKPOINT]`` with the same code.
+
+    The child runs the parent's entry point with *args* (None: the parent's) and, with a
+    checkpoint, its ``nsml.bind(load=...)`` loads that checkpoint. Lineage (parent and
+    checkpoint) is kept.
+    """
+    name, checkpoint = split_checkpoint(client, ref)
+    body: dict[str, Any] = {"checkpoint": checkpoint}
+    for key, value in (
+        ("args", None if args is None else list(args)),
+        ("gpus", gpus),
+        ("cpu", cpu),
+        ("memory", memory),
+        ("image", image),
+        ("memo", memo),
+    ):
+        if value is not None:
+            body[key] = value
+    result: dict[str, Any] = client.request("POST", _path(name, "/fork"), body)
+    return result
+
+
+def resume(client: Client, ref: str) -> dict[str, Any]:
+    """Run a stopped (or failed, oom_killed, lost) session again from its last checkpoint."""
+    result: dict[str, Any] = client.request("POST", _path(full_name(client, ref), "/resume"))
+    return result
+
+
+# ---- looking ----------------------------------------------------------------------------------
+
+
+def ps(
+    client: Client,
+    *,
+    state: str | None = None,
+    all_users: bool = False,
+    dataset: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Sessions, oldest first: the caller's (``all_users``: everyone's, admins only).
+
+    *state* is a state or ``active`` (queued, preparing or running).
+    """
+    out: list[dict[str, Any]] = client.request(
+        "GET",
+        "sessions",
+        state=state,
+        all="1" if all_users else None,
+        dataset=dataset,
+        limit=limit,
+    )["sessions"]
+    return out
+
+
+def status(client: Client, ref: str) -> dict[str, Any]:
+    """One session: state, exit code, reason, resources, node, GPU ids, last metrics..."""
+    result: dict[str, Any] = client.request("GET", _path(full_name(client, ref)))
+    return result
+
+
+def wait(
+    client: Client, ref: str, *, timeout: float | None = None, poll_s: float = 1.0
+) -> dict[str, Any]:
+    """Poll until the session ended (or *timeout* seconds passed); return its last status."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    name = full_name(client, ref)
+    while True:
+        st = status(client, name)
+        if st["state"] in FINAL_STATES or (deadline is not None and time.monotonic() > deadline):
+            return st
+        time.sleep(poll_s)
+
+
+def logs(
+    client: Client,
+    ref: str,
+    *,
+    offset: int = 0,
+    tail: int | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """A piece of the stored output: ``{"offset", "next_offset", "size", "text",
+    "complete"}``. *tail*: the last N lines instead of from *offset*."""
+    result: dict[str, Any] = client.request(
+        "GET", _path(full_name(client, ref), "/logs"), offset=offset, tail=tail, limit=limit
+    )
+    return result
+
+
+def follow_logs(
+    client: Client,
+    ref: str,
+    *,
+    offset: int = 0,
+    tail: int | None = None,
+    poll_s: float = 1.0,
+    timeout: float | None = None,
+) -> Iterator[str]:
+    """Yield the output as it comes until the session ended and all of it was read (or
+    *timeout* seconds passed)."""
+    name = full_name(client, ref)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    first = True
+    while True:
+        chunk = logs(client, name, offset=offset, tail=tail if first else None)
+        first = False
+        if chunk["text"]:
+            yield chunk["text"]
+        offset = chunk["next_offset"]
+        if chunk["complete"]:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            return
+        if offset >= chunk["size"]:
+            time.sleep(poll_s)
+
+
+def metrics(
+    client: Client,
+    ref: str,
+    *,
+    names: Sequence[str] | None = None,
+    since_step: int | None = None,
+) -> dict[str, Any]:
+    """Reported metrics: ``last_step``, ``last_metrics`` and ``series`` (per metric:
+    ``steps``, ``values``, ``walls``)."""
+    result: dict[str, Any] = client.request(
+        "GET",
+        _path(full_name(client, ref), "/metrics"),
+        names=",".join(names) if names else None,
+        since_step=since_step,
+    )
+    return result
+
+
+def events(client: Client, *, since: int = 0, all_users: bool = False) -> dict[str, Any]:
+    """The event feed (state changes and failures of the caller's sessions) after *since*:
+    ``{"events": [...], "last_id"}``."""
+    result: dict[str, Any] = client.request(
+        "GET", "events", since=since, all="1" if all_users else None
+    )
+    return result
+
+
+def diff(client: Client, a: str, b: str) -> dict[str, Any]:
+    """Differences between two sessions: ``args`` (both lists), ``args_diff`` (unified),
+    ``fields`` (other settings that differ) and ``code`` (per-file changes with diffs)."""
+    result: dict[str, Any] = client.request(
+        "GET", "sessions/diff", a=full_name(client, a), b=full_name(client, b)
+    )
+    return result
+
+
+def model(client: Client, ref: str) -> list[dict[str, Any]]:
+    """The session's checkpoints (``name``, ``size``, ``step``, ``created``), oldest first."""
+    out: list[dict[str, Any]] = client.request(
+        "GET", _path(full_name(client, ref), "/checkpoints")
+    )["checkpoints"]
+    return out
+
+
+def getid(client: Client, dataset: str | None = None) -> str:
+    """The current session's name inside a session, else the caller's newest session
+    (optionally of *dataset*).
+
+    Raises:
+        NSMLError: the caller has no session (reason ``not_found``).
+    """
+    if os.environ.get("NSML_SESSION"):
+        return os.environ["NSML_SESSION"]
+    found = ps(client, dataset=dataset, limit=1)
+    if not found:
+        raise NSMLError("You have no session yet.", 404, "not_found")
+    return str(found[-1]["name"])
+
+
+# ---- changing ---------------------------------------------------------------------------------
+
+
+def stop(client: Client, ref: str) -> dict[str, Any]:
+    """Ask the session to stop: SIGTERM, the server's grace period (the SDK saves a
+    checkpoint), then SIGKILL. Returns at once; :func:`wait` for the end."""
+    result: dict[str, Any] = client.request("POST", _path(full_name(client, ref), "/stop"))
+    return result
+
+
+def rm(client: Client, ref: str, *, force: bool = False, timeout: float = 120.0) -> None:
+    """Remove an ended session with its logs, metrics and checkpoints. With *force*, stop a
+    live one first and wait (up to *timeout* seconds) for it to end."""
+    name = full_name(client, ref)
+    if force:
+        st = status(client, name)
+        if st["state"] in ACTIVE_STATES:
+            stop(client, name)
+            st = wait(client, name, timeout=timeout)
+            if st["state"] in ACTIVE_STATES:
+                raise NSMLError(
+                    f"{name} did not stop within {timeout:g}s; try again later.", 409, "conflict"
+                )
+    client.request("DELETE", _path(name))
+
+
+def memo(client: Client, ref: str, text: str) -> dict[str, Any]:
+    """Set the session's memo."""
+    result: dict[str, Any] = client.request("PATCH", _path(full_name(client, ref)), {"memo": text})
+    return result
+
+
+def set_visibility(client: Client, ref: str, public: bool) -> dict[str, Any]:
+    """Make the session public (every user may read and fork it) or private."""
+    result: dict[str, Any] = client.request(
+        "PATCH",
+        _path(full_name(client, ref)),
+        {"visibility": "public" if public else "private"},
+    )
+    return result
+
+
+def exec_in(
+    client: Client, ref: str, command: Sequence[str], *, timeout_s: float = 60.0
+) -> dict[str, Any]:
+    """Run *command* inside the running session's container: ``{"exit_code", "output"}``."""
+    result: dict[str, Any] = client.request(
+        "POST",
+        _path(full_name(client, ref), "/exec"),
+        {"command": list(command), "timeout_s": timeout_s},
+    )
+    return result
+
+
+def pull(
+    client: Client,
+    ref: str,
+    dest: str | os.PathLike[str] = ".",
+    *,
+    checkpoint: str | None = None,
+) -> Path:
+    """Download a checkpoint (``SESSION/CHECKPOINT``, or the session's newest) and unpack it
+    into ``DEST/USER_DATASET_N/CHECKPOINT``; return that folder."""
+    name, ckpt = split_checkpoint(client, ref)
+    ckpt = checkpoint or ckpt
+    if ckpt is None:
+        saved = model(client, name)
+        if not saved:
+            raise NSMLError(f"Session {name} has no checkpoint.", 404, "not_found")
+        ckpt = str(saved[-1]["name"])
+    target = Path(dest) / name.replace("/", "_") / ckpt
+    r = client.raw("GET", _path(name, f"/checkpoints/{quote(ckpt, safe='')}"), stream=True)
+    with tempfile.TemporaryFile() as tmp:
+        for chunk in r.iter_content(1 << 20):
+            tmp.write(chunk)
+        tmp.seek(0)
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=tmp, mode="r:*") as tar:
+            safe_extract(tar, target)
+    return target

@@ -1,0 +1,654 @@
+"""The session runner: place -> prepare -> run the container -> follow -> record -> release.
+
+The runner lives in the server that holds the scheduler lease (the leader), beside the
+scheduler loop. Every tick it reads the live sessions (``queued``, ``preparing``,
+``running``) and drives each in a task of its own:
+
+- **queued**: submit a placement request (holder ``USER:session/DATASET/N``) and wait for the
+  scheduler's decision; a request that can never fit ends the session ``failed``.
+- **preparing**: mint the session-scoped token, copy the code snapshot into the session's
+  folder, start the container on the allocated node's engine with the GPUs, limits, code,
+  datasets (read-only) and the ``nsml`` environment.
+- **running**: copy the container's output into ``<state>/sessions/ID/output.log`` as it
+  comes; when the container ends, record the exit code, ``oom_killed`` or ``stopped``
+  (a stop sends SIGTERM, waits the grace period, then kills), release the allocation,
+  revoke the token, add an event and notify the user of a failure.
+
+Nothing is kept only in memory: after a restart (or when a standby takes over) the runner
+finds a running container again by its handle and follows it, and a session whose
+container vanished ends ``lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from .artifacts import ArtifactError, ArtifactStore
+from .backends import (
+    BackendError,
+    DockerBackend,
+    ExecutionBackend,
+    Mount,
+    NameConflict,
+    RunNotFound,
+    RunSpec,
+    RunState,
+)
+from .db import Database
+from .models import (
+    SESSION_ACTIVE_STATES,
+    Allocation,
+    Node,
+    PlacementRequestRow,
+    TrainingSession,
+)
+from .sessions import (
+    CODE_MOUNT,
+    FAILURE_STATES,
+    add_event,
+    classify_exit,
+    mint_token,
+    session_command,
+    session_env,
+    transition,
+)
+
+log = logging.getLogger("nsml_server.sessions")
+
+LABEL_SESSION = "org.jupyter-nsml.session"
+LABEL_SESSION_ID = "org.jupyter-nsml.session-id"
+LABEL_ATTEMPT = "org.jupyter-nsml.attempt"
+LABEL_SERVER = "org.jupyter-nsml.server"
+MIB = 1024 * 1024
+#: Bytes of the log's end read to find a traceback for the failure message.
+LOG_TAIL_BYTES = 64 * 1024
+#: A step that fails this many times in a row (an internal error) ends the session failed.
+MAX_STEP_FAILURES = 5
+
+
+class DatasetsUnavailable(BackendError):
+    """The session asks for datasets, and this server cannot mount any yet."""
+
+    reason = "datasets_unavailable"
+
+
+def dataset_mounts_for(session: TrainingSession, node: str) -> list[Mount]:
+    """Read-only mounts (node path -> ``/data/NAME``) of the session's datasets on *node*.
+
+    The one place the runner gets dataset mounts from. Until the dataset store is connected
+    it has none to give: a session without datasets gets ``[]``, one with datasets is refused
+    (the API refuses it earlier, with a 400).
+
+    Raises:
+        DatasetsUnavailable: the session asks for datasets.
+    """
+    if not session.datasets:
+        return []
+    raise DatasetsUnavailable(
+        "datasets are not available on this server yet; run the session without -d"
+    )
+
+
+@dataclass
+class RunnerSettings:
+    """What the runner needs to know beyond the database.
+
+    Attributes:
+        api_url: the NSML API as a session container reaches it (host network).
+        stop_grace_s: seconds between SIGTERM and SIGKILL when a session is stopped.
+        container_prefix: session containers are named ``PREFIX-ID-ATTEMPT``.
+        server_label: a label value naming this deployment, so that a restarted server
+            adopts only its own containers.
+        keep_containers: leave ended containers on the engine (for debugging).
+        poll_s: seconds between the runner's ticks.
+    """
+
+    api_url: str
+    stop_grace_s: float = 10.0
+    container_prefix: str = "nsml-session"
+    server_label: str = "nsml"
+    keep_containers: bool = False
+    poll_s: float = 1.0
+
+
+def server_label_for(db_url: str) -> str:
+    """A stable label for one deployment (its database)."""
+    return hashlib.sha256(db_url.encode()).hexdigest()[:16]
+
+
+class BackendPool:
+    """The execution backend of each node: the local node's own, else its Docker engine.
+
+    Remote engines are reached at the URL the node's agent advertised (plain TCP; for TLS,
+    register the node's engine URL behind a TLS-terminating proxy or extend this pool).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        local_node: str | None,
+        local_backend: ExecutionBackend | None,
+        make_docker: Callable[[str], ExecutionBackend] | None = None,
+    ) -> None:
+        self.db = db
+        self.local_node = local_node
+        self.local_backend = local_backend
+        self.make_docker = make_docker or (lambda url: DockerBackend(url, logger=log))
+        self._remote: dict[str, ExecutionBackend] = {}
+
+    def for_node(self, node: str) -> ExecutionBackend:
+        """The backend that runs containers on *node*.
+
+        Raises:
+            BackendError: the node is unknown or advertises no engine.
+        """
+        if node == self.local_node and self.local_backend is not None:
+            return self.local_backend
+        with self.db.session() as s:
+            url = s.scalar(select(Node.docker_url).where(Node.name == node))
+        if not url:
+            raise BackendError(
+                f"node {node} advertises no Docker engine URL; start its agent with "
+                "--docker-url tcp://HOST:2376",
+                reason="node_unreachable",
+            )
+        backend = self._remote.get(url)
+        if backend is None:
+            backend = self._remote[url] = self.make_docker(url)
+        return backend
+
+    async def close(self) -> None:
+        for b in self._remote.values():
+            await b.close()
+        self._remote.clear()
+
+
+@dataclass
+class _Live:
+    """In-memory companions of a live session's task."""
+
+    task: asyncio.Task[None]
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    failures: int = 0
+
+
+class SessionRunner:
+    """Drives live sessions while this server leads (see the module documentation).
+
+    Args:
+        db: the database.
+        scheduler: the placement scheduler (``submit``, ``wait_decided``, ``release``).
+        is_leader: whether this server holds the scheduler lease now.
+        backends: the execution backend per node.
+        store: code snapshots.
+        sessions_dir: where each session's folder (log, code copy) lives.
+        settings: see :class:`RunnerSettings`.
+        now: the clock (naive UTC).
+        notify: called with ``(user, session name, state, message, log tail)`` when a
+            session fails (runs in a thread; must not raise).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        scheduler: Any,
+        is_leader: Callable[[], bool],
+        backends: BackendPool,
+        store: ArtifactStore,
+        sessions_dir: Path,
+        settings: RunnerSettings,
+        now: Callable[[], datetime],
+        notify: Callable[[str, str, str, str, str], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.scheduler = scheduler
+        self.is_leader = is_leader
+        self.backends = backends
+        self.store = store
+        self.sessions_dir = sessions_dir
+        self.settings = settings
+        self.now = now
+        self.notify = notify
+        self._live: dict[int, _Live] = {}
+        self._wake: asyncio.Event | None = None
+        sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # ---- paths -----------------------------------------------------------------------------
+
+    def session_dir(self, session_id: int) -> Path:
+        return self.sessions_dir / str(session_id)
+
+    def log_path(self, session_id: int) -> Path:
+        return self.session_dir(session_id) / "output.log"
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look at the sessions now (a new one, a stop request)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick until *stop* is set; containers keep running when the server stops."""
+        self._wake = asyncio.Event()
+        try:
+            while not stop.is_set():
+                try:
+                    if self.is_leader():
+                        await self.tick()
+                    elif self._live:
+                        log.info("no longer leading: handing %d sessions over", len(self._live))
+                        await self._drop_all()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("session runner tick failed; retrying")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
+        finally:
+            await self._drop_all()
+
+    async def _drop_all(self) -> None:
+        tasks = [live.task for live in self._live.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._live.clear()
+
+    async def tick(self) -> None:
+        """Start a task for every live session without one; pass on stop requests."""
+        with self.db.session() as s:
+            rows = s.execute(
+                select(TrainingSession.id, TrainingSession.stop_requested).where(
+                    TrainingSession.state.in_(SESSION_ACTIVE_STATES)
+                )
+            ).all()
+        active = {sid for sid, _ in rows}
+        for sid in [k for k, v in self._live.items() if v.task.done()]:
+            live = self._live.pop(sid)
+            if sid in active and not live.task.cancelled() and live.task.exception() is None:
+                continue
+            if sid in active:
+                # The step raised: count it, and give up on a session that keeps failing.
+                live.failures += 1
+                exc = live.task.exception() if not live.task.cancelled() else None
+                if live.failures >= MAX_STEP_FAILURES:
+                    await self._give_up(sid, exc)
+                    continue
+                self._start(sid, live.failures)
+        for sid, stop_requested in rows:
+            if sid not in self._live:
+                self._start(sid, 0)
+            if stop_requested:
+                self._live[sid].stop.set()
+
+    def _start(self, sid: int, failures: int) -> None:
+        task = asyncio.create_task(self._drive(sid, failures), name=f"session-{sid}")
+        self._live[sid] = _Live(task=task, failures=failures)
+
+    async def _give_up(self, sid: int, exc: BaseException | None) -> None:
+        with self.db.session() as s:
+            row = s.get(TrainingSession, sid)
+            state = row.state if row else None
+        if row is None or state is None:
+            return
+        log.error("%s: giving up after %d internal errors: %s", row.name, MAX_STEP_FAILURES, exc)
+        await self._finish(
+            row,
+            "failed",
+            "internal_error",
+            f"The platform could not run the session ({exc}); the operator's log has details.",
+            None,
+        )
+
+    # ---- one session -----------------------------------------------------------------------
+
+    async def _drive(self, sid: int, failures: int) -> None:
+        if failures:
+            await asyncio.sleep(min(30.0, 0.5 * 2**failures))
+        try:
+            while True:
+                with self.db.session() as s:
+                    row = s.get(TrainingSession, sid)
+                if row is None or row.state not in SESSION_ACTIVE_STATES:
+                    return
+                if row.state == "queued":
+                    await self._queued(row)
+                elif row.state == "preparing":
+                    await self._preparing(row)
+                else:
+                    await self._running(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session %d: step failed", sid)
+            raise
+
+    def _stop_event(self, sid: int) -> asyncio.Event:
+        live = self._live.get(sid)
+        return live.stop if live is not None else asyncio.Event()
+
+    async def _queued(self, row: TrainingSession) -> None:
+        stop = self._stop_event(row.id)
+        if row.stop_requested or stop.is_set():
+            await self._finish(row, "stopped", "stopped", "Stopped before it started.", None)
+            return
+        if row.placement_id is None:
+            spec = {k: v for k, v in row.resources.items() if k != "gpus"}
+            with self.db.session() as s:
+                p = self.scheduler.submit(
+                    s,
+                    user=row.user_name,
+                    holder=f"{row.user_name}:session/{row.dataset_key}/{row.number}",
+                    spec=spec,
+                    priority=0,
+                )
+                pid = p.id
+                s.execute(
+                    TrainingSession.__table__.update()
+                    .where(TrainingSession.id == row.id)
+                    .values(placement_id=pid)
+                )
+            log.info("%s: queued as placement %d", row.name, pid)
+            row.placement_id = pid
+        decided = asyncio.create_task(self.scheduler.wait_decided(row.placement_id, 5.0))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({decided, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (decided, stopped):
+            t.cancel()
+        with self.db.session() as s:
+            p = s.get(PlacementRequestRow, row.placement_id)
+            fresh = s.get(TrainingSession, row.id)
+            if p is None or fresh is None:
+                return
+            pstate, pmsg = p.state, p.message
+            alloc = s.get(Allocation, p.allocation_id) if p.allocation_id else None
+            stop_requested = fresh.stop_requested or stop.is_set()
+            if pstate == "placed" and alloc is not None and not stop_requested:
+                node = s.get(Node, alloc.node_id)
+                transition(
+                    s,
+                    row.id,
+                    ["queued"],
+                    "preparing",
+                    node=node.name if node else None,
+                    gpu_ids=[str(i) for i in alloc.gpu_indices],
+                )
+                add_event(
+                    s,
+                    row,
+                    "state",
+                    f"placed on {node.name if node else '?'}"
+                    + (
+                        f" with GPUs {','.join(map(str, alloc.gpu_indices))}"
+                        if alloc.gpu_indices
+                        else ""
+                    ),
+                    self.now(),
+                    state="preparing",
+                )
+                return
+        if stop_requested:
+            await self._finish(row, "stopped", "stopped", "Stopped before it started.", None)
+        elif pstate == "failed":
+            await self._finish(row, "failed", "infeasible", pmsg or "It can never fit.", None)
+        elif pstate in ("cancelled", "released"):
+            await self._finish(
+                row, "failed", "placement_lost", "Its placement request was cancelled.", None
+            )
+
+    async def _preparing(self, row: TrainingSession) -> None:
+        assert row.node is not None
+        stop = self._stop_event(row.id)
+        if row.stop_requested or stop.is_set():
+            await self._finish(row, "stopped", "stopped", "Stopped before it started.", None)
+            return
+        try:
+            backend = self.backends.for_node(row.node)
+            labels = {
+                LABEL_SESSION: row.name,
+                LABEL_SESSION_ID: str(row.id),
+                LABEL_ATTEMPT: str(row.attempt),
+                LABEL_SERVER: self.settings.server_label,
+            }
+            found = await backend.list(labels)
+            if found:
+                log.info("%s: adopting container %s started before a restart", row.name, found[0])
+                self._mark_running(row, found[0], self._log_size(row.id))
+                return
+            handle, log_base = await self._start_container(row, backend, labels)
+        except (BackendError, ArtifactError) as e:
+            message = getattr(e, "message", str(e))
+            reason = getattr(e, "reason", "start_failed")
+            log.warning("%s: could not start: %s", row.name, message)
+            await self._finish(
+                row,
+                "failed",
+                "start_failed" if reason in ("backend", "bad_request") else reason,
+                f"The session could not start: {message}",
+                None,
+            )
+            return
+        if not self._mark_running(row, handle, log_base):
+            await backend.remove(handle)
+
+    def _log_size(self, sid: int) -> int:
+        try:
+            return self.log_path(sid).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    async def _start_container(
+        self, row: TrainingSession, backend: ExecutionBackend, labels: dict[str, str]
+    ) -> tuple[str, int]:
+        assert row.node is not None
+        folder = self.session_dir(row.id)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        work = folder / "work"
+        await asyncio.to_thread(self.store.materialize_code, row.code_digest, work)
+        token, token_hash = mint_token(row.id)
+        with self.db.session() as s:
+            s.execute(
+                TrainingSession.__table__.update()
+                .where(TrainingSession.id == row.id)
+                .values(token_hash=token_hash)
+            )
+        res = row.resources
+        gpu_ids = [str(g) for g in row.gpu_ids]
+        mounts = [Mount(str(work), CODE_MOUNT, read_only=False)]
+        mounts += dataset_mounts_for(row, row.node)
+        python = sys.executable if backend.kind == "local" else "python"
+        command = session_command(row.entry, list(row.args))
+        if command[0] == "python":
+            command[0] = python
+        spec = RunSpec(
+            name=f"{self.settings.container_prefix}-{row.id}-{row.attempt}",
+            image=row.image,
+            command=command,
+            env=session_env(
+                name=row.name,
+                session_id=row.id,
+                api_url=self.settings.api_url,
+                token=token,
+                datasets=list(row.datasets),
+                node=row.node,
+                gpu_ids=gpu_ids,
+                load_from=row.load_from,
+                attempt=row.attempt,
+            ),
+            workdir=CODE_MOUNT,
+            mounts=mounts,
+            gpu_ids=gpu_ids,
+            cpu_limit=res.get("cpu_milli", 0) / 1000 if res.get("cpu_milli") else None,
+            mem_limit_bytes=res["memory_mib"] * MIB if res.get("memory_mib") else None,
+            labels=labels,
+        )
+        header = (
+            f"[nsml] {row.name} attempt {row.attempt} on {row.node}"
+            + (f", GPUs {','.join(gpu_ids)}" if gpu_ids else "")
+            + f", image {row.image}"
+            + (f", loading {row.load_from}" if row.load_from else "")
+            + "\n"
+        )
+        with self.log_path(row.id).open("ab") as f:
+            f.write(header.encode())
+        log_base = self._log_size(row.id)
+        try:
+            handle = await backend.start(spec)
+        except NameConflict:
+            found = await backend.list(labels)
+            if not found:
+                raise
+            handle = found[0]
+        log.info("%s: container %s started on %s", row.name, handle[:12], row.node)
+        return handle, log_base
+
+    def _mark_running(self, row: TrainingSession, handle: str, log_base: int) -> bool:
+        with self.db.session() as s:
+            moved = transition(
+                s,
+                row.id,
+                ["preparing"],
+                "running",
+                handle=handle,
+                log_base=log_base,
+                started=self.now(),
+            )
+            if moved:
+                add_event(s, row, "state", f"running on {row.node}", self.now(), state="running")
+        return moved
+
+    async def _running(self, row: TrainingSession) -> None:
+        assert row.node is not None and row.handle is not None
+        backend = self.backends.for_node(row.node)
+        stop = self._stop_event(row.id)
+        path = self.log_path(row.id)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stop_sent = False
+        while True:
+            skip = max(0, self._log_size(row.id) - row.log_base)
+            pump = asyncio.create_task(backend.copy_logs(row.handle, path, skip))
+            waiter = asyncio.create_task(stop.wait())
+            await asyncio.wait({pump, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done() and not stop_sent:
+                stop_sent = True
+                log.info(
+                    "%s: stopping (SIGTERM, %gs grace, then SIGKILL)",
+                    row.name,
+                    self.settings.stop_grace_s,
+                )
+                await backend.stop(row.handle, grace_s=self.settings.stop_grace_s)
+                await asyncio.wait({pump}, timeout=30)
+            waiter.cancel()
+            if not pump.done():
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
+            elif pump.exception() is not None and not isinstance(pump.exception(), RunNotFound):
+                log.warning("%s: following the output failed: %s", row.name, pump.exception())
+            st = await backend.status(row.handle)
+            if st.state is RunState.MISSING:
+                await self._finish(
+                    row,
+                    "lost",
+                    "lost",
+                    "The session's container vanished (removed outside the platform, or its "
+                    "node's engine lost it); its outcome is unknown.",
+                    None,
+                )
+                return
+            if st.state is RunState.EXITED:
+                break
+            # Still running: the output stream broke (engine restart, network); go on.
+            await asyncio.sleep(1.0)
+        with self.db.session() as s:
+            fresh = s.get(TrainingSession, row.id)
+            stop_requested = bool(fresh and fresh.stop_requested) or stop_sent or stop.is_set()
+        outcome = classify_exit(
+            exit_code=st.exit_code,
+            oom_killed=st.oom_killed,
+            stop_requested=stop_requested,
+            memory_mib=int(row.resources.get("memory_mib", 0)),
+            error=st.error,
+            log_tail=self._log_tail(row.id),
+        )
+        await self._finish(row, outcome.state, outcome.reason, outcome.message, st.exit_code)
+        if not self.settings.keep_containers:
+            try:
+                await backend.remove(row.handle)
+            except BackendError as e:
+                log.warning("%s: could not remove container %s: %s", row.name, row.handle[:12], e)
+
+    def _log_tail(self, sid: int) -> str:
+        try:
+            with self.log_path(sid).open("rb") as f:
+                size = f.seek(0, 2)
+                f.seek(max(0, size - LOG_TAIL_BYTES))
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    async def _finish(
+        self,
+        row: TrainingSession,
+        state: str,
+        reason: str,
+        message: str,
+        exit_code: int | None,
+    ) -> None:
+        """End the session: record, release its placement, revoke its token, tell the user."""
+        now = self.now()
+        with self.db.session() as s:
+            moved = transition(
+                s,
+                row.id,
+                SESSION_ACTIVE_STATES,
+                state,
+                reason=reason,
+                message=message,
+                exit_code=exit_code,
+                finished=now,
+                token_hash=None,
+            )
+            if not moved:
+                return
+            fresh = s.get(TrainingSession, row.id)
+            pid = fresh.placement_id if fresh else row.placement_id
+            if pid is not None:
+                p = s.get(PlacementRequestRow, pid)
+                if p is not None:
+                    self.scheduler.release(s, p)
+            add_event(
+                s,
+                row,
+                "failure" if state in FAILURE_STATES else "state",
+                message,
+                now,
+                state=state,
+            )
+        line = f"[nsml] {row.name} ended {state}" + (
+            f" (exit code {exit_code})" if exit_code is not None else ""
+        )
+        path = self.log_path(row.id)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with path.open("ab") as f:
+            f.write(f"{line}: {message}\n".encode())
+        log.info("%s: %s (%s)", row.name, state, message)
+        await asyncio.to_thread(shutil.rmtree, self.session_dir(row.id) / "work", True)
+        if state in FAILURE_STATES and self.notify is not None:
+            tail = self._log_tail(row.id)[-8000:]
+            asyncio.get_running_loop().run_in_executor(
+                None, self.notify, row.user_name, row.name, state, message, tail
+            )

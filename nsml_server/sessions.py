@@ -1,0 +1,597 @@
+"""Training sessions: names, the state machine, tokens, and the records the API and the runner
+share.
+
+A session is named ``user/dataset/N``: the first dataset it mounts (``_`` when none) and a
+number counted per user and dataset. Its state moves
+
+    queued -> preparing -> running -> completed | failed | oom_killed | stopped | lost
+
+(``queued`` and ``preparing`` may also end ``failed`` or ``stopped``; ``resume`` moves an
+ended session back to ``queued``). Only the session runner moves a live session, with
+conditional updates (:func:`transition`), so that two servers never both act on one change.
+
+The pure helpers at the top (names, commands, environment, exit classification, metric
+parsing) take plain values; the functions below them take a SQLAlchemy session and leave the
+transaction to the caller.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import math
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .models import (
+    PlacementRequestRow,
+    SessionCheckpoint,
+    SessionEvent,
+    SessionMetricChunk,
+    TrainingSession,
+)
+from .schemas import (
+    CheckpointOut,
+    EventOut,
+    MetricSeries,
+    QueueOut,
+    SessionOut,
+    SessionResources,
+)
+
+log = logging.getLogger("nsml_server.sessions")
+
+NO_DATASET = "_"
+TOKEN_PREFIX = "nsmls_"
+CODE_MOUNT = "/nsml/code"
+DATA_ROOT = "/data"
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+METRIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./:-]{0,127}$")
+MAX_POINTS_PER_BATCH = 100_000
+MAX_NAMES_PER_POINT = 256
+#: Transitions the runner may make (``resume`` is the API's, from an ended state to queued).
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"preparing", "failed", "stopped"}),
+    "preparing": frozenset({"running", "failed", "stopped", "lost"}),
+    "running": frozenset({"completed", "failed", "oom_killed", "stopped", "lost"}),
+}
+#: Ended states a session can be resumed from.
+RESUMABLE = ("stopped", "failed", "oom_killed", "lost")
+FAILURE_STATES = ("failed", "oom_killed", "lost")
+
+
+class SessionError(Exception):
+    """A request about a session was refused: a status, a sentence, a stable reason."""
+
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+# ---- pure helpers ---------------------------------------------------------------------------
+
+
+def dataset_name(ref: str) -> str:
+    """``mnist@3`` -> ``mnist``."""
+    return ref.partition("@")[0]
+
+
+def dataset_key(datasets: Sequence[str]) -> str:
+    """The middle part of a session name: the first dataset's name, or ``_``."""
+    return dataset_name(datasets[0]) if datasets else NO_DATASET
+
+
+def format_name(user: str, key: str, number: int) -> str:
+    return f"{user}/{key}/{number}"
+
+
+def validate_entry(entry: str) -> str:
+    """A relative path inside the code snapshot, normalised.
+
+    Raises:
+        SessionError: 400 for an absolute path or one that leaves the snapshot.
+    """
+    parts = [p for p in entry.replace("\\", "/").split("/") if p not in ("", ".")]
+    if entry.startswith("/") or not parts or ".." in parts:
+        raise SessionError(
+            400,
+            f"entry {entry!r} must be a file inside the code snapshot, e.g. 'train.py'",
+            "bad_request",
+        )
+    return "/".join(parts)
+
+
+def session_command(entry: str, args: Sequence[str]) -> list[str]:
+    """How the container runs the entry point: ``python -u`` for ``.py``, ``bash`` for ``.sh``,
+    else the file itself (it must be executable)."""
+    if entry.endswith(".py"):
+        return ["python", "-u", entry, *args]
+    if entry.endswith(".sh"):
+        return ["bash", entry, *args]
+    return [f"./{entry}", *args]
+
+
+def session_env(
+    *,
+    name: str,
+    session_id: int,
+    api_url: str,
+    token: str,
+    datasets: Sequence[str],
+    node: str,
+    gpu_ids: Sequence[str],
+    load_from: str | None,
+    attempt: int,
+) -> dict[str, str]:
+    """The environment the ``nsml`` SDK reads inside a session container.
+
+    ``NSML_DATASET_PATH`` is the first dataset's folder; ``NSML_DATASET_PATHS`` maps every
+    dataset name to its folder (JSON). ``NSML_LOAD_FROM`` (``SESSION/CHECKPOINT``) makes
+    ``nsml.bind`` load that checkpoint (a fork or a resume).
+    """
+    names = [dataset_name(d) for d in datasets]
+    paths = {n: f"{DATA_ROOT}/{n}" for n in names}
+    env = {
+        "NSML_SESSION": name,
+        "NSML_SESSION_ID": str(session_id),
+        "NSML_API_URL": api_url,
+        "NSML_TOKEN": token,
+        "NSML_DATASETS": ",".join(datasets),
+        "NSML_DATASET_PATH": paths[names[0]] if names else "",
+        "NSML_DATASET_PATHS": json.dumps(paths),
+        "NSML_NODE": node,
+        "NSML_GPU_IDS": ",".join(gpu_ids),
+        "NSML_ATTEMPT": str(attempt),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if load_from:
+        env["NSML_LOAD_FROM"] = load_from
+    return env
+
+
+def format_mib(mib: int) -> str:
+    """``2048`` -> ``2 GiB``; ``100`` -> ``100 MiB``."""
+    if mib >= 1024 and mib % 1024 == 0:
+        return f"{mib // 1024} GiB"
+    if mib >= 1024:
+        return f"{mib / 1024:.1f} GiB"
+    return f"{mib} MiB"
+
+
+def last_traceback(text: str, max_lines: int = 60) -> str | None:
+    """The last Python traceback in *text* (up to *max_lines* lines), or None."""
+    at = text.rfind("Traceback (most recent call last):")
+    if at < 0:
+        return None
+    lines = text[at:].splitlines()
+    block = [lines[0]]
+    for line in lines[1:]:
+        block.append(line)
+        if line and not line.startswith((" ", "\t")) and not line.startswith("During handling"):
+            # The exception line ends the block (chained tracebacks start a new block).
+            if not line.startswith("Traceback"):
+                break
+    if len(block) > max_lines:
+        block = [*block[:10], "  ...", *block[-(max_lines - 11) :]]
+    return "\n".join(block)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a session ended: its final state, a stable reason and a sentence."""
+
+    state: str
+    reason: str
+    message: str
+
+
+def classify_exit(
+    *,
+    exit_code: int | None,
+    oom_killed: bool,
+    stop_requested: bool,
+    memory_mib: int,
+    error: str | None = None,
+    log_tail: str = "",
+) -> Outcome:
+    """The final state of a session whose container ended (pure)."""
+    code = "unknown" if exit_code is None else str(exit_code)
+    if stop_requested:
+        return Outcome("stopped", "stopped", f"Stopped on request (exit code {code}).")
+    if oom_killed:
+        limit = f"its {format_mib(memory_mib)} memory limit" if memory_mib else "its memory limit"
+        more = f" (e.g. --memory {max(1, memory_mib * 2 // 1024)}G)" if memory_mib else ""
+        return Outcome(
+            "oom_killed",
+            "oom_killed",
+            f"Out of memory: the session used more than {limit} and was killed (exit code "
+            f"{code}). Run it again with more memory{more}, or use less.",
+        )
+    if exit_code == 0:
+        return Outcome("completed", "completed", "Completed (exit code 0).")
+    tb = last_traceback(log_tail)
+    last = tb.splitlines()[-1].strip() if tb else ""
+    detail = f": {last}" if last else ""
+    if error:
+        detail += f" ({error})"
+    return Outcome("failed", "exit_code", f"Failed with exit code {code}{detail}.")
+
+
+def args_diff(a: Sequence[str], b: Sequence[str], a_name: str = "a", b_name: str = "b") -> str:
+    """A unified diff of two argument lists, one argument per line (``--lr 0.1`` pairs are
+    kept on one line so that a changed value reads as one changed line)."""
+    return "".join(
+        line if line.endswith("\n") else line + "\n"
+        for line in difflib.unified_diff(
+            pair_args(a), pair_args(b), fromfile=a_name, tofile=b_name, lineterm=""
+        )
+    )
+
+
+def pair_args(args: Sequence[str]) -> list[str]:
+    """``["--lr", "0.1", "-v", "x"]`` -> ``["--lr 0.1", "-v x"]``: an option with its value."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if (
+            a.startswith("-")
+            and "=" not in a
+            and i + 1 < len(args)
+            and not args[i + 1].startswith("--")
+        ):
+            out.append(f"{a} {args[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
+def mint_token(session_id: int) -> tuple[str, str]:
+    """A new session-scoped token and the hash to store (the token itself is never stored)."""
+    token = f"{TOKEN_PREFIX}{session_id}_{secrets.token_urlsafe(32)}"
+    return token, hash_token(token)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def validate_checkpoint(name: str) -> str:
+    if not CHECKPOINT_NAME.match(name):
+        raise SessionError(
+            400,
+            f"Invalid checkpoint name {name!r}: use 1-128 letters, digits, '.', '_', '@', "
+            "'+' or '-', starting with a letter or digit (e.g. 'epoch-3' or '3').",
+            "bad_request",
+        )
+    return name
+
+
+Point = tuple[int, float, dict[str, float | None]]
+
+
+def parse_points(raw: object, next_step: int) -> list[Point]:
+    """Validate report points ``[[step|null, wall_time, {"name": number|null}], ...]``.
+
+    A null step continues from *next_step*. Non-finite values become null.
+
+    Raises:
+        SessionError: 400 naming the first bad point.
+    """
+    if not isinstance(raw, list):
+        raise SessionError(
+            400, "'points' must be a list of [step, time, {name: value}]", "bad_request"
+        )
+    if len(raw) > MAX_POINTS_PER_BATCH:
+        raise SessionError(
+            413, f"at most {MAX_POINTS_PER_BATCH} points per request, not {len(raw)}", "too_large"
+        )
+    out: list[Point] = []
+    step = next_step
+    for i, p in enumerate(raw):
+        if not (isinstance(p, list) and len(p) == 3 and isinstance(p[2], dict)):
+            raise SessionError(
+                400,
+                f"point {i}: expected [step, time, {{name: value}}], got {p!r:.100}",
+                "bad_request",
+            )
+        s, wall, values = p
+        if s is None:
+            s = step
+        elif isinstance(s, bool) or not isinstance(s, int) or abs(s) >= 2**62:
+            raise SessionError(400, f"point {i}: step {s!r:.40} is not an integer", "bad_request")
+        if isinstance(wall, bool) or not isinstance(wall, int | float) or not math.isfinite(wall):
+            raise SessionError(400, f"point {i}: time {wall!r:.40} is not a number", "bad_request")
+        if len(values) > MAX_NAMES_PER_POINT:
+            raise SessionError(
+                400, f"point {i}: at most {MAX_NAMES_PER_POINT} metrics per point", "bad_request"
+            )
+        clean: dict[str, float | None] = {}
+        for k, v in values.items():
+            if not METRIC_NAME.match(k):
+                raise SessionError(
+                    400,
+                    f"point {i}: metric name {k!r:.60} must be 1-128 letters, digits, '_', "
+                    "'.', '/', ':' or '-'",
+                    "bad_request",
+                )
+            if v is None:
+                clean[k] = None
+            elif isinstance(v, bool) or not isinstance(v, int | float):
+                raise SessionError(400, f"point {i}: {k}={v!r:.40} is not a number", "bad_request")
+            else:
+                f = float(v)
+                clean[k] = f if math.isfinite(f) else None
+        out.append((s, float(wall), clean))
+        step = s + 1
+    return out
+
+
+def iso(t: datetime | None) -> str | None:
+    return t.isoformat() + "Z" if t else None
+
+
+# ---- records ----------------------------------------------------------------------------------
+
+
+def create_session(
+    s: Session,
+    *,
+    user: str,
+    datasets: Sequence[str],
+    values: Mapping[str, Any],
+    now: datetime,
+    retries: int = 10,
+) -> TrainingSession:
+    """Insert a queued session ``user/dataset/N`` with the next N for that user and dataset.
+
+    Concurrent creations race for N; the unique constraint decides and the loser retries.
+    """
+    key = dataset_key(datasets)
+    for _ in range(retries):
+        number = (
+            s.scalar(
+                select(func.max(TrainingSession.number)).where(
+                    TrainingSession.user_name == user, TrainingSession.dataset_key == key
+                )
+            )
+            or 0
+        ) + 1
+        row = TrainingSession(
+            name=format_name(user, key, number),
+            user_name=user,
+            dataset_key=key,
+            number=number,
+            state="queued",
+            datasets=list(datasets),
+            created=now,
+            **values,
+        )
+        try:
+            with s.begin_nested():
+                s.add(row)
+                s.flush()
+        except IntegrityError:
+            continue
+        return row
+    raise SessionError(503, "Too many sessions were created at once; try again.", "busy")
+
+
+def find(s: Session, name: str) -> TrainingSession | None:
+    return s.scalar(select(TrainingSession).where(TrainingSession.name == name))
+
+
+def transition(
+    s: Session, session_id: int, from_states: Iterable[str], to: str, **values: Any
+) -> bool:
+    """Move the session to *to* if it is in one of *from_states*; True when it moved."""
+    result = s.execute(
+        update(TrainingSession)
+        .where(TrainingSession.id == session_id, TrainingSession.state.in_(tuple(from_states)))
+        .values(state=to, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def add_event(
+    s: Session,
+    row: TrainingSession,
+    kind: str,
+    message: str,
+    now: datetime,
+    state: str | None = None,
+) -> SessionEvent:
+    ev = SessionEvent(
+        session_id=row.id,
+        session_name=row.name,
+        user_name=row.user_name,
+        kind=kind,
+        state=state,
+        message=message,
+        created=now,
+    )
+    s.add(ev)
+    return ev
+
+
+def event_out(ev: SessionEvent) -> EventOut:
+    return EventOut(
+        id=ev.id,
+        session=ev.session_name,
+        user=ev.user_name,
+        kind=ev.kind,  # type: ignore[arg-type]
+        state=ev.state,  # type: ignore[arg-type]
+        message=ev.message,
+        created=iso(ev.created) or "",
+    )
+
+
+def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
+    res = row.resources or {}
+    queue = None
+    if row.state == "queued" and row.placement_id is not None:
+        p = s.get(PlacementRequestRow, row.placement_id)
+        if p is not None and p.state == "waiting":
+            queue = QueueOut(position=p.position, code=p.code, reason=p.message)
+    end = row.finished or (now if row.started else None)
+    return SessionOut(
+        name=row.name,
+        id=row.id,
+        user=row.user_name,
+        state=row.state,  # type: ignore[arg-type]
+        visibility=row.visibility,  # type: ignore[arg-type]
+        entry=row.entry,
+        args=list(row.args),
+        image=row.image,
+        datasets=list(row.datasets),
+        code=row.code_digest,
+        resources=SessionResources(
+            gpus=float(res.get("gpus", 0)),
+            gpu_models=list(res.get("gpu_models", [])),
+            cpu=float(res.get("cpu_milli", 0)) / 1000,
+            memory_mib=int(res.get("memory_mib", 0)),
+        ),
+        node=row.node,
+        gpu_ids=[str(g) for g in row.gpu_ids or []],
+        exit_code=row.exit_code,
+        reason=row.reason,
+        message=row.message,
+        queue=queue,
+        stop_requested=row.stop_requested,
+        parent=row.parent_name,
+        parent_checkpoint=row.parent_checkpoint,
+        load_from=row.load_from,
+        attempt=row.attempt,
+        memo=row.memo,
+        last_step=row.last_step,
+        last_metrics=dict(row.last_metrics or {}),
+        points=row.points,
+        created=iso(row.created) or "",
+        started=iso(row.started),
+        finished=iso(row.finished),
+        duration_s=(end - row.started).total_seconds() if end and row.started else None,
+    )
+
+
+def ingest_points(s: Session, row: TrainingSession, raw: object, now: datetime) -> int:
+    """Store one batch of report points as one chunk and update the last metrics."""
+    next_step = 0 if row.last_step is None else row.last_step + 1
+    points = parse_points(raw, next_step)
+    if not points:
+        return 0
+    last = dict(row.last_metrics or {})
+    for _, _, values in points:
+        last.update(values)
+    steps = [p[0] for p in points]
+    s.add(
+        SessionMetricChunk(
+            session_id=row.id,
+            first_step=min(steps),
+            last_step=max(steps),
+            count=len(points),
+            payload=json.dumps([list(p) for p in points], separators=(",", ":")),
+            created=now,
+        )
+    )
+    s.execute(
+        update(TrainingSession)
+        .where(TrainingSession.id == row.id)
+        .values(
+            last_metrics=last,
+            last_step=max(steps[-1], row.last_step if row.last_step is not None else steps[-1]),
+            points=TrainingSession.points + len(points),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return len(points)
+
+
+def metric_series(
+    s: Session,
+    row: TrainingSession,
+    names: Sequence[str] | None = None,
+    since_step: int | None = None,
+) -> dict[str, MetricSeries]:
+    """Per-metric series (steps, values, times) in report order."""
+    q = select(SessionMetricChunk.payload).where(SessionMetricChunk.session_id == row.id)
+    if since_step is not None:
+        q = q.where(SessionMetricChunk.last_step >= since_step)
+    wanted = set(names) if names else None
+    out: dict[str, MetricSeries] = {}
+    for (payload,) in s.execute(q.order_by(SessionMetricChunk.id)):
+        for step, wall, values in json.loads(payload):
+            if since_step is not None and step < since_step:
+                continue
+            for k, v in values.items():
+                if wanted is not None and k not in wanted:
+                    continue
+                ser = out.get(k)
+                if ser is None:
+                    ser = out[k] = MetricSeries(steps=[], values=[], walls=[])
+                ser.steps.append(step)
+                ser.values.append(v)
+                ser.walls.append(wall)
+    return out
+
+
+def checkpoint_out(row: TrainingSession, c: SessionCheckpoint) -> CheckpointOut:
+    return CheckpointOut(
+        session=row.name,
+        name=c.name,
+        size=c.size,
+        sha256=c.sha256,
+        step=c.step,
+        created=iso(c.created) or "",
+    )
+
+
+def checkpoints(s: Session, session_id: int) -> list[SessionCheckpoint]:
+    return list(
+        s.scalars(
+            select(SessionCheckpoint)
+            .where(SessionCheckpoint.session_id == session_id)
+            .order_by(SessionCheckpoint.created, SessionCheckpoint.id)
+        )
+    )
+
+
+def find_checkpoint(s: Session, session_id: int, name: str) -> SessionCheckpoint | None:
+    return s.scalar(
+        select(SessionCheckpoint).where(
+            SessionCheckpoint.session_id == session_id, SessionCheckpoint.name == name
+        )
+    )
+
+
+def record_checkpoint(
+    s: Session,
+    row: TrainingSession,
+    name: str,
+    sha: str,
+    size: int,
+    step: int | None,
+    now: datetime,
+) -> SessionCheckpoint:
+    """Save (or replace) checkpoint *name* of the session."""
+    c = find_checkpoint(s, row.id, name)
+    if c is None:
+        c = SessionCheckpoint(session_id=row.id, name=name)
+        s.add(c)
+    c.sha256, c.size, c.step, c.created = sha, size, step, now
+    s.flush()
+    return c
