@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from nsml_server import ledger, nodes
 from nsml_server.db import Database, check_schema
 from nsml_server.lease import LeaderLease, LostLease
-from nsml_server.models import PlacementRequestRow
+from nsml_server.models import Base, PlacementRequestRow
 from nsml_server.scheduler import Scheduler, Submission, SubmitQueue
 from nsml_server.schemas import Heartbeat
 
@@ -44,14 +44,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     database = Database(url)
     with database.engine.begin() as conn:  # a clean schema for every test
         conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-        for t in ("placement_requests", "allocations", "leases", "gpus", "nodes", "users"):
-            conn.execute(
-                text(
-                    f"DROP TABLE IF EXISTS {t} CASCADE"
-                    if request.param != "sqlite"
-                    else f"DROP TABLE IF EXISTS {t}"
-                )
-            )
+        Base.metadata.drop_all(conn)
     check_schema(database.engine, url)
     with database.session() as s:
         nodes.apply_heartbeat(s, "node-a", heartbeat(), T0)
