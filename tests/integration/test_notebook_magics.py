@@ -1,0 +1,137 @@
+"""%nsml in a real IPython kernel inside a spawned notebook server's container.
+
+The kernel is started with jupyter_client inside the container (as the notebook server would
+start it), so it has the server's environment (NSML_API_URL, the server's token) and the
+image's IPython configuration, which loads the magics without ``%load_ext``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import wait_for
+from tests.integration.hubproc import HubProcess
+from tests.integration.test_sessions import TRAIN_PY
+from tests.integration.test_spawner import containers, ready, servers, spawn  # noqa: F401
+
+pytestmark = [pytest.mark.hub, pytest.mark.docker]
+
+# Runs inside the container: starts a kernel, executes the cells given on stdin one by one and
+# prints, per cell, its status, its text output, the MIME types it displayed and its error.
+DRIVER = r"""
+import json, sys
+from jupyter_client.manager import start_new_kernel
+
+cells = json.load(sys.stdin)
+km, kc = start_new_kernel(cwd="/home/jovyan/proj")
+results = []
+try:
+    for code in cells:
+        out = []
+        reply = kc.execute_interactive(code, timeout=180, output_hook=out.append)
+        results.append({
+            "status": reply["content"]["status"],
+            "text": "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream"),
+            "mimes": sorted({k for m in out if m["msg_type"] in ("display_data", "execute_result")
+                             for k in m["content"]["data"]}),
+            "html": "".join(m["content"]["data"].get("text/html", "") for m in out
+                            if m["msg_type"] in ("display_data", "execute_result")),
+            "error": next((m["content"]["ename"] + ": " + m["content"]["evalue"] for m in out
+                           if m["msg_type"] == "error"), None),
+        })
+        if reply["content"]["status"] != "ok":
+            break
+finally:
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def put_files(container: Any, folder: str, files: dict[str, str]) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size, info.uid, info.gid, info.mode = len(data), 1000, 100, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    container.exec_run(["mkdir", "-p", f"/home/jovyan/{folder}"], user="1000")
+    assert container.put_archive("/home/jovyan", buf.getvalue())
+
+
+def run_cells(container: Any, cells: list[str]) -> list[dict[str, Any]]:
+    exec_id = container.client.api.exec_create(
+        container.id, ["python", "-c", DRIVER], user="1000", stdin=True, workdir="/home/jovyan"
+    )
+    sock = container.client.api.exec_start(exec_id, socket=True)
+    raw = sock._sock
+    raw.sendall(json.dumps(cells).encode())
+    raw.shutdown(1)  # end of stdin
+    chunks = []
+    while data := raw.recv(65536):
+        chunks.append(data)
+    raw.close()
+    # The stream is multiplexed (8-byte frame headers); the JSON line is all we need.
+    text = b"".join(chunks).decode(errors="replace")
+    line = next((ln for ln in text.splitlines() if "RESULTS " in ln), None)
+    assert line is not None, text[-4000:]
+    return list(json.loads(line.split("RESULTS ", 1)[1]))
+
+
+def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
+    hub: HubProcess,
+    servers: list[str],  # noqa: F811
+    containers: Callable[[str], Any],  # noqa: F811
+) -> None:
+    user = "nb-kim"
+    servers.append(user)
+    r = spawn(hub, user, gpus=0)
+    assert r.status_code in (201, 202), r.text
+    wait_for(lambda: ready(hub, user), timeout=120, what=f"{user}'s server ready")
+    container = containers(user)
+    put_files(container, "proj", {"train.py": TRAIN_PY})
+
+    cells = [
+        "%nsml run --gpus 2 --memory 512M train.py -- --lr 0.1",
+        "from nsml import Client, sessions\nc = Client()\nname = sessions.getid(c)\n"
+        "st = sessions.wait(c, name, timeout=150)\nprint(st['state'], st['last_step'])",
+        "%nsml ps",
+        "%nsml status $name",
+        "%nsml logs $name",
+        "%nsml fork $name/1 -- --lr 0.01 --epochs 1",
+        "child = sessions.getid(c)\nprint(sessions.wait(c, child, timeout=150)['state'])",
+        "%nsml logs $child",
+        "%nsml diff $name $child",
+        "%nsml bogus",
+    ]
+    res = run_cells(container, cells)
+    assert len(res) == len(cells), res
+    run, waited, ps, status, logs, fork, child_wait, child_logs, diff, bogus = res
+
+    # run: prints the name and shows a live status widget; the kernel is not blocked.
+    assert run["status"] == "ok", run
+    name = run["text"].strip().splitlines()[0]
+    assert name == f"{user}/_/1", run
+    assert "application/vnd.jupyter.widget-view+json" in run["mimes"], run
+    assert waited["text"].split() == ["completed", "9"], waited
+
+    assert name in ps["text"] and "completed" in ps["text"], ps
+    assert "loss" in status["html"] and "completed" in status["html"], status
+    assert "lr 0.1 GPUS 0,1" in logs["text"] and "done" in logs["text"], logs
+
+    assert fork["status"] == "ok" and fork["text"].strip().splitlines()[0] == f"{user}/_/2"
+    assert child_wait["text"].strip() == "completed", child_wait
+    assert "loaded" in child_logs["text"] and "lr 0.01" in child_logs["text"], child_logs
+    assert "---lr 0.1" in diff["text"] and "+--lr 0.01" in diff["text"], diff
+
+    # A mistake is one line (UsageError), not a traceback.
+    said = (bogus["error"] or "") + bogus["text"]
+    assert bogus["status"] == "error" and "UsageError" in said, bogus
+    assert "choose from" in said and "Traceback" not in said, bogus
