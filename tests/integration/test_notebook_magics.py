@@ -109,11 +109,12 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
         "child = sessions.getid(c)\nprint(sessions.wait(c, child, timeout=150)['state'])",
         "%nsml logs $child",
         "%nsml diff $name $child",
+        "%nsml gpustat",
         "%nsml bogus",
     ]
     res = run_cells(container, cells)
     assert len(res) == len(cells), res
-    run, waited, ps, status, logs, fork, child_wait, child_logs, diff, bogus = res
+    run, waited, ps, status, logs, fork, child_wait, child_logs, diff, gpustat, bogus = res
 
     # run: prints the name and shows a live status widget; the kernel is not blocked.
     assert run["status"] == "ok", run
@@ -130,6 +131,9 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
     assert child_wait["text"].strip() == "completed", child_wait
     assert "loaded" in child_logs["text"] and "lr 0.01" in child_logs["text"], child_logs
     assert "---lr 0.1" in diff["text"] and "+--lr 0.01" in diff["text"], diff
+
+    # gpustat: the cluster's GPUs (the test hub's node has 4 virtual ones).
+    assert gpustat["html"].count("local-test") == 4 and "ALLOCATED" in gpustat["html"], gpustat
 
     # A mistake is one line (UsageError), not a traceback.
     said = (bogus["error"] or "") + bogus["text"]
