@@ -126,7 +126,7 @@ class _Reporter:
         self.buffer: collections.deque[tuple[Any, float, dict[str, float]]] = collections.deque()
         self.step = -1
         self.wake = threading.Event()
-        self.send_lock = threading.Lock()
+        self.send_lock = threading.RLock()
         self.thread: threading.Thread | None = None
         self.dropped = 0
         self.failures = 0
@@ -169,34 +169,51 @@ class _Reporter:
 
     def send_pending(self) -> int:
         """Send everything buffered now; points that fail to send go back to the front."""
-        sent = 0
         with self.send_lock:
-            buf = self.buffer
-            while buf:
-                n = min(len(buf), _MAX_BATCH)
-                batch = [buf.popleft() for _ in range(n)]
-                try:
-                    assert self.sender is not None
-                    self.sender.post_points(batch)
-                except BaseException:
-                    buf.extendleft(reversed(batch))
-                    raise
-                sent += n
-                self.failures = 0
+            return self._send_locked()
+
+    def _send_locked(self) -> int:
+        sent = 0
+        buf = self.buffer
+        while buf:
+            n = min(len(buf), _MAX_BATCH)
+            batch = [buf.popleft() for _ in range(n)]
+            try:
+                assert self.sender is not None
+                self.sender.post_points(batch)
+            except BaseException:
+                buf.extendleft(reversed(batch))
+                raise
+            sent += n
+            self.failures = 0
         return sent
 
     def flush(self, timeout: float = 10.0) -> None:
-        if self.sender is None or not self.buffer:
+        """Send what is buffered, waiting for a send in progress; give up after *timeout*."""
+        if self.sender is None:
             return
         deadline = time.monotonic() + timeout
-        while self.buffer and time.monotonic() < deadline:
+        error: Exception | None = None
+        attempt = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.send_lock.acquire(timeout=left):
+                break
             try:
-                self.send_pending()
+                self._send_locked()
+                return
             except Exception as e:
-                print(f"[nsml] could not send reports at exit ({e})", file=sys.stderr)
-                time.sleep(0.5)
+                error = e
+            finally:
+                self.send_lock.release()
+            time.sleep(min(1.0, 0.1 * 2**attempt, max(0.0, deadline - time.monotonic())))
+            attempt += 1
         if self.buffer:
-            print(f"[nsml] {len(self.buffer)} report points were not sent", file=sys.stderr)
+            print(
+                f"[nsml] {len(self.buffer)} report points were not sent ({error or 'timeout'})",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 _state_lock = threading.Lock()

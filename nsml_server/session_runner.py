@@ -542,22 +542,27 @@ class SessionRunner:
             skip = max(0, self._log_size(row.id) - row.log_base)
             pump = asyncio.create_task(backend.copy_logs(row.handle, path, skip))
             waiter = asyncio.create_task(stop.wait())
-            await asyncio.wait({pump, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if not pump.done() and not stop_sent:
-                stop_sent = True
-                log.info(
-                    "%s: stopping (SIGTERM, %gs grace, then SIGKILL)",
-                    row.name,
-                    self.settings.stop_grace_s,
-                )
-                await backend.stop(row.handle, grace_s=self.settings.stop_grace_s)
-                await asyncio.wait({pump}, timeout=30)
-            waiter.cancel()
-            if not pump.done():
-                pump.cancel()
-                await asyncio.gather(pump, return_exceptions=True)
-            elif pump.exception() is not None and not isinstance(pump.exception(), RunNotFound):
-                log.warning("%s: following the output failed: %s", row.name, pump.exception())
+            try:
+                await asyncio.wait({pump, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if not pump.done() and not stop_sent:
+                    stop_sent = True
+                    log.info(
+                        "%s: stopping (SIGTERM, %gs grace, then SIGKILL)",
+                        row.name,
+                        self.settings.stop_grace_s,
+                    )
+                    await backend.stop(row.handle, grace_s=self.settings.stop_grace_s)
+                    await asyncio.wait({pump}, timeout=30)
+            finally:
+                # Never leave a pump behind (cancelled while following: another server may
+                # follow this container next, and two pumps would write the log twice).
+                waiter.cancel()
+                if not pump.done():
+                    pump.cancel()
+                    await asyncio.gather(pump, return_exceptions=True)
+            if not pump.cancelled() and pump.exception() is not None:
+                if not isinstance(pump.exception(), RunNotFound):
+                    log.warning("%s: following the output failed: %s", row.name, pump.exception())
             st = await backend.status(row.handle)
             if st.state is RunState.MISSING:
                 await self._finish(

@@ -525,11 +525,14 @@ class DockerBackend(ExecutionBackend):
     async def _in_own_thread(
         self, what: str, fn: Callable[[dict[str, Any]], T], cancel: Callable[[Any], None]
     ) -> T:
-        """Run ``fn(holder)`` in a new daemon thread; on cancellation call
-        ``cancel(holder["stream"])`` (when set) so that the thread's blocking read ends."""
+        """Run ``fn(holder)`` in a new daemon thread; on cancellation set
+        ``holder["cancelled"]`` (a ``threading.Event`` that *fn* checks before each write),
+        call ``cancel(holder["stream"])`` (when set) so that a blocking read ends, and wait
+        briefly for the thread to finish, so that nothing is written after the caller moved on.
+        """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        holder: dict[str, Any] = {}
+        holder: dict[str, Any] = {"cancelled": threading.Event()}
 
         def deliver(ok: bool, value: Any) -> None:
             if fut.done():
@@ -551,10 +554,13 @@ class DockerBackend(ExecutionBackend):
         try:
             return await fut
         except asyncio.CancelledError:
+            holder["cancelled"].set()
             stream = holder.get("stream")
             if stream is not None:
                 with contextlib.suppress(Exception):
                     cancel(stream)
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(fut), 5.0)
             raise
 
     async def copy_logs(self, handle: str, dest: Path, skip: int = 0, poll_s: float = 0.5) -> int:
@@ -571,9 +577,12 @@ class DockerBackend(ExecutionBackend):
             except docker.errors.NotFound:
                 raise RunNotFound(f"no container {handle!r} on {self.endpoint}") from None
             holder["stream"] = stream
+            cancelled: threading.Event = holder["cancelled"]
             written, to_skip = 0, skip
             with dest.open("ab") as out:
                 for chunk in stream:
+                    if cancelled.is_set():
+                        break
                     if to_skip:
                         if len(chunk) <= to_skip:
                             to_skip -= len(chunk)

@@ -34,6 +34,7 @@ import argparse, json, os, sys, time
 import nsml
 
 print("first line of user code", flush=True)
+print("files", sorted(os.listdir(".")), flush=True)
 p = argparse.ArgumentParser()
 p.add_argument("--lr", type=float, default=0.1)
 p.add_argument("--epochs", type=int, default=2)
@@ -140,7 +141,12 @@ def test_run_reports_checkpoints_logs_fork_and_diff(hub: HubProcess, project: Pa
 
     listed = json.loads(nsml("ps", "--json").stdout)
     assert [s["name"] for s in listed] == [name]
+    assert name in nsml("ps").stdout
+    assert nsml("getid").stdout.strip() == name
 
+    # Follow the output until the session ends (the short name works for one's own).
+    followed = nsml("logs", "-f", "_/1").stdout
+    assert "first line of user code" in followed and "done" in followed, followed
     st = wait_state(nsml, name)
     out = logs(nsml, name)
     assert st["state"] == "completed", (st, out)
@@ -161,7 +167,8 @@ def test_run_reports_checkpoints_logs_fork_and_diff(hub: HubProcess, project: Pa
     # A checkpoint per epoch; the ignored file never reached the snapshot.
     saved = json.loads(nsml("model", name, "--json").stdout)
     assert [c["name"] for c in saved] == ["0", "1"] and saved[1]["step"] == 9
-    assert "big.bin" not in nsml("exec", name, "--", "ls", check=False).stdout
+    assert ".nsmlignore', 'fail.py', 'oom.py', 'train.py']" in out, "big.bin is ignored"
+    assert "completed" in nsml("status", name).stdout
 
     # Fork from the last checkpoint with another learning rate: the child loads it.
     child = nsml("fork", f"{name}/1", "--", "--lr", "0.01", "--epochs", "1").stdout.strip()
