@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .cli_dataset import add_dataset_verb
 from .client import Client, NSMLError
 from .config import ConfigError, resolve
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--drain", metavar="NODE", help="stop placing new work on NODE (admin)")
     g.add_argument("--undrain", metavar="NODE", help="let NODE receive work again (admin)")
+    add_dataset_verb(sub)
     return p
 
 

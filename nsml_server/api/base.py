@@ -48,6 +48,7 @@ class ServerContext:
     default_credits_milli: int = 0
     scheduler: Any = None
     trusted_services: frozenset[str] = frozenset({"nsml-spawner"})
+    datasets: Any = None
 
 
 class APIHandler(web.RequestHandler):

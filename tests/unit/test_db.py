@@ -26,6 +26,10 @@ TABLES = {
     "allocations",
     "placement_requests",
     "leases",
+    "datasets",
+    "dataset_versions",
+    "dataset_uploads",
+    "dataset_holds",
     "alembic_version",
 }
 

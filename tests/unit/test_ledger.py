@@ -42,7 +42,18 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     database = Database(url)
     with database.engine.begin() as conn:  # a clean schema for every test
         conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-        for t in ("placement_requests", "allocations", "leases", "gpus", "nodes", "users"):
+        for t in (
+            "dataset_holds",
+            "dataset_versions",
+            "datasets",
+            "dataset_uploads",
+            "placement_requests",
+            "allocations",
+            "leases",
+            "gpus",
+            "nodes",
+            "users",
+        ):
             conn.execute(
                 text(
                     f"DROP TABLE IF EXISTS {t} CASCADE"
