@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ._work import (
     LINK_FALLBACK_ERRNOS,
@@ -53,6 +53,7 @@ from ._work import (
     remove_tree,
     run_parallel,
     tmp_name,
+    write_all,
 )
 from .errors import (
     Busy,
@@ -1008,12 +1009,37 @@ class Upload:
             Busy: another request is writing the same blob of this upload.
             DatasetError: *offset* is not where the blob stands (``reason="bad-offset"``).
         """
+        writer = self.open_part(sha, offset=offset)
+        if writer is None:
+            return self._size_of(sha)
+        try:
+            writer.pump(stream)
+            return writer.finish()
+        finally:
+            writer.close()
+
+    def open_part(self, sha: str, *, offset: int = 0, hasher: Any = None) -> PartWriter | None:
+        """Open the blob *sha* for writing from *offset*, for data that arrives in pieces.
+
+        What :meth:`put` does, for a caller that is handed chunks (a streamed HTTP body):
+        :meth:`PartWriter.write` each one, then :meth:`PartWriter.finish`, and always
+        :meth:`PartWriter.close`. Returns ``None`` when the store already has the blob.
+
+        Args:
+            hasher: a SHA-256 object holding the state after the first *offset* bytes (kept by
+                the caller from an earlier :meth:`PartWriter.hasher`); without it a resumed
+                blob is re-read and hashed whole when its last byte arrives.
+
+        Raises:
+            Busy: another writer holds this blob of this upload.
+            DatasetError: *offset* is not where the blob stands (``reason="bad-offset"``).
+            NotFound: *sha* is not part of this upload, or the upload is gone.
+        """
         size = self._size_of(sha)
         self._touch()
         if self.store.has(sha):
-            return size
-        part = self._part(sha)
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            return None
+        fd = os.open(self._part(sha), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1030,34 +1056,63 @@ class Upload:
                 )
             if offset == 0:
                 os.ftruncate(fd, 0)
+                hasher = None
             os.lseek(fd, offset, os.SEEK_SET)
-            h, n = pump(stream, fd, limit=size - offset)
-            received = offset + n
-            if received > size:
-                os.unlink(part)
-                raise IntegrityError(
-                    f"blob {sha}: received more than its {size} bytes; upload it again from byte 0",
-                    sha256=sha,
-                    actual=f"{received}+ bytes",
-                )
-            if received < size:
-                return received
-            if offset:
-                os.lseek(fd, 0, os.SEEK_SET)
-                with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
-                    h, _ = pump(f, None, limit=size)
-            if h.hexdigest() != sha:
-                os.unlink(part)
-                raise IntegrityError(
-                    f"blob {sha} is corrupt: the received bytes hash to {h.hexdigest()}; "
-                    "upload it again",
-                    sha256=sha,
-                    actual=h.hexdigest(),
-                )
-            self.store._install(part, fd, sha)
-            return size
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return PartWriter(self, sha, size, fd, offset, hasher)
+
+    def put_blobs(self, blobs: Iterable[tuple[str, bytes | memoryview]]) -> int:
+        """Store several complete blobs of this upload at once (small files, sent packed).
+
+        Each one is hashed and checked; the new ones are written, made durable with one
+        filesystem sync for the whole batch, then linked into place.
+
+        Returns:
+            How many were new to the store.
+
+        Raises:
+            IntegrityError: a blob's bytes do not hash to its name or have another length;
+                nothing of the batch is stored.
+            NotFound: a blob is not part of this upload.
+        """
+        self._touch()
+        staged: Staged = []
+        seen: set[str] = set()
+        try:
+            for sha, data in blobs:
+                size = self._size_of(sha)
+                if len(data) != size:
+                    raise IntegrityError(
+                        f"blob {sha}: received {len(data)} bytes, expected {size}",
+                        sha256=sha,
+                        actual=f"{len(data)} bytes",
+                    )
+                if sha in seen or self.store.has(sha):
+                    continue
+                seen.add(sha)
+                actual = hashlib.sha256(data).hexdigest()
+                if actual != sha:
+                    raise IntegrityError(
+                        f"blob {sha} is corrupt: the received bytes hash to {actual}; "
+                        "upload it again",
+                        sha256=sha,
+                        actual=actual,
+                    )
+                tmp = tmp_name(self.store.tmp_dir, "blob-")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    staged.append((tmp, sha))
+                    write_all(fd, data)
+                    os.fchmod(fd, READ_ONLY)
+                finally:
+                    os.close(fd)
+            return len(self.store._place_staged(staged))
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
 
     def put_file(self, path: str | os.PathLike[str], sha: str, *, link: bool = False) -> bool:
         """Store a local file as the blob *sha* of this upload (see :meth:`BlobStore.put_file`).
@@ -1123,3 +1178,108 @@ class Upload:
         """Drop the upload and its partial blobs (complete blobs go at the next :meth:`gc`)."""
         remove_tree(self._dir)
         log.info("upload %s aborted", self.id)
+
+
+class PartWriter:
+    """One blob of an upload being received in pieces (see :meth:`Upload.open_part`).
+
+    Holds the part file open and locked until :meth:`close`. Not thread-safe: one writer
+    per blob, used by one thread at a time.
+    """
+
+    def __init__(
+        self, upload: Upload, sha: str, size: int, fd: int, offset: int, hasher: Any
+    ) -> None:
+        self.upload = upload
+        self.sha = sha
+        self.size = size
+        self.received = offset
+        self._fd: int | None = fd
+        self._h = hasher.copy() if hasher is not None else None
+        if offset == 0:
+            self._h = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append *data* to the part (hashing it on the way when the hash state is known).
+
+        Raises:
+            IntegrityError: more bytes than the blob has; the part is dropped.
+        """
+        assert self._fd is not None, "writer closed"
+        if self.received + len(data) > self.size:
+            self._drop()
+            raise IntegrityError(
+                f"blob {self.sha}: received more than its {self.size} bytes; upload it again "
+                "from byte 0",
+                sha256=self.sha,
+                actual=f"{self.received + len(data)}+ bytes",
+            )
+        if self._h is not None:
+            self._h.update(data)
+        write_all(self._fd, data)
+        self.received += len(data)
+
+    def pump(self, stream: Readable) -> None:
+        """:meth:`write` everything *stream* brings, to its end."""
+        assert self._fd is not None, "writer closed"
+        limit = self.size - self.received
+        _, n = pump(stream, self._fd, limit=limit, hasher=self._h or _Null())
+        self.received += n
+        if self.received > self.size:
+            self._drop()
+            raise IntegrityError(
+                f"blob {self.sha}: received more than its {self.size} bytes; upload it again "
+                "from byte 0",
+                sha256=self.sha,
+                actual=f"{self.received}+ bytes",
+            )
+
+    def hasher(self) -> Any:
+        """A copy of the hash state after :attr:`received` bytes (``None`` when unknown)."""
+        return self._h.copy() if self._h is not None else None
+
+    def finish(self) -> int:
+        """Store the blob if every byte arrived (verified); return the bytes received.
+
+        Raises:
+            IntegrityError: the complete blob does not hash to its name; the part is dropped.
+        """
+        assert self._fd is not None, "writer closed"
+        if self.received < self.size:
+            return self.received
+        h = self._h
+        if h is None:
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            with os.fdopen(self._fd, "rb", buffering=0, closefd=False) as f:
+                h, _ = pump(f, None, limit=self.size)
+        if h.hexdigest() != self.sha:
+            self._drop()
+            raise IntegrityError(
+                f"blob {self.sha} is corrupt: the received bytes hash to {h.hexdigest()}; "
+                "upload it again",
+                sha256=self.sha,
+                actual=h.hexdigest(),
+            )
+        self.upload.store._install(self.upload._part(self.sha), self._fd, self.sha)
+        return self.size
+
+    def _drop(self) -> None:
+        try:
+            os.unlink(self.upload._part(self.sha))
+        except FileNotFoundError:
+            pass
+        self.received = 0
+        self._h = hashlib.sha256()
+
+    def close(self) -> None:
+        """Release the part (what was received stays for a resume). Idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _Null:
+    """A hasher that ignores its input (a resumed part whose earlier state is unknown)."""
+
+    def update(self, data: bytes | memoryview) -> None:
+        pass

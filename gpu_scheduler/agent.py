@@ -60,8 +60,13 @@ def collect_heartbeat(
     docker_url: str | None,
     images: list[str],
     labels: Mapping[str, str] | None = None,
+    datasets: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """One heartbeat body (the API's ``Heartbeat`` schema) for this machine."""
+    """One heartbeat body (the API's ``Heartbeat`` schema) for this machine.
+
+    *datasets* is what the node's dataset cache holds (``{"name@k": bytes}``): the
+    scheduler's locality.
+    """
     st = probe.status()
     gpus = probe.gpus() if st.enabled else []
     return {
@@ -91,6 +96,7 @@ def collect_heartbeat(
         ],
         "images": images,
         "labels": dict(labels or {}),
+        "datasets": dict(datasets or {}),
     }
 
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .cli_dataset import add_dataset_verb
 from .cli_session import add_session_verbs
 from .client import Client, NSMLError
 from .config import ConfigError, resolve
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drain", metavar="NODE", help="stop placing new work on NODE (admin)")
     g.add_argument("--undrain", metavar="NODE", help="let NODE receive work again (admin)")
     add_session_verbs(sub)
+    add_dataset_verb(sub)
     return p
 
 

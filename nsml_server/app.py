@@ -25,6 +25,7 @@ from traitlets import Bool, Float, Integer, List, Unicode, default, validate
 from traitlets.config import Application
 
 from . import __version__, nodes
+from .api import datasets as ds
 from .api.base import NotFoundHandler, ServerContext
 from .api.handlers import HealthHandler, HeartbeatHandler, MeHandler, NodeHandler, NodesHandler
 from .api.openapi import openapi_document
@@ -394,6 +395,87 @@ class NSMLServer(DBSettings):
     smtp_username = Unicode("", help="SMTP login name ('' for none).").tag(config=True)
     smtp_password = Unicode("", help="SMTP password.").tag(config=True)
 
+    # ---- datasets ---------------------------------------------------------------------------
+
+    dataset_store_dir = Unicode(
+        help="""Folder of the dataset blob store (files by content hash, manifests, uploads in
+        progress). Default: <state_dir>/datasets/store. Keep it on the same filesystem as
+        dataset_cache_dir: the local node's cache then hard-links files instead of copying.""",
+    ).tag(config=True)
+
+    @default("dataset_store_dir")
+    def _default_dataset_store_dir(self) -> str:
+        return str(Path(self.state_dir) / "datasets" / "store")
+
+    dataset_cache_dir = Unicode(
+        help="""Folder of the local node's dataset cache (what containers mount read-only).
+        Default: <state_dir>/datasets/cache. It must be a path the node's Docker engine sees
+        (the same machine).""",
+    ).tag(config=True)
+
+    @default("dataset_cache_dir")
+    def _default_dataset_cache_dir(self) -> str:
+        return str(Path(self.state_dir) / "datasets" / "cache")
+
+    dataset_cache_bytes = Integer(
+        100 << 30,
+        help="""Byte budget of the local node's dataset cache (logical sizes; default 100 GiB).
+        Least recently used versions are evicted to make room; a version a session or notebook
+        server uses is never evicted, so a new one that does not fit waits (or fails when it
+        is larger than the whole budget). Hard links to the store share disk space, so the
+        disk use can be far below the budget; copies across filesystems count in full.""",
+    ).tag(config=True)
+
+    dataset_max_file_bytes = Integer(
+        100 << 30,
+        help="""Largest file a dataset version may hold, in bytes (default 100 GiB). A push
+        with a larger file is refused with its path.""",
+    ).tag(config=True)
+
+    dataset_max_files = Integer(
+        1_000_000, help="Most files one dataset version may hold (default 1,000,000)."
+    ).tag(config=True)
+
+    dataset_durable = Bool(
+        True,
+        help="""Make every stored blob durable (fsync) before it counts as stored, and every
+        version durable before it is visible. False is for tests and benchmarks: after a
+        power loss a store written that way may hold truncated blobs.""",
+    ).tag(config=True)
+
+    dataset_upload_grace = Float(
+        24 * 3600.0,
+        help="""Seconds an unfinished push is kept for a resume; after that the store's garbage
+        collection removes it and the blobs only it brought (default one day).""",
+    ).tag(config=True)
+
+    dataset_gc_interval = Float(
+        3600.0,
+        help="""Seconds between garbage collections of the dataset store (default one hour):
+        stale uploads, blobs no version needs, leftovers of killed pushes.""",
+    ).tag(config=True)
+
+    dataset_reconcile_interval = Float(
+        5.0,
+        help="""Seconds between checks that release the dataset holds of ended allocations in
+        the node caches (default 5). Until then an ended session's dataset is still counted
+        as in use by the cache's eviction.""",
+    ).tag(config=True)
+
+    @validate("dataset_cache_bytes", "dataset_max_file_bytes", "dataset_max_files")
+    def _dataset_sizes(self, proposal: Any) -> int:
+        v = int(proposal["value"])
+        if v < 0 or (v == 0 and proposal["trait"].name != "dataset_cache_bytes"):
+            raise ValueError(f"{proposal['trait'].name} must be a positive number, not {v}")
+        return v
+
+    @validate("dataset_upload_grace", "dataset_gc_interval", "dataset_reconcile_interval")
+    def _dataset_intervals(self, proposal: Any) -> float:
+        v = float(proposal["value"])
+        if v <= 0:
+            raise ValueError(f"{proposal['trait'].name} must be > 0 seconds, not {v}")
+        return v
+
     def initialize(self, argv: list[str] | None = None) -> None:
         super().initialize(argv)
         if self.subapp is not None:
@@ -401,7 +483,7 @@ class NSMLServer(DBSettings):
         if self.config_file:
             self.load_config_file(self.config_file)
         self.log.setLevel(self.log_level)
-        for name in ("nsml_server", "nsml_agent"):
+        for name in ("nsml_server", "nsml_agent", "nsml_datasets"):
             logging.getLogger(name).parent = self.log  # type: ignore[assignment]
 
     # ---- start-up -------------------------------------------------------------------------
@@ -457,6 +539,38 @@ class NSMLServer(DBSettings):
             renew_interval_s=self.lease_renew_interval,
         )
 
+    def init_datasets(self) -> None:
+        from nsml_datasets import BlobStore, NodeCache
+
+        from .datasets import DatasetService
+
+        store = BlobStore(
+            Path(self.dataset_store_dir).expanduser(),
+            max_blob_bytes=self.dataset_max_file_bytes,
+            durable=self.dataset_durable,
+        )
+        cache = None
+        if self.local_node:
+            cache = NodeCache(
+                Path(self.dataset_cache_dir).expanduser(),
+                self.dataset_cache_bytes,
+                store=store,
+            )
+        self.datasets = DatasetService(
+            self.db,
+            store,
+            cache,
+            node_name=self.node_name,
+            now=utcnow,
+            max_file_bytes=self.dataset_max_file_bytes,
+            max_files=self.dataset_max_files,
+        )
+        self.log.info(
+            "dataset store at %s%s",
+            store.root,
+            f"; local cache at {cache.root} ({self.dataset_cache_bytes} bytes)" if cache else "",
+        )
+
     def make_app(self) -> web.Application:
         self.ctx = ServerContext(
             db=self.db,
@@ -470,6 +584,7 @@ class NSMLServer(DBSettings):
             submit_queue=SubmitQueue(self.scheduler, placement_out),
             trusted_services=frozenset(self.trusted_services),
             is_leader=lambda: self.lease.is_leader,
+            datasets=self.datasets,
         )
         api = self.base_url + "api/"
         k = {"ctx": self.ctx}
@@ -487,6 +602,23 @@ class NSMLServer(DBSettings):
             (api + r"nodes/([^/]+)/heartbeat", HeartbeatHandler, k),
             (api + "placements", PlacementsHandler, k),
             (api + r"placements/(\d+)", PlacementHandler, k),
+            (api + r"placements/(\d+)/mounts", ds.MountsHandler, k),
+            (api + r"nodes/([^/]+)/dataset-holds", ds.NodeHoldsHandler, k),
+            (api + r"nodes/([^/]+)/dataset-holds/(\d+)", ds.NodeHoldHandler, k),
+            (api + "datasets", ds.DatasetsHandler, k),
+            (api + "dataset-store", ds.StoreHandler, k),
+            (api + "dataset-store/gc", ds.GcHandler, k),
+            (api + r"datasets/([^/]+)", ds.DatasetHandler, k),
+            (api + r"datasets/([^/]+)/uploads", ds.UploadsHandler, k),
+            (api + r"datasets/([^/]+)/uploads/([^/]+)", ds.UploadHandler, k),
+            (api + r"datasets/([^/]+)/uploads/([^/]+)/commit", ds.CommitHandler, k),
+            (api + r"datasets/([^/]+)/uploads/([^/]+)/blobs/([^/]+)", ds.BlobPutHandler, k),
+            (api + r"datasets/([^/]+)/uploads/([^/]+)/pack", ds.PackInHandler, k),
+            (api + r"datasets/([^/]+)/versions/([^/]+)", ds.VersionHandler, k),
+            (api + r"datasets/([^/]+)/versions/([^/]+)/manifest", ds.ManifestHandler, k),
+            (api + r"datasets/([^/]+)/versions/([^/]+)/blobs/([^/]+)", ds.BlobHandler, k),
+            (api + r"datasets/([^/]+)/versions/([^/]+)/pack", ds.PackOutHandler, k),
+            (api + ".*", NotFoundHandler, k),
         ]
         handlers += self.session_handlers(api)
         handlers.append((api + ".*", NotFoundHandler, k))
@@ -509,6 +641,7 @@ class NSMLServer(DBSettings):
                 backend=str(info.get("kind", "local")),
                 docker_url=info.get("endpoint"),
                 images=docker_images(client),
+                datasets=self.datasets.cache.present() if self.datasets.cache else None,
             )
 
         body = await asyncio.get_running_loop().run_in_executor(None, collect)
@@ -516,7 +649,8 @@ class NSMLServer(DBSettings):
         with self.db.session() as s:
             nodes.apply_heartbeat(s, self.node_name, hb, utcnow())
 
-    async def loop(self, period: float, fn: Any, what: str) -> None:
+    async def loop(self, period: float, fn: Any, what: str, first_after: float = 0) -> None:
+        await asyncio.sleep(first_after)
         while True:
             try:
                 await fn()
@@ -525,6 +659,13 @@ class NSMLServer(DBSettings):
             except Exception:
                 self.log.exception("%s failed; retrying in %.0fs", what, period)
             await asyncio.sleep(period)
+
+    async def reconcile_datasets(self) -> None:
+        await self.datasets.run(self.datasets.reconcile)
+
+    async def gc_datasets(self) -> None:
+        report = await self.datasets.run(self.datasets.gc, self.dataset_upload_grace)
+        self.log.info("dataset store gc: %s", report.model_dump())
 
     async def check_nodes(self) -> None:
         with self.db.session() as s:
@@ -588,8 +729,10 @@ class NSMLServer(DBSettings):
         await self.init_backend()
         self.init_scheduler()
         self.init_sessions()
+        self.init_datasets()
         app = self.make_app()
-        self.http = HTTPServer(app, xheaders=True)
+        # Large reads of streamed dataset uploads (1 MiB instead of 64 KiB).
+        self.http = HTTPServer(app, xheaders=True, chunk_size=1 << 20)
         self.http.listen(self.port, self.ip)
         self.log.info(
             "NSML server %s listening on http://%s:%d%sapi/",
@@ -616,6 +759,21 @@ class NSMLServer(DBSettings):
         tasks.append(
             asyncio.create_task(self.loop(self.heartbeat_interval, self.check_nodes, "node check"))
         )
+        tasks.append(
+            asyncio.create_task(
+                self.loop(self.dataset_reconcile_interval, self.reconcile_datasets, "dataset holds")
+            )
+        )
+        tasks.append(
+            asyncio.create_task(
+                self.loop(
+                    self.dataset_gc_interval,
+                    self.gc_datasets,
+                    "dataset gc",
+                    first_after=self.dataset_gc_interval,
+                )
+            )
+        )
         stop = asyncio.Event()
         scheduler_task = asyncio.create_task(self.scheduler.run(stop))
         runner_task = asyncio.create_task(self.runner.run(stop))
@@ -636,6 +794,7 @@ class NSMLServer(DBSettings):
         if self.local_node:
             self.probe.close()
         await self.runner.backends.close()
+        self.datasets.close()
         self.db.dispose()
 
     def start(self) -> None:

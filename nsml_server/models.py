@@ -36,6 +36,8 @@ NAMING_CONVENTION = {
 }
 
 NODE_STATES = ("up", "draining", "down")
+VISIBILITIES = ("private", "team", "public")
+HOLD_STATES = ("preparing", "ready", "failed", "released")
 PERMISSION_LEVELS = ("user", "admin")
 
 
@@ -85,6 +87,8 @@ class Node(Base):
     gpu_probe: Mapped[dict[str, Any]] = mapped_column(default=dict)
     images: Mapped[list[Any]] = mapped_column(default=list)
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Dataset versions the node's cache holds, {"name@k": bytes}: the scheduler's locality.
+    datasets: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created: Mapped[datetime] = mapped_column(DateTime)
     last_heartbeat: Mapped[datetime | None] = mapped_column(DateTime)
 
@@ -316,3 +320,120 @@ class SessionCheckpoint(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     step: Mapped[int | None] = mapped_column(BigInteger)
     created: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Dataset(Base):
+    """A named dataset: its owner, who may read it, and its leaderboard settings.
+
+    Names are global. ``visibility`` is ``private`` (the owner and admins), ``team`` (also the
+    members of the JupyterHub group ``team``) or ``public`` (every user). ``next_version``
+    only grows, so ``NAME@k`` names one content forever, even after ``rm NAME@k``.
+    """
+
+    __tablename__ = "datasets"
+    __table_args__ = (
+        CheckConstraint("visibility IN ('private', 'team', 'public')", name="visibility_valid"),
+        CheckConstraint("visibility != 'team' OR team IS NOT NULL", name="team_named"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    owner: Mapped[str] = mapped_column(String(255), index=True)
+    visibility: Mapped[str] = mapped_column(String(16), default="private")
+    team: Mapped[str | None] = mapped_column(String(255))
+    metric: Mapped[str | None] = mapped_column(String(64))
+    higher_is_better: Mapped[bool | None] = mapped_column(Boolean)
+    next_version: Mapped[int] = mapped_column(Integer, default=1)
+    created: Mapped[datetime] = mapped_column(DateTime)
+    last_access: Mapped[datetime | None] = mapped_column(DateTime)
+
+    versions: Mapped[list[DatasetVersion]] = relationship(
+        back_populates="dataset",
+        cascade="all, delete-orphan",
+        order_by="DatasetVersion.version",
+        passive_deletes=True,
+    )
+
+
+class DatasetVersion(Base):
+    """One immutable version ``NAME@k``: a manifest in the blob store, by its digest.
+
+    ``test_digest`` names the hidden test split, a manifest stored apart that is never
+    mounted into a user's container nor pulled by users. ``new_bytes`` is what the push of
+    this version added to the store (blobs it did not hold yet).
+    """
+
+    __tablename__ = "dataset_versions"
+    __table_args__ = (UniqueConstraint("dataset_id", "version", name="uq_dataset_versions_k"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), index=True
+    )
+    version: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    new_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    test_digest: Mapped[str | None] = mapped_column(String(64))
+    test_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    test_files: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[datetime] = mapped_column(DateTime)
+    created_by: Mapped[str] = mapped_column(String(255))
+    last_access: Mapped[datetime | None] = mapped_column(DateTime)
+
+    dataset: Mapped[Dataset] = relationship(back_populates="versions")
+
+
+class DatasetUpload(Base):
+    """A push in progress: the store's upload(s), for whom, of which manifest(s).
+
+    ``id`` is the store's upload id of the files; ``test_upload_id`` that of the hidden test
+    split, when the push has one. Committing turns it into the next version of ``name``
+    (creating the dataset on its first version); nothing is visible before that.
+    """
+
+    __tablename__ = "dataset_uploads"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    owner: Mapped[str] = mapped_column(String(255), index=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    missing_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    test_upload_id: Mapped[str | None] = mapped_column(String(32))
+    test_digest: Mapped[str | None] = mapped_column(String(64))
+    created: Mapped[datetime] = mapped_column(DateTime)
+    updated: Mapped[datetime] = mapped_column(DateTime)
+
+
+class DatasetHold(Base):
+    """A dataset version made present in a node's cache for one allocation, mounted read-only.
+
+    ``state``: ``preparing`` (the node is filling its cache), ``ready`` (``host_path`` is the
+    folder to mount), ``failed`` (``message`` says why), ``released`` (the allocation ended
+    and the node's cache no longer holds it for it).
+    """
+
+    __tablename__ = "dataset_holds"
+    __table_args__ = (
+        UniqueConstraint("allocation_id", "key", name="uq_dataset_holds_allocation_key"),
+        CheckConstraint(
+            "state IN ('preparing', 'ready', 'failed', 'released')", name="state_valid"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    allocation_id: Mapped[int] = mapped_column(ForeignKey("allocations.id"), index=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"), index=True)
+    dataset: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(128))
+    digest: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="preparing", index=True)
+    host_path: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(DateTime)
+    updated: Mapped[datetime] = mapped_column(DateTime)

@@ -39,6 +39,7 @@ def apply_heartbeat(s: Session, name: str, hb: Heartbeat, now: datetime) -> Node
     node.gpu_probe = hb.gpu_probe.model_dump()
     node.images = sorted(set(hb.images))
     node.labels = dict(hb.labels)
+    node.datasets = dict(hb.datasets)
     node.last_heartbeat = now
     by_index = {g.index: g for g in node.gpus}
     seen = set()
@@ -121,6 +122,7 @@ def node_out(node: Node, now: datetime) -> NodeOut:
         ],
         images=list(node.images),
         labels=dict(node.labels),
+        datasets=dict(node.datasets or {}),
         last_heartbeat=hb.isoformat() + "Z" if hb else None,
         heartbeat_age_s=round((now - hb).total_seconds(), 3) if hb else None,
     )

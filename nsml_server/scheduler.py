@@ -84,6 +84,7 @@ class SnapshotCache:
                 Node.images,
                 Node.backend,
                 Node.docker_url,
+                Node.datasets,
             ).order_by(Node.name)
         ).all()
         gpus_of: dict[int, list[tuple[Any, ...]]] = {}
@@ -114,6 +115,7 @@ class SnapshotCache:
                 *r[2:7],
                 tuple(r[7] or ()),
                 tuple((*g[:5], tuple(g[5] or ()), *g[6:]) for g in gpus),
+                tuple(sorted((r[10] or {}).items())),
             )
             keys[r[1]] = key
             if snap is not None and self.keys.get(r[1]) == key:
@@ -151,6 +153,7 @@ def _node_snapshot(r: Any, gpus: list[tuple[Any, ...]]) -> NodeSnapshot:
         memory_free_mib=min(r[3], max(0, r[3] - r[5])),
         state=NodeState(r[6]) if reachable(r) else NodeState.DOWN,
         images=frozenset(r[7] or ()),
+        datasets={str(k): int(v) for k, v in (r[10] or {}).items()},
     )
 
 

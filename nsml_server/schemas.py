@@ -6,11 +6,14 @@ a 400 whose message names each offending field.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NodeState = Literal["up", "draining", "down"]
+Visibility = Literal["private", "team", "public"]
+DATASET_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*\Z")
 
 
 class Strict(BaseModel):
@@ -55,6 +58,22 @@ class Heartbeat(Strict):
     gpus: list[GpuReport] = Field(default_factory=list, max_length=256)
     images: list[str] = Field(default_factory=list, max_length=10_000)
     labels: dict[str, str] = Field(default_factory=dict)
+    datasets: dict[str, int] = Field(
+        default_factory=dict,
+        max_length=100_000,
+        description="dataset versions in the node's cache, {'name@k': bytes}: the scheduler's "
+        "locality",
+    )
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_keys(cls, value: dict[str, int]) -> dict[str, int]:
+        for key, size in value.items():
+            if not DATASET_KEY.match(key) or len(key) > 128:
+                raise ValueError(f"{key!r} is not a dataset cache key such as 'mnist@3'")
+            if size < 0:
+                raise ValueError(f"{key!r}: bytes must be >= 0, not {size}")
+        return value
 
 
 class NodePatch(Strict):
@@ -89,6 +108,9 @@ class NodeOut(BaseModel):
     gpus: list[GpuOut]
     images: list[str]
     labels: dict[str, str]
+    datasets: dict[str, int] = Field(
+        default_factory=dict, description="dataset versions cached on the node, {'name@k': bytes}"
+    )
     last_heartbeat: str | None = Field(description="ISO 8601, UTC")
     heartbeat_age_s: float | None
 
@@ -396,3 +418,193 @@ class DiffOut(BaseModel):
         description="other settings that differ: name -> {'a': ..., 'b': ...}"
     )
     code: list[FileChangeOut]
+
+
+# ---- datasets ----------------------------------------------------------------------------------
+
+
+class UploadIn(Strict):
+    """Begin (or resume) pushing a new version of a dataset."""
+
+    manifest: dict[str, object] = Field(
+        description="the version's files: {'format': 'nsml-dataset-manifest/1', 'entries': "
+        "[{'path', 'size', 'sha256', 'executable'}]}"
+    )
+    test_manifest: dict[str, object] | None = Field(
+        default=None,
+        description="a hidden test split, stored apart: never mounted into a user's "
+        "container, never pullable by users",
+    )
+
+
+class MissingBlob(BaseModel):
+    sha256: str
+    size: int
+    offset: int = Field(description="bytes already received: resume the PUT there")
+
+
+class UploadOut(BaseModel):
+    upload_id: str
+    name: str
+    digest: str = Field(description="SHA-256 of the canonical manifest")
+    test_digest: str | None
+    files: int
+    bytes: int
+    missing: list[MissingBlob] = Field(description="blobs the server still needs")
+    missing_bytes: int
+    resumed: bool = Field(description="an upload of the same manifest was resumed")
+
+
+class BlobOut(BaseModel):
+    sha256: str
+    size: int
+    received: int = Field(description="bytes of the blob received so far")
+    complete: bool
+
+
+class PackOut(BaseModel):
+    blobs: int = Field(description="blobs in the pack")
+    stored: int = Field(description="blobs new to the store")
+    bytes: int
+
+
+class LeaderboardOut(BaseModel):
+    metric: str
+    higher_is_better: bool
+
+
+class HiddenSplitOut(BaseModel):
+    digest: str | None = Field(description="shown to admins only")
+    files: int | None = Field(description="shown to admins only")
+    bytes: int | None = Field(description="shown to admins only")
+
+
+class VersionOut(BaseModel):
+    version: int
+    ref: str = Field(description="NAME@k")
+    digest: str
+    files: int
+    bytes: int
+    new_bytes: int = Field(description="bytes this version added to the store when pushed")
+    created: str
+    created_by: str
+    last_access: str | None
+    test_split: HiddenSplitOut | None
+
+
+class DatasetOut(BaseModel):
+    name: str
+    owner: str
+    visibility: Visibility
+    team: str | None
+    scope: Literal["mine", "team", "public", "admin"] = Field(
+        description="why the caller sees it: owner, team member, public, or as an admin"
+    )
+    versions: int
+    latest: int | None
+    bytes: int = Field(description="size of the latest version")
+    total_bytes: int = Field(description="sum of the sizes of every version")
+    leaderboard: LeaderboardOut | None
+    created: str
+    last_access: str | None
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetOut]
+
+
+class DatasetInfo(DatasetOut):
+    version_list: list[VersionOut]
+
+
+class DatasetPatch(Strict):
+    """Share a dataset or change its leaderboard settings (owner or admin)."""
+
+    visibility: Visibility | None = None
+    team: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="the JupyterHub group that may read it (with visibility 'team')",
+    )
+    metric: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$",
+        description="the leaderboard's metric, e.g. 'accuracy'",
+    )
+    higher_is_better: bool | None = None
+
+
+class DeletedOut(BaseModel):
+    name: str
+    versions: list[int] = Field(description="versions removed")
+    dataset_removed: bool = Field(description="the dataset itself is gone (no version left)")
+
+
+class StoreOut(BaseModel):
+    max_file_bytes: int
+    max_files: int
+    store_blobs: int | None = Field(description="admins only")
+    store_bytes: int | None = Field(description="admins only")
+    uploads_in_progress: int | None = Field(description="admins only")
+
+
+class GcIn(Strict):
+    older_than_s: float = Field(
+        default=24 * 3600,
+        ge=0,
+        description="grace period: uploads idle and blobs unreferenced for less are kept",
+    )
+
+
+class GcOut(BaseModel):
+    blobs_removed: int
+    bytes_freed: int
+    manifests_removed: int
+    uploads_removed: int
+    tmp_removed: int
+    missing_live: list[str]
+
+
+class MountOut(BaseModel):
+    ref: str = Field(description="NAME@k")
+    dataset: str
+    version: int
+    state: Literal["preparing", "ready", "failed", "released"]
+    host_path: str | None = Field(description="the folder on the node to bind-mount (ready)")
+    container_path: str = Field(description="where the container sees it: /data/NAME")
+    read_only: bool
+    bytes: int
+    message: str | None
+
+
+class MountsOut(BaseModel):
+    placement: int
+    node: str
+    state: Literal["ready", "preparing", "failed"]
+    mounts: list[MountOut]
+    message: str | None
+
+
+class HoldOut(BaseModel):
+    id: int
+    allocation: int
+    key: str
+    dataset: str
+    version: int
+    digest: str
+    bytes: int
+    state: Literal["preparing", "ready", "failed", "released"]
+    host_path: str | None
+
+
+class HoldList(BaseModel):
+    holds: list[HoldOut]
+
+
+class HoldPatch(Strict):
+    """A node agent's report on one hold."""
+
+    state: Literal["ready", "failed"]
+    host_path: str | None = Field(default=None, max_length=4096)
+    message: str | None = Field(default=None, max_length=4000)

@@ -49,6 +49,7 @@ class ServerContext:
     scheduler: Any = None
     submit_queue: Any = None
     trusted_services: frozenset[str] = frozenset({"nsml-spawner"})
+    datasets: Any = None
 
 
 class APIHandler(web.RequestHandler):

@@ -7,9 +7,57 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from ..schemas import Error, Health, Heartbeat, MeOut, NodeList, NodeOut, NodePatch
+from ..schemas import (
+    BlobOut,
+    DatasetInfo,
+    DatasetList,
+    DatasetPatch,
+    DeletedOut,
+    Error,
+    GcIn,
+    GcOut,
+    Health,
+    Heartbeat,
+    HoldList,
+    HoldOut,
+    HoldPatch,
+    MeOut,
+    MountsOut,
+    NodeList,
+    NodeOut,
+    NodePatch,
+    PackOut,
+    StoreOut,
+    UploadIn,
+    UploadOut,
+    VersionOut,
+)
 
-MODELS: list[type[BaseModel]] = [Error, Health, Heartbeat, MeOut, NodeList, NodeOut, NodePatch]
+MODELS: list[type[BaseModel]] = [
+    Error,
+    Health,
+    Heartbeat,
+    MeOut,
+    NodeList,
+    NodeOut,
+    NodePatch,
+    BlobOut,
+    DatasetInfo,
+    DatasetList,
+    DatasetPatch,
+    DeletedOut,
+    GcIn,
+    GcOut,
+    HoldList,
+    HoldOut,
+    HoldPatch,
+    MountsOut,
+    PackOut,
+    StoreOut,
+    UploadIn,
+    UploadOut,
+    VersionOut,
+]
 
 
 def _ref(model: type[BaseModel]) -> dict[str, Any]:
@@ -26,6 +74,209 @@ ERRORS = {
     "403": _json(Error, "Token lacks the scope or the caller lacks the permission"),
     "404": _json(Error, "No such object"),
 }
+
+DATASET_ERRORS = {
+    **ERRORS,
+    "403": _json(Error, "The caller may read the dataset but not change it (not its owner)"),
+    "404": _json(Error, "No such dataset, version, upload or blob, or one the caller may not read"),
+    "409": _json(Error, "In use, incomplete, name taken, or not where the upload stands"),
+}
+
+RAW = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+def _param(name: str, where: str = "path", **schema: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path",
+        "schema": schema or {"type": "string"},
+    }
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def dataset_paths() -> dict[str, Any]:
+    """The ``datasets``, ``dataset-store`` and mounts endpoints."""
+    name = _param("name", pattern="^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    version = _param("version", description="k, or 'latest'")
+    upload = _param("upload_id", pattern="^[0-9a-f]{32}$")
+    sha = _param("sha256", pattern="^[0-9a-f]{64}$")
+    offset = _param("offset", "query", type="integer", minimum=0)
+    split = _param("split", "query", type="string", enum=["test"])
+    e = DATASET_ERRORS
+    return {
+        "/datasets": {
+            "get": {
+                "summary": "Datasets the caller can read: theirs, their teams', public ones",
+                "parameters": [
+                    _param("scope", "query", type="string", enum=["mine", "team", "public", "all"])
+                ],
+                "responses": {"200": _json(DatasetList, "Datasets"), **e},
+            }
+        },
+        "/datasets/{name}": {
+            "get": {
+                "summary": "A dataset and its versions",
+                "parameters": [name],
+                "responses": {"200": _json(DatasetInfo, "The dataset"), **e},
+            },
+            "patch": {
+                "summary": "Share it (private, team, public) or set its leaderboard (owner)",
+                "parameters": [name],
+                "requestBody": _body(DatasetPatch),
+                "responses": {"200": _json(DatasetInfo, "The dataset"), **e},
+            },
+            "delete": {
+                "summary": "Remove the dataset and every version (owner; 409 while in use)",
+                "parameters": [name],
+                "responses": {"200": _json(DeletedOut, "What was removed"), **e},
+            },
+        },
+        "/datasets/{name}/versions/{version}": {
+            "get": {
+                "summary": "One version",
+                "parameters": [name, version],
+                "responses": {"200": _json(VersionOut, "The version"), **e},
+            },
+            "delete": {
+                "summary": "Remove one version (owner; 409 while in use); k is never reused",
+                "parameters": [name, version],
+                "responses": {"200": _json(DeletedOut, "What was removed"), **e},
+            },
+        },
+        "/datasets/{name}/versions/{version}/manifest": {
+            "get": {
+                "summary": "The version's canonical manifest (X-Manifest-Digest is its SHA-256); "
+                "split=test: the hidden test split (admins)",
+                "parameters": [name, version, split],
+                "responses": {"200": {"description": "The manifest (JSON)"}, **e},
+            }
+        },
+        "/datasets/{name}/versions/{version}/blobs/{sha256}": {
+            "get": {
+                "summary": "One file's bytes by content hash, from byte offset",
+                "parameters": [name, version, sha, offset, split],
+                "responses": {"200": {"description": "The bytes", "content": RAW}, **e},
+            }
+        },
+        "/datasets/{name}/versions/{version}/pack": {
+            "post": {
+                "summary": "Many small files at once: each as '<sha256> <size>\\n' and its bytes",
+                "parameters": [name, version],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "blobs": {"type": "array", "items": {"type": "string"}},
+                                    "split": {"type": "string", "enum": ["", "test"]},
+                                },
+                                "required": ["blobs"],
+                            }
+                        }
+                    },
+                },
+                "responses": {"200": {"description": "The pack", "content": RAW}, **e},
+            }
+        },
+        "/datasets/{name}/uploads": {
+            "post": {
+                "summary": "Begin pushing a new version (the same manifest resumes its upload); "
+                "answers the blobs the server lacks",
+                "parameters": [name],
+                "requestBody": _body(UploadIn),
+                "responses": {
+                    "201": _json(UploadOut, "A new upload"),
+                    "200": _json(UploadOut, "The upload of the same manifest, resumed"),
+                    **e,
+                },
+            }
+        },
+        "/datasets/{name}/uploads/{upload_id}": {
+            "get": {
+                "summary": "What the upload still lacks",
+                "parameters": [name, upload],
+                "responses": {"200": _json(UploadOut, "The upload"), **e},
+            },
+            "delete": {
+                "summary": "Abort the upload",
+                "parameters": [name, upload],
+                "responses": {"204": {"description": "Aborted"}, **e},
+            },
+        },
+        "/datasets/{name}/uploads/{upload_id}/blobs/{sha256}": {
+            "put": {
+                "summary": "A file's bytes (streamed; from offset to resume), checked by hash",
+                "parameters": [name, upload, sha, offset],
+                "requestBody": {"required": True, "content": RAW},
+                "responses": {"200": _json(BlobOut, "Bytes received so far"), **e},
+            }
+        },
+        "/datasets/{name}/uploads/{upload_id}/pack": {
+            "post": {
+                "summary": "Many small files at once: each as '<sha256> <size>\\n' and its bytes",
+                "parameters": [name, upload],
+                "requestBody": {"required": True, "content": RAW},
+                "responses": {"200": _json(PackOut, "Stored"), **e},
+            }
+        },
+        "/datasets/{name}/uploads/{upload_id}/commit": {
+            "post": {
+                "summary": "Make the upload the next version NAME@k (immutable)",
+                "parameters": [name, upload],
+                "responses": {"201": _json(VersionOut, "The new version"), **e},
+            }
+        },
+        "/dataset-store": {
+            "get": {
+                "summary": "Limits of a version; store usage and the local cache (admins)",
+                "responses": {"200": _json(StoreOut, "The store"), **ERRORS},
+            }
+        },
+        "/dataset-store/gc": {
+            "post": {
+                "summary": "Remove stale uploads and blobs no version needs (admin)",
+                "requestBody": _body(GcIn),
+                "responses": {"200": _json(GcOut, "What was removed"), **ERRORS},
+            }
+        },
+        "/placements/{id}/mounts": {
+            "post": {
+                "summary": "Make the placement's datasets present on its node, held for it; "
+                "the read-only mounts (/data/NAME)",
+                "parameters": [
+                    _param("id", type="integer"),
+                    _param("wait_s", "query", type="number", minimum=0, maximum=300),
+                ],
+                "responses": {
+                    "200": _json(MountsOut, "Ready: mount these"),
+                    "202": _json(MountsOut, "Still being cached on the node; ask again"),
+                    "409": _json(Error, "Not placed, or the node's cache cannot hold it"),
+                    **ERRORS,
+                },
+            }
+        },
+        "/nodes/{name}/dataset-holds": {
+            "get": {
+                "summary": "Dataset versions a node's agent must keep cached (admin, agents)",
+                "parameters": [_param("name")],
+                "responses": {"200": _json(HoldList, "The node's holds"), **ERRORS},
+            }
+        },
+        "/nodes/{name}/dataset-holds/{id}": {
+            "put": {
+                "summary": "A node agent reports a hold ready (with its path) or failed",
+                "parameters": [_param("name"), _param("id", type="integer")],
+                "requestBody": _body(HoldPatch),
+                "responses": {"200": _json(HoldOut, "The hold"), **ERRORS},
+            }
+        },
+    }
 
 
 def openapi_document(version: str, base_url: str) -> dict[str, Any]:
@@ -91,6 +342,7 @@ def openapi_document(version: str, base_url: str) -> dict[str, Any]:
         },
     }
     paths.update(session_paths())
+    paths.update(dataset_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "NSML API", "version": version},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime
 
 from pydantic import ValidationError
@@ -12,18 +13,24 @@ from sqlalchemy.orm import Session
 from gpu_scheduler.model import GPU_MILLI, PlacementRequest
 from gpu_scheduler.probe import parse_memory_mib
 
+from ..datasets import Resolved
 from ..models import Allocation, Node, PlacementRequestRow
 from ..scheduler import Submission
 from ..schemas import AllocationOut, PlacementIn, PlacementList, PlacementOut
 from .base import APIError, APIHandler
+from .datasets import dataset_resolver
 
 
 def iso(t: datetime | None) -> str | None:
     return t.isoformat() + "Z" if t else None
 
 
-def spec_of(body: PlacementIn) -> dict[str, object]:
-    """Validate the resource ask and turn it into the stored spec (milli units, MiB)."""
+def spec_of(body: PlacementIn, resolve: Callable[[list[str]], list[Resolved]]) -> dict[str, object]:
+    """Validate the resource ask and turn it into the stored spec (milli units, MiB).
+
+    *resolve* turns the dataset references into versions the user may read (``name@k``, real
+    bytes): a missing or unreadable dataset is a 4xx and nothing is queued.
+    """
     g = body.gpus
     if 0 < g < 1:
         gpu_milli = round(g * GPU_MILLI)
@@ -46,12 +53,10 @@ def spec_of(body: PlacementIn) -> dict[str, object]:
         raise APIError(400, str(e), "bad_request") from e
     if memory_mib < 0:
         raise APIError(400, f"memory={body.memory!r} must not be negative.", "bad_request")
-    datasets = []
-    for ref in body.datasets:
-        name, _, version = ref.partition("@")
-        if not name:
-            raise APIError(400, f"dataset {ref!r}: use 'name' or 'name@version'.", "bad_request")
-        datasets.append({"ref": f"{name}@{version or 'latest'}", "bytes": 0})
+    datasets = [
+        {"ref": d.key, "bytes": d.bytes, "digest": d.digest}
+        for d in (resolve(list(body.datasets)) if body.datasets else [])
+    ]
     spec = {
         "gpu_milli": gpu_milli,
         "gpu_models": sorted(set(body.gpu_models)),
@@ -116,7 +121,7 @@ class PlacementsHandler(APIHandler):
             user = body.user
         if body.priority > 0:
             self.require_admin()
-        spec = spec_of(body)
+        spec = spec_of(body, await dataset_resolver(self, user, body.datasets))
         scheduler = self.ctx.scheduler
         assert scheduler is not None
         sub = Submission(

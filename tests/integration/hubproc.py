@@ -37,7 +37,7 @@ c.JupyterHub.load_roles.append(
 )
 c.JupyterHub.load_roles.append(
     {"name": "test-admin", "scopes": ["admin:users", "admin:servers", "tokens", "list:users",
-     "read:users", "access:services", "admin-ui"], "services": ["test-admin"]}
+     "read:users", "access:services", "admin-ui", "admin:groups"], "services": ["test-admin"]}
 )
 """
 

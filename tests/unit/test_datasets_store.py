@@ -297,6 +297,77 @@ def test_two_writers_of_the_same_partial_blob_are_refused(store: BlobStore) -> N
     assert isinstance(stream.error, Busy)
 
 
+def test_a_blob_received_in_pieces_is_stored_when_its_last_piece_arrives(
+    store: BlobStore,
+) -> None:
+    data = os.urandom(250_000)
+    upload = store.begin(Manifest([Entry("big", len(data), sha(data))]))
+    writer = upload.open_part(sha(data))
+    assert writer is not None
+    try:
+        writer.write(data[:100_000])
+        assert writer.finish() == 100_000 and not store.has(sha(data))
+        state = writer.hasher()
+    finally:
+        writer.close()
+    # Resumed with the hash state kept by the caller: the first piece is not read again.
+    again = upload.open_part(sha(data), offset=100_000, hasher=state)
+    assert again is not None
+    try:
+        again.write(data[100_000:])
+        assert again.finish() == len(data)
+    finally:
+        again.close()
+    assert store.blob_path(sha(data)).read_bytes() == data
+    assert upload.open_part(sha(data)) is None, "a stored blob needs no writer"
+
+
+def test_a_resumed_piece_without_hash_state_is_verified_from_the_file(store: BlobStore) -> None:
+    data = os.urandom(50_000)
+    upload = store.begin(Manifest([Entry("x", len(data), sha(data))]))
+    assert upload.put(io.BytesIO(data[:20_000]), sha(data)) == 20_000
+    writer = upload.open_part(sha(data), offset=20_000)
+    assert writer is not None
+    try:
+        writer.write(b"\0" * 30_000)
+        with pytest.raises(IntegrityError, match="upload it again"):
+            writer.finish()
+    finally:
+        writer.close()
+    assert upload.offset(sha(data)) == 0 and not store.has(sha(data))
+
+
+def test_a_piece_past_the_blobs_size_drops_the_part(store: BlobStore) -> None:
+    data = b"abc" * 100
+    upload = store.begin(Manifest([Entry("x", len(data), sha(data))]))
+    writer = upload.open_part(sha(data))
+    assert writer is not None
+    try:
+        with pytest.raises(IntegrityError, match="more than its 300 bytes"):
+            writer.write(data + b"!")
+    finally:
+        writer.close()
+    assert upload.offset(sha(data)) == 0
+
+
+def test_small_blobs_are_stored_in_one_batch_and_a_bad_one_stores_nothing(
+    store: BlobStore,
+) -> None:
+    files = {f"f{i}": os.urandom(100 + i) for i in range(20)}
+    upload = store.begin(Manifest(Entry(p, len(d), sha(d)) for p, d in files.items()))
+    items = [(sha(d), d) for d in files.values()]
+    bad = [*items[:5], (items[5][0], b"x" * len(items[5][1]))]
+    with pytest.raises(IntegrityError, match="corrupt"):
+        upload.put_blobs(bad)
+    assert not any(store.has(s) for s, _ in items), "nothing of a bad batch is stored"
+    assert upload.put_blobs(items[:10]) == 10
+    assert upload.put_blobs(items) == 10, "blobs already stored are skipped"
+    with pytest.raises(NotFound, match="not part of upload"):
+        upload.put_blobs([(sha(b"other"), b"other")])
+    assert upload.commit()
+    assert list(store.tmp_dir.iterdir()) == []
+
+
 def test_begin_with_the_same_id_resumes_and_with_another_manifest_conflicts(
     store: BlobStore,
 ) -> None:

@@ -30,6 +30,10 @@ TABLES = {
     "session_events",
     "session_metric_chunks",
     "session_checkpoints",
+    "datasets",
+    "dataset_versions",
+    "dataset_uploads",
+    "dataset_holds",
     "alembic_version",
 }
 

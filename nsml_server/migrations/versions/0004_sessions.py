@@ -1,7 +1,7 @@
 """training sessions: sessions, their events, metric chunks and checkpoints
 
 Revision ID: 0004
-Revises: 0002 (the datasets revision 0003 comes between once both are merged)
+Revises: 0003
 Create Date: 2026-11-21 15:01:13.341302
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,278 @@
+"""``nsml dataset push|ls|info|pull|rm|share|gc``: the dataset verbs of the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from . import datasets as ds
+from .client import Client, NSMLError
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def human(n: int | None) -> str:
+    """``1.5 GiB``, ``320 KiB``, ``12 B``."""
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def ago(iso: str | None) -> str:
+    """``3m ago`` for an ISO time in UTC; ``never`` for none."""
+    if not iso:
+        return "never"
+    t = datetime.fromisoformat(iso.rstrip("Z")).replace(tzinfo=UTC)
+    s = max(0, int((datetime.now(UTC) - t).total_seconds()))
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit} ago"
+    return f"{s}s ago"
+
+
+def cmd_push(client: Client, args: argparse.Namespace) -> int:
+    bar = ds.progress_bar((not args.no_progress and sys.stderr.isatty()) or args.progress)
+    try:
+        result = ds.push(
+            client,
+            args.name,
+            args.folder,
+            test_split=args.test_split,
+            metric=args.metric,
+            higher_is_better=args.higher_is_better,
+            on_progress=bar,
+            workers=args.workers,
+        )
+    except KeyboardInterrupt:
+        print("nsml: push interrupted; run the same command again to resume it", file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        _print_json(
+            {
+                **result.version,
+                "sent_bytes": result.sent_bytes,
+            }
+        )
+    else:
+        v = result.version
+        print(
+            f"{v['files']} files, {human(v['bytes'])}; {human(result.new_bytes)} new to the "
+            f"store, {human(result.sent_bytes)} sent",
+            file=sys.stderr,
+        )
+        print(result.ref)
+    return 0
+
+
+def cmd_ls(client: Client, args: argparse.Namespace) -> int:
+    items = ds.ls(client, args.scope)
+    if args.json:
+        _print_json(items)
+        return 0
+    print(
+        f"{'NAME':<28} {'OWNER':<14} {'SHARED':<16} {'VERS':>4} {'LATEST':>6} {'SIZE':>10} "
+        "LAST ACCESS"
+    )
+    for d in items:
+        shared = d["visibility"] + (f":{d['team']}" if d.get("team") else "")
+        print(
+            f"{d['name']:<28} {d['owner']:<14} {shared:<16} {d['versions']:>4} "
+            f"{d['latest'] or '-':>6} {human(d['bytes']):>10} {ago(d['last_access'])}"
+        )
+    return 0
+
+
+def cmd_info(client: Client, args: argparse.Namespace) -> int:
+    out = ds.info(client, args.ref)
+    if args.json:
+        _print_json(out)
+        return 0
+    if "version_list" not in out:
+        _print_version(out)
+        return 0
+    board = out.get("leaderboard")
+    print(
+        f"{out['name']}  owner {out['owner']}, {out['visibility']}"
+        + (f" (team {out['team']})" if out.get("team") else "")
+    )
+    if board:
+        order = "higher" if board["higher_is_better"] else "lower"
+        print(f"leaderboard: {board['metric']}, {order} is better")
+    print(f"last access: {ago(out['last_access'])}")
+    for v in out["version_list"]:
+        _print_version(v)
+    return 0
+
+
+def _print_version(v: dict[str, Any]) -> None:
+    split = " + hidden test split" if v.get("test_split") else ""
+    print(
+        f"  {v['ref']:<24} {v['files']:>7} files {human(v['bytes']):>10}  "
+        f"(+{human(v['new_bytes'])} stored)  by {v['created_by']} {ago(v['created'])}{split}"
+    )
+
+
+def cmd_pull(client: Client, args: argparse.Namespace) -> int:
+    bar = ds.progress_bar((not args.no_progress and sys.stderr.isatty()) or args.progress)
+    try:
+        ref, dest = ds.pull(
+            client,
+            args.ref,
+            args.folder,
+            split="test" if args.test_split else "",
+            on_progress=bar,
+            workers=args.workers,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        _print_json({"ref": ref, "path": str(dest)})
+    else:
+        print(f"{ref} -> {dest}")
+    return 0
+
+
+def cmd_rm(client: Client, args: argparse.Namespace) -> int:
+    out = ds.rm(client, args.ref)
+    if args.json:
+        _print_json(out)
+    else:
+        gone = ", ".join(f"{out['name']}@{k}" for k in out["versions"]) or "no version"
+        print(f"removed {gone}" + (f"; {out['name']} is gone" if out["dataset_removed"] else ""))
+    return 0
+
+
+def cmd_share(client: Client, args: argparse.Namespace) -> int:
+    if args.team:
+        out = ds.share(client, args.name, "team", args.team)
+    else:
+        out = ds.share(client, args.name, "public" if args.public else "private")
+    if args.json:
+        _print_json(out)
+    else:
+        print(
+            f"{out['name']}: {out['visibility']}"
+            + (f" (team {out['team']})" if out.get("team") else "")
+        )
+    return 0
+
+
+def cmd_gc(client: Client, args: argparse.Namespace) -> int:
+    out = ds.gc(client, args.older_than)
+    if args.json:
+        _print_json(out)
+    else:
+        print(
+            f"removed {out['uploads_removed']} stale uploads, {out['blobs_removed']} blobs "
+            f"({human(out['bytes_freed'])}), {out['tmp_removed']} temporary files"
+        )
+    return 0
+
+
+def add_dataset_verb(sub: Any) -> None:
+    """Add ``nsml dataset ...`` to the CLI's verbs."""
+    p = sub.add_parser(
+        "dataset",
+        help="push, list, pull and share versioned datasets",
+        description="Datasets: push a folder once as NAME@k (only new content is stored), "
+        "mount it in sessions and notebook servers read-only under /data/NAME, share it.",
+    )
+    verbs = p.add_subparsers(dest="dataset_verb", metavar="ACTION")
+    verbs.required = True
+
+    def action(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        sp = verbs.add_parser(name, help=help, description=help)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(fn=_guard(fn))
+        return sp
+
+    def progress_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sp.add_argument(
+            "--progress", action="store_true", help="a progress bar even when not on a terminal"
+        )
+        sp.add_argument(
+            "--workers", type=int, default=ds.DEFAULT_WORKERS, help="requests in flight at once"
+        )
+
+    sp = action(
+        "push",
+        cmd_push,
+        "upload FOLDER as the next version of NAME and print NAME@k; run it again to resume "
+        "an interrupted push",
+    )
+    sp.add_argument("name", help="dataset name: letters, digits, '-', '_', '.' (max 64)")
+    sp.add_argument("folder", help="the folder to push (symlinks leaving it are refused)")
+    sp.add_argument(
+        "--test-split",
+        metavar="FOLDER",
+        help="a hidden test split, stored apart: never mounted, pullable only by admins",
+    )
+    sp.add_argument("--metric", help="the leaderboard's metric, e.g. accuracy")
+    order = sp.add_mutually_exclusive_group()
+    order.add_argument(
+        "--higher-is-better", dest="higher_is_better", action="store_true", default=None
+    )
+    order.add_argument("--lower-is-better", dest="higher_is_better", action="store_false")
+    progress_flags(sp)
+
+    sp = action("ls", cmd_ls, "list the datasets you can read: yours, your teams', public ones")
+    sp.add_argument("--scope", choices=["mine", "team", "public", "all"], default="all")
+
+    sp = action("info", cmd_info, "a dataset and its versions (NAME), or one version (NAME@k)")
+    sp.add_argument("ref", metavar="NAME[@k]")
+
+    sp = action("pull", cmd_pull, "download NAME[@k] into a new FOLDER, verifying every file")
+    sp.add_argument("ref", metavar="NAME[@k]")
+    sp.add_argument("folder")
+    sp.add_argument("--test-split", action="store_true", help="the hidden test split (admins)")
+    progress_flags(sp)
+
+    sp = action(
+        "rm", cmd_rm, "remove NAME@k, or all of NAME; refused while a session or server uses it"
+    )
+    sp.add_argument("ref", metavar="NAME[@k]")
+
+    sp = action("share", cmd_share, "who may read NAME: a team (a hub group), everyone, or you")
+    sp.add_argument("name")
+    who = sp.add_mutually_exclusive_group(required=True)
+    who.add_argument("--team", metavar="GROUP", help="members of this JupyterHub group")
+    who.add_argument("--public", action="store_true", help="every user")
+    who.add_argument("--private", action="store_true", help="only you (and admins)")
+
+    sp = action("gc", cmd_gc, "remove stale uploads and unreferenced files from the store (admin)")
+    sp.add_argument(
+        "--older-than",
+        type=float,
+        default=24 * 3600,
+        metavar="SECONDS",
+        help="keep uploads idle for less than this (default one day)",
+    )
+
+
+def _guard(fn: Any) -> Any:
+    """Turn an unexpected dataset-library error into the CLI's error line."""
+
+    def run(client: Client, args: argparse.Namespace) -> int:
+        from nsml_datasets import DatasetError
+
+        try:
+            return int(fn(client, args))
+        except DatasetError as e:
+            raise NSMLError(e.message, reason=e.reason) from None
+
+    return run

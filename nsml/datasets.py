@@ -1,0 +1,761 @@
+"""Datasets from the client's side: push a folder as ``NAME@k``, pull one back, list, share.
+
+Shared by the ``nsml dataset`` CLI, the notebook magics and training code. A push hashes the
+folder (refusing unsafe paths, naming them), asks the server which blobs it lacks, sends only
+those (large files one by one, resumable from the byte where a transfer broke; small files
+packed many per request), then commits. Running the same push again after an interruption
+resumes it: nothing already received is sent again. A pull verifies every byte against its
+SHA-256 and leaves nothing behind when it fails.
+
+Progress goes to a callback of :class:`nsml_datasets.ProgressEvent`; :func:`progress_bar`
+makes one that draws a ``tqdm`` bar in a terminal and an ``ipywidgets`` bar in a notebook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from nsml_datasets import (
+    DatasetError,
+    IntegrityError,
+    Manifest,
+    ProgressCallback,
+    ProgressEvent,
+    format_ref,
+    parse_ref,
+    scan,
+    validate_name,
+)
+from nsml_datasets._work import remove_tree, tmp_name, write_all
+from nsml_datasets.materialize import file_mode, prepare_dest
+
+from .client import Client, NSMLError
+
+PACK_MAX = 1 << 20
+"""Files up to this size travel packed, many per request."""
+
+PACK_BYTES = 16 << 20
+"""Bytes per pack request."""
+
+PACK_FILES = 2000
+"""Files per pack request."""
+
+SEGMENT = 1 << 30
+"""Largest body of one blob request; bigger files go in segments (each one resumable)."""
+
+CHUNK = 1 << 20
+"""Bytes read and sent at once."""
+
+DEFAULT_WORKERS = 2
+"""Requests in flight at once."""
+
+
+def split_ref(ref: str) -> tuple[str, int | None]:
+    """``NAME`` / ``NAME@k`` / ``NAME@latest`` -> ``(name, k or None)``.
+
+    Raises:
+        NSMLError: naming the rule, for a bad reference.
+    """
+    if ref.endswith("@latest"):
+        ref = ref[: -len("@latest")]
+    try:
+        return parse_ref(ref)
+    except DatasetError as e:
+        raise NSMLError(e.message, 400, "bad_request") from None
+
+
+def _path(name: str, *parts: str) -> str:
+    return "datasets/" + "/".join(quote(p, safe="") for p in (name, *parts))
+
+
+def _version_path(name: str, version: int | None) -> str:
+    return _path(name, "versions", "latest" if version is None else str(version))
+
+
+class _Sessions:
+    """One ``requests`` session per thread, with the client's headers."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.local = threading.local()
+
+    def get(self) -> requests.Session:
+        s: requests.Session | None = getattr(self.local, "s", None)
+        if s is None:
+            s = requests.Session()
+            s.headers.update(self.client._http.headers)
+            self.local.s = s
+        return s
+
+    def call(
+        self, method: str, path: str, *, ok: Sequence[int] = (200, 201, 202, 204), **kw: Any
+    ) -> requests.Response:
+        url = self.client.config.url(path)
+        kw.setdefault("timeout", (15, 600))
+        try:
+            r = self.get().request(method, url, **kw)
+        except requests.RequestException as e:
+            raise NSMLError(
+                f"Cannot reach the NSML API at {self.client.config.api_url} "
+                f"({e.__class__.__name__}); run the same command again to resume.",
+                reason="unreachable",
+            ) from e
+        if r.status_code not in ok:
+            try:
+                data = r.json()
+                message, reason = str(data["message"]), str(data.get("reason"))
+            except (ValueError, KeyError, TypeError):
+                message, reason = f"{method} {url} answered {r.status_code}", "http_error"
+            raise NSMLError(message, r.status_code, reason)
+        return r
+
+
+class _Progress:
+    """Counts bytes of one phase from several threads; emits from the calling thread."""
+
+    def __init__(
+        self, phase: str, callback: ProgressCallback | None, total_bytes: int, total_files: int
+    ) -> None:
+        self.phase = phase
+        self.callback = callback
+        self.total_bytes = total_bytes
+        self.total_files = total_files
+        self.done_bytes = 0
+        self.done_files = 0
+        self.path = ""
+        self.lock = threading.Lock()
+        self.last = 0.0
+
+    def add(self, nbytes: int, files: int = 0, path: str = "") -> None:
+        with self.lock:
+            self.done_bytes += nbytes
+            self.done_files += files
+            if path:
+                self.path = path
+
+    def emit(self, force: bool = False) -> None:
+        if self.callback is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < 0.1:
+            return
+        self.last = now
+        with self.lock:
+            event = ProgressEvent(
+                self.phase,
+                min(self.done_bytes, self.total_bytes),
+                self.total_bytes,
+                min(self.done_files, self.total_files),
+                self.total_files,
+                self.path,
+            )
+        self.callback(event)
+
+
+def _run_all(jobs: Sequence[Callable[[], None]], workers: int, progress: _Progress | None) -> None:
+    """Run *jobs* on *workers* threads; the first error cancels the rest and is raised."""
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nsml-dataset") as pool:
+        futures: list[Future[None]] = [pool.submit(job) for job in jobs]
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.1, return_when=FIRST_EXCEPTION)
+                if progress is not None:
+                    progress.emit()
+                for f in done:
+                    if f.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise f.exception()  # type: ignore[misc]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    if progress is not None:
+        progress.emit(force=True)
+
+
+# ---- pushing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What :func:`push` made.
+
+    Attributes:
+        ref: ``NAME@k``.
+        version: the server's description of the new version.
+        sent_bytes: bytes this run sent (a resumed push sends only the rest).
+        new_bytes: bytes the new version added to the store.
+    """
+
+    ref: str
+    version: dict[str, Any]
+    sent_bytes: int
+    new_bytes: int
+
+
+class _FileSlice:
+    """``size`` bytes of a file from ``offset``, as an iterable body with a known length."""
+
+    def __init__(self, path: str, offset: int, size: int, progress: _Progress | None) -> None:
+        self.path = path
+        self.offset = offset
+        self.size = size
+        self.progress = progress
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            left = self.size
+            while left > 0:
+                data = f.read(min(CHUNK, left))
+                if not data:
+                    raise NSMLError(
+                        f"{self.path!r} got shorter while being pushed; push again.",
+                        reason="changed",
+                    )
+                left -= len(data)
+                if self.progress is not None:
+                    self.progress.add(len(data))
+                yield data
+
+
+def _send_blob(
+    http: _Sessions,
+    base: str,
+    path: str,
+    rel: str,
+    sha: str,
+    size: int,
+    offset: int,
+    progress: _Progress | None,
+) -> int:
+    """PUT one blob from *offset*, in segments of at most :data:`SEGMENT` bytes."""
+    if progress is not None:
+        progress.add(offset)
+    sent = 0
+    while True:
+        length = min(SEGMENT, size - offset)
+        r = http.call(
+            "PUT",
+            f"{base}/blobs/{sha}",
+            params={"offset": offset},
+            data=_FileSlice(path, offset, length, progress),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        sent += length
+        out = r.json()
+        if out["complete"]:
+            break
+        if int(out["received"]) != offset + length:
+            raise NSMLError(
+                f"the server holds {out['received']} bytes of {rel!r}, expected {offset + length}",
+                reason="conflict",
+            )
+        offset = int(out["received"])
+    if progress is not None:
+        progress.add(0, files=1, path=rel)
+    return sent
+
+
+def _send_pack(
+    http: _Sessions,
+    base: str,
+    items: Sequence[tuple[str, str, int, str]],
+    progress: _Progress | None,
+) -> int:
+    """POST many small blobs in one body: ``<sha256> <size>\\n<bytes>`` each."""
+    parts: list[bytes] = []
+    for sha, path, size, rel in items:
+        with open(path, "rb", buffering=0) as f:
+            data = f.read(size + 1)
+        if len(data) != size:
+            raise NSMLError(f"{rel!r} changed while being pushed; push again.", reason="changed")
+        parts.append(f"{sha} {size}\n".encode("ascii"))
+        parts.append(data)
+    body = b"".join(parts)
+    http.call(
+        "POST", f"{base}/pack", data=body, headers={"Content-Type": "application/octet-stream"}
+    )
+    if progress is not None:
+        progress.add(sum(i[2] for i in items), files=len(items), path=items[-1][3])
+    return sum(i[2] for i in items)
+
+
+def push(
+    client: Client,
+    name: str,
+    folder: str | os.PathLike[str],
+    *,
+    test_split: str | os.PathLike[str] | None = None,
+    metric: str | None = None,
+    higher_is_better: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+    workers: int = DEFAULT_WORKERS,
+) -> PushResult:
+    """Push *folder* as the next version of dataset *name*; return ``NAME@k``.
+
+    Args:
+        test_split: a folder holding the hidden test split (stored apart, never mounted).
+        metric, higher_is_better: the dataset's leaderboard settings, set after the push.
+        on_progress: progress events: ``scan`` and ``hash`` (of each folder), ``upload``.
+        workers: requests in flight at once.
+
+    Raises:
+        NSMLError: what the server refused, or an unsafe path in the folder (named).
+    """
+    try:
+        validate_name(name)
+    except DatasetError as e:
+        raise NSMLError(e.message, 400, "bad_request") from None
+    if metric is not None and higher_is_better is None:
+        raise NSMLError(
+            "Say whether a higher metric is better (--higher-is-better or --lower-is-better).",
+            400,
+            "bad_request",
+        )
+    http = _Sessions(client)
+    limits = http.call("GET", "dataset-store").json()
+    roots = {"": Path(folder)}
+    if test_split is not None:
+        roots["test"] = Path(test_split)
+    manifests: dict[str, Manifest] = {}
+    for split, root in roots.items():
+        try:
+            manifests[split] = scan(
+                root,
+                max_file_bytes=int(limits["max_file_bytes"]),
+                max_files=int(limits["max_files"]),
+                on_progress=on_progress,
+            )
+        except DatasetError as e:
+            where = f" (test split {os.fspath(root)!r})" if split else ""
+            raise NSMLError(
+                f"{e.message}{where}", 400, getattr(e, "reason", "bad_request")
+            ) from None
+    body: dict[str, Any] = {"manifest": manifests[""].to_dict()}
+    if "test" in manifests:
+        body["test_manifest"] = manifests["test"].to_dict()
+    up = http.call("POST", _path(name, "uploads"), json=body).json()
+    base = _path(name, "uploads", up["upload_id"])
+    sources: dict[str, tuple[str, str]] = {}
+    for split, m in manifests.items():
+        for e in m:
+            sources.setdefault(e.sha256, (os.path.join(roots[split], e.path), e.path))
+    missing = up["missing"]
+    progress = _Progress("upload", on_progress, sum(b["size"] for b in missing), len(missing))
+    jobs: list[Callable[[], None]] = []  # large blobs first: packs fill the end evenly
+    packs: list[Callable[[], None]] = []
+    sent = [0]
+    lock = threading.Lock()
+
+    def count(n: int) -> None:
+        with lock:
+            sent[0] += n
+
+    pack: list[tuple[str, str, int, str]] = []
+    pack_bytes = 0
+
+    def flush_pack() -> None:
+        nonlocal pack, pack_bytes
+        if pack:
+            items = pack
+            packs.append(lambda: count(_send_pack(http, base, items, progress)))
+            pack, pack_bytes = [], 0
+
+    for b in missing:
+        sha, size, offset = b["sha256"], int(b["size"]), int(b["offset"])
+        path, rel = sources[sha]
+        if size <= PACK_MAX and offset == 0:
+            pack.append((sha, path, size, rel))
+            pack_bytes += size
+            if pack_bytes >= PACK_BYTES or len(pack) >= PACK_FILES:
+                flush_pack()
+        else:
+            jobs.append(
+                lambda sha=sha, path=path, rel=rel, size=size, offset=offset: count(
+                    _send_blob(http, base, path, rel, sha, size, offset, progress)
+                )
+            )
+    flush_pack()
+    try:
+        _run_all(jobs + packs, max(1, workers), progress)
+    except NSMLError as e:
+        if e.reason == "integrity":
+            raise NSMLError(
+                f"{e.message} (a file changed while being pushed?); push again.",
+                e.status,
+                e.reason,
+            ) from None
+        raise
+    version = http.call("POST", f"{base}/commit").json()
+    if metric is not None or higher_is_better is not None:
+        patch: dict[str, Any] = {"higher_is_better": higher_is_better}
+        if metric is not None:
+            patch["metric"] = metric
+        http.call("PATCH", _path(name), json=patch)
+    return PushResult(
+        ref=str(version["ref"]),
+        version=version,
+        sent_bytes=sent[0],
+        new_bytes=int(version.get("new_bytes", 0)),
+    )
+
+
+# ---- pulling -------------------------------------------------------------------------------
+
+
+def manifest(
+    client: Client, name: str, version: int | None = None, *, split: str = ""
+) -> tuple[Manifest, int]:
+    """The manifest of ``name@version`` (verified against its digest) and the version ``k``."""
+    http = _Sessions(client)
+    r = http.call(
+        "GET",
+        _version_path(name, version) + "/manifest",
+        params={"split": split} if split else None,
+    )
+    digest = r.headers.get("X-Manifest-Digest", "")
+    if hashlib.sha256(r.content).hexdigest() != digest:
+        raise NSMLError(
+            f"the manifest of {name} does not match its digest {digest}", reason="integrity"
+        )
+    info = http.call("GET", _version_path(name, version)).json()
+    try:
+        return Manifest.from_json(r.content), int(info["version"])
+    except DatasetError as e:
+        raise NSMLError(f"the server sent a bad manifest: {e.message}", reason="integrity") from e
+
+
+class _Sink:
+    """Writes one blob's bytes to its first file, hashing them."""
+
+    def __init__(self, build: str, entry_path: str, size: int, sha: str, rel: str) -> None:
+        self.target = os.path.join(build, entry_path)
+        self.fd = os.open(
+            self.target,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        self.h = hashlib.sha256()
+        self.n = 0
+        self.size = size
+        self.sha = sha
+        self.rel = rel
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.n + len(data) > self.size:
+            raise IntegrityError(
+                f"{self.rel!r}: the server sent more than its {self.size} bytes",
+                sha256=self.sha,
+                actual=f"{self.n + len(data)}+ bytes",
+            )
+        self.h.update(data)
+        write_all(self.fd, data)
+        self.n += len(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.n != self.size or self.h.hexdigest() != self.sha:
+            raise IntegrityError(
+                f"{self.rel!r} is corrupt: expected sha256 {self.sha} and {self.size} bytes, "
+                f"got {self.h.hexdigest()} and {self.n} bytes",
+                sha256=self.sha,
+                actual=self.h.hexdigest(),
+            )
+
+
+def pull(
+    client: Client,
+    ref: str,
+    dest: str | os.PathLike[str],
+    *,
+    split: str = "",
+    on_progress: ProgressCallback | None = None,
+    workers: int = DEFAULT_WORKERS,
+) -> tuple[str, Path]:
+    """Download ``NAME[@k]`` into the new folder *dest*, verifying every file's SHA-256.
+
+    Files are the user's own, writable copies. The folder is built under a hidden sibling and
+    renamed into place at the end: *dest* is complete or absent.
+
+    Returns:
+        ``(NAME@k, dest)``.
+
+    Raises:
+        NSMLError: the server refused, or a file does not match its hash (nothing is left).
+    """
+    name, version = split_ref(ref)
+    m, k = manifest(client, name, version, split=split)
+    vbase = _version_path(name, k)
+    target = Path(dest).absolute()
+    try:
+        prepare_dest(target)
+    except DatasetError as e:
+        raise NSMLError(e.message, 400, "exists") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = tmp_name(target.parent, f".{target.name}.partial-")
+    build.mkdir(mode=0o755)
+    http = _Sessions(client)
+    groups = m.by_sha()
+    progress = _Progress("fetch", on_progress, m.blob_bytes, len(groups))
+    extra = {"split": split} if split else {}
+    try:
+        for folder in sorted({os.path.dirname(e.path) for e in m if "/" in e.path}):
+            os.makedirs(os.path.join(build, folder), exist_ok=True)
+
+        def fetch_one(sha: str) -> None:
+            first = groups[sha][0]
+            sink = _Sink(os.fspath(build), first.path, first.size, sha, first.path)
+            try:
+                with http.call(
+                    "GET", f"{vbase}/blobs/{sha}", params=extra or None, stream=True
+                ) as r:
+                    for data in r.iter_content(CHUNK):
+                        sink.write(data)
+                        progress.add(len(data))
+            finally:
+                sink.close()
+            progress.add(0, files=1, path=first.path)
+
+        def fetch_pack(shas: list[str]) -> None:
+            with http.call(
+                "POST", f"{vbase}/pack", json={"blobs": shas, **extra}, stream=True
+            ) as r:
+                buf = bytearray()
+                stream = r.iter_content(CHUNK)
+                for sha in shas:
+                    first = groups[sha][0]
+                    while (nl := buf.find(b"\n")) < 0:
+                        buf += next(stream, b"") or _short(first.path)
+                    head = buf[:nl].decode("ascii").split(" ")
+                    if head[0] != sha or int(head[1]) != first.size:
+                        raise IntegrityError(
+                            f"{first.path!r}: the server sent {head[0]} instead",
+                            sha256=sha,
+                            actual=head[0],
+                        )
+                    del buf[: nl + 1]
+                    while len(buf) < first.size:
+                        buf += next(stream, b"") or _short(first.path)
+                    sink = _Sink(os.fspath(build), first.path, first.size, sha, first.path)
+                    try:
+                        sink.write(memoryview(buf)[: first.size])
+                    finally:
+                        sink.close()
+                    del buf[: first.size]
+                    progress.add(first.size, files=1, path=first.path)
+
+        jobs: list[Callable[[], None]] = []
+        batch: list[str] = []
+        batch_bytes = 0
+        for sha, entries in groups.items():
+            size = entries[0].size
+            if size > PACK_MAX:
+                jobs.append(lambda sha=sha: fetch_one(sha))
+                continue
+            batch.append(sha)
+            batch_bytes += size
+            if batch_bytes >= PACK_BYTES or len(batch) >= PACK_FILES:
+                jobs.append(lambda b=batch: fetch_pack(b))
+                batch, batch_bytes = [], 0
+        if batch:
+            jobs.append(lambda b=batch: fetch_pack(b))
+        _run_all(jobs, max(1, workers), progress)
+        # Permissions, and the other paths of a content that appears several times.
+        for entries in groups.values():
+            first = os.path.join(build, entries[0].path)
+            for other in entries[1:]:
+                _copy(first, os.path.join(build, other.path))
+            for e in entries:
+                os.chmod(os.path.join(build, e.path), file_mode(e, readonly=False))
+        if target.is_dir():
+            target.rmdir()
+        os.rename(build, target)
+    except IntegrityError as e:
+        remove_tree(build)
+        raise NSMLError(e.message, reason="integrity") from None
+    except BaseException:
+        remove_tree(build)
+        raise
+    return format_ref(name, k), target
+
+
+def _short(path: str) -> bytes:
+    raise IntegrityError(f"{path!r}: the server's answer ended early", sha256="", actual="")
+
+
+def _copy(src: str, dst: str) -> None:
+    with open(src, "rb") as f, open(dst, "xb") as g:
+        while data := f.read(CHUNK):
+            g.write(data)
+
+
+# ---- the rest ------------------------------------------------------------------------------
+
+
+def ls(client: Client, scope: str = "all") -> list[dict[str, Any]]:
+    """Datasets the caller can read (``scope``: ``mine``, ``team``, ``public`` or ``all``)."""
+    out: list[dict[str, Any]] = client.request("GET", "datasets", scope=scope)["datasets"]
+    return out
+
+
+def info(client: Client, ref: str) -> dict[str, Any]:
+    """A dataset with its versions (``NAME``), or one version (``NAME@k``)."""
+    name, version = split_ref(ref)
+    if version is None and "@" not in ref:
+        out: dict[str, Any] = client.request("GET", _path(name))
+        return out
+    version_out: dict[str, Any] = client.request("GET", _version_path(name, version))
+    return version_out
+
+
+def rm(client: Client, ref: str) -> dict[str, Any]:
+    """Remove ``NAME@k``, or the whole dataset ``NAME``; refused while a session uses it."""
+    name, version = split_ref(ref)
+    if version is None and "@" in ref:
+        raise NSMLError(f"Name the version to remove ({name}@3), or the whole {name}.", 400)
+    path = _path(name) if version is None else _version_path(name, version)
+    out: dict[str, Any] = client.request("DELETE", path)
+    return out
+
+
+def share(client: Client, name: str, visibility: str, team: str | None = None) -> dict[str, Any]:
+    """Make *name* ``private``, readable by the JupyterHub group *team``, or ``public``."""
+    body: dict[str, Any] = {"visibility": visibility}
+    if team is not None:
+        body["team"] = team
+    out: dict[str, Any] = client.request("PATCH", _path(name), body)
+    return out
+
+
+def set_leaderboard(
+    client: Client, name: str, metric: str | None, higher_is_better: bool | None
+) -> dict[str, Any]:
+    """Set (or with ``metric=None`` clear) the dataset's leaderboard metric and its order."""
+    out: dict[str, Any] = client.request(
+        "PATCH", _path(name), {"metric": metric, "higher_is_better": higher_is_better}
+    )
+    return out
+
+
+def gc(client: Client, older_than_s: float) -> dict[str, Any]:
+    """Collect the store's garbage now (admin)."""
+    out: dict[str, Any] = client.request("POST", "dataset-store/gc", {"older_than_s": older_than_s})
+    return out
+
+
+# ---- progress display ----------------------------------------------------------------------
+
+PHASES = {
+    "scan": "scanning",
+    "hash": "hashing",
+    "upload": "uploading",
+    "fetch": "downloading",
+    "push": "storing",
+    "materialize": "building",
+}
+
+
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (where a widget can be shown)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except AttributeError:
+        return False
+    return shell is not None and hasattr(shell, "kernel")
+
+
+class ProgressBar:
+    """A progress callback that draws one bar per phase: ``tqdm`` in a terminal, an
+    ``ipywidgets`` bar in a notebook (``widget=True``). Call :meth:`close` at the end."""
+
+    def __init__(self, *, widget: bool | None = None, file: Any = None) -> None:
+        self.widget = in_notebook() if widget is None else widget
+        self.file = file if file is not None else sys.stderr
+        self.phase = ""
+        self.bar: Any = None
+        self.label: Any = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.phase != self.phase:
+            self._finish()
+            self.phase = event.phase
+            self._open(event)
+        if self.widget:
+            self.bar.max = max(1, event.total_bytes)
+            self.bar.value = event.done_bytes
+            self.label.value = (
+                f"{PHASES.get(event.phase, event.phase)} {event.done_files}/{event.total_files} "
+                f"files, {_mib(event.done_bytes)}/{_mib(event.total_bytes)} MiB"
+            )
+        else:
+            self.bar.total = event.total_bytes or None
+            self.bar.update(event.done_bytes - self.bar.n)
+
+    def _open(self, event: ProgressEvent) -> None:
+        desc = PHASES.get(event.phase, event.phase)
+        if self.widget:
+            import ipywidgets
+            from IPython.display import display
+
+            self.bar = ipywidgets.IntProgress(
+                min=0, max=max(1, event.total_bytes), description=desc
+            )
+            self.label = ipywidgets.Label()
+            display(ipywidgets.HBox([self.bar, self.label]))
+        else:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=event.total_bytes or None,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=desc,
+                file=self.file,
+                leave=True,
+                dynamic_ncols=True,
+            )
+
+    def _finish(self) -> None:
+        if self.bar is None:
+            return
+        if self.widget:
+            self.bar.bar_style = "success"
+        else:
+            self.bar.close()
+        self.bar = None
+
+    def close(self) -> None:
+        self._finish()
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f}"
+
+
+def progress_bar(enabled: bool = True) -> ProgressBar | None:
+    """A :class:`ProgressBar` for this environment, or ``None`` when *enabled* is false."""
+    return ProgressBar() if enabled else None

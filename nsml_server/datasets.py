@@ -1,0 +1,1267 @@
+"""Datasets in the NSML server: names, versions, who may read them, pushes, and node-cache holds.
+
+The files live in a content-addressed :class:`~nsml_datasets.BlobStore` under the server's
+state folder; this module keeps what the database knows (names, owners, visibility, versions,
+uploads in progress, which allocation holds which version on which node) and applies the
+access rules. The HTTP handlers in :mod:`nsml_server.api.datasets` are thin over it.
+
+Access rules (one place: :func:`can_read`):
+
+- ``private``: the owner; ``team``: also every member of the JupyterHub group ``team``;
+  ``public``: every user. Hub admins and trusted services read everything.
+- Only the owner (or an admin) pushes new versions, removes versions, shares the dataset or
+  changes its leaderboard settings.
+- A dataset the caller may not read answers **404**, exactly as a missing one does: its
+  existence is not leaked. A dataset the caller may read but not change answers **403**.
+  Names are global, so pushing to a name someone else owns and the caller cannot see answers
+  409 ``name_taken``.
+- The hidden test split of a version is never mounted into a container and only admins (and
+  the server itself) may read it: 403 for everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from nsml_datasets import (
+    BlobStore,
+    CacheFull,
+    DatasetError,
+    InUse,
+    InvalidName,
+    Manifest,
+    NodeCache,
+    NotFound,
+    UnsafePath,
+    UploadIncomplete,
+    format_ref,
+    parse_ref,
+    validate_name,
+)
+from nsml_datasets.store import PartWriter, Upload, validate_upload_id
+
+from .api.base import APIError
+from .db import Database
+from .models import (
+    Allocation,
+    Dataset,
+    DatasetHold,
+    DatasetUpload,
+    DatasetVersion,
+    Node,
+    PlacementRequestRow,
+)
+from .schemas import (
+    DatasetInfo,
+    DatasetOut,
+    DeletedOut,
+    GcOut,
+    HiddenSplitOut,
+    HoldOut,
+    LeaderboardOut,
+    MissingBlob,
+    MountOut,
+    MountsOut,
+    UploadOut,
+    VersionOut,
+)
+
+log = logging.getLogger("nsml_server.datasets")
+
+T = TypeVar("T")
+
+CONTAINER_ROOT = "/data"
+"""Datasets appear read-only under ``/data/NAME`` in containers."""
+
+PUSH_HINT = "push one with `nsml dataset push NAME FOLDER`"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: a user name, their JupyterHub groups (teams), and whether they are an admin."""
+
+    name: str
+    groups: frozenset[str] = frozenset()
+    is_admin: bool = False
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A dataset reference resolved to one version.
+
+    Attributes:
+        name: the dataset.
+        version: its version ``k``.
+        key: ``name@k``, the node caches' key.
+        digest: the version's manifest digest.
+        bytes: the version's size (what copying it to a node costs).
+        files: its number of files.
+    """
+
+    name: str
+    version: int
+    key: str
+    digest: str
+    bytes: int
+    files: int = 0
+
+
+def iso(t: datetime | None) -> str | None:
+    return t.isoformat() + "Z" if t else None
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+_REASONS: dict[str, tuple[int, str]] = {
+    "invalid-name": (400, "bad_request"),
+    "bad-manifest": (400, "bad_request"),
+    "integrity": (400, "integrity"),
+    "too-large": (400, "too_large"),
+    "not-found": (404, "not_found"),
+    "upload-incomplete": (409, "upload_incomplete"),
+    "bad-offset": (409, "bad_offset"),
+    "busy": (409, "busy"),
+    "in-use": (409, "in_use"),
+    "conflict": (409, "conflict"),
+    "larger-than-budget": (409, "dataset_cache_too_small"),
+}
+
+
+def api_error(e: DatasetError) -> APIError:
+    """The API's answer to an error of the dataset library (a 4xx with its message)."""
+    if isinstance(e, UnsafePath):
+        status, reason = 400, "too_large" if e.reason == "too-large" else "unsafe_path"
+        return APIError(status, e.message, reason)
+    status, reason = _REASONS.get(e.reason, (400, "bad_request"))
+    if isinstance(e, CacheFull) and e.reason == "in-use":
+        status, reason = 409, "dataset_cache_full"
+    return APIError(status, e.message, reason)
+
+
+def parse(ref: str) -> tuple[str, int | None]:
+    """``name``, ``name@k`` or ``name@latest`` -> ``(name, k or None)``; a 400 otherwise."""
+    if ref.endswith("@latest"):
+        ref = ref[: -len("@latest")]
+    try:
+        return parse_ref(ref)
+    except InvalidName as e:
+        raise APIError(400, e.message, "bad_request") from None
+
+
+def check_name(name: str) -> str:
+    try:
+        return validate_name(name)
+    except InvalidName as e:
+        raise APIError(400, e.message, "bad_request") from None
+
+
+# ---- access --------------------------------------------------------------------------------
+
+
+def can_read(ds: Dataset, c: Caller) -> bool:
+    """Whether *c* may list, pull and mount *ds*."""
+    return (
+        c.is_admin
+        or ds.owner == c.name
+        or ds.visibility == "public"
+        or (ds.visibility == "team" and ds.team is not None and ds.team in c.groups)
+    )
+
+
+def scope_of(ds: Dataset, c: Caller) -> str:
+    """Why *c* sees *ds*: ``mine``, ``team``, ``public`` or ``admin``."""
+    if ds.owner == c.name:
+        return "mine"
+    if ds.visibility == "team" and ds.team in c.groups:
+        return "team"
+    if ds.visibility == "public":
+        return "public"
+    return "admin"
+
+
+def _invisible(name: str) -> APIError:
+    return APIError(
+        404,
+        f"No dataset {name!r} that you can read: check the name (`nsml dataset ls`), ask its "
+        f"owner to share it (`nsml dataset share {name} --team TEAM` or `--public`), or "
+        f"{PUSH_HINT}.",
+        "not_found",
+    )
+
+
+def readable(s: Session, c: Caller, name: str) -> Dataset:
+    """The dataset *name* if *c* may read it; 404 otherwise (missing or not visible alike)."""
+    ds = s.scalar(select(Dataset).where(Dataset.name == check_name(name)))
+    if ds is None or not can_read(ds, c):
+        raise _invisible(name)
+    return ds
+
+
+def owned(s: Session, c: Caller, name: str) -> Dataset:
+    """The dataset *name* if *c* owns it (or is an admin); 404 if invisible, 403 if only read."""
+    ds = readable(s, c, name)
+    if not (c.is_admin or ds.owner == c.name):
+        raise APIError(
+            403,
+            f"Dataset {name!r} belongs to {ds.owner}: only its owner (or an admin) may change "
+            "it. Push your own copy under another name.",
+            "forbidden",
+        )
+    return ds
+
+
+def version_of(s: Session, ds: Dataset, version: int | None) -> DatasetVersion:
+    """Version *version* of *ds* (``None``: the newest); 404 naming the versions there are."""
+    q = select(DatasetVersion).where(DatasetVersion.dataset_id == ds.id)
+    if version is None:
+        row = s.scalar(q.order_by(DatasetVersion.version.desc()).limit(1))
+    else:
+        row = s.scalar(q.where(DatasetVersion.version == version))
+    if row is None:
+        have = list(
+            s.scalars(
+                select(DatasetVersion.version)
+                .where(DatasetVersion.dataset_id == ds.id)
+                .order_by(DatasetVersion.version)
+            )
+        )
+        listed = ", ".join(str(v) for v in have) or "none"
+        what = f"has no version {version}" if version is not None else "has no version yet"
+        raise APIError(
+            404,
+            f"Dataset {ds.name!r} {what} (its versions: {listed}); {PUSH_HINT}.",
+            "not_found",
+        )
+    return row
+
+
+def resolve_refs(
+    session: Session, user_name: str, groups: Iterable[str], is_admin: bool, refs: Sequence[str]
+) -> list[Resolved]:
+    """Resolve dataset references for *user_name* to concrete versions.
+
+    ``"name"`` and ``"name@latest"`` mean the newest version, ``"name@k"`` version *k*.
+
+    Raises:
+        APIError: 400 for a malformed reference or one dataset named twice (both would be
+            mounted at ``/data/NAME``); 404 for a dataset the user cannot read (missing or not
+            shared with them alike) or a version that does not exist, naming it and what to do.
+    """
+    c = Caller(user_name, frozenset(groups), is_admin)
+    out: list[Resolved] = []
+    seen: set[str] = set()
+    for ref in refs:
+        name, version = parse(ref)
+        if name in seen:
+            raise APIError(
+                400,
+                f"Dataset {name!r} is asked for twice; a session mounts one version of each "
+                f"dataset (at {CONTAINER_ROOT}/{name}).",
+                "bad_request",
+            )
+        seen.add(name)
+        ds = readable(session, c, name)
+        v = version_of(session, ds, version)
+        out.append(
+            Resolved(
+                name=ds.name,
+                version=v.version,
+                key=format_ref(ds.name, v.version),
+                digest=v.digest,
+                bytes=v.bytes,
+                files=v.files,
+            )
+        )
+    return out
+
+
+# ---- views ---------------------------------------------------------------------------------
+
+
+def dataset_out(ds: Dataset, c: Caller, versions: Sequence[DatasetVersion]) -> dict[str, Any]:
+    latest = versions[-1] if versions else None
+    return {
+        "name": ds.name,
+        "owner": ds.owner,
+        "visibility": ds.visibility,
+        "team": ds.team,
+        "scope": scope_of(ds, c),
+        "versions": len(versions),
+        "latest": latest.version if latest else None,
+        "bytes": latest.bytes if latest else 0,
+        "total_bytes": sum(v.bytes for v in versions),
+        "leaderboard": LeaderboardOut(metric=ds.metric, higher_is_better=bool(ds.higher_is_better))
+        if ds.metric
+        else None,
+        "created": iso(ds.created) or "",
+        "last_access": iso(ds.last_access),
+    }
+
+
+def version_out(ds: Dataset, v: DatasetVersion, c: Caller) -> VersionOut:
+    split = None
+    if v.test_digest:
+        split = HiddenSplitOut(
+            digest=v.test_digest if c.is_admin else None,
+            files=v.test_files if c.is_admin else None,
+            bytes=v.test_bytes if c.is_admin else None,
+        )
+    return VersionOut(
+        version=v.version,
+        ref=format_ref(ds.name, v.version),
+        digest=v.digest,
+        files=v.files,
+        bytes=v.bytes,
+        new_bytes=v.new_bytes,
+        created=iso(v.created) or "",
+        created_by=v.created_by,
+        last_access=iso(v.last_access),
+        test_split=split,
+    )
+
+
+# ---- the service ---------------------------------------------------------------------------
+
+
+class DatasetService:
+    """The server's datasets: its blob store, the local node's cache, and the rules above.
+
+    Args:
+        db: the NSML database.
+        store: the blob store (the server's state folder).
+        cache: the local node's cache (``None`` when the server runs no local node).
+        node_name: the local node's name.
+        now: the clock (naive UTC).
+        max_file_bytes: largest file of a version.
+        max_files: most files of a version.
+        workers: threads for store and cache work.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        store: BlobStore,
+        cache: NodeCache | None,
+        *,
+        node_name: str,
+        now: Callable[[], datetime],
+        max_file_bytes: int,
+        max_files: int,
+        workers: int = 4,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.cache = cache
+        self.node_name = node_name
+        self.now = now
+        self.max_file_bytes = max_file_bytes
+        self.max_files = max_files
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nsml-datasets")
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._hashers: OrderedDict[tuple[str, str], tuple[int, Any]] = OrderedDict()
+        self._fills: dict[int, asyncio.Future[None]] = {}
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking store/cache/database work in the service's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- manifests ---------------------------------------------------------------------------
+
+    def manifest(self, digest: str) -> Manifest:
+        """A committed manifest, from a small in-memory cache or the store (verified)."""
+        m = self._manifests.get(digest)
+        if m is None:
+            try:
+                m = self.store.load_manifest(digest)
+            except DatasetError as e:
+                log.error("manifest %s: %s", digest, e)
+                raise api_error(e) from None
+            self._manifests[digest] = m
+            while len(self._manifests) > 64:
+                self._manifests.popitem(last=False)
+        else:
+            self._manifests.move_to_end(digest)
+        return m
+
+    def manifest_bytes(self, digest: str) -> bytes:
+        return self.manifest(digest).to_json()
+
+    def _parse_manifest(self, data: object, what: str) -> Manifest:
+        try:
+            m = Manifest.from_dict(data)
+        except DatasetError as e:
+            raise APIError(400, f"{what}: {e.message}", api_error(e).error_reason) from None
+        if m.file_count > self.max_files:
+            raise APIError(
+                400,
+                f"{what} lists {m.file_count} files, more than this server's limit of "
+                f"{self.max_files} per version.",
+                "too_large",
+            )
+        for e in m:
+            if e.size > self.max_file_bytes:
+                raise APIError(
+                    400,
+                    f"{e.path!r} is {e.size} bytes, over this server's limit of "
+                    f"{self.max_file_bytes} bytes per file; leave it out or split it.",
+                    "too_large",
+                )
+        return m
+
+    # -- listing and info --------------------------------------------------------------------
+
+    def list(self, c: Caller, scope: str | None) -> list[DatasetOut]:
+        with self.db.session() as s:
+            rows = s.scalars(
+                select(Dataset).options(selectinload(Dataset.versions)).order_by(Dataset.name)
+            ).all()
+            out = []
+            for ds in rows:
+                if not can_read(ds, c):
+                    continue
+                sc = scope_of(ds, c)
+                if scope not in (None, "all") and sc != scope:
+                    continue
+                out.append(DatasetOut(**dataset_out(ds, c, ds.versions)))
+            return out
+
+    def info(self, c: Caller, name: str) -> DatasetInfo:
+        with self.db.session() as s:
+            ds = readable(s, c, name)
+            versions = list(ds.versions)
+            return DatasetInfo(
+                **dataset_out(ds, c, versions),
+                version_list=[version_out(ds, v, c) for v in versions],
+            )
+
+    def version(self, c: Caller, name: str, version: int | None) -> VersionOut:
+        with self.db.session() as s:
+            ds = readable(s, c, name)
+            return version_out(ds, version_of(s, ds, version), c)
+
+    def digest_for(
+        self, c: Caller, name: str, version: int | None, *, split: str = "", touch: bool = False
+    ) -> tuple[str, int]:
+        """The manifest digest of ``name@version`` (or of its hidden test split) and ``k``.
+
+        Raises:
+            APIError: 404 as :func:`readable` / :func:`version_of`; 403 for a test split asked
+                by a non-admin; 404 when the version has no test split.
+        """
+        with self.db.session() as s:
+            ds = readable(s, c, name)
+            v = version_of(s, ds, version)
+            if touch:
+                now = self.now()
+                ds.last_access = v.last_access = now
+            if split == "test":
+                if not c.is_admin:
+                    raise APIError(
+                        403,
+                        f"The test split of {ds.name}@{v.version} is hidden: only admins and "
+                        "the evaluator read it.",
+                        "forbidden",
+                    )
+                if not v.test_digest:
+                    raise APIError(
+                        404, f"{ds.name}@{v.version} has no hidden test split.", "not_found"
+                    )
+                return v.test_digest, v.version
+            if split:
+                raise APIError(
+                    400, f"Unknown split {split!r}; the only one is 'test'.", "bad_request"
+                )
+            return v.digest, v.version
+
+    # -- pushing -----------------------------------------------------------------------------
+
+    def _check_pushable(self, s: Session, c: Caller, name: str) -> None:
+        ds = s.scalar(select(Dataset).where(Dataset.name == name))
+        if ds is None or c.is_admin or ds.owner == c.name:
+            return
+        if can_read(ds, c):
+            raise APIError(
+                403,
+                f"Dataset {name!r} belongs to {ds.owner}: only its owner (or an admin) pushes "
+                "new versions. Push yours under another name.",
+                "forbidden",
+            )
+        raise APIError(
+            409,
+            f"The dataset name {name!r} is taken by another user; choose another name.",
+            "name_taken",
+        )
+
+    def begin(
+        self, c: Caller, name: str, manifest: object, test_manifest: object | None
+    ) -> UploadOut:
+        """Start pushing a new version, or resume the upload of the same manifest(s)."""
+        check_name(name)
+        m = self._parse_manifest(manifest, "manifest")
+        tm = self._parse_manifest(test_manifest, "test_manifest") if test_manifest else None
+        if tm is not None and tm.file_count == 0:
+            raise APIError(400, "The test split holds no file.", "bad_request")
+        with self.db.session() as s:
+            self._check_pushable(s, c, name)
+            row = s.scalar(
+                select(DatasetUpload).where(
+                    DatasetUpload.owner == c.name,
+                    DatasetUpload.name == name,
+                    DatasetUpload.digest == m.digest,
+                    DatasetUpload.test_digest.is_(None)
+                    if tm is None
+                    else DatasetUpload.test_digest == tm.digest,
+                )
+            )
+            existing = (row.id, row.test_upload_id) if row is not None else None
+        if existing is not None:
+            try:
+                up = self.store.resume(existing[0])
+                tup = self.store.resume(existing[1]) if existing[1] else None
+            except NotFound:
+                with self.db.session() as s:
+                    s.execute(delete(DatasetUpload).where(DatasetUpload.id == existing[0]))
+            else:
+                with self.db.session() as s:
+                    s.execute(
+                        update(DatasetUpload)
+                        .where(DatasetUpload.id == up.id)
+                        .values(updated=self.now())
+                    )
+                log.info("%s/%s: upload %s resumed", c.name, name, up.id)
+                return self._upload_out(name, up, tup, resumed=True)
+        try:
+            up = self.store.begin(m)
+            tup = self.store.begin(tm) if tm is not None else None
+        except DatasetError as e:
+            raise api_error(e) from None
+        missing = up.missing_bytes() + (tup.missing_bytes() if tup is not None else 0)
+        now = self.now()
+        with self.db.session() as s:
+            s.add(
+                DatasetUpload(
+                    id=up.id,
+                    name=name,
+                    owner=c.name,
+                    digest=m.digest,
+                    bytes=m.total_bytes,
+                    files=m.file_count,
+                    missing_bytes=missing,
+                    test_upload_id=tup.id if tup is not None else None,
+                    test_digest=tm.digest if tm is not None else None,
+                    created=now,
+                    updated=now,
+                )
+            )
+        log.info(
+            "%s/%s: upload %s begun (%d files, %d bytes, %d bytes missing)",
+            c.name,
+            name,
+            up.id,
+            m.file_count,
+            m.total_bytes,
+            missing,
+        )
+        return self._upload_out(name, up, tup, resumed=False)
+
+    def _upload_out(self, name: str, up: Upload, tup: Upload | None, *, resumed: bool) -> UploadOut:
+        missing = []
+        for u in (up, tup):
+            if u is None:
+                continue
+            sizes = u.manifest.blobs()
+            for sha in u.missing():
+                missing.append(MissingBlob(sha256=sha, size=sizes[sha], offset=u.offset(sha)))
+        return UploadOut(
+            upload_id=up.id,
+            name=name,
+            digest=up.digest,
+            test_digest=tup.digest if tup is not None else None,
+            files=up.manifest.file_count,
+            bytes=up.manifest.total_bytes,
+            missing=missing,
+            missing_bytes=sum(b.size - b.offset for b in missing),
+            resumed=resumed,
+        )
+
+    def _upload_row(self, s: Session, c: Caller, name: str, upload_id: str) -> DatasetUpload:
+        try:
+            validate_upload_id(upload_id)
+        except InvalidName as e:
+            raise APIError(400, e.message, "bad_request") from None
+        row = s.get(DatasetUpload, upload_id)
+        if row is None or row.name != name or (row.owner != c.name and not c.is_admin):
+            raise APIError(
+                404,
+                f"No upload {upload_id} of dataset {name!r} in progress (committed, aborted or "
+                "expired); push again.",
+                "not_found",
+            )
+        return row
+
+    def uploads_of(self, c: Caller, name: str, upload_id: str) -> tuple[Upload, Upload | None]:
+        """The store uploads behind an upload id the caller owns."""
+        with self.db.session() as s:
+            row = self._upload_row(s, c, name, upload_id)
+            ids = (row.id, row.test_upload_id)
+        try:
+            return self.store.resume(ids[0]), self.store.resume(ids[1]) if ids[1] else None
+        except NotFound as e:
+            raise api_error(e) from None
+
+    def status(self, c: Caller, name: str, upload_id: str) -> UploadOut:
+        up, tup = self.uploads_of(c, name, upload_id)
+        return self._upload_out(name, up, tup, resumed=True)
+
+    def upload_for_blob(self, c: Caller, name: str, upload_id: str, sha: str) -> Upload:
+        """The store upload (files or test split) that lists blob *sha*; 404 otherwise."""
+        up, tup = self.uploads_of(c, name, upload_id)
+        for u in (up, tup):
+            if u is not None and sha in u.manifest.blobs():
+                return u
+        raise APIError(
+            404, f"Blob {sha} is not part of upload {upload_id} of {name!r}.", "not_found"
+        )
+
+    def open_part(self, upload: Upload, sha: str, offset: int) -> PartWriter | None:
+        """A writer for a blob of *upload* at *offset*, continuing a kept hash state."""
+        kept = self._hashers.pop((upload.id, sha), None)
+        hasher = kept[1] if kept is not None and kept[0] == offset else None
+        try:
+            return upload.open_part(sha, offset=offset, hasher=hasher)
+        except DatasetError as e:
+            raise api_error(e) from None
+
+    def keep_hasher(self, upload: Upload, writer: PartWriter) -> None:
+        """Remember a partial blob's hash state so that resuming it need not re-read it."""
+        state = writer.hasher()
+        if state is not None and 0 < writer.received < writer.size:
+            self._hashers[(upload.id, writer.sha)] = (writer.received, state)
+            while len(self._hashers) > 256:
+                self._hashers.popitem(last=False)
+
+    def commit(self, c: Caller, name: str, upload_id: str) -> VersionOut:
+        """Turn a complete upload into the next version ``name@k`` (the dataset on k = 1)."""
+        with self.db.session() as s:
+            row = self._upload_row(s, c, name, upload_id)
+            info = (row.test_upload_id, row.missing_bytes, row.owner)
+        up, tup = self.uploads_of(c, name, upload_id)
+        try:
+            digest = up.commit()
+            test_digest = tup.commit() if tup is not None else None
+        except UploadIncomplete as e:
+            raise APIError(
+                409,
+                f"{e.message}. `nsml dataset push` resumes where it stopped.",
+                "upload_incomplete",
+            ) from None
+        except DatasetError as e:
+            raise api_error(e) from None
+        m = self.manifest(digest)
+        tm = self.manifest(test_digest) if test_digest else None
+        owner = info[2]
+        for attempt in range(5):
+            try:
+                with self.db.session() as s:
+                    ds = s.scalar(select(Dataset).where(Dataset.name == name))
+                    now = self.now()
+                    if ds is None:
+                        ds = Dataset(
+                            name=name,
+                            owner=owner,
+                            visibility="private",
+                            next_version=1,
+                            created=now,
+                        )
+                        s.add(ds)
+                        s.flush()
+                    elif ds.owner != owner and not c.is_admin:
+                        raise APIError(
+                            409,
+                            f"The dataset name {name!r} was taken by another user meanwhile; "
+                            "push under another name.",
+                            "name_taken",
+                        )
+                    k = ds.next_version
+                    moved = s.execute(
+                        update(Dataset)
+                        .where(Dataset.id == ds.id, Dataset.next_version == k)
+                        .values(next_version=k + 1)
+                        .execution_options(synchronize_session=False)
+                    )
+                    if moved.rowcount != 1:
+                        raise _Retry
+                    v = DatasetVersion(
+                        dataset_id=ds.id,
+                        version=k,
+                        digest=digest,
+                        bytes=m.total_bytes,
+                        files=m.file_count,
+                        new_bytes=info[1],
+                        test_digest=test_digest,
+                        test_bytes=tm.total_bytes if tm is not None else 0,
+                        test_files=tm.file_count if tm is not None else 0,
+                        created=now,
+                        created_by=c.name,
+                    )
+                    s.add(v)
+                    s.execute(delete(DatasetUpload).where(DatasetUpload.id == upload_id))
+                    s.flush()
+                    out = version_out(ds, v, c)
+                log.info(
+                    "%s/%s@%d committed: manifest %s, %d files, %d bytes (%d new)",
+                    owner,
+                    name,
+                    k,
+                    digest,
+                    m.file_count,
+                    m.total_bytes,
+                    info[1],
+                )
+                return out
+            except (_Retry, DBIntegrityError):
+                time.sleep(0.01 * (attempt + 1))
+        raise APIError(
+            503, f"Could not commit {name!r}: too many concurrent pushes; retry.", "busy"
+        )
+
+    def abort(self, c: Caller, name: str, upload_id: str) -> None:
+        with self.db.session() as s:
+            row = self._upload_row(s, c, name, upload_id)
+            ids = [row.id, row.test_upload_id]
+            s.delete(row)
+        for i in ids:
+            if i:
+                try:
+                    self.store.resume(i).abort()
+                except NotFound:
+                    pass
+        log.info("%s/%s: upload %s aborted", c.name, name, upload_id)
+
+    # -- sharing, settings, removal ----------------------------------------------------------
+
+    def patch(
+        self,
+        c: Caller,
+        name: str,
+        *,
+        fields: set[str],
+        visibility: str | None,
+        team: str | None,
+        metric: str | None,
+        higher_is_better: bool | None,
+    ) -> DatasetInfo:
+        with self.db.session() as s:
+            ds = owned(s, c, name)
+            if "visibility" in fields and visibility is not None:
+                if visibility == "team":
+                    team = team or ds.team
+                    if not team:
+                        raise APIError(
+                            400,
+                            "Sharing with a team needs the team: a JupyterHub group, e.g. "
+                            f"`nsml dataset share {name} --team vision`.",
+                            "bad_request",
+                        )
+                    if not c.is_admin and team not in c.groups:
+                        groups = ", ".join(sorted(c.groups)) or "none"
+                        raise APIError(
+                            403,
+                            f"You are not a member of the group {team!r}; share with one of "
+                            f"your groups ({groups}), or ask an admin.",
+                            "forbidden",
+                        )
+                    ds.team = team
+                elif "team" in fields and team:
+                    raise APIError(400, "A team goes with visibility 'team' only.", "bad_request")
+                else:
+                    ds.team = None
+                ds.visibility = visibility
+            elif "team" in fields and team:
+                raise APIError(
+                    400, "Give visibility 'team' with the team to share it.", "bad_request"
+                )
+            if "metric" in fields:
+                ds.metric = metric
+                if metric and "higher_is_better" not in fields and ds.higher_is_better is None:
+                    raise APIError(
+                        400,
+                        "Say whether a higher metric is better: higher_is_better true or false.",
+                        "bad_request",
+                    )
+            if "higher_is_better" in fields:
+                ds.higher_is_better = higher_is_better
+            log.info(
+                "%s: %s is %s%s",
+                c.name,
+                name,
+                ds.visibility,
+                f" (team {ds.team})" if ds.team else "",
+            )
+            s.flush()
+            return DatasetInfo(
+                **dataset_out(ds, c, list(ds.versions)),
+                version_list=[version_out(ds, v, c) for v in ds.versions],
+            )
+
+    def users_of(self, s: Session, name: str, version: int | None) -> list[str]:
+        """What uses ``name`` (or ``name@version``): waiting or placed requests, active holds."""
+        keys: set[str] | None = None if version is None else {format_ref(name, version)}
+
+        def match(key: str) -> bool:
+            return key.partition("@")[0] == name if keys is None else key in keys
+
+        users = []
+        R = PlacementRequestRow
+        rows = s.execute(
+            select(R.id, R.holder, R.state, R.spec, Allocation.state)
+            .outerjoin(Allocation, Allocation.id == R.allocation_id)
+            .where(R.state.in_(("waiting", "placed")))
+        ).all()
+        for rid, holder, state, spec, alloc_state in rows:
+            if state == "placed" and alloc_state != "active":
+                continue
+            for d in (spec or {}).get("datasets") or ():
+                if match(str(d.get("ref", ""))):
+                    users.append(f"{holder} (placement {rid}, {d.get('ref')})")
+        held = s.execute(
+            select(DatasetHold.key, Allocation.holder, Node.name)
+            .join(Allocation, Allocation.id == DatasetHold.allocation_id)
+            .join(Node, Node.id == DatasetHold.node_id)
+            .where(
+                DatasetHold.dataset == name,
+                DatasetHold.state != "released",
+                Allocation.state == "active",
+            )
+        ).all()
+        for key, holder, node in held:
+            if match(key):
+                users.append(f"{holder} ({key} mounted on {node})")
+        if self.cache is not None:
+            for e in self.cache.entries():
+                if e.holders and match(e.key.partition("+")[0]):
+                    users.append(
+                        f"{', '.join(sorted(e.holders))} ({e.key} in {self.node_name}'s cache)"
+                    )
+        return sorted(set(users))
+
+    def remove(self, c: Caller, name: str, version: int | None) -> DeletedOut:
+        """Remove a version (or the whole dataset); 409 while anything uses it."""
+        self.reconcile()
+        with self.db.session() as s:
+            ds = owned(s, c, name)
+            if version is not None:
+                version_of(s, ds, version)
+            users = self.users_of(s, name, version)
+            what = format_ref(name, version) if version is not None else name
+            if users:
+                raise APIError(
+                    409,
+                    f"{what} is in use by {'; '.join(users[:5])}"
+                    f"{'; ...' if len(users) > 5 else ''}. Stop those sessions or servers, "
+                    "then remove it.",
+                    "in_use",
+                )
+            gone = [v.version for v in ds.versions if version is None or v.version == version]
+            if version is None:
+                s.delete(ds)
+            else:
+                s.execute(
+                    delete(DatasetVersion).where(
+                        DatasetVersion.dataset_id == ds.id, DatasetVersion.version == version
+                    )
+                )
+        if self.cache is not None:
+            for k in gone:
+                for key in (format_ref(name, k), f"{format_ref(name, k)}+test"):
+                    try:
+                        self.cache.remove(key)
+                    except InUse as e:  # a race with a new mount; the reconcile retries later
+                        log.warning("%s stays cached: %s", key, e)
+        log.info("%s removed %s (versions %s)", c.name, what, gone)
+        return DeletedOut(name=name, versions=gone, dataset_removed=version is None)
+
+    # -- store maintenance -------------------------------------------------------------------
+
+    def live_digests(self) -> set[str]:
+        with self.db.session() as s:
+            live = set(s.scalars(select(DatasetVersion.digest)))
+            live.update(d for d in s.scalars(select(DatasetVersion.test_digest)) if d is not None)
+        return live
+
+    def gc(self, older_than_s: float) -> GcOut:
+        """Collect what no version needs: stale uploads (their records too), orphan blobs."""
+        report = self.store.gc(self.live_digests(), older_than=older_than_s)
+        alive = set(self.store.upload_ids())
+        with self.db.session() as s:
+            stale = [
+                r.id
+                for r in s.scalars(select(DatasetUpload))
+                if r.id not in alive or (r.test_upload_id and r.test_upload_id not in alive)
+            ]
+            if stale:
+                s.execute(delete(DatasetUpload).where(DatasetUpload.id.in_(stale)))
+        for key in [k for k in self._hashers if k[0] not in alive]:
+            self._hashers.pop(key, None)
+        if report.missing_live:
+            log.error(
+                "the database names %d versions whose manifests the store lacks: %s",
+                len(report.missing_live),
+                ", ".join(report.missing_live[:5]),
+            )
+        return GcOut(
+            blobs_removed=report.blobs_removed,
+            bytes_freed=report.bytes_freed,
+            manifests_removed=report.manifests_removed,
+            uploads_removed=report.uploads_removed,
+            tmp_removed=report.tmp_removed,
+            missing_live=list(report.missing_live),
+        )
+
+    # -- mounts and the node caches ----------------------------------------------------------
+
+    @staticmethod
+    def holder(allocation_id: int) -> str:
+        """The node-cache holder name of an allocation."""
+        return f"allocation:{allocation_id}"
+
+    def prepare_mounts(self, c: Caller, placement_id: int) -> tuple[MountsOut, list[int]]:
+        """Record holds for a placed request's datasets; answer their state.
+
+        Returns:
+            The answer so far, and the ids of local holds still to fill.
+        """
+        with self.db.session() as s:
+            row = s.get(PlacementRequestRow, placement_id)
+            if row is None:
+                raise APIError(404, f"No placement {placement_id}.", "not_found")
+            if row.user_name != c.name and not c.is_admin:
+                raise APIError(
+                    403, f"Placement {placement_id} belongs to another user.", "forbidden"
+                )
+            alloc = s.get(Allocation, row.allocation_id) if row.allocation_id else None
+            if row.state != "placed" or alloc is None or alloc.state != "active":
+                raise APIError(
+                    409,
+                    f"Placement {placement_id} is {row.state}: datasets are mounted for placed "
+                    "requests only.",
+                    "conflict",
+                )
+            node = s.get(Node, alloc.node_id)
+            assert node is not None
+            holds = {
+                h.key: h
+                for h in s.scalars(select(DatasetHold).where(DatasetHold.allocation_id == alloc.id))
+            }
+            now = self.now()
+            todo: list[int] = []
+            touched: set[str] = set()
+            for d in (row.spec or {}).get("datasets") or ():
+                key = str(d["ref"])
+                name, version = parse(key)
+                if version is None:  # a request placed before versions were resolved
+                    raise APIError(
+                        409,
+                        f"Placement {placement_id} names {key!r} without a version; ask again.",
+                        "conflict",
+                    )
+                h = holds.get(key)
+                if h is None:
+                    ds = s.scalar(select(Dataset).where(Dataset.name == name))
+                    v = version_of(s, ds, version) if ds is not None else None
+                    if v is None:
+                        raise APIError(
+                            409, f"{key} was removed after placement {placement_id}.", "conflict"
+                        )
+                    h = DatasetHold(
+                        allocation_id=alloc.id,
+                        node_id=node.id,
+                        dataset=name,
+                        version=version,
+                        key=key,
+                        digest=str(d.get("digest") or v.digest),
+                        bytes=v.bytes,
+                        state="preparing",
+                        created=now,
+                        updated=now,
+                    )
+                    s.add(h)
+                    holds[key] = h
+                    touched.add(name)
+                elif h.state == "failed":
+                    h.state, h.message, h.updated = "preparing", None, now
+                if h.state == "released":
+                    h.state, h.updated = "preparing", now
+                if h.state == "preparing" and node.name == self.node_name:
+                    s.flush()
+                    todo.append(h.id)
+            if touched:
+                s.execute(update(Dataset).where(Dataset.name.in_(touched)).values(last_access=now))
+            s.flush()
+            return self._mounts_out(placement_id, node.name, list(holds.values())), todo
+
+    def mounts_state(self, placement_id: int) -> MountsOut:
+        with self.db.session() as s:
+            row = s.get(PlacementRequestRow, placement_id)
+            assert row is not None and row.allocation_id is not None
+            alloc = s.get(Allocation, row.allocation_id)
+            assert alloc is not None
+            node = s.get(Node, alloc.node_id)
+            holds = list(
+                s.scalars(select(DatasetHold).where(DatasetHold.allocation_id == alloc.id))
+            )
+            keys = [str(d["ref"]) for d in (row.spec or {}).get("datasets") or ()]
+            holds = [h for h in holds if h.key in keys]
+            return self._mounts_out(placement_id, node.name if node else "?", holds)
+
+    @staticmethod
+    def _mounts_out(placement_id: int, node: str, holds: list[DatasetHold]) -> MountsOut:
+        mounts = [
+            MountOut(
+                ref=h.key,
+                dataset=h.dataset,
+                version=h.version,
+                state=h.state,  # type: ignore[arg-type]
+                host_path=h.host_path if h.state == "ready" else None,
+                container_path=f"{CONTAINER_ROOT}/{h.dataset}",
+                read_only=True,
+                bytes=h.bytes,
+                message=h.message,
+            )
+            for h in sorted(holds, key=lambda h: h.key)
+        ]
+        failed = [m for m in mounts if m.state == "failed"]
+        if failed:
+            state, message = "failed", "; ".join(f"{m.ref}: {m.message}" for m in failed)
+        elif all(m.state == "ready" for m in mounts):
+            state, message = "ready", None
+        else:
+            waiting = [m.ref for m in mounts if m.state != "ready"]
+            state, message = "preparing", f"caching {', '.join(waiting)} on {node}"
+        return MountsOut(
+            placement=placement_id,
+            node=node,
+            state=state,  # type: ignore[arg-type]
+            mounts=mounts,
+            message=message,
+        )
+
+    def fill_local(self, hold_id: int) -> None:
+        """Make a local hold's version present in this node's cache, held by its allocation."""
+        assert self.cache is not None
+        with self.db.session() as s:
+            h = s.get(DatasetHold, hold_id)
+            if h is None or h.state != "preparing":
+                return
+            key, digest, holder = h.key, h.digest, self.holder(h.allocation_id)
+        try:
+            manifest = self.store.load_manifest(digest)
+            try:
+                path = self.cache.ensure(key, manifest, holder=holder)
+            except DatasetError as e:
+                if e.reason != "conflict":
+                    raise
+                # The key was cached for a version since removed (names can be reused).
+                log.warning("%s: dropping a stale cached copy: %s", key, e)
+                self.cache.remove(key)
+                path = self.cache.ensure(key, manifest, holder=holder)
+            state, host_path, message = "ready", str(path), None
+        except DatasetError as e:
+            state, host_path, message = "failed", None, e.message
+            log.warning("%s for %s on %s: %s", key, holder, self.node_name, e.message)
+        with self.db.session() as s:
+            s.execute(
+                update(DatasetHold)
+                .where(DatasetHold.id == hold_id, DatasetHold.state == "preparing")
+                .values(state=state, host_path=host_path, message=message, updated=self.now())
+            )
+            s.execute(
+                update(Node)
+                .where(Node.name == self.node_name)
+                .values(datasets=self.cache.present())
+            )
+
+    async def ensure_filling(self, hold_ids: Sequence[int]) -> list[asyncio.Future[None]]:
+        """Start (once per hold) filling local holds in the background; their futures."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for hid in hold_ids:
+            fut = self._fills.get(hid)
+            if fut is None or fut.done():
+                fut = loop.run_in_executor(self.pool, self.fill_local, hid)
+                self._fills[hid] = fut
+                fut.add_done_callback(lambda f, hid=hid: self._forget_fill(hid, f))
+            futures.append(fut)
+        return futures
+
+    def _forget_fill(self, hid: int, fut: asyncio.Future[None]) -> None:
+        if self._fills.get(hid) is fut:
+            del self._fills[hid]
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("filling hold %d failed: %r", hid, fut.exception())
+
+    def reconcile(self) -> int:
+        """Release holds of allocations that ended; drop local cache holders nothing backs.
+
+        Survives crashes: it compares the caches' holders with the active allocations each
+        time, so a release missed while the server was down happens at its next run.
+
+        Returns:
+            The number of holds released.
+        """
+        with self.db.session() as s:
+            rows = s.execute(
+                select(
+                    DatasetHold.id,
+                    DatasetHold.key,
+                    DatasetHold.allocation_id,
+                    Node.name,
+                    Allocation.state,
+                )
+                .join(Allocation, Allocation.id == DatasetHold.allocation_id)
+                .join(Node, Node.id == DatasetHold.node_id)
+                .where(DatasetHold.state != "released")
+            ).all()
+            ended = [r for r in rows if r[4] != "active"]
+            if ended:
+                s.execute(
+                    update(DatasetHold)
+                    .where(DatasetHold.id.in_([r[0] for r in ended]))
+                    .values(state="released", updated=self.now())
+                )
+            active_holders = {
+                self.holder(r[2]) for r in rows if r[4] == "active" and r[3] == self.node_name
+            }
+        if self.cache is not None:
+            for _, key, aid, node, _ in ended:
+                if node == self.node_name:
+                    self.cache.release(key, self.holder(aid))
+            for e in self.cache.entries():
+                for h in e.holders - active_holders:
+                    if h.startswith("allocation:"):
+                        self.cache.release(e.key, h)
+            present = self.cache.present()
+            with self.db.session() as s:
+                s.execute(update(Node).where(Node.name == self.node_name).values(datasets=present))
+        for _, key, aid, node, _ in ended:
+            log.info("%s released by allocation %d on %s", key, aid, node)
+        return len(ended)
+
+    # -- remote node agents ------------------------------------------------------------------
+
+    def holds_of_node(self, node_name: str) -> list[HoldOut]:
+        """Holds a remote node's agent must keep: active allocations' holds on that node."""
+        with self.db.session() as s:
+            rows = s.execute(
+                select(DatasetHold)
+                .join(Allocation, Allocation.id == DatasetHold.allocation_id)
+                .join(Node, Node.id == DatasetHold.node_id)
+                .where(
+                    Node.name == node_name,
+                    Allocation.state == "active",
+                    DatasetHold.state != "released",
+                )
+                .order_by(DatasetHold.id)
+            ).scalars()
+            return [
+                HoldOut(
+                    id=h.id,
+                    allocation=h.allocation_id,
+                    key=h.key,
+                    dataset=h.dataset,
+                    version=h.version,
+                    digest=h.digest,
+                    bytes=h.bytes,
+                    state=h.state,  # type: ignore[arg-type]
+                    host_path=h.host_path,
+                )
+                for h in rows
+            ]
+
+    def report_hold(
+        self, node_name: str, hold_id: int, state: str, host_path: str | None, message: str | None
+    ) -> HoldOut:
+        with self.db.session() as s:
+            h = s.get(DatasetHold, hold_id)
+            node = s.get(Node, h.node_id) if h is not None else None
+            if h is None or node is None or node.name != node_name:
+                raise APIError(404, f"No dataset hold {hold_id} on node {node_name}.", "not_found")
+            if state == "ready" and not (host_path and host_path.startswith("/")):
+                raise APIError(400, "A ready hold needs its absolute host_path.", "bad_request")
+            if h.state != "released":
+                h.state, h.updated = state, self.now()
+                h.host_path = host_path if state == "ready" else None
+                h.message = message if state == "failed" else None
+            s.flush()
+            return HoldOut(
+                id=h.id,
+                allocation=h.allocation_id,
+                key=h.key,
+                dataset=h.dataset,
+                version=h.version,
+                digest=h.digest,
+                bytes=h.bytes,
+                state=h.state,  # type: ignore[arg-type]
+                host_path=h.host_path,
+            )
+
+    def cache_paths(self) -> dict[str, Any]:
+        """Where the local node's cache lives and what it holds (for operators)."""
+        if self.cache is None:
+            return {}
+        return {
+            "root": os.fspath(self.cache.root),
+            "budget_bytes": self.cache.budget_bytes,
+            "used_bytes": self.cache.used_bytes,
+            "entries": [
+                {
+                    "key": e.key,
+                    "bytes": e.bytes,
+                    "files": e.files,
+                    "last_used": e.last_used,
+                    "holders": sorted(e.holders),
+                }
+                for e in self.cache.entries()
+            ],
+        }
+
+
+class _Retry(Exception):
+    """A concurrent commit took the version number; try the next one."""
+
+
+def frame_header(sha: str, size: int) -> bytes:
+    """The header of one blob in a pack: ``<sha256> <size>\\n``."""
+    return f"{sha} {size}\n".encode("ascii")
+
+
+__all__ = [
+    "CONTAINER_ROOT",
+    "Caller",
+    "DatasetService",
+    "Resolved",
+    "api_error",
+    "can_read",
+    "frame_header",
+    "parse",
+    "readable",
+    "resolve_refs",
+    "scope_of",
+    "version_of",
+]
