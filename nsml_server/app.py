@@ -618,7 +618,6 @@ class NSMLServer(DBSettings):
             (api + r"datasets/([^/]+)/versions/([^/]+)/manifest", ds.ManifestHandler, k),
             (api + r"datasets/([^/]+)/versions/([^/]+)/blobs/([^/]+)", ds.BlobHandler, k),
             (api + r"datasets/([^/]+)/versions/([^/]+)/pack", ds.PackOutHandler, k),
-            (api + ".*", NotFoundHandler, k),
         ]
         handlers += self.session_handlers(api)
         handlers.append((api + ".*", NotFoundHandler, k))

@@ -115,7 +115,8 @@ def resources_of(
     spec = spec_of(
         PlacementIn(
             holder="session", gpus=gpus, gpu_models=gpu_models, cpu=cpu, memory=memory, image=image
-        )
+        ),
+        lambda refs: [],  # no datasets in this ask: a session's are resolved on their own
     )
     return {"gpus": spec["gpu_milli"] / GPU_MILLI, **spec}  # type: ignore[operator]
 
