@@ -223,13 +223,15 @@ class NodeCache:
         *,
         holder: str | None = None,
         on_progress: ProgressCallback | None = None,
+        fetch: Fetch | None = None,
     ) -> Path:
         """Make *key* present with *manifest*'s files and return its folder.
 
         A hit only records the use. A miss makes room (evicting least recently used entries
         nobody holds), then builds the folder from the local store, from other cached versions
         or through ``fetch``. With *holder* the key is acquired for that session atomically
-        with the lookup, so it cannot be evicted between the two.
+        with the lookup, so it cannot be evicted between the two. *fetch* replaces the cache's
+        own ``fetch`` for this call (e.g. one that downloads from this version's URL).
 
         Raises:
             CacheFull: ``reason="larger-than-budget"`` (never fits on this node) or
@@ -266,7 +268,7 @@ class NodeCache:
                 job.future.result()
                 continue
             try:
-                self._build(key, manifest, on_progress)
+                self._build(key, manifest, on_progress, fetch or self.fetch)
             except BaseException as e:
                 with self._lock:
                     del self._jobs[key]
@@ -302,7 +304,13 @@ class NodeCache:
                 reason="conflict",
             )
 
-    def _build(self, key: str, manifest: Manifest, on_progress: ProgressCallback | None) -> None:
+    def _build(
+        self,
+        key: str,
+        manifest: Manifest,
+        on_progress: ProgressCallback | None,
+        fetch: Fetch | None,
+    ) -> None:
         work = tmp_name(self.tmp_dir, f"build-{key}-")
         work.mkdir()
         try:
@@ -310,7 +318,7 @@ class NodeCache:
                 manifest,
                 work / "data",
                 locate=self._locator(key),
-                fetch=self.fetch,
+                fetch=fetch,
                 mode=self.mode,
                 verify=self.verify_local,
                 readonly=True,

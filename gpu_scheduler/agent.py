@@ -100,6 +100,115 @@ def collect_heartbeat(
     }
 
 
+class DatasetHolds:
+    """The node's dataset cache, kept in line with what the NSML server says the node holds.
+
+    Each sync asks the server for the node's holds (datasets of active allocations placed
+    here), fills the ones still ``preparing`` in the background (manifest and blobs fetched
+    over HTTP, every blob hashed and checked), reports each ready (with its folder) or failed,
+    and releases cache holders whose allocation ended. Eviction is the cache's: least recently
+    used first, never a held version.
+    """
+
+    def __init__(
+        self,
+        http: Any,
+        api_url: str,
+        node: str,
+        cache: Any,
+        *,
+        workers: int = 2,
+        timeout_s: float = 60.0,
+    ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.http = http
+        self.api = api_url.rstrip("/")
+        self.node = node
+        self.cache = cache
+        self.timeout_s = timeout_s
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nsml-agent-cache")
+        self.running: dict[int, Any] = {}
+
+    def _url(self, path: str) -> str:
+        return f"{self.api}/{path}"
+
+    def sync(self) -> None:
+        """One round: fetch the holds, start fills, report finished ones, release ended ones."""
+        from urllib.parse import quote
+
+        r = self.http.get(
+            self._url(f"nodes/{quote(self.node, safe='')}/dataset-holds"), timeout=self.timeout_s
+        )
+        r.raise_for_status()
+        holds = r.json()["holds"]
+        active = {f"allocation:{h['allocation']}" for h in holds}
+        for entry in self.cache.entries():
+            for holder in entry.holders - active:
+                if holder.startswith("allocation:"):
+                    self.cache.release(entry.key, holder)
+                    log.info("%s released by %s (allocation ended)", entry.key, holder)
+        for h in holds:
+            if h["state"] == "preparing" and h["id"] not in self.running:
+                self.running[h["id"]] = self.pool.submit(self.fill, h)
+        for hid, fut in list(self.running.items()):
+            if not fut.done():
+                continue
+            del self.running[hid]
+            state, path, message = fut.result()
+            body = {"state": state, "host_path": path, "message": message}
+            r = self.http.put(
+                self._url(f"nodes/{quote(self.node, safe='')}/dataset-holds/{hid}"),
+                json=body,
+                timeout=self.timeout_s,
+            )
+            if r.status_code >= 400:
+                log.error("reporting dataset hold %s failed: %s %s", hid, r.status_code, r.text)
+
+    def fill(self, hold: dict[str, Any]) -> tuple[str, str | None, str | None]:
+        """Cache one hold's version, held by its allocation: ``(state, path, message)``."""
+        import hashlib
+        from urllib.parse import quote
+
+        from nsml_datasets import DatasetError, Manifest
+
+        key, holder = hold["key"], f"allocation:{hold['allocation']}"
+        base = self._url(
+            f"datasets/{quote(hold['dataset'], safe='')}/versions/{int(hold['version'])}"
+        )
+        try:
+            r = self.http.get(base + "/manifest", timeout=self.timeout_s)
+            if r.status_code != 200:
+                return "failed", None, f"the manifest of {key} is not available ({r.status_code})"
+            if hashlib.sha256(r.content).hexdigest() != hold["digest"]:
+                return "failed", None, f"the manifest of {key} does not match {hold['digest']}"
+            manifest = Manifest.from_json(r.content)
+
+            def fetch(sha: str) -> Any:
+                resp = self.http.get(f"{base}/blobs/{sha}", stream=True, timeout=self.timeout_s)
+                resp.raise_for_status()
+                return resp.raw
+
+            try:
+                path = self.cache.ensure(key, manifest, holder=holder, fetch=fetch)
+            except DatasetError as e:
+                if e.reason != "conflict":
+                    raise
+                self.cache.remove(key)  # cached for a version since removed: names are reused
+                path = self.cache.ensure(key, manifest, holder=holder, fetch=fetch)
+        except DatasetError as e:
+            log.warning("%s for %s: %s", key, holder, e.message)
+            return "failed", None, e.message
+        except Exception as e:  # the server or the network: report, the next mount retries
+            log.warning("%s for %s: %s", key, holder, e)
+            return "failed", None, f"{self.node} could not download {key}: {e}"
+        log.info("%s cached at %s for %s", key, path, holder)
+        return "ready", str(path), None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="nsml-agent",
@@ -130,13 +239,34 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="how the server reaches this node's Docker engine, e.g. tcp://node-a:2376 "
         "(env NSML_NODE_DOCKER_URL)",
     )
+    p.add_argument(
+        "--cache-dir",
+        default=os.environ.get("NSML_DATASET_CACHE_DIR", "/var/lib/nsml/datasets"),
+        help="this node's dataset cache, mounted read-only into containers: a folder the "
+        "node's Docker engine sees (env NSML_DATASET_CACHE_DIR; default /var/lib/nsml/datasets)",
+    )
+    p.add_argument(
+        "--cache-bytes",
+        type=int,
+        default=int(os.environ.get("NSML_DATASET_CACHE_BYTES", str(100 << 30))),
+        help="byte budget of the dataset cache; least recently used versions are evicted, "
+        "never one in use (env NSML_DATASET_CACHE_BYTES; default 100 GiB)",
+    )
     p.add_argument("--interval", type=float, default=10.0, help="seconds between heartbeats")
+    p.add_argument(
+        "--holds-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks of the datasets the server wants cached here",
+    )
     p.add_argument("--once", action="store_true", help="send one heartbeat and exit")
     args = p.parse_args(argv)
     if not args.api_url or not args.token:
         p.error("--api-url and --token (or NSML_API_URL and NSML_TOKEN) are required")
-    if args.interval <= 0:
-        p.error(f"--interval must be positive, not {args.interval}")
+    if args.interval <= 0 or args.holds_interval <= 0:
+        p.error(f"--interval and --holds-interval must be positive, not {args.interval}")
+    if args.cache_bytes < 0:
+        p.error(f"--cache-bytes must be a number of bytes >= 0, not {args.cache_bytes}")
     return args
 
 
@@ -164,33 +294,56 @@ def main(argv: list[str] | None = None) -> int:
             "no --docker-url: the server cannot reach this node's engine, so the node is "
             "listed but receives no work"
         )
+    from nsml_datasets import NodeCache
+
+    # One heartbeat (--once) reports an existing cache but creates none.
+    cache = (
+        NodeCache(args.cache_dir, args.cache_bytes)
+        if not args.once or os.path.isdir(args.cache_dir)
+        else None
+    )
+    session = requests.Session()
+    session.headers["Authorization"] = f"token {args.token}"
+    holds = DatasetHolds(session, args.api_url, args.name, cache) if cache is not None else None
     url = args.api_url.rstrip("/") + f"/nodes/{args.name}/heartbeat"
-    headers = {"Authorization": f"token {args.token}"}
     delay = args.interval
-    while True:
-        body = collect_heartbeat(
-            probe,
-            backend="docker" if client is not None else "local",
-            docker_url=args.docker_url,
-            images=docker_images(client),
-        )
-        try:
-            r = requests.put(url, json=body, headers=headers, timeout=10)
-            if r.status_code >= 400:
-                log.error("heartbeat refused (%s): %s", r.status_code, r.text[:500])
-                if 400 <= r.status_code < 500 and args.once:
-                    return 1
-            else:
-                log.info("%s: heartbeat sent (%d GPUs)", args.name, len(body["gpus"]))
-            delay = args.interval
-        except requests.RequestException as e:
-            delay = min(delay * 2, 300.0)
-            log.error("cannot reach %s: %s; retrying in %.0fs", url, e, delay)
-            if args.once:
-                return 1
-        if args.once:
-            return 0
-        time.sleep(delay * random.uniform(0.9, 1.1))
+    next_beat = 0.0
+    try:
+        while True:
+            if time.monotonic() >= next_beat:
+                body = collect_heartbeat(
+                    probe,
+                    backend="docker" if client is not None else "local",
+                    docker_url=args.docker_url,
+                    images=docker_images(client),
+                    datasets=cache.present() if cache is not None else None,
+                )
+                try:
+                    r = session.put(url, json=body, timeout=10)
+                    if r.status_code >= 400:
+                        log.error("heartbeat refused (%s): %s", r.status_code, r.text[:500])
+                        if 400 <= r.status_code < 500 and args.once:
+                            return 1
+                    else:
+                        log.info("%s: heartbeat sent (%d GPUs)", args.name, len(body["gpus"]))
+                    delay = args.interval
+                except requests.RequestException as e:
+                    delay = min(delay * 2, 300.0)
+                    log.error("cannot reach %s: %s; retrying in %.0fs", url, e, delay)
+                    if args.once:
+                        return 1
+                if args.once:
+                    return 0
+                next_beat = time.monotonic() + delay * random.uniform(0.9, 1.1)
+            if holds is not None:
+                try:
+                    holds.sync()
+                except requests.RequestException as e:
+                    log.warning("cannot read this node's dataset holds: %s", e)
+            time.sleep(min(args.holds_interval, max(0.0, next_beat - time.monotonic())))
+    finally:
+        if holds is not None:
+            holds.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -827,21 +827,24 @@ class DatasetService:
         def match(key: str) -> bool:
             return key.partition("@")[0] == name if keys is None else key in keys
 
-        users = []
+        users: dict[str, list[str]] = {}  # holder -> what it uses, where
+        covered: set[str] = set()
         R = PlacementRequestRow
         rows = s.execute(
-            select(R.id, R.holder, R.state, R.spec, Allocation.state)
+            select(R.id, R.holder, R.state, R.spec, Allocation.state, Allocation.id)
             .outerjoin(Allocation, Allocation.id == R.allocation_id)
             .where(R.state.in_(("waiting", "placed")))
         ).all()
-        for rid, holder, state, spec, alloc_state in rows:
+        for rid, holder, state, spec, alloc_state, aid in rows:
             if state == "placed" and alloc_state != "active":
                 continue
             for d in (spec or {}).get("datasets") or ():
                 if match(str(d.get("ref", ""))):
-                    users.append(f"{holder} (placement {rid}, {d.get('ref')})")
+                    users.setdefault(holder, []).append(f"{d.get('ref')}, placement {rid}")
+                    if aid is not None:
+                        covered.add(self.holder(aid))
         held = s.execute(
-            select(DatasetHold.key, Allocation.holder, Node.name)
+            select(DatasetHold.key, Allocation.holder, Allocation.id, Node.name)
             .join(Allocation, Allocation.id == DatasetHold.allocation_id)
             .join(Node, Node.id == DatasetHold.node_id)
             .where(
@@ -850,16 +853,16 @@ class DatasetService:
                 Allocation.state == "active",
             )
         ).all()
-        for key, holder, node in held:
+        for key, holder, aid, node in held:
             if match(key):
-                users.append(f"{holder} ({key} mounted on {node})")
+                users.setdefault(holder, []).append(f"mounted on {node}")
+                covered.add(self.holder(aid))
         if self.cache is not None:
             for e in self.cache.entries():
-                if e.holders and match(e.key.partition("+")[0]):
-                    users.append(
-                        f"{', '.join(sorted(e.holders))} ({e.key} in {self.node_name}'s cache)"
-                    )
-        return sorted(set(users))
+                if match(e.key.partition("+")[0]):
+                    for h in sorted(e.holders - covered):
+                        users.setdefault(h, []).append(f"{e.key} in {self.node_name}'s cache")
+        return [f"{h} ({'; '.join(what)})" for h, what in sorted(users.items())]
 
     def remove(self, c: Caller, name: str, version: int | None) -> DeletedOut:
         """Remove a version (or the whole dataset); 409 while anything uses it."""

@@ -208,6 +208,21 @@ class NSMLClient:
                 return None
             raise
 
+    async def mounts(self, pid: int, wait_s: float) -> tuple[int, dict[str, Any]]:
+        """``POST placements/ID/mounts``: make the placement's datasets present on its node.
+
+        Returns ``(200, answer)`` when every dataset is ready to mount, ``(202, answer)``
+        while the node is still caching them (ask again). A node cache that cannot hold them
+        is an :class:`NSMLError` (409).
+        """
+        status, out = await self.call(
+            "POST",
+            f"placements/{int(pid)}/mounts?wait_s={wait_s:g}",
+            {},
+            timeout_s=self.timeout_s + wait_s,
+        )
+        return status, dict(out)
+
     async def nodes(self) -> list[dict[str, Any]]:
         """``GET nodes``: every node with its state, engine URL, GPUs and images."""
         return list((await self.call("GET", "nodes"))[1]["nodes"])

@@ -64,7 +64,9 @@ from .spec import (
     ContainerSettings,
     Engine,
     LastExit,
+    MountsNotReady,
     NodeUnreachable,
+    dataset_mounts,
     describe_exit,
     engine_url_for,
     holder_for,
@@ -314,6 +316,20 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             raise TraitError(f"release_retries={value!r} must be 0 or more, e.g. 6")
         return value
 
+    dataset_timeout = Float(
+        600.0,
+        help="""Seconds a start waits for the node to cache the datasets asked for (a first use
+        of a large dataset on a node copies it there) before failing with HTTP 503. Default
+        600; Spawner.start_timeout still bounds the whole start.""",
+    ).tag(config=True)
+
+    @validate("dataset_timeout")
+    def _validate_dataset_timeout(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if not value > 0:
+            raise TraitError(f"dataset_timeout={value!r} must be more than 0 seconds, e.g. 600")
+        return value
+
     # ---- per-spawner state -------------------------------------------------------------------
 
     allocation: Allocation | None = None
@@ -515,6 +531,7 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
                 local_node=self.local_node,
                 overrides=self.node_docker_urls,
             )
+            await self._prepare_datasets(alloc)
             # Host networking: a fresh port per start (the container is always new).
             self.port = random_port()
             self._emit(70, f"Creating the container on {alloc.node} ({alloc.gpu_words()})")
@@ -530,6 +547,45 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             raise self._start_error(e, alloc) from e
         self.last_exit = None
         return ip_port
+
+    async def _prepare_datasets(self, alloc: Allocation) -> None:
+        """Have the node cache the datasets asked for and hold them for this server; keep
+        their read-only mounts for the container (none when no dataset was asked for)."""
+        self._mounts: list[Any] = []
+        self._dataset_refs: list[str] = []
+        if self.options is None or not self.options.datasets:
+            return
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while True:
+            left = self.dataset_timeout - (loop.time() - t0)
+            status, out = await self.api.mounts(alloc.placement_id, wait_s=max(0.0, min(10, left)))
+            mounts = out.get("mounts") or []
+            if status == 200:
+                try:
+                    self._mounts = dataset_mounts(mounts)
+                except MountsNotReady as e:
+                    raise SpawnException(
+                        f"The datasets could not be mounted: {e}; tell an admin.",
+                        reason="dataset_mount",
+                        status_code=500,
+                    ) from None
+                self._dataset_refs = [str(m["ref"]) for m in mounts]
+                self._emit(65, f"Datasets ready on {alloc.node}: {', '.join(self._dataset_refs)}")
+                return
+            ready = sum(1 for m in mounts if m.get("state") == "ready")
+            self._emit(
+                60,
+                f"Caching datasets on {alloc.node} ({ready} of {len(mounts)} ready): "
+                f"{out.get('message')}",
+            )
+            if loop.time() - t0 >= self.dataset_timeout:
+                raise SpawnException(
+                    f"The datasets were not cached on {alloc.node} within "
+                    f"{self.dataset_timeout:.0f}s ({out.get('message')}); try again later.",
+                    reason="dataset_timeout",
+                    status_code=503,
+                )
 
     async def _wait_answering(self, host: str, port: int) -> None:
         """Wait until the server answers HTTP (any status below 500), as the hub's check does.
@@ -676,6 +732,15 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
                 status_code=503,
                 log_message=str(e),
             )
+        if e.status == 404 and e.reason == "not_found":
+            # The placement names a dataset the user cannot read (or a version that is gone).
+            return SpawnException(e.message, reason="dataset_not_found", status_code=400)
+        if e.reason in ("dataset_cache", "dataset_cache_full", "dataset_cache_too_small"):
+            return SpawnException(
+                f"The datasets cannot be cached for your server: {e.message}",
+                reason=e.reason,
+                status_code=503,
+            )
         if e.status in (401, 403):
             return SpawnException(
                 "The hub may not ask the NSML scheduler for servers (a configuration problem); "
@@ -758,7 +823,14 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             visible_devices="uuid" if self.visible_devices == "uuid" else "index",
             binds=self.volume_binds,
         )
-        args = notebook_container(self.options, self.allocation, engine, settings)
+        args = notebook_container(
+            self.options,
+            self.allocation,
+            engine,
+            settings,
+            mounts=getattr(self, "_mounts", []),
+            dataset_refs=getattr(self, "_dataset_refs", []),
+        )
         create, host = dict(args.create), dict(args.host_config)
         for extra, into in (
             (self.extra_create_kwargs, create),

@@ -26,6 +26,7 @@ __all__ = [
     "ContainerSettings",
     "Engine",
     "LastExit",
+    "MountsNotReady",
     "NodeUnreachable",
     "dataset_mounts",
     "describe_exit",
@@ -208,14 +209,44 @@ def holder_for(server_name: str) -> str:
     return "notebook:" + str(escape(server_name, safe=_HOLDER_SAFE, escape_char="_"))[:180]
 
 
-def dataset_mounts(datasets: Sequence[str], node: str) -> list[Mount]:
-    """Read-only mounts of *datasets* (``name@version``) on *node*.
+DATA_ROOT = "/data"
+"""Containers see each dataset read-only at ``/data/NAME``."""
 
-    The hook for the dataset store: it will return the node cache's path of each dataset,
-    mounted read-only under ``/data/NAME``. Until the store exists it mounts nothing; the
-    names still reach the scheduler (placement) and the container (``NSML_DATASETS``).
+
+class MountsNotReady(ValueError):
+    """The NSML server's answer does not (yet) give a usable mount for every dataset."""
+
+
+def dataset_mounts(answer: Sequence[Mapping[str, Any]]) -> list[Mount]:
+    """Read-only bind mounts from the NSML server's ``POST placements/ID/mounts`` answer.
+
+    Each ready dataset's folder in the node's cache (``host_path``) is mounted read-only at
+    its ``container_path`` (``/data/NAME``). The spawner asks the server (the I/O) and
+    passes the answer's ``mounts`` here.
+
+    Raises:
+        MountsNotReady: a dataset is not ready, or the answer names a path that is not
+            absolute, is outside ``/data``, or is mounted twice.
     """
-    return []
+    mounts: list[Mount] = []
+    targets: set[str] = set()
+    for m in answer:
+        ref = str(m.get("ref", "?"))
+        if m.get("state") != "ready" or not m.get("host_path"):
+            raise MountsNotReady(f"{ref} is not ready on the node ({m.get('state')})")
+        source, target = str(m["host_path"]), str(m.get("container_path") or "")
+        parent, _, leaf = target.rpartition("/")
+        if (
+            not source.startswith("/")
+            or parent != DATA_ROOT
+            or not leaf
+            or leaf in (".", "..")
+            or target in targets
+        ):
+            raise MountsNotReady(f"{ref}: refusing to mount {source!r} at {target!r}")
+        targets.add(target)
+        mounts.append(Mount(source=source, target=target, read_only=True))
+    return sorted(mounts, key=lambda m: m.target)
 
 
 def notebook_container(
@@ -223,13 +254,16 @@ def notebook_container(
     allocation: Allocation,
     engine: Engine,
     settings: ContainerSettings,
+    mounts: Sequence[Mount] = (),
+    dataset_refs: Sequence[str] = (),
 ) -> ContainerArgs:
     """The docker-py arguments of one notebook server's container.
 
     The container sees exactly the allocated GPUs (``NVIDIA_VISIBLE_DEVICES``, and device
     requests when the engine has the NVIDIA runtime), gets hard memory and CPU limits equal
-    to the allocation (no swap beyond it), the requested datasets read-only, and what the
-    ``nsml`` client needs.
+    to the allocation (no swap beyond it), the requested datasets read-only (*mounts*, from
+    :func:`dataset_mounts`), and what the ``nsml`` client needs. ``NSML_DATASETS`` names the
+    versions mounted (*dataset_refs*, ``name@k``), else the references asked for.
     """
     if settings.visible_devices == "uuid" and all(allocation.gpu_uuids):
         gpu_ids = list(allocation.gpu_uuids)
@@ -241,7 +275,7 @@ def notebook_container(
             "NSML_NODE": allocation.node,
             "NSML_PLACEMENT_ID": str(allocation.placement_id),
             "NSML_GPU_MILLI": str(allocation.gpu_milli_per_gpu if gpu_ids else 0),
-            "NSML_DATASETS": ",".join(options.datasets),
+            "NSML_DATASETS": ",".join(dataset_refs or options.datasets),
         }
     )
     if settings.nsml_api_url:
@@ -253,7 +287,7 @@ def notebook_container(
         image=options.image,
         command=list(settings.command),
         env=env,
-        mounts=dataset_mounts(options.datasets, allocation.node),
+        mounts=list(mounts),
         gpu_ids=gpu_ids,
         cpu_limit=allocation.cpu_milli / 1000 if allocation.cpu_milli > 0 else None,
         mem_limit_bytes=allocation.memory_mib * MIB if allocation.memory_mib > 0 else None,

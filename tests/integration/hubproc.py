@@ -205,6 +205,7 @@ class ServerProcess:
     name: str
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    local_node: bool = False
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -226,7 +227,7 @@ class ServerProcess:
                 str(Path(sys.executable).parent / "nsml-server"),
                 "--port",
                 str(self.port),
-                "--no-local-node",
+                *([] if self.local_node else ["--no-local-node"]),
                 f"--NSMLServer.server_id={self.name}",
                 *self.args,
             ],

@@ -717,3 +717,107 @@ def test_the_openapi_document_lists_the_dataset_endpoints(hub: HubProcess) -> No
         "/datasets/{name}/versions/{version}/blobs/{sha256}",
         "/placements/{id}/mounts",
     } <= set(doc["paths"])
+
+
+# ---- leaderboard settings and the hidden test split -------------------------------------------
+
+
+def test_a_hidden_test_split_is_stored_apart_and_only_admins_read_it(
+    hub: HubProcess, work: Path
+) -> None:
+    owner, other = user(hub, "ds-board-owner"), user(hub, "ds-board-other")
+    admin = User(hub, "admin", hub.user_token("admin"))
+    train = make_folder(work / "train", n_small=6, large=(1 << 20,))
+    test = work / "test"
+    (test / "labels").mkdir(parents=True)
+    (test / "labels" / "answers.csv").write_bytes(b"id,label\n1,cat\n2,dog\n")
+    (test / "images.bin").write_bytes(os.urandom(300_000))
+    r = owner.nsml("dataset", "push", "board-data", str(train), "--metric", "acc", check=False)
+    assert r.returncode == 2 and "higher metric is better" in r.stderr
+    out = owner.json(
+        "dataset",
+        "push",
+        "board-data",
+        str(train),
+        "--test-split",
+        str(test),
+        "--metric",
+        "accuracy",
+        "--higher-is-better",
+    )
+    assert out["ref"] == "board-data@1"
+    assert out["test_split"] == {"digest": None, "files": None, "bytes": None}, "hidden from users"
+
+    info = owner.json("dataset", "info", "board-data")
+    assert info["leaderboard"] == {"metric": "accuracy", "higher_is_better": True}
+    seen = admin.json("dataset", "info", "board-data@1")["test_split"]
+    assert seen["files"] == 2 and seen["bytes"] == sum(len(c) for c, _ in tree(test).values())
+    assert seen["digest"] != out["digest"], "the split has its own manifest"
+    assert (store_dir(hub) / "manifests" / f"{seen['digest']}.json").exists()
+    main = owner.api("GET", "datasets/board-data/versions/1/manifest").json()
+    assert {e["path"] for e in main["entries"]} == set(tree(train))
+
+    # Users never read the split, not even the owner of a public dataset.
+    owner.nsml("dataset", "share", "board-data", "--public")
+    for u in (owner, other):
+        r = u.nsml(
+            "dataset", "pull", "board-data", str(work / f"t-{u.name}"), "--test-split", check=False
+        )
+        assert r.returncode == 2 and "hidden" in r.stderr, r.stderr
+        assert_json_error(
+            u.api("GET", "datasets/board-data/versions/1/manifest", params={"split": "test"}),
+            403,
+            "forbidden",
+        )
+        split_blob = sha((test / "images.bin").read_bytes())
+        assert_json_error(
+            u.api("GET", f"datasets/board-data/versions/1/blobs/{split_blob}"), 404, "not_found"
+        )
+        assert_json_error(
+            u.api(
+                "GET",
+                f"datasets/board-data/versions/1/blobs/{split_blob}",
+                params={"split": "test"},
+            ),
+            403,
+            "forbidden",
+        )
+        # A pull of the version brings the training files only.
+        u.nsml("dataset", "pull", "board-data", str(work / f"p-{u.name}"))
+        assert tree(work / f"p-{u.name}") == tree(train)
+
+    # Never mounted: the node's copy for a placement holds the training files only.
+    placed = owner.api(
+        "POST",
+        "placements",
+        json={
+            "holder": "board-job",
+            "cpu": 0.1,
+            "memory": "64M",
+            "datasets": ["board-data"],
+            "wait_s": 20,
+        },
+    ).json()
+    try:
+        r = owner.api("POST", f"placements/{placed['id']}/mounts", params={"wait_s": 30})
+        assert r.status_code == 200, r.text
+        (m,) = r.json()["mounts"]
+        assert tree(Path(m["host_path"])) == tree(train)
+    finally:
+        owner.api("DELETE", f"placements/{placed['id']}")
+
+    # Admins (the evaluator) can.
+    admin.nsml("dataset", "pull", "board-data@1", str(work / "split"), "--test-split")
+    assert tree(work / "split") == tree(test)
+
+    # The settings change on their own; a later version without a split has none.
+    r = owner.api(
+        "PATCH", "datasets/board-data", json={"metric": "loss", "higher_is_better": False}
+    )
+    assert r.json()["leaderboard"] == {"metric": "loss", "higher_is_better": False}
+    v2 = owner.json("dataset", "push", "board-data", str(train))
+    assert v2["ref"] == "board-data@2" and v2["test_split"] is None
+    r = admin.nsml(
+        "dataset", "pull", "board-data@2", str(work / "nosplit"), "--test-split", check=False
+    )
+    assert r.returncode == 2 and "has no hidden test split" in r.stderr

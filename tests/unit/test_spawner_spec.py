@@ -27,7 +27,9 @@ from nsml_spawner.spec import (
     ContainerSettings,
     Engine,
     LastExit,
+    MountsNotReady,
     NodeUnreachable,
+    dataset_mounts,
     describe_exit,
     engine_url_for,
     holder_for,
@@ -189,11 +191,74 @@ def test_limits_are_the_allocation_not_the_request() -> None:
     }
 
 
-def test_datasets_reach_the_container_by_name_and_nothing_is_mounted_yet() -> None:
+def test_datasets_reach_the_container_by_name_when_none_is_mounted() -> None:
     opts = options(datasets=("mnist@latest", "imagenet@2"))
     args = notebook_container(opts, allocation(), Engine("node-a", None), settings())
     assert args.create == create(NSML_DATASETS="mnist@latest,imagenet@2")
     assert args.host_config["mounts"] == []
+
+
+READY = [
+    {
+        "ref": "mnist@3",
+        "state": "ready",
+        "host_path": "/var/nsml/cache/entries/mnist@3/data",
+        "container_path": "/data/mnist",
+    },
+    {
+        "ref": "imagenet@2",
+        "state": "ready",
+        "host_path": "/var/nsml/cache/entries/imagenet@2/data",
+        "container_path": "/data/imagenet",
+    },
+]
+
+
+def test_ready_datasets_are_mounted_read_only_under_data() -> None:
+    opts = options(datasets=("mnist@latest", "imagenet@2"))
+    mounts = dataset_mounts(READY)
+    args = notebook_container(
+        opts,
+        allocation(),
+        Engine("node-a", None),
+        settings(),
+        mounts=mounts,
+        dataset_refs=("mnist@3", "imagenet@2"),
+    )
+    assert args.create == create(NSML_DATASETS="mnist@3,imagenet@2")
+    assert args.host_config["mounts"] == [
+        {
+            "Target": "/data/imagenet",
+            "Source": "/var/nsml/cache/entries/imagenet@2/data",
+            "Type": "bind",
+            "ReadOnly": True,
+        },
+        {
+            "Target": "/data/mnist",
+            "Source": "/var/nsml/cache/entries/mnist@3/data",
+            "Type": "bind",
+            "ReadOnly": True,
+        },
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        pytest.param({"state": "preparing"}, "not ready", id="still preparing"),
+        pytest.param({"host_path": None}, "not ready", id="no host path"),
+        pytest.param({"host_path": "relative/path"}, "refusing", id="relative host path"),
+        pytest.param({"container_path": "/home/jovyan"}, "refusing", id="outside /data"),
+        pytest.param({"container_path": "/data/.."}, "refusing", id="dot-dot target"),
+        pytest.param({"container_path": "/data/imagenet"}, "refusing", id="same target twice"),
+    ],
+)
+def test_a_mount_answer_that_is_not_ready_or_not_under_data_is_refused(
+    change: dict[str, Any], words: str
+) -> None:
+    answer = [{**READY[0], **change}, READY[1]]
+    with pytest.raises(MountsNotReady, match=words):
+        dataset_mounts(answer)
 
 
 def test_without_an_api_url_or_token_the_nsml_variables_are_left_out() -> None:
