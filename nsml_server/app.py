@@ -705,6 +705,7 @@ class NSMLServer(DBSettings):
             ),
             utcnow,
             self.notifier,
+            datasets=self.datasets,
         )
         self.log.info(
             "sessions: image %s, API for containers %s", self.session_image, self.session_api_url
@@ -727,8 +728,8 @@ class NSMLServer(DBSettings):
         self.init_db()
         await self.init_backend()
         self.init_scheduler()
-        self.init_sessions()
         self.init_datasets()
+        self.init_sessions()
         app = self.make_app()
         # Large reads of streamed dataset uploads (1 MiB instead of 64 KiB).
         self.http = HTTPServer(app, xheaders=True, chunk_size=1 << 20)

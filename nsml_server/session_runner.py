@@ -35,6 +35,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from .api.base import APIError
 from .artifacts import ArtifactError, ArtifactStore
 from .backends import (
     BackendError,
@@ -46,6 +47,7 @@ from .backends import (
     RunSpec,
     RunState,
 )
+from .datasets import Caller, DatasetService
 from .db import Database
 from .models import (
     SESSION_ACTIVE_STATES,
@@ -79,26 +81,9 @@ MAX_STEP_FAILURES = 5
 
 
 class DatasetsUnavailable(BackendError):
-    """The session asks for datasets, and this server cannot mount any yet."""
+    """The session asks for datasets, and this server has no dataset store."""
 
     reason = "datasets_unavailable"
-
-
-def dataset_mounts_for(session: TrainingSession, node: str) -> list[Mount]:
-    """Read-only mounts (node path -> ``/data/NAME``) of the session's datasets on *node*.
-
-    The one place the runner gets dataset mounts from. Until the dataset store is connected
-    it has none to give: a session without datasets gets ``[]``, one with datasets is refused
-    (the API refuses it earlier, with a 400).
-
-    Raises:
-        DatasetsUnavailable: the session asks for datasets.
-    """
-    if not session.datasets:
-        return []
-    raise DatasetsUnavailable(
-        "datasets are not available on this server yet; run the session without -d"
-    )
 
 
 @dataclass
@@ -198,6 +183,8 @@ class SessionRunner:
         now: the clock (naive UTC).
         notify: called with ``(user, session name, state, message, log tail)`` when a
             session fails (runs in a thread; must not raise).
+        datasets: the dataset service; it makes a placement's datasets present in its node's
+            cache and says where (None: sessions with datasets cannot start).
     """
 
     def __init__(
@@ -211,6 +198,7 @@ class SessionRunner:
         settings: RunnerSettings,
         now: Callable[[], datetime],
         notify: Callable[[str, str, str, str, str], None] | None = None,
+        datasets: DatasetService | None = None,
     ) -> None:
         self.db = db
         self.scheduler = scheduler
@@ -221,6 +209,7 @@ class SessionRunner:
         self.settings = settings
         self.now = now
         self.notify = notify
+        self.datasets = datasets
         self._live: dict[int, _Live] = {}
         self._wake: asyncio.Event | None = None
         sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -429,7 +418,10 @@ class SessionRunner:
                 log.info("%s: adopting container %s started before a restart", row.name, found[0])
                 self._mark_running(row, found[0], self._log_size(row.id))
                 return
-            handle, log_base = await self._start_container(row, backend, labels)
+            data = await self._dataset_mounts(row, stop)
+            if data is None:
+                return  # still caching (or stopping): the next step looks again
+            handle, log_base = await self._start_container(row, backend, labels, data)
         except (BackendError, ArtifactError) as e:
             message = getattr(e, "message", str(e))
             reason = getattr(e, "reason", "start_failed")
@@ -451,8 +443,57 @@ class SessionRunner:
         except FileNotFoundError:
             return 0
 
+    async def _dataset_mounts(
+        self, row: TrainingSession, stop: asyncio.Event, wait_s: float = 5.0
+    ) -> list[Mount] | None:
+        """Read-only mounts (node cache path -> ``/data/NAME``) of the session's datasets.
+
+        Asks the dataset service to make them present on the session's node and hold them for
+        its allocation (the local node's cache fills in this server; a remote node's agent
+        fills its own). None while they are still being cached after *wait_s* seconds.
+
+        Raises:
+            DatasetsUnavailable: no dataset store.
+            BackendError: a dataset cannot be cached there (reason ``dataset_cache``).
+        """
+        if not row.datasets:
+            return []
+        svc = self.datasets
+        if svc is None:
+            raise DatasetsUnavailable("this server has no dataset store; run without -d")
+        assert row.placement_id is not None
+        try:
+            out, todo = await svc.run(svc.prepare_mounts, Caller(row.user_name), row.placement_id)
+        except APIError as e:
+            raise BackendError(e.message, reason="dataset_cache") from e
+        futures = await svc.ensure_filling(todo) if todo else []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while out.state == "preparing" and not stop.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            if futures:
+                await asyncio.wait(futures, timeout=left)
+                futures = []
+            else:
+                await asyncio.sleep(min(left, 0.2))
+            out = await svc.run(svc.mounts_state, row.placement_id)
+        if out.state == "failed":
+            raise BackendError(
+                f"the datasets cannot be cached on {out.node}: {out.message}",
+                reason="dataset_cache",
+            )
+        if out.state != "ready":
+            return None
+        return [Mount(str(m.host_path), m.container_path, read_only=True) for m in out.mounts]
+
     async def _start_container(
-        self, row: TrainingSession, backend: ExecutionBackend, labels: dict[str, str]
+        self,
+        row: TrainingSession,
+        backend: ExecutionBackend,
+        labels: dict[str, str],
+        data_mounts: list[Mount],
     ) -> tuple[str, int]:
         assert row.node is not None
         folder = self.session_dir(row.id)
@@ -469,7 +510,7 @@ class SessionRunner:
         res = row.resources
         gpu_ids = [str(g) for g in row.gpu_ids]
         mounts = [Mount(str(work), CODE_MOUNT, read_only=False)]
-        mounts += dataset_mounts_for(row, row.node)
+        mounts += data_mounts
         python = sys.executable if backend.kind == "local" else "python"
         command = session_command(row.entry, list(row.args))
         if command[0] == "python":

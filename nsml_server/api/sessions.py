@@ -26,6 +26,7 @@ from gpu_scheduler.model import GPU_MILLI
 
 from ..artifacts import ArtifactError, ArtifactStore, BlobWriter
 from ..backends import BackendError
+from ..datasets import resolve_refs
 from ..models import SESSION_ACTIVE_STATES, SESSION_STATES, SessionEvent, TrainingSession
 from ..schemas import (
     CheckpointList,
@@ -87,24 +88,23 @@ class SessionService:
 
 
 def resolve_datasets(
-    s: Session, user: str, groups: Sequence[str], is_admin: bool, refs: Sequence[str]
+    s: Session,
+    user: str,
+    groups: Sequence[str],
+    is_admin: bool,
+    refs: Sequence[str],
+    resources: dict[str, Any],
 ) -> list[str]:
-    """The dataset references a session of *user* may mount, as stored on the session.
+    """The datasets a session of *user* mounts, as concrete ``name@k`` (stored on the session).
 
-    The hook for the dataset store (which checks names, versions and ACLs). Until it is
-    connected, a session that asks for datasets is refused.
-
-    Raises:
-        SessionError: 400 when datasets are asked for.
+    Checks names, versions and visibility like every other use of a dataset
+    (:func:`nsml_server.datasets.resolve_refs`): a dataset the user may not read is a 404,
+    nothing is queued. Puts them (with their bytes, the scheduler's locality signal) into
+    the placement spec in *resources*.
     """
-    if refs:
-        raise SessionError(
-            400,
-            "datasets are not available on this server yet; run the session without -d "
-            f"(asked for: {', '.join(refs)})",
-            "datasets_unavailable",
-        )
-    return []
+    resolved = resolve_refs(s, user, groups, is_admin, list(refs)) if refs else []
+    resources["datasets"] = [{"ref": r.key, "bytes": r.bytes, "digest": r.digest} for r in resolved]
+    return [r.key for r in resolved]
 
 
 def resources_of(
@@ -116,7 +116,7 @@ def resources_of(
         PlacementIn(
             holder="session", gpus=gpus, gpu_models=gpu_models, cpu=cpu, memory=memory, image=image
         ),
-        lambda refs: [],  # no datasets in this ask: a session's are resolved on their own
+        lambda refs: [],  # no datasets in this ask: resolve_datasets adds a session's
     )
     return {"gpus": spec["gpu_milli"] / GPU_MILLI, **spec}  # type: ignore[operator]
 
@@ -307,7 +307,9 @@ class SessionsHandler(SessionHandler):
         groups = list(self.hub_user.get("groups") or [])
         now = self.ctx.now()
         with self.ctx.db.session() as s:
-            datasets = resolve_datasets(s, self.user_name, groups, self.is_admin, body.datasets)
+            datasets = resolve_datasets(
+                s, self.user_name, groups, self.is_admin, body.datasets, resources
+            )
             row = create_session(
                 s,
                 user=self.user_name,
@@ -511,7 +513,9 @@ class ForkHandler(SessionHandler):
                     image,
                 )
             groups = list(self.hub_user.get("groups") or [])
-            datasets = resolve_datasets(s, self.user_name, groups, self.is_admin, parent.datasets)
+            datasets = resolve_datasets(
+                s, self.user_name, groups, self.is_admin, parent.datasets, res
+            )
             source = f"{parent.name}/{body.checkpoint}" if body.checkpoint else None
             child = create_session(
                 s,

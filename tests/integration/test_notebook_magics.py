@@ -99,7 +99,10 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
     put_files(container, "proj", {"train.py": TRAIN_PY})
 
     cells = [
-        "%nsml run --gpus 2 --memory 512M train.py -- --lr 0.1",
+        "import pathlib\np = pathlib.Path('data'); p.mkdir(exist_ok=True)\n"
+        "(p / 'hello.txt').write_text('hi from the dataset')",
+        "%nsml dataset push nbdata data",
+        "%nsml run --gpus 2 --memory 512M -d nbdata train.py -- --lr 0.1",
         "from nsml import Client, sessions\nc = Client()\nname = sessions.getid(c)\n"
         "st = sessions.wait(c, name, timeout=150)\nprint(st['state'], st['last_step'])",
         "%nsml ps",
@@ -109,17 +112,27 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
         "child = sessions.getid(c)\nprint(sessions.wait(c, child, timeout=150)['state'])",
         "%nsml logs $child",
         "%nsml diff $name $child",
+        "%%nsml run -d nbdata\nimport os, nsml\n"
+        "print(open(os.path.join(nsml.DATASET_PATH, 'hello.txt')).read())\n"
+        "try:\n    open(os.path.join(nsml.DATASET_PATH, 'new.txt'), 'w')\n"
+        "except OSError as e:\n    print('write refused:', e.strerror)",
+        "cell = sessions.getid(c)\nprint(sessions.wait(c, cell, timeout=150)['state'])\n"
+        "print(sessions.logs(c, cell)['text'])",
         "%nsml gpustat",
         "%nsml bogus",
     ]
     res = run_cells(container, cells)
     assert len(res) == len(cells), res
-    run, waited, ps, status, logs, fork, child_wait, child_logs, diff, gpustat, bogus = res
+    (_, push, run, waited, ps, status, logs, fork, child_wait, child_logs, diff, cell_run,
+     cell_out, gpustat, bogus) = res  # fmt: skip
+
+    # dataset push from the notebook: NAME@k, with a progress widget.
+    assert push["status"] == "ok" and "nbdata@1" in push["text"], push
 
     # run: prints the name and shows a live status widget; the kernel is not blocked.
     assert run["status"] == "ok", run
     name = run["text"].strip().splitlines()[0]
-    assert name == f"{user}/_/1", run
+    assert name == f"{user}/nbdata/1", run
     assert "application/vnd.jupyter.widget-view+json" in run["mimes"], run
     assert waited["text"].split() == ["completed", "9"], waited
 
@@ -127,10 +140,16 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
     assert "loss" in status["html"] and "completed" in status["html"], status
     assert "lr 0.1 GPUS 0,1" in logs["text"] and "done" in logs["text"], logs
 
-    assert fork["status"] == "ok" and fork["text"].strip().splitlines()[0] == f"{user}/_/2"
+    assert fork["status"] == "ok" and fork["text"].strip().splitlines()[0] == f"{user}/nbdata/2"
     assert child_wait["text"].strip() == "completed", child_wait
     assert "loaded" in child_logs["text"] and "lr 0.01" in child_logs["text"], child_logs
     assert "---lr 0.1" in diff["text"] and "+--lr 0.01" in diff["text"], diff
+
+    # %%nsml run: the cell is the script; the dataset is mounted read-only at DATASET_PATH.
+    assert cell_run["text"].strip().splitlines()[0] == f"{user}/nbdata/3", cell_run
+    assert cell_out["text"].startswith("completed"), cell_out
+    assert "hi from the dataset" in cell_out["text"], cell_out
+    assert "write refused: Read-only file system" in cell_out["text"], cell_out
 
     # gpustat: the cluster's GPUs (the test hub's node has 4 virtual ones).
     assert gpustat["html"].count("local-test") == 4 and "ALLOCATED" in gpustat["html"], gpustat
