@@ -27,7 +27,14 @@ from traitlets.config import Application
 from . import __version__, nodes
 from .api import datasets as ds
 from .api.base import NotFoundHandler, ServerContext
-from .api.handlers import HealthHandler, HeartbeatHandler, MeHandler, NodeHandler, NodesHandler
+from .api.handlers import (
+    HealthHandler,
+    HeartbeatHandler,
+    MeHandler,
+    NodeHandler,
+    NodesHandler,
+    UsageHandler,
+)
 from .api.openapi import openapi_document
 from .api.placements import PlacementHandler, PlacementsHandler, placement_out
 from .db import Database, SchemaError, check_schema, redact_url, upgrade
@@ -597,6 +604,7 @@ class NSMLServer(DBSettings):
                 {"document": openapi_document(__version__, self.base_url)},
             ),
             (api + "me", MeHandler, k),
+            (api + "usage", UsageHandler, k),
             (api + "nodes", NodesHandler, k),
             (api + r"nodes/([^/]+)", NodeHandler, k),
             (api + r"nodes/([^/]+)/heartbeat", HeartbeatHandler, k),

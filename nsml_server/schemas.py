@@ -128,6 +128,24 @@ class MeOut(BaseModel):
     scopes: list[str]
 
 
+class UsageItem(BaseModel):
+    allocation: int
+    holder: str = Field(description="'notebook', 'notebook:NAME', 'session/DATASET/N', ...")
+    kind: Literal["notebook", "session", "other"]
+    node: str
+    gpus: float = Field(description="GPUs held (fractions count)")
+    started: str
+    ended: str | None = Field(description="None while the allocation is active")
+    gpu_seconds: float = Field(description="GPUs held x seconds, up to now for an active one")
+
+
+class UsageOut(BaseModel):
+    user: str
+    since: str | None
+    gpu_seconds: dict[str, float] = Field(description="per kind: notebook, session, other")
+    items: list[UsageItem]
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     version: str

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from .. import nodes
-from ..models import NODE_STATES, User
-from ..schemas import Health, Heartbeat, MeOut, NodeList, NodePatch
+from ..models import NODE_STATES, Allocation, Node, User
+from ..schemas import Health, Heartbeat, MeOut, NodeList, NodePatch, UsageItem, UsageOut
 from .base import APIError, APIHandler
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -140,3 +140,80 @@ class HeartbeatHandler(APIHandler):
             s.flush()
             out = nodes.node_out(node, self.ctx.now())
         self.write_json(out)
+
+
+def usage_kind(holder: str) -> str:
+    """What an allocation held: a notebook server, a training session, or something else."""
+    if holder == "notebook" or holder.startswith("notebook:"):
+        return "notebook"
+    if holder.startswith("session/"):
+        return "session"
+    return "other"
+
+
+class UsageHandler(APIHandler):
+    """``GET api/usage[?user=NAME][&since=ISO]``: the GPU time a user's allocations held.
+
+    Every notebook server and session holds an allocation from placement to release; its GPUs
+    times its duration is the GPU time that credit accounting charges. An active allocation
+    counts up to now. Other users' usage needs an admin.
+    """
+
+    def get(self) -> None:
+        user = self.get_query_argument("user", None) or self.user_name
+        if user != self.user_name:
+            self.require_admin()
+        raw = self.get_query_argument("since", None)
+        since = None
+        if raw:
+            try:
+                since = datetime.fromisoformat(raw.rstrip("Z"))
+            except ValueError:
+                raise APIError(
+                    400,
+                    f"since={raw!r} is not a date; use ISO 8601, e.g. 2026-11-01T00:00:00Z.",
+                    "bad_request",
+                ) from None
+            if since.tzinfo is not None:
+                since = since.astimezone(UTC).replace(tzinfo=None)
+        now = self.ctx.now()
+        with self.ctx.db.session() as s:
+            q = (
+                select(Allocation, Node.name)
+                .join(Node, Node.id == Allocation.node_id)
+                .where(Allocation.user_name == user)
+                .order_by(Allocation.id)
+            )
+            if since is not None:
+                q = q.where((Allocation.released.is_(None)) | (Allocation.released >= since))
+            rows = s.execute(q).all()
+        items: list[UsageItem] = []
+        totals = {"notebook": 0.0, "session": 0.0, "other": 0.0}
+        for a, node in rows:
+            holder = a.holder.split(":", 1)[-1] if a.holder.startswith(f"{user}:") else a.holder
+            gpus = len(a.gpu_indices) * a.gpu_milli_per_gpu / 1000
+            start = max(a.created, since) if since is not None else a.created
+            end = a.released or now
+            seconds = max(0.0, (end - start).total_seconds()) * gpus
+            kind = usage_kind(holder)
+            totals[kind] += seconds
+            items.append(
+                UsageItem(
+                    allocation=a.id,
+                    holder=holder,
+                    kind=kind,  # type: ignore[arg-type]
+                    node=node,
+                    gpus=gpus,
+                    started=a.created.isoformat() + "Z",
+                    ended=a.released.isoformat() + "Z" if a.released else None,
+                    gpu_seconds=round(seconds, 3),
+                )
+            )
+        self.write_json(
+            UsageOut(
+                user=user,
+                since=since.isoformat() + "Z" if since else None,
+                gpu_seconds={k: round(v, 3) for k, v in totals.items()},
+                items=items,
+            )
+        )

@@ -30,6 +30,7 @@ from ..schemas import (
     StoreOut,
     UploadIn,
     UploadOut,
+    UsageOut,
     VersionOut,
 )
 
@@ -38,6 +39,7 @@ MODELS: list[type[BaseModel]] = [
     Health,
     Heartbeat,
     MeOut,
+    UsageOut,
     NodeList,
     NodeOut,
     NodePatch,
@@ -297,6 +299,26 @@ def openapi_document(version: str, base_url: str) -> dict[str, Any]:
             "get": {
                 "summary": "The caller: name, permission level, credits",
                 "responses": {"200": _json(MeOut, "The caller"), **ERRORS},
+            }
+        },
+        "/usage": {
+            "get": {
+                "summary": "GPU time held by a user's notebook servers and sessions",
+                "parameters": [
+                    {
+                        "name": "user",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "another user (admin); default: the caller",
+                    },
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "schema": {"type": "string", "format": "date-time"},
+                        "description": "count only time after this instant",
+                    },
+                ],
+                "responses": {"200": _json(UsageOut, "GPU time per kind and allocation"), **ERRORS},
             }
         },
         "/nodes": {

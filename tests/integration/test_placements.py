@@ -150,3 +150,43 @@ def test_a_node_whose_engine_cannot_be_reached_receives_nothing(hub: HubProcess)
     assert r.status_code == 202, r.text
     assert "no-engine" in r.json()["reason"]
     hub.nsml("DELETE", f"placements/{r.json()['id']}", hub.user_token("pa-kim"))
+
+
+def test_gpu_time_of_notebooks_and_sessions_is_recorded_per_user(hub: HubProcess) -> None:
+    import time
+
+    dana, eve = hub.user_token("pu-dana"), hub.user_token("pu-eve")
+    nb = ask(hub, dana, "notebook", gpus=1)
+    assert nb.status_code == 201, nb.text
+    sess = ask(hub, dana, "session/mnist/1", gpus=0.5)
+    assert sess.status_code == 201, sess.text
+    time.sleep(1.0)
+    assert hub.nsml("DELETE", f"placements/{nb.json()['id']}", dana).status_code == 200
+    time.sleep(0.5)
+    usage = hub.nsml("GET", "usage", dana).json()
+    assert usage["user"] == "pu-dana"
+    by_holder = {i["holder"]: i for i in usage["items"]}
+    notebook, session = by_holder["notebook"], by_holder["session/mnist/1"]
+    assert notebook["kind"] == "notebook" and notebook["ended"] is not None
+    assert session["kind"] == "session" and session["ended"] is None and session["gpus"] == 0.5
+    # 1 GPU for ~1 s (released); half a GPU for ~1.5 s so far (still held).
+    assert 0.9 <= notebook["gpu_seconds"] < 5, notebook
+    assert 0.6 <= session["gpu_seconds"] < 5, session
+    assert usage["gpu_seconds"]["notebook"] == notebook["gpu_seconds"]
+    ended = notebook["gpu_seconds"]
+    time.sleep(0.3)
+    again = hub.nsml("GET", "usage", dana).json()
+    assert again["gpu_seconds"]["notebook"] == ended  # a released allocation stops counting
+    assert again["gpu_seconds"]["session"] > usage["gpu_seconds"]["session"]
+    # `since` cuts the count; a bad date is a 400; another user's usage needs an admin.
+    later = hub.nsml("GET", "usage?since=2999-01-01T00:00:00Z", dana).json()
+    assert later["items"] == [s for s in later["items"] if s["ended"] is None]
+    assert later["gpu_seconds"]["session"] == 0
+    assert (
+        "ISO 8601"
+        in assert_json_error(hub.nsml("GET", "usage?since=yesterday", dana), 400)["message"]
+    )
+    assert_json_error(hub.nsml("GET", "usage?user=pu-dana", eve), 403, "forbidden")
+    admin = hub.nsml("GET", "usage?user=pu-dana", hub.user_token("admin")).json()
+    assert {i["holder"] for i in admin["items"]} == {"notebook", "session/mnist/1"}
+    hub.nsml("DELETE", f"placements/{sess.json()['id']}", dana)
