@@ -332,9 +332,14 @@ class EventList(BaseModel):
 
 
 class MetricsIn(BaseModel):
-    """``nsml.report`` points: ``[[step, wall_time, {"name": value, ...}], ...]``."""
+    """``nsml.report`` points, as columns (what the SDK sends: ``steps``, ``walls``,
+    ``values`` with one entry per step; null = not reported) or as rows (``points``:
+    ``[[step|null, wall_time, {"name": value}], ...]``; a null step continues the last)."""
 
-    points: list[list[object]]
+    steps: list[int] | None = None
+    walls: list[float] | None = None
+    values: dict[str, list[float | None]] | None = None
+    points: list[list[object]] | None = None
 
 
 class MetricsAccepted(BaseModel):
