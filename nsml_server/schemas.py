@@ -282,6 +282,11 @@ class SessionOut(BaseModel):
     resources: SessionResources
     node: str | None
     gpu_ids: list[str]
+    gpu_use: list[dict[str, object]] = Field(
+        default_factory=list,
+        description="while running: each GPU's index, utilization_pct and memory_used_mib, as "
+        "the node last reported them",
+    )
     exit_code: int | None
     reason: str | None = Field(
         description="why it ended: completed | exit_code | oom_killed | stopped | lost | "

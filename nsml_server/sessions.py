@@ -34,6 +34,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .models import (
+    Gpu,
+    Node,
     PlacementRequestRow,
     SessionCheckpoint,
     SessionEvent,
@@ -535,6 +537,22 @@ def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
         p = s.get(PlacementRequestRow, row.placement_id)
         if p is not None and p.state == "waiting":
             queue = QueueOut(position=p.position, code=p.code, reason=p.message)
+    gpu_use: list[dict[str, object]] = []
+    if row.state == "running" and row.node and row.gpu_ids:
+        indices = [int(g) for g in row.gpu_ids if str(g).isdigit()]
+        gpu_use = [
+            {
+                "index": g.index,
+                "utilization_pct": g.utilization_pct,
+                "memory_used_mib": g.memory_used_mib,
+            }
+            for g in s.scalars(
+                select(Gpu)
+                .join(Node, Gpu.node_id == Node.id)
+                .where(Node.name == row.node, Gpu.index.in_(indices))
+                .order_by(Gpu.index)
+            )
+        ]
     end = row.finished or (now if row.started else None)
     return SessionOut(
         name=row.name,
@@ -555,6 +573,7 @@ def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
         ),
         node=row.node,
         gpu_ids=[str(g) for g in row.gpu_ids or []],
+        gpu_use=gpu_use,
         exit_code=row.exit_code,
         reason=row.reason,
         message=row.message,

@@ -35,6 +35,7 @@ from nsml_server.session_runner import (
 )
 from nsml_server.sessions import create_session
 from tests.integration.test_backend_docker import busybox_image  # noqa: F401  (fixture)
+from tests.integration.test_standby import fresh_database
 
 pytestmark = [pytest.mark.docker]
 
@@ -55,9 +56,19 @@ class World:
     grace_s: float = 2.0
 
 
-@pytest.fixture()
-def world(tmp_path: Path, docker_client: Any, busybox_image: str) -> Iterator[World]:  # noqa: F811
-    url = f"sqlite:///{tmp_path / 'nsml.sqlite'}"
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db)])
+def world(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    docker_client: Any,
+    busybox_image: str,  # noqa: F811
+) -> Iterator[World]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'nsml.sqlite'}"
+    else:
+        url = fresh_database(
+            request.getfixturevalue("postgres_url"), f"nsml_runner_{uuid.uuid4().hex[:12]}"
+        )
     db = Database(url)
     check_schema(db.engine, url)
     hb = Heartbeat.model_validate(
