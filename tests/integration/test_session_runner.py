@@ -7,6 +7,7 @@ another on the same database is a server restart. The sessions run the busybox t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import tarfile
 import uuid
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import pytest
 
 from gpu_scheduler.policy import PlacementPolicy
@@ -90,7 +92,8 @@ def world(
     w = World(db, ArtifactStore(tmp_path / "artifacts"), tmp_path, label, f"nsmltest-r{label[:8]}")
     yield w
     for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_SERVER}={label}"}):
-        c.remove(force=True, v=True)
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            c.remove(force=True, v=True)  # the runner may be removing it already
     db.dispose()
 
 
