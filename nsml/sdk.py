@@ -105,7 +105,20 @@ class _Sender:
         return f"{self.api_url}sessions/{name}{suffix}"
 
     def post_points(self, points: list[tuple[Any, float, dict[str, float]]]) -> None:
-        body = json.dumps({"points": points}, separators=(",", ":"))
+        """Send a batch as columns (one list per metric, null where a step lacks it): far
+        cheaper to encode and decode than a list of dicts."""
+        n = len(points)
+        values: dict[str, list[float | None]] = {}
+        for i, (_, _, vals) in enumerate(points):
+            for k, v in vals.items():
+                col = values.get(k)
+                if col is None:
+                    col = values[k] = [None] * n
+                col[i] = v
+        body = json.dumps(
+            {"steps": [p[0] for p in points], "walls": [p[1] for p in points], "values": values},
+            separators=(",", ":"),
+        )
         r = self.http.post(
             self.url("/metrics"),
             data=body,

@@ -325,6 +325,11 @@ class SessionOut(BaseModel):
     resources: SessionResources
     node: str | None
     gpu_ids: list[str]
+    gpu_use: list[dict[str, object]] = Field(
+        default_factory=list,
+        description="while running: each GPU's index, utilization_pct and memory_used_mib, as "
+        "the node last reported them",
+    )
     exit_code: int | None
     reason: str | None = Field(
         description="why it ended: completed | exit_code | oom_killed | stopped | lost | "
@@ -375,9 +380,14 @@ class EventList(BaseModel):
 
 
 class MetricsIn(BaseModel):
-    """``nsml.report`` points: ``[[step, wall_time, {"name": value, ...}], ...]``."""
+    """``nsml.report`` points, as columns (what the SDK sends: ``steps``, ``walls``,
+    ``values`` with one entry per step; null = not reported) or as rows (``points``:
+    ``[[step|null, wall_time, {"name": value}], ...]``; a null step continues the last)."""
 
-    points: list[list[object]]
+    steps: list[int] | None = None
+    walls: list[float] | None = None
+    values: dict[str, list[float | None]] | None = None
+    points: list[list[object]] | None = None
 
 
 class MetricsAccepted(BaseModel):

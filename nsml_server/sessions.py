@@ -34,6 +34,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .models import (
+    Gpu,
+    Node,
     PlacementRequestRow,
     SessionCheckpoint,
     SessionEvent,
@@ -285,12 +287,13 @@ Point = tuple[int, float, dict[str, float | None]]
 
 
 def parse_points(raw: object, next_step: int) -> list[Point]:
-    """Validate report points ``[[step|null, wall_time, {"name": number|null}], ...]``.
+    """Validate report points as rows: ``[[step|null, wall_time, {"name": number|null}], ...]``.
 
-    A null step continues from *next_step*. Non-finite values become null.
+    A null step continues from *next_step*. Values keep NaN and infinities (a diverged loss
+    is information); null means "not reported".
 
     Raises:
-        SessionError: 400 naming the first bad point.
+        SessionError: 400 naming the first bad point (413 over the batch limit).
     """
     if not isinstance(raw, list):
         raise SessionError(
@@ -302,6 +305,7 @@ def parse_points(raw: object, next_step: int) -> list[Point]:
         )
     out: list[Point] = []
     step = next_step
+    known: set[str] = set()
     for i, p in enumerate(raw):
         if not (isinstance(p, list) and len(p) == 3 and isinstance(p[2], dict)):
             raise SessionError(
@@ -322,23 +326,108 @@ def parse_points(raw: object, next_step: int) -> list[Point]:
             )
         clean: dict[str, float | None] = {}
         for k, v in values.items():
-            if not METRIC_NAME.match(k):
-                raise SessionError(
-                    400,
-                    f"point {i}: metric name {k!r:.60} must be 1-128 letters, digits, '_', "
-                    "'.', '/', ':' or '-'",
-                    "bad_request",
-                )
+            if k not in known:
+                _check_metric_name(k, f"point {i}")
+                known.add(k)
             if v is None:
                 clean[k] = None
             elif isinstance(v, bool) or not isinstance(v, int | float):
                 raise SessionError(400, f"point {i}: {k}={v!r:.40} is not a number", "bad_request")
             else:
-                f = float(v)
-                clean[k] = f if math.isfinite(f) else None
+                clean[k] = float(v)
         out.append((s, float(wall), clean))
         step = s + 1
     return out
+
+
+def _check_metric_name(name: object, where: str) -> None:
+    if not isinstance(name, str) or not METRIC_NAME.match(name):
+        raise SessionError(
+            400,
+            f"{where}: metric name {name!r:.60} must be 1-128 letters, digits, '_', '.', '/', "
+            "':' or '-'",
+            "bad_request",
+        )
+
+
+@dataclass(frozen=True)
+class Columns:
+    """One batch of report points in columns: ``steps[i]``, ``walls[i]`` and, per metric,
+    ``values[name][i]`` (None: not reported at that step; NaN and infinities are kept)."""
+
+    steps: list[int]
+    walls: list[float]
+    values: dict[str, list[float | None]]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"steps": self.steps, "walls": self.walls, "values": self.values},
+            separators=(",", ":"),
+        )
+
+
+_NUMBER_TYPES = frozenset({int, float})
+_VALUE_TYPES = frozenset({int, float, type(None)})
+
+
+def columns_of_rows(points: list[Point]) -> Columns:
+    steps = [p[0] for p in points]
+    walls = [p[1] for p in points]
+    values: dict[str, list[float | None]] = {}
+    for i, (_, _, vals) in enumerate(points):
+        for k, v in vals.items():
+            col = values.get(k)
+            if col is None:
+                col = values[k] = [None] * len(points)
+            col[i] = v
+    return Columns(steps, walls, values)
+
+
+def parse_columns(data: Mapping[str, object]) -> Columns:
+    """Validate a batch sent as columns: ``{"steps": [int], "walls": [number], "values":
+    {"name": [number|null]}}`` with every list as long as ``steps``.
+
+    Raises:
+        SessionError: 400 naming what is wrong (413 over the batch limit).
+    """
+    extra = set(data) - {"steps", "walls", "values"}
+    if extra:
+        raise SessionError(400, f"unknown field(s): {', '.join(sorted(extra))}", "bad_request")
+    steps, walls, values = data.get("steps"), data.get("walls"), data.get("values")
+    if not isinstance(steps, list) or not isinstance(walls, list) or not isinstance(values, dict):
+        raise SessionError(
+            400,
+            'send {"steps": [int], "walls": [number], "values": {"name": [number|null]}}',
+            "bad_request",
+        )
+    n = len(steps)
+    if n > MAX_POINTS_PER_BATCH:
+        raise SessionError(
+            413, f"at most {MAX_POINTS_PER_BATCH} points per request, not {n}", "too_large"
+        )
+    if not set(map(type, steps)) <= {int} or (
+        n and (max(steps) >= 2**62 or min(steps) <= -(2**62))
+    ):
+        raise SessionError(400, "steps must be integers", "bad_request")
+    if len(walls) != n or not set(map(type, walls)) <= _NUMBER_TYPES:
+        raise SessionError(400, f"walls must be {n} numbers, one per step", "bad_request")
+    if not all(map(math.isfinite, walls)):
+        raise SessionError(400, "walls must be finite times", "bad_request")
+    if len(values) > MAX_NAMES_PER_POINT:
+        raise SessionError(400, f"at most {MAX_NAMES_PER_POINT} metrics per batch", "bad_request")
+    for name, col in values.items():
+        _check_metric_name(name, "values")
+        if not isinstance(col, list) or len(col) != n:
+            raise SessionError(
+                400, f"values[{name!r}] must be a list of {n} numbers or nulls", "bad_request"
+            )
+        if not set(map(type, col)) <= _VALUE_TYPES:
+            raise SessionError(400, f"values[{name!r}] holds something not a number", "bad_request")
+    return Columns(steps, walls, values)  # type: ignore[arg-type]
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return v if v is None or math.isfinite(v) else None
 
 
 def iso(t: datetime | None) -> str | None:
@@ -448,6 +537,22 @@ def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
         p = s.get(PlacementRequestRow, row.placement_id)
         if p is not None and p.state == "waiting":
             queue = QueueOut(position=p.position, code=p.code, reason=p.message)
+    gpu_use: list[dict[str, object]] = []
+    if row.state == "running" and row.node and row.gpu_ids:
+        indices = [int(g) for g in row.gpu_ids if str(g).isdigit()]
+        gpu_use = [
+            {
+                "index": g.index,
+                "utilization_pct": g.utilization_pct,
+                "memory_used_mib": g.memory_used_mib,
+            }
+            for g in s.scalars(
+                select(Gpu)
+                .join(Node, Gpu.node_id == Node.id)
+                .where(Node.name == row.node, Gpu.index.in_(indices))
+                .order_by(Gpu.index)
+            )
+        ]
     end = row.finished or (now if row.started else None)
     return SessionOut(
         name=row.name,
@@ -468,6 +573,7 @@ def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
         ),
         node=row.node,
         gpu_ids=[str(g) for g in row.gpu_ids or []],
+        gpu_use=gpu_use,
         exit_code=row.exit_code,
         reason=row.reason,
         message=row.message,
@@ -488,23 +594,38 @@ def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
     )
 
 
-def ingest_points(s: Session, row: TrainingSession, raw: object, now: datetime) -> int:
-    """Store one batch of report points as one chunk and update the last metrics."""
-    next_step = 0 if row.last_step is None else row.last_step + 1
-    points = parse_points(raw, next_step)
-    if not points:
+def ingest_points(
+    s: Session, row: TrainingSession, data: Mapping[str, object], now: datetime, raw: str = ""
+) -> int:
+    """Store one batch of report points (rows or columns) as one chunk and update the
+    session's last metrics. *raw* is the request body: a valid column batch is stored as sent.
+    """
+    if "points" in data:
+        if set(data) != {"points"}:
+            raise SessionError(400, "send either points or columns, not both", "bad_request")
+        next_step = 0 if row.last_step is None else row.last_step + 1
+        cols = columns_of_rows(parse_points(data["points"], next_step))
+        text = cols.to_json()
+    else:
+        cols = parse_columns(data)
+        text = raw or cols.to_json()
+    n = len(cols.steps)
+    if not n:
         return 0
     last = dict(row.last_metrics or {})
-    for _, _, values in points:
-        last.update(values)
-    steps = [p[0] for p in points]
+    for name, col in cols.values.items():
+        for v in reversed(col):
+            if v is not None:
+                last[name] = _finite_or_none(float(v))
+                break
+    top = max(cols.steps)
     s.add(
         SessionMetricChunk(
             session_id=row.id,
-            first_step=min(steps),
-            last_step=max(steps),
-            count=len(points),
-            payload=json.dumps([list(p) for p in points], separators=(",", ":")),
+            first_step=min(cols.steps),
+            last_step=top,
+            count=n,
+            payload=text,
             created=now,
         )
     )
@@ -513,12 +634,12 @@ def ingest_points(s: Session, row: TrainingSession, raw: object, now: datetime) 
         .where(TrainingSession.id == row.id)
         .values(
             last_metrics=last,
-            last_step=max(steps[-1], row.last_step if row.last_step is not None else steps[-1]),
-            points=TrainingSession.points + len(points),
+            last_step=top if row.last_step is None else max(top, row.last_step),
+            points=TrainingSession.points + n,
         )
         .execution_options(synchronize_session=False)
     )
-    return len(points)
+    return n
 
 
 def metric_series(
@@ -527,24 +648,27 @@ def metric_series(
     names: Sequence[str] | None = None,
     since_step: int | None = None,
 ) -> dict[str, MetricSeries]:
-    """Per-metric series (steps, values, times) in report order."""
+    """Per-metric series (steps, values, times) in report order; a non-finite value is
+    None."""
     q = select(SessionMetricChunk.payload).where(SessionMetricChunk.session_id == row.id)
     if since_step is not None:
         q = q.where(SessionMetricChunk.last_step >= since_step)
     wanted = set(names) if names else None
     out: dict[str, MetricSeries] = {}
     for (payload,) in s.execute(q.order_by(SessionMetricChunk.id)):
-        for step, wall, values in json.loads(payload):
-            if since_step is not None and step < since_step:
+        chunk = json.loads(payload)
+        steps, walls = chunk["steps"], chunk["walls"]
+        for name, col in chunk["values"].items():
+            if wanted is not None and name not in wanted:
                 continue
-            for k, v in values.items():
-                if wanted is not None and k not in wanted:
+            ser = out.get(name)
+            if ser is None:
+                ser = out[name] = MetricSeries(steps=[], values=[], walls=[])
+            for step, v, wall in zip(steps, col, walls, strict=True):
+                if v is None or (since_step is not None and step < since_step):
                     continue
-                ser = out.get(k)
-                if ser is None:
-                    ser = out[k] = MetricSeries(steps=[], values=[], walls=[])
                 ser.steps.append(step)
-                ser.values.append(v)
+                ser.values.append(_finite_or_none(float(v)))
                 ser.walls.append(wall)
     return out
 

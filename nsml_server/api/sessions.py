@@ -675,16 +675,20 @@ class MetricsHandler(SessionHandler):
 
     def post(self, *name: str) -> None:
         try:
-            data = json.loads(self.request.body or b"")
+            raw = (self.request.body or b"").decode()
+            data = json.loads(raw)
         except ValueError as e:
             raise APIError(400, f"The request body is not valid JSON: {e}", "bad_request") from e
-        if not isinstance(data, dict) or "points" not in data:
+        if not isinstance(data, dict):
             raise APIError(
-                400, 'Send {"points": [[step, time, {name: value}], ...]}.', "bad_request"
+                400,
+                'Send {"steps": [...], "walls": [...], "values": {name: [...]}} or '
+                '{"points": [[step, time, {name: value}], ...]}.',
+                "bad_request",
             )
         with self.ctx.db.session() as s:
             row = self.owned(s, self.name_of(*name))
-            n = ingest_points(s, row, data["points"], self.ctx.now())
+            n = ingest_points(s, row, data, self.ctx.now(), raw)
         self.write_json(MetricsAccepted(accepted=n))
 
     def get(self, *name: str) -> None:

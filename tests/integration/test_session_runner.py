@@ -7,6 +7,7 @@ another on the same database is a server restart. The sessions run the busybox t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import tarfile
 import uuid
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import pytest
 
 from gpu_scheduler.policy import PlacementPolicy
@@ -35,6 +37,7 @@ from nsml_server.session_runner import (
 )
 from nsml_server.sessions import create_session
 from tests.integration.test_backend_docker import busybox_image  # noqa: F401  (fixture)
+from tests.integration.test_standby import fresh_database
 
 pytestmark = [pytest.mark.docker]
 
@@ -55,9 +58,19 @@ class World:
     grace_s: float = 2.0
 
 
-@pytest.fixture()
-def world(tmp_path: Path, docker_client: Any, busybox_image: str) -> Iterator[World]:  # noqa: F811
-    url = f"sqlite:///{tmp_path / 'nsml.sqlite'}"
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db)])
+def world(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    docker_client: Any,
+    busybox_image: str,  # noqa: F811
+) -> Iterator[World]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'nsml.sqlite'}"
+    else:
+        url = fresh_database(
+            request.getfixturevalue("postgres_url"), f"nsml_runner_{uuid.uuid4().hex[:12]}"
+        )
     db = Database(url)
     check_schema(db.engine, url)
     hb = Heartbeat.model_validate(
@@ -79,7 +92,8 @@ def world(tmp_path: Path, docker_client: Any, busybox_image: str) -> Iterator[Wo
     w = World(db, ArtifactStore(tmp_path / "artifacts"), tmp_path, label, f"nsmltest-r{label[:8]}")
     yield w
     for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_SERVER}={label}"}):
-        c.remove(force=True, v=True)
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            c.remove(force=True, v=True)  # the runner may be removing it already
     db.dispose()
 
 

@@ -241,12 +241,16 @@ def test_stop_sends_sigterm_the_save_handler_runs_then_resume_loads_it(
 ) -> None:
     token = hub.user_token("se-dave")
     nsml = cli_for(hub, token, project)
-    name = nsml("run", "train.py", "--", "--epochs", "1000", "--sleep", "0.05").stdout.strip()
-    wait_for(
-        lambda: status(nsml, name)["points"] >= 10,
+    name = nsml(
+        "run", "--gpus", "1", "train.py", "--", "--epochs", "1000", "--sleep", "0.05"
+    ).stdout.strip()
+    running = wait_for(
+        lambda: (st := status(nsml, name))["points"] >= 10 and st,
         timeout=120,
         what="a few reports",
     )
+    assert [g["index"] for g in running["gpu_use"]] == [int(running["gpu_ids"][0])], running
+    assert "utilization_pct" in running["gpu_use"][0]
     assert json.loads(nsml("stop", name, "--json").stdout)["stop_requested"] is True
     st = wait_state(nsml, name)
     out = logs(nsml, name)

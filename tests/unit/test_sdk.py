@@ -52,10 +52,12 @@ def api() -> Iterator[tuple[str, Recorder]]:
                 self.end_headers()
                 return
             assert self.path == "/api/sessions/u/_/1/metrics", self.path
-            pts = json.loads(body)["points"]
-            rec.points += pts
+            cols = json.loads(body)
+            for i, step in enumerate(cols["steps"]):
+                vals = {k: c[i] for k, c in cols["values"].items() if c[i] is not None}
+                rec.points.append([step, cols["walls"][i], vals])
             rec.batches += 1
-            self._json(200, {"accepted": len(pts)})
+            self._json(200, {"accepted": len(cols["steps"])})
 
         def do_PUT(self) -> None:
             name = self.path.split("?")[0].rsplit("/", 1)[-1]

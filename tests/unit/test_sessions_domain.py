@@ -5,27 +5,34 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import socket
 import tarfile
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from nsml.snapshot import IgnoreRules, SnapshotError, build_archive, collect, safe_extract
 from nsml_server.artifacts import ArtifactError, ArtifactStore, validate_code_path
+from nsml_server.db import Database, check_schema
 from nsml_server.notify import Notifier, SMTPSettings, failure_message
 from nsml_server.sessions import (
     SessionError,
     args_diff,
     classify_exit,
+    create_session,
     dataset_key,
     hash_token,
+    ingest_points,
     last_traceback,
+    metric_series,
     mint_token,
     pair_args,
+    parse_columns,
     parse_points,
     session_command,
     session_env,
@@ -207,12 +214,65 @@ def test_argument_diffs_pair_options_with_their_values() -> None:
 # ---- report points ---------------------------------------------------------------------------
 
 
-def test_points_continue_the_step_and_turn_non_finite_values_into_null() -> None:
+def test_row_points_continue_the_step_and_keep_non_finite_values() -> None:
     pts = parse_points(
         [[None, 1.0, {"loss": 1}], [None, 2.0, {"loss": float("nan")}], [10, 3.0, {"acc": 0.5}]],
         next_step=4,
     )
-    assert pts == [(4, 1.0, {"loss": 1.0}), (5, 2.0, {"loss": None}), (10, 3.0, {"acc": 0.5})]
+    assert [p[0] for p in pts] == [4, 5, 10]
+    assert pts[0][2] == {"loss": 1.0} and math.isnan(pts[1][2]["loss"] or 0.0)
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"steps": [0], "walls": [1.0]}, "send {"),
+        ({"steps": [0.5], "walls": [1.0], "values": {}}, "steps must be integers"),
+        ({"steps": [True], "walls": [1.0], "values": {}}, "steps must be integers"),
+        ({"steps": [0, 1], "walls": [1.0], "values": {}}, "walls must be 2 numbers"),
+        ({"steps": [0], "walls": [float("inf")], "values": {}}, "finite"),
+        ({"steps": [0], "walls": [1.0], "values": {"x": [1, 2]}}, "list of 1 numbers"),
+        ({"steps": [0], "walls": [1.0], "values": {"x": ["1"]}}, "not a number"),
+        ({"steps": [0], "walls": [1.0], "values": {"x y": [1]}}, "metric name"),
+        ({"steps": [0], "walls": [1.0], "values": {}, "more": 1}, "unknown field"),
+    ],
+)
+def test_bad_column_batches_are_refused(data: dict[str, object], words: str) -> None:
+    with pytest.raises(SessionError) as e:
+        parse_columns(data)
+    assert e.value.status == 400 and words in e.value.message, e.value.message
+
+
+def test_reports_are_stored_per_batch_and_read_back_as_series(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    check_schema(db.engine, db.url)
+    now = datetime(2026, 1, 1)
+    with db.session() as s:
+        row = create_session(
+            s,
+            user="u",
+            datasets=[],
+            values={"code_digest": "0" * 64, "entry": "t.py", "image": "i", "resources": {}},
+            now=now,
+        )
+        cols = {"steps": [0, 1], "walls": [1.0, 2.0], "values": {"loss": [0.5, None]}}
+        raw = json.dumps(cols)
+        assert ingest_points(s, row, json.loads(raw), now, raw) == 2
+        s.refresh(row)
+        assert (
+            ingest_points(s, row, {"points": [[None, 3.0, {"loss": float("nan"), "acc": 1}]]}, now)
+            == 1
+        )
+        s.refresh(row)
+        assert row.last_step == 2 and row.points == 3
+        assert row.last_metrics == {"loss": None, "acc": 1.0}
+        series = metric_series(s, row)
+        assert series["loss"].steps == [0, 2] and series["loss"].values == [0.5, None]
+        assert series["acc"].steps == [2] and series["acc"].walls == [3.0]
+        assert list(metric_series(s, row, names=["acc"])) == ["acc"]
+        assert metric_series(s, row, since_step=1)["loss"].steps == [2]
+        assert ingest_points(s, row, {"steps": [], "walls": [], "values": {}}, now) == 0
+    db.dispose()
 
 
 @pytest.mark.parametrize(
