@@ -63,8 +63,11 @@ def render_status(s: Mapping[str, Any]) -> str:
         gpus = s.get("gpu_ids") or []
         where = html.escape(str(s["node"]))
         parts.append(f"{where} GPU {','.join(map(str, gpus))}" if gpus else where)
-    if s.get("gpu_util_pct") is not None:
-        parts.append(f"GPU use {int(s['gpu_util_pct'])}%")
+    use = [g for g in s.get("gpu_use") or () if g.get("utilization_pct") is not None]
+    if use:
+        pct = sum(int(g["utilization_pct"]) for g in use) / len(use)
+        mem = sum(int(g.get("memory_used_mib") or 0) for g in use)
+        parts.append(f"GPU use {pct:.0f}%, {mem} MiB")
     if state in FINAL_STATES and s.get("exit_code") is not None:
         parts.append(f"exit {s['exit_code']}")
     why = s.get("message") or queue.get("reason")

@@ -76,11 +76,23 @@ def test_the_status_line_shows_state_progress_metrics_and_gpus() -> None:
             "state": "running",
             "node": "gpu-1",
             "gpu_ids": ["0", "1"],
+            "gpu_use": [
+                {"index": 0, "utilization_pct": 90, "memory_used_mib": 1000},
+                {"index": 1, "utilization_pct": 70, "memory_used_mib": 500},
+            ],
             "last_step": 120,
             "last_metrics": {"epoch": 2, "loss": 0.123456},
         }
     )
-    for text in ("alice/mnist/3", "running", "epoch 2", "step 120", "loss 0.1235", "GPU 0,1"):
+    for text in (
+        "alice/mnist/3",
+        "running",
+        "epoch 2",
+        "step 120",
+        "loss 0.1235",
+        "GPU 0,1",
+        "GPU use 80%, 1500 MiB",
+    ):
         assert text in html
 
 
