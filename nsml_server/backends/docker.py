@@ -452,12 +452,18 @@ class DockerBackend(ExecutionBackend):
                 return RunStatus(state=RunState.MISSING)
             st = info.get("State") or {}
             state = _STATES.get(str(st.get("Status", "")), RunState.EXITED)
+            started = parse_docker_time(st.get("StartedAt"))
+            finished = parse_docker_time(st.get("FinishedAt"))
+            if started and finished and finished < started:
+                # The engine stamps StartedAt after a very short process may already have
+                # exited (seen: FinishedAt 0.4 ms before StartedAt): it ran for ~0 s.
+                finished = started
             return RunStatus(
                 state=state,
                 exit_code=int(st["ExitCode"]) if state is RunState.EXITED else None,
                 oom_killed=bool(st.get("OOMKilled")),
-                started_at=parse_docker_time(st.get("StartedAt")),
-                finished_at=parse_docker_time(st.get("FinishedAt")),
+                started_at=started,
+                finished_at=finished,
                 error=st.get("Error") or None,
             )
 
