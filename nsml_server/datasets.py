@@ -263,8 +263,8 @@ def resolve_refs(
     c = Caller(user_name, frozenset(groups), is_admin)
     out: list[Resolved] = []
     seen: set[str] = set()
-    for ref in refs:
-        name, version = parse(ref)
+    parsed = [parse(ref) for ref in refs]  # every malformed or repeated one before any lookup
+    for name, _ in parsed:
         if name in seen:
             raise APIError(
                 400,
@@ -273,6 +273,7 @@ def resolve_refs(
                 "bad_request",
             )
         seen.add(name)
+    for name, version in parsed:
         ds = readable(session, c, name)
         v = version_of(session, ds, version)
         out.append(

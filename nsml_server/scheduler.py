@@ -178,9 +178,22 @@ def user_usage(s: Session) -> dict[str, UserUsage]:
 
 
 def detail(reasons: tuple[Any, ...], most: int = 5) -> str:
-    """Per-node reasons as a tail for a summary: `` Insufficient gpu: ... on node-a; ...``."""
+    """Per-node reasons as a tail for a summary: `` Insufficient gpu: ... on node-a; ...``.
+
+    The nodes that could take the request once resources free up come first, then those that
+    never could, then down or draining ones (the summary already counts those).
+    """
     if not reasons:
         return ""
+    reasons = tuple(
+        sorted(
+            reasons,
+            key=lambda r: (
+                getattr(r, "resource", "") == "node-state",
+                getattr(r, "permanent", False),
+            ),
+        )
+    )
     shown = "; ".join(str(r) for r in reasons[:most])
     more = f"; and {len(reasons) - most} more" if len(reasons) > most else ""
     return f" ({shown}{more})"

@@ -367,13 +367,19 @@ def test_bad_requests_are_4xx_json_that_say_what_to_do(hub: HubProcess, project:
         ({**base, "entry": "../etc/passwd"}, "inside the code snapshot"),
         ({**base, "gpus": 1.5}, "whole number"),
         ({**base, "memory": "lots"}, "memory"),
-        ({**base, "datasets": ["mnist"]}, "datasets are not available"),
+        ({**base, "datasets": ["bad name!"]}, "bad name!"),
+        ({**base, "datasets": ["mnist-x", "mnist-x@1"]}, "asked for twice"),
         ({**base, "surprise": 1}, "unknown field"),
     ]
     for body, words in cases:
         r = hub.nsml("POST", "sessions", token, json=body)
         err = assert_json_error(r, 400)
         assert words in err["message"], (body, err)
+    # A dataset the user cannot read (or that does not exist): 404 that says what to do.
+    err = assert_json_error(
+        hub.nsml("POST", "sessions", token, json={**base, "datasets": ["nobody-has-this"]}), 404
+    )
+    assert "nobody-has-this" in err["message"] and "nsml dataset ls" in err["message"], err
     assert hub.nsml("GET", "sessions", token).json()["sessions"] == [], "nothing half-created"
 
     # A snapshot with a link or a path that leaves the folder is refused.
