@@ -180,20 +180,13 @@ def user_usage(s: Session) -> dict[str, UserUsage]:
 def detail(reasons: tuple[Any, ...], most: int = 5) -> str:
     """Per-node reasons as a tail for a summary: `` Insufficient gpu: ... on node-a; ...``.
 
-    The nodes that could take the request once resources free up come first, then those that
-    never could, then down or draining ones (the summary already counts those).
+    The nodes short of resources come first, then down or draining ones, and last those
+    without an allowed GPU model (the ones a user can do least about).
     """
     if not reasons:
         return ""
-    reasons = tuple(
-        sorted(
-            reasons,
-            key=lambda r: (
-                getattr(r, "resource", "") == "node-state",
-                getattr(r, "permanent", False),
-            ),
-        )
-    )
+    rank = {"node-state": 1, "gpu-model": 2}
+    reasons = tuple(sorted(reasons, key=lambda r: rank.get(getattr(r, "resource", ""), 0)))
     shown = "; ".join(str(r) for r in reasons[:most])
     more = f"; and {len(reasons) - most} more" if len(reasons) > most else ""
     return f" ({shown}{more})"

@@ -146,10 +146,14 @@ def test_a_node_whose_engine_cannot_be_reached_receives_nothing(hub: HubProcess)
         ],
     }
     assert hub.nsml("PUT", "nodes/no-engine/heartbeat", admin, json=hb).status_code == 200
-    r = ask(hub, hub.user_token("pa-kim"), "x", gpus=1, gpu_models=["Unreachable-GPU"], wait_s=2)
-    assert r.status_code == 202, r.text
-    assert "no-engine" in r.json()["reason"]
-    hub.nsml("DELETE", f"placements/{r.json()['id']}", hub.user_token("pa-kim"))
+    kim = hub.user_token("pa-kim")
+    r = ask(hub, kim, "x", gpus=1, gpu_models=["Unreachable-GPU"], wait_s=2)
+    try:
+        assert r.status_code == 202, r.text
+        assert "no-engine" in r.json()["reason"]
+    finally:
+        hub.nsml("DELETE", f"placements/{r.json()['id']}", kim)
+        hub.nsml("PATCH", "nodes/no-engine", admin, json={"state": "down"})
 
 
 def test_gpu_time_of_notebooks_and_sessions_is_recorded_per_user(hub: HubProcess) -> None:
