@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from nsml_server import ledger, nodes
@@ -40,14 +40,13 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     else:
         url = request.getfixturevalue("postgres_url")
     database = Database(url)
-    with database.engine.begin() as conn:  # a clean schema for every test
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-        for t in ("placement_requests", "allocations", "leases", "gpus", "nodes", "users"):
+    with database.engine.begin() as conn:  # a clean schema for every test: drop every table
+        for t in inspect(conn).get_table_names():
             conn.execute(
                 text(
-                    f"DROP TABLE IF EXISTS {t} CASCADE"
+                    f'DROP TABLE IF EXISTS "{t}" CASCADE'
                     if request.param != "sqlite"
-                    else f"DROP TABLE IF EXISTS {t}"
+                    else f'DROP TABLE IF EXISTS "{t}"'
                 )
             )
     check_schema(database.engine, url)
