@@ -116,6 +116,16 @@ def rates(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def remove_containers(prefix: str) -> None:
+    """Remove what the bench's hub left on the engine, even when the bench failed."""
+    import docker
+
+    client = docker.from_env()
+    for c in client.containers.list(all=True, filters={"name": prefix}):
+        c.remove(force=True)
+    client.close()
+
+
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median cost per call and the median rate of the runs (each on its own)."""
     return {
@@ -177,11 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         print("starting the hub and a session ...", flush=True)
         hub.start(timeout=120)
+        stack.callback(remove_containers, hub.env_overrides["NSML_CONTAINER_PREFIX"])
         stack.callback(hub.stop)
         name, senv, client = start_session(hub, state)
         from nsml import sessions
 
-        stack.callback(lambda: sessions.stop(client, name))
+        # Stop the session and let the server record it (and remove its container) before
+        # the hub stops.
+        stack.callback(
+            lambda: sessions.wait(client, sessions.stop(client, name)["name"], timeout=60)
+        )
         script = state / "nsml_loop.py"
         script.write_text(textwrap.dedent(NSML_LOOP))
         runs = []

@@ -115,6 +115,16 @@ def docker_once(folder: Path) -> dict[str, float]:
     return {"first_line_s": first - t0}
 
 
+def remove_containers(prefix: str) -> None:
+    """Remove what the bench's hub left on the engine, even when the bench failed."""
+    import docker
+
+    client = docker.from_env()
+    for c in client.containers.list(all=True, filters={"name": prefix}):
+        c.remove(force=True)
+    client.close()
+
+
 def summary(values: list[float]) -> dict[str, Any]:
     ordered = sorted(values)
     return {
@@ -151,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print("starting the hub ...", flush=True)
         hub.start(timeout=120)
+        stack.callback(remove_containers, hub.env_overrides["NSML_CONTAINER_PREFIX"])
         stack.callback(hub.stop)
         client = Client(ClientConfig(hub.nsml_api + "/", hub.user_token("bench"), "bench"))
         nsml_once(client, folder, args.gpus)

@@ -268,17 +268,19 @@ class SessionRunner:
         active = {sid for sid, _ in rows}
         for sid in [k for k, v in self._live.items() if v.task.done()]:
             live = self._live.pop(sid)
-            if sid in active and not live.task.cancelled() and live.task.exception() is None:
+            exc = None if live.task.cancelled() else live.task.exception()
+            if sid not in active or exc is None:
                 continue
-            if sid in active:
-                # The step raised: count it, and give up on a session that keeps failing.
-                live.failures += 1
-                exc = live.task.exception() if not live.task.cancelled() else None
-                if live.failures >= MAX_STEP_FAILURES:
-                    await self._give_up(sid, exc)
-                    continue
-                self._start(sid, live.failures)
+            # The step raised: try again later, and give up on a session that keeps failing.
+            live.failures += 1
+            if live.failures >= MAX_STEP_FAILURES:
+                await self._give_up(sid, exc)
+                active.discard(sid)
+                continue
+            self._start(sid, live.failures)
         for sid, stop_requested in rows:
+            if sid not in active:
+                continue
             if sid not in self._live:
                 self._start(sid, 0)
             if stop_requested:
@@ -320,6 +322,9 @@ class SessionRunner:
                     await self._preparing(row)
                 else:
                     await self._running(row)
+                live = self._live.get(sid)
+                if live is not None:
+                    live.failures = 0  # a step went through: earlier errors were transient
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -404,10 +405,9 @@ class SessionItemHandler(SessionHandler):
         self.finish()
 
 
-def _remove_tree(path: Any, root: Any) -> None:
-    import shutil
-
-    if os.path.commonpath([str(path), str(root)]) == str(root) and path != root:
+def _remove_tree(path: Path, root: Path) -> None:
+    """Delete a session's folder (never anything outside the sessions folder)."""
+    if path != root and path.resolve().is_relative_to(root.resolve()):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -597,3 +597,38 @@ def test_the_failure_message_is_plain_text() -> None:
         SMTPSettings(base_url="http://hub"), "bob", "bob/_/2", "failed", "Boom.", ""
     )
     assert msg["To"] == "bob" and "Hub: http://hub" in msg.get_content()
+
+
+# ---- serving logs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "lines", "expected"),
+    [
+        (b"a\nb\nc\n", 1, b"c\n"),
+        (b"a\nb\nc\n", 2, b"b\nc\n"),
+        (b"a\nb\nc", 1, b"c"),
+        (b"a\nb\nc\n", 10, b"a\nb\nc\n"),
+        (b"a\nb\nc\n", 0, b""),
+        (b"", 3, b""),
+        (b"x" * 100_000 + b"\nlast\n", 1, b"last\n"),
+    ],
+)
+def test_the_tail_of_a_log_starts_at_a_line(
+    tmp_path: Path, text: bytes, lines: int, expected: bytes
+) -> None:
+    from nsml_server.api.sessions import _tail_offset
+
+    path = tmp_path / "log"
+    path.write_bytes(text)
+    assert text[_tail_offset(path, len(text), lines) :] == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "keep"),
+    [(b"abc", 3), ("é".encode() + b"x", 3), ("é".encode()[:1], 0), (b"a" + "€".encode()[:2], 1)],
+)
+def test_a_log_chunk_never_ends_inside_a_character(data: bytes, keep: int) -> None:
+    from nsml_server.api.sessions import _utf8_boundary
+
+    assert _utf8_boundary(data) == keep
