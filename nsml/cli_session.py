@@ -48,12 +48,14 @@ def _gpus(st: dict[str, Any]) -> str:
     return f"{g:g}" if g else "-"
 
 
-def cmd_run(client: Client, args: argparse.Namespace) -> int:
-    st = sessions.run(
+def start_run(client: Client, args: argparse.Namespace, cell: str | None = None) -> dict[str, Any]:
+    """Start the session `nsml run` (or ``%nsml run``; *cell*: ``%%nsml run``) describes."""
+    return sessions.run(
         client,
         args.script,
         args.rest,
         folder=args.folder,
+        cell=cell,
         gpus=args.gpus,
         gpu_models=args.gpu_model or [],
         datasets=args.dataset or [],
@@ -63,6 +65,24 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         memo=args.memo or "",
         public=args.public,
     )
+
+
+def start_fork(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    """Start the child session `nsml fork` (or ``%nsml fork``) describes."""
+    return sessions.fork(
+        client,
+        args.session,
+        args.rest if args.rest or args.no_args else None,
+        gpus=args.gpus,
+        cpu=args.cpu,
+        memory=args.memory,
+        image=args.image,
+        memo=args.memo,
+    )
+
+
+def cmd_run(client: Client, args: argparse.Namespace) -> int:
+    st = start_run(client, args)
     if args.json:
         _print_json(st)
     else:
@@ -177,16 +197,7 @@ def cmd_rm(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_fork(client: Client, args: argparse.Namespace) -> int:
-    st = sessions.fork(
-        client,
-        args.session,
-        args.rest if args.rest or args.no_args else None,
-        gpus=args.gpus,
-        cpu=args.cpu,
-        memory=args.memory,
-        image=args.image,
-        memo=args.memo,
-    )
+    st = start_fork(client, args)
     if args.json:
         _print_json(st)
     else:

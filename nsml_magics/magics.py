@@ -206,41 +206,15 @@ CELL_SCRIPT = "nsml_cell.py"
 
 
 def _run(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
-    from nsml import sessions
+    from nsml.cli_session import start_run
 
-    st = sessions.run(
-        m.client,
-        ns.script,
-        ns.rest,
-        folder=ns.folder,
-        cell=cell,
-        gpus=ns.gpus,
-        gpu_models=ns.gpu_model or [],
-        datasets=ns.dataset or [],
-        cpu=ns.cpu,
-        memory=ns.memory,
-        image=ns.image,
-        memo=ns.memo or "",
-        public=ns.public,
-    )
-    m.follow(st)
+    m.follow(start_run(m.client, ns, cell))
 
 
 def _fork(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
-    from nsml import sessions
+    from nsml.cli_session import start_fork
 
-    args = [] if ns.no_args else (ns.rest or None)
-    st = sessions.fork(
-        m.client,
-        ns.session,
-        args,
-        gpus=ns.gpus,
-        cpu=ns.cpu,
-        memory=ns.memory,
-        image=ns.image,
-        memo=ns.memo,
-    )
-    m.follow(st)
+    m.follow(start_fork(m.client, ns))
 
 
 def _resume(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
