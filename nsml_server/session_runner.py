@@ -514,8 +514,8 @@ class SessionRunner:
             )
         res = row.resources
         gpu_ids = [str(g) for g in row.gpu_ids]
-        mounts = [Mount(str(work), CODE_MOUNT, read_only=False)]
-        mounts += data_mounts
+        # The code is copied in (not mounted): a remote node's engine gets it over its API.
+        code = [Mount(str(work), CODE_MOUNT, read_only=False)]
         python = sys.executable if backend.kind == "local" else "python"
         command = session_command(row.entry, list(row.args))
         if command[0] == "python":
@@ -536,7 +536,8 @@ class SessionRunner:
                 attempt=row.attempt,
             ),
             workdir=CODE_MOUNT,
-            mounts=mounts,
+            mounts=data_mounts,
+            copies=code,
             gpu_ids=gpu_ids,
             cpu_limit=res.get("cpu_milli", 0) / 1000 if res.get("cpu_milli") else None,
             mem_limit_bytes=res["memory_mib"] * MIB if res.get("memory_mib") else None,

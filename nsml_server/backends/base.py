@@ -112,6 +112,9 @@ class RunSpec:
         env: environment variables; the backend's GPU variables override same-named ones.
         workdir: working directory; None: the image's (Docker) or a fresh one (local).
         mounts: host paths to make visible.
+        copies: host folders copied into the run before it starts (``source`` on the
+            server's machine, ``target`` in the run; ``read_only`` is ignored). Unlike a mount
+            this works on a remote engine; the run's writes stay in the run.
         gpu_ids: GPU indices (``"0"``) or UUIDs (``"GPU-..."``) the run may use.
         cpu_limit: CPU cores (fractions allowed); None: unlimited.
         mem_limit_bytes: memory limit in bytes; None: unlimited.
@@ -124,6 +127,7 @@ class RunSpec:
     env: dict[str, str] = field(default_factory=dict)
     workdir: str | None = None
     mounts: list[Mount] = field(default_factory=list)
+    copies: list[Mount] = field(default_factory=list)
     gpu_ids: list[str] = field(default_factory=list)
     cpu_limit: float | None = None
     mem_limit_bytes: int | None = None

@@ -17,10 +17,13 @@ import asyncio
 import builtins
 import contextlib
 import functools
+import io
 import logging
 import math
 import os
 import random
+import stat
+import tarfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +126,40 @@ def container_args(spec: RunSpec, *, nvidia_runtime: bool, init: bool = True) ->
             DeviceRequest(device_ids=list(spec.gpu_ids), capabilities=[["gpu"]])
         ]
     return ContainerArgs(create=create, host_config=host)
+
+
+def folder_tar(source: str, target: str) -> bytes:
+    """A tar of the folder *source* placed at *target* (absolute), writable by any user.
+
+    The image's user is not known here (a name or a number), so directories are 0777 and
+    files 0666 (0777 when executable): the run can change its copy, as with a mount.
+    """
+    buf = io.BytesIO()
+    base = target.strip("/")
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for dirpath, dirs, files in os.walk(source):
+            dirs.sort()
+            rel = os.path.relpath(dirpath, source)
+            arc = base if rel == "." else f"{base}/{rel}"
+            info = tarfile.TarInfo(arc)
+            info.type, info.mode = tarfile.DIRTYPE, 0o777
+            tar.addfile(info)
+            for name in sorted(files):
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # snapshots hold regular files only
+                info = tarfile.TarInfo(f"{arc}/{name}")
+                info.size = st.st_size
+                info.mode = 0o777 if st.st_mode & 0o111 else 0o666
+                info.mtime = int(st.st_mtime)
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+    return buf.getvalue()
+
+
+def _put_archive(api: docker.APIClient, *, cid: str, data: bytes) -> Any:
+    return api.put_archive(cid, "/", data)
 
 
 def parse_docker_time(value: str | None) -> datetime | None:
@@ -391,6 +428,7 @@ class DockerBackend(ExecutionBackend):
             cid = await self._create(
                 spec, container_args(spec, nvidia_runtime=nvidia, init=self._init)
             )
+            await self._copy_in(spec, cid)
             await self._start_created(spec, cid)
             self._log.info("%s: started container %s on %s", spec.name, cid[:12], self.endpoint)
             return cid
@@ -420,6 +458,22 @@ class DockerBackend(ExecutionBackend):
         for warning in created.get("Warnings") or []:
             self._log.warning("%s: Docker engine warns: %s", spec.name, warning)
         return str(created["Id"])
+
+    async def _copy_in(self, spec: RunSpec, cid: str) -> None:
+        """Copy ``spec.copies`` into the created container (one tar over the engine's API, so
+        a remote engine gets them too); on failure the container is removed."""
+        for c in spec.copies:
+            try:
+                data = await asyncio.to_thread(folder_tar, c.source, c.target)
+                put: Callable[[docker.APIClient], Any] = functools.partial(
+                    _put_archive, cid=cid, data=data
+                )
+                await self._call("copy in", put, idempotent=False)
+            except Exception as e:
+                await self._remove_quietly(cid)
+                raise BackendError(
+                    f"could not copy {c.source} to {c.target} in {spec.name}: {_explanation(e)}"
+                ) from e
 
     async def _start_created(self, spec: RunSpec, cid: str) -> None:
         """``docker start``; on failure the container is removed and the error explained."""

@@ -81,6 +81,12 @@ _KILL_WAIT_S = 5.0
 _POLL_S = 0.05
 
 
+def visible(spec: RunSpec) -> list[Mount]:
+    """What a local process sees of *spec*: its mounts, and its copies in place (a process on
+    the server's own machine reads the copied folder where it is)."""
+    return [*spec.mounts, *spec.copies]
+
+
 def rewrite_path(value: str, mounts: Sequence[Mount]) -> str:
     """Rewrite *value* when it is a mount target or a path under one (longest target wins).
 
@@ -243,7 +249,7 @@ class LocalProcessBackend(ExecutionBackend):
     def _environment(self, spec: RunSpec) -> dict[str, str]:
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         env.setdefault("PATH", DEFAULT_PATH)
-        env.update({k: rewrite_path(v, spec.mounts) for k, v in spec.env.items()})
+        env.update({k: rewrite_path(v, visible(spec)) for k, v in spec.env.items()})
         env.update(gpu_env(spec.gpu_ids, container_local=False))
         return env
 
@@ -274,7 +280,7 @@ class LocalProcessBackend(ExecutionBackend):
             NameConflict: a run with this name exists (until removed).
             BackendError: a mount source or the working directory does not exist.
         """
-        for m in spec.mounts:
+        for m in visible(spec):
             if not os.path.exists(m.source):
                 raise BackendError(
                     f"{spec.name}: mount source {m.source!r} (for {m.target}) does not exist",
@@ -283,7 +289,7 @@ class LocalProcessBackend(ExecutionBackend):
         handle = secrets.token_hex(12)
         run_dir = self._run_dir(handle)
         if spec.workdir:
-            workdir = Path(rewrite_path(spec.workdir, spec.mounts))
+            workdir = Path(rewrite_path(spec.workdir, visible(spec)))
             if not workdir.is_dir():
                 raise BackendError(
                     f"{spec.name}: working directory {spec.workdir!r} ({workdir}) does not exist",
@@ -300,7 +306,7 @@ class LocalProcessBackend(ExecutionBackend):
             mem_limit = 0
         if spec.cpu_limit is not None:
             self._log.debug("%s: cpu_limit %.2f not enforced locally", spec.name, spec.cpu_limit)
-        command = [rewrite_path(a, spec.mounts) for a in spec.command]
+        command = [rewrite_path(a, visible(spec)) for a in spec.command]
         argv = [self._python, "-I", str(SUPERVISOR), str(run_dir / "exit.json")]
         argv += [str(mem_limit), "--", *command]
         env = self._environment(spec)

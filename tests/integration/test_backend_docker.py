@@ -238,6 +238,44 @@ def test_memory_limit_oom_kill(
 
 
 @docker_test
+def test_copies_reach_the_container_without_a_mount_and_writes_stay_inside(
+    backend: DockerBackend, labels: dict[str, str], tmp_path: Path
+) -> None:
+    code = tmp_path / "code"
+    (code / "pkg").mkdir(parents=True)
+    (code / "train.py").write_text("print('hi')\n")
+    (code / "pkg" / "run.sh").write_text("echo from-sh\n")
+    (code / "pkg" / "run.sh").chmod(0o755)
+    script = (
+        "cat /work/train.py; /work/pkg/run.sh; echo more >> /work/train.py; echo w=$?; "
+        "touch /work/new; echo n=$?; stat -c %a /work /work/train.py /work/pkg/run.sh; "
+        "grep -c ' /work ' /proc/mounts; true"
+    )
+
+    async def go() -> None:
+        spec = make_spec(
+            labels,
+            "sh",
+            "-c",
+            script,
+            copies=[Mount(str(code), "/work", read_only=False)],
+            suffix="copies",
+        )
+        h = await backend.start(spec)
+        assert (await backend.wait(h, timeout_s=30)).exit_code == 0, await backend.logs(h)
+        out = await backend.logs(h)
+        assert "print('hi')" in out and "from-sh" in out, out
+        assert "w=0" in out and "n=0" in out, out
+        # Writable by whatever user the image runs as; executables stay executable.
+        assert out.split()[-4:-1] == ["777", "666", "777"], out
+        assert out.split()[-1] == "0", out  # not a mount: a remote engine gets it the same way
+        assert (code / "train.py").read_text() == "print('hi')\n"  # the source is untouched
+        assert not (code / "new").exists()
+
+    asyncio.run(go())
+
+
+@docker_test
 def test_read_only_mount_refuses_writes(
     backend: DockerBackend, labels: dict[str, str], tmp_path: Path
 ) -> None:
