@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -373,6 +374,9 @@ class DatasetService:
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._hashers: OrderedDict[tuple[str, str], tuple[int, Any]] = OrderedDict()
         self._fills: dict[int, asyncio.Future[None]] = {}
+        # Open uploads by id: resuming one parses its manifest, too slow to do per request.
+        self._uploads: OrderedDict[str, Upload] = OrderedDict()
+        self._uploads_lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking store/cache/database work in the service's threads."""
@@ -423,6 +427,30 @@ class DatasetService:
                     "too_large",
                 )
         return m
+
+    def _resume(self, upload_id: str) -> Upload:
+        """The store's upload *upload_id* (kept open between requests).
+
+        Raises:
+            NotFound: it was committed, aborted or collected.
+        """
+        with self._uploads_lock:
+            up = self._uploads.get(upload_id)
+            if up is not None:
+                self._uploads.move_to_end(upload_id)
+        if up is None or not (self.store.uploads_dir / upload_id).is_dir():
+            up = self.store.resume(upload_id)
+            with self._uploads_lock:
+                self._uploads[upload_id] = up
+                while len(self._uploads) > 64:
+                    self._uploads.popitem(last=False)
+        return up
+
+    def _forget(self, *upload_ids: str | None) -> None:
+        with self._uploads_lock:
+            for i in upload_ids:
+                if i:
+                    self._uploads.pop(i, None)
 
     # -- listing and info --------------------------------------------------------------------
 
@@ -532,9 +560,10 @@ class DatasetService:
             existing = (row.id, row.test_upload_id) if row is not None else None
         if existing is not None:
             try:
-                up = self.store.resume(existing[0])
-                tup = self.store.resume(existing[1]) if existing[1] else None
+                up = self._resume(existing[0])
+                tup = self._resume(existing[1]) if existing[1] else None
             except NotFound:
+                self._forget(*existing)
                 with self.db.session() as s:
                     s.execute(delete(DatasetUpload).where(DatasetUpload.id == existing[0]))
             else:
@@ -621,8 +650,9 @@ class DatasetService:
             row = self._upload_row(s, c, name, upload_id)
             ids = (row.id, row.test_upload_id)
         try:
-            return self.store.resume(ids[0]), self.store.resume(ids[1]) if ids[1] else None
+            return self._resume(ids[0]), self._resume(ids[1]) if ids[1] else None
         except NotFound as e:
+            self._forget(*ids)
             raise api_error(e) from None
 
     def status(self, c: Caller, name: str, upload_id: str) -> UploadOut:
@@ -673,6 +703,7 @@ class DatasetService:
             ) from None
         except DatasetError as e:
             raise api_error(e) from None
+        self._forget(up.id, tup.id if tup is not None else None)
         m = self.manifest(digest)
         tm = self.manifest(test_digest) if test_digest else None
         owner = info[2]
@@ -746,6 +777,7 @@ class DatasetService:
             row = self._upload_row(s, c, name, upload_id)
             ids = [row.id, row.test_upload_id]
             s.delete(row)
+        self._forget(*ids)
         for i in ids:
             if i:
                 try:
@@ -912,6 +944,9 @@ class DatasetService:
         """Collect what no version needs: stale uploads (their records too), orphan blobs."""
         report = self.store.gc(self.live_digests(), older_than=older_than_s)
         alive = set(self.store.upload_ids())
+        with self._uploads_lock:
+            for i in [i for i in self._uploads if i not in alive]:
+                del self._uploads[i]
         with self.db.session() as s:
             stale = [
                 r.id
