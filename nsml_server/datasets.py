@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -85,6 +86,7 @@ log = logging.getLogger("nsml_server.datasets")
 T = TypeVar("T")
 
 CONTAINER_ROOT = "/data"
+_ALLOCATION = re.compile(r"allocation:[0-9]{1,18}\Z")
 """Datasets appear read-only under ``/data/NAME`` in containers."""
 
 PUSH_HINT = "push one with `nsml dataset push NAME FOLDER`"
@@ -1183,17 +1185,29 @@ class DatasetService:
                     .where(DatasetHold.id.in_([r[0] for r in ended]))
                     .values(state="released", updated=self.now())
                 )
-            active_holders = {
-                self.holder(r[2]) for r in rows if r[4] == "active" and r[3] == self.node_name
-            }
         if self.cache is not None:
             for _, key, aid, node, _ in ended:
                 if node == self.node_name:
                     self.cache.release(key, self.holder(aid))
-            for e in self.cache.entries():
-                for h in e.holders - active_holders:
-                    if h.startswith("allocation:"):
-                        self.cache.release(e.key, h)
+            # Holders the database no longer backs (a release missed while the server was
+            # down). Asked after reading the cache, so a hold filled meanwhile is never taken.
+            held = [(e.key, h) for e in self.cache.entries() for h in e.holders]
+            ids = {int(h.split(":", 1)[1]) for _, h in held if _ALLOCATION.match(h)}
+            with self.db.session() as s:
+                active = (
+                    set(
+                        s.scalars(
+                            select(Allocation.id).where(
+                                Allocation.id.in_(ids), Allocation.state == "active"
+                            )
+                        )
+                    )
+                    if ids
+                    else set()
+                )
+            for key, h in held:
+                if _ALLOCATION.match(h) and int(h.split(":", 1)[1]) not in active:
+                    self.cache.release(key, h)
             present = self.cache.present()
             with self.db.session() as s:
                 s.execute(update(Node).where(Node.name == self.node_name).values(datasets=present))
