@@ -250,6 +250,56 @@ def flush_files(paths: Sequence[Path], anchor: Path) -> None:
             os.close(fd)
 
 
+def open_anonymous(folder: Path, mode: int = READ_ONLY) -> int | None:
+    """An unnamed file (``O_TMPFILE``) on *folder*'s filesystem, open for writing; ``None``
+    where the platform or filesystem has none (the caller then writes a named temporary).
+
+    Giving it a name later with :func:`link_anonymous` costs one directory operation instead
+    of the three of create, link and unlink; a crash before that leaves nothing behind.
+    """
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(folder, flag | os.O_WRONLY | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            return None
+        raise
+
+
+_ROOT_FD: int | None = None
+
+
+def link_anonymous(fd: int, dest: str) -> None:
+    """Give the unnamed file *fd* the name *dest* (``linkat`` through ``/proc/self/fd``).
+
+    Raises:
+        FileExistsError: *dest* exists (it is never replaced).
+        FileNotFoundError: *dest*'s folder does not exist.
+    """
+    global _ROOT_FD
+    if _ROOT_FD is None:
+        _ROOT_FD = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # An explicit src_dir_fd makes os.link use linkat(..., AT_SYMLINK_FOLLOW).
+    os.link(f"proc/self/fd/{fd}", dest, src_dir_fd=_ROOT_FD, follow_symlinks=True)
+
+
+def sync_fds(fds: Sequence[int], anchor: Path) -> None:
+    """Make the open files *fds* (on *anchor*'s filesystem) durable: one ``syncfs(2)`` where
+    the platform has it, else an ``fsync`` each."""
+    syncfs = _libc_syncfs()
+    if syncfs is not None:
+        fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for f in fds:
+        os.fsync(f)
+
+
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """``os.write`` until every byte is written."""
     view = memoryview(data)

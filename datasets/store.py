@@ -32,7 +32,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -47,11 +47,14 @@ from ._work import (
     default_workers,
     flush_files,
     fsync_dir,
+    link_anonymous,
     log,
+    open_anonymous,
     open_regular,
     pump,
     remove_tree,
     run_parallel,
+    sync_fds,
     tmp_name,
     write_all,
 )
@@ -85,6 +88,9 @@ OnBytes = Callable[[int], None] | None
 Staged = list[tuple[Path, str]]
 
 _UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
+
+_BATCH_FDS = 256
+"""Unnamed files open at once while a batch of small blobs is stored."""
 
 
 def validate_upload_id(upload_id: object) -> str:
@@ -318,6 +324,51 @@ class BlobStore:
         if self.durable:
             flush_files([tmp for tmp, _ in staged], self.tmp_dir)
         return {sha for tmp, sha in staged if self._place(tmp, sha)}
+
+    def _put_verified(self, blobs: Sequence[tuple[str, bytes | memoryview]]) -> int:
+        """Write blobs already checked against their names; how many were new."""
+        fds: list[tuple[int, str]] = []
+        staged: Staged = []
+        try:
+            for sha, data in blobs:
+                fd = open_anonymous(self.tmp_dir)
+                if fd is None:  # no O_TMPFILE here: a named temporary, linked and unlinked
+                    tmp = tmp_name(self.tmp_dir, "blob-")
+                    fd = os.open(
+                        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, READ_ONLY
+                    )
+                    try:
+                        staged.append((tmp, sha))
+                        write_all(fd, data)
+                    finally:
+                        os.close(fd)
+                    continue
+                fds.append((fd, sha))
+                write_all(fd, data)
+            if self.durable and fds:
+                sync_fds([fd for fd, _ in fds], self.tmp_dir)
+            new = 0
+            for fd, sha in fds:
+                final = self._blob(sha)
+                try:
+                    link_anonymous(fd, final)
+                except FileExistsError:
+                    continue
+                except FileNotFoundError:
+                    os.makedirs(os.path.dirname(final), exist_ok=True)
+                    try:
+                        link_anonymous(fd, final)
+                    except FileExistsError:
+                        continue
+                new += 1
+            return new + len(self._place_staged(staged))
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            for fd, _ in fds:
+                os.close(fd)
 
     def _write_stream(
         self,
@@ -1066,8 +1117,9 @@ class Upload:
     def put_blobs(self, blobs: Iterable[tuple[str, bytes | memoryview]]) -> int:
         """Store several complete blobs of this upload at once (small files, sent packed).
 
-        Each one is hashed and checked; the new ones are written, made durable with one
-        filesystem sync for the whole batch, then linked into place.
+        Each one is hashed and checked; the new ones are written as unnamed files, made
+        durable with one filesystem sync per batch, then linked into place (one directory
+        operation per blob).
 
         Returns:
             How many were new to the store.
@@ -1078,41 +1130,31 @@ class Upload:
             NotFound: a blob is not part of this upload.
         """
         self._touch()
-        staged: Staged = []
+        checked: list[tuple[str, bytes | memoryview]] = []
         seen: set[str] = set()
-        try:
-            for sha, data in blobs:
-                size = self._size_of(sha)
-                if len(data) != size:
-                    raise IntegrityError(
-                        f"blob {sha}: received {len(data)} bytes, expected {size}",
-                        sha256=sha,
-                        actual=f"{len(data)} bytes",
-                    )
-                if sha in seen or self.store.has(sha):
-                    continue
-                seen.add(sha)
-                actual = hashlib.sha256(data).hexdigest()
-                if actual != sha:
-                    raise IntegrityError(
-                        f"blob {sha} is corrupt: the received bytes hash to {actual}; "
-                        "upload it again",
-                        sha256=sha,
-                        actual=actual,
-                    )
-                tmp = tmp_name(self.store.tmp_dir, "blob-")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                try:
-                    staged.append((tmp, sha))
-                    write_all(fd, data)
-                    os.fchmod(fd, READ_ONLY)
-                finally:
-                    os.close(fd)
-            return len(self.store._place_staged(staged))
-        except BaseException:
-            for tmp, _ in staged:
-                tmp.unlink(missing_ok=True)
-            raise
+        for sha, data in blobs:
+            size = self._size_of(sha)
+            if len(data) != size:
+                raise IntegrityError(
+                    f"blob {sha}: received {len(data)} bytes, expected {size}",
+                    sha256=sha,
+                    actual=f"{len(data)} bytes",
+                )
+            if sha in seen or self.store.has(sha):
+                continue
+            seen.add(sha)
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != sha:
+                raise IntegrityError(
+                    f"blob {sha} is corrupt: the received bytes hash to {actual}; upload it again",
+                    sha256=sha,
+                    actual=actual,
+                )
+            checked.append((sha, data))
+        new = 0
+        for i in range(0, len(checked), _BATCH_FDS):
+            new += self.store._put_verified(checked[i : i + _BATCH_FDS])
+        return new
 
     def put_file(self, path: str | os.PathLike[str], sha: str, *, link: bool = False) -> bool:
         """Store a local file as the blob *sha* of this upload (see :meth:`BlobStore.put_file`).

@@ -58,7 +58,7 @@ SEGMENT = 1 << 30
 CHUNK = 1 << 20
 """Bytes read and sent at once."""
 
-DEFAULT_WORKERS = 2
+DEFAULT_WORKERS = 4
 """Requests in flight at once."""
 
 
@@ -276,6 +276,35 @@ def _send_blob(
     return sent
 
 
+class _PackBody:
+    """Small files as one body, ``<sha256> <size>\\n<bytes>`` each, read while it is sent."""
+
+    def __init__(self, items: Sequence[tuple[str, str, int, str]]) -> None:
+        self.items = items
+        self.heads = [f"{sha} {size}\n".encode("ascii") for sha, _, size, _ in items]
+
+    def __len__(self) -> int:
+        return sum(len(h) for h in self.heads) + sum(i[2] for i in self.items)
+
+    def __iter__(self) -> Iterator[bytes]:
+        out: list[bytes] = []
+        pending = 0
+        for head, (_, path, size, rel) in zip(self.heads, self.items, strict=True):
+            with open(path, "rb", buffering=0) as f:
+                data = f.read(size + 1)
+            if len(data) != size:
+                raise NSMLError(
+                    f"{rel!r} changed while being pushed; push again.", reason="changed"
+                )
+            out += (head, data)
+            pending += size
+            if pending >= CHUNK:
+                yield b"".join(out)
+                out, pending = [], 0
+        if out:
+            yield b"".join(out)
+
+
 def _send_pack(
     http: _Sessions,
     base: str,
@@ -283,17 +312,11 @@ def _send_pack(
     progress: _Progress | None,
 ) -> int:
     """POST many small blobs in one body: ``<sha256> <size>\\n<bytes>`` each."""
-    parts: list[bytes] = []
-    for sha, path, size, rel in items:
-        with open(path, "rb", buffering=0) as f:
-            data = f.read(size + 1)
-        if len(data) != size:
-            raise NSMLError(f"{rel!r} changed while being pushed; push again.", reason="changed")
-        parts.append(f"{sha} {size}\n".encode("ascii"))
-        parts.append(data)
-    body = b"".join(parts)
     http.call(
-        "POST", f"{base}/pack", data=body, headers={"Content-Type": "application/octet-stream"}
+        "POST",
+        f"{base}/pack",
+        data=_PackBody(items),
+        headers={"Content-Type": "application/octet-stream"},
     )
     if progress is not None:
         progress.add(sum(i[2] for i in items), files=len(items), path=items[-1][3])
@@ -448,12 +471,14 @@ def manifest(
 class _Sink:
     """Writes one blob's bytes to its first file, hashing them."""
 
-    def __init__(self, build: str, entry_path: str, size: int, sha: str, rel: str) -> None:
+    def __init__(
+        self, build: str, entry_path: str, size: int, sha: str, rel: str, mode: int = 0o644
+    ) -> None:
         self.target = os.path.join(build, entry_path)
         self.fd = os.open(
             self.target,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
+            mode,
         )
         self.h = hashlib.sha256()
         self.n = 0
@@ -524,7 +549,7 @@ def pull(
 
         def fetch_one(sha: str) -> None:
             first = groups[sha][0]
-            sink = _Sink(os.fspath(build), first.path, first.size, sha, first.path)
+            sink = _Sink(os.fspath(build), first.path, first.size, sha, first.path, _mode(first))
             try:
                 with http.call(
                     "GET", f"{vbase}/blobs/{sha}", params=extra or None, stream=True
@@ -541,27 +566,42 @@ def pull(
                 "POST", f"{vbase}/pack", json={"blobs": shas, **extra}, stream=True
             ) as r:
                 buf = bytearray()
+                pos = 0
                 stream = r.iter_content(CHUNK)
+
+                def more(path: str) -> None:
+                    nonlocal pos
+                    data = next(stream, b"")
+                    if not data:
+                        raise IntegrityError(
+                            f"{path!r}: the server's answer ended early", sha256="", actual=""
+                        )
+                    del buf[:pos]
+                    pos = 0
+                    buf.extend(data)
+
                 for sha in shas:
                     first = groups[sha][0]
-                    while (nl := buf.find(b"\n")) < 0:
-                        buf += next(stream, b"") or _short(first.path)
-                    head = buf[:nl].decode("ascii").split(" ")
+                    while (nl := buf.find(b"\n", pos)) < 0:
+                        more(first.path)
+                    head = buf[pos:nl].decode("ascii").split(" ")
                     if head[0] != sha or int(head[1]) != first.size:
                         raise IntegrityError(
                             f"{first.path!r}: the server sent {head[0]} instead",
                             sha256=sha,
                             actual=head[0],
                         )
-                    del buf[: nl + 1]
-                    while len(buf) < first.size:
-                        buf += next(stream, b"") or _short(first.path)
-                    sink = _Sink(os.fspath(build), first.path, first.size, sha, first.path)
+                    pos = nl + 1
+                    while len(buf) - pos < first.size:
+                        more(first.path)
+                    sink = _Sink(
+                        os.fspath(build), first.path, first.size, sha, first.path, _mode(first)
+                    )
                     try:
-                        sink.write(memoryview(buf)[: first.size])
+                        sink.write(memoryview(buf)[pos : pos + first.size])
                     finally:
                         sink.close()
-                    del buf[: first.size]
+                    pos += first.size
                     progress.add(first.size, files=1, path=first.path)
 
         jobs: list[Callable[[], None]] = []
@@ -580,13 +620,12 @@ def pull(
         if batch:
             jobs.append(lambda b=batch: fetch_pack(b))
         _run_all(jobs, max(1, workers), progress)
-        # Permissions, and the other paths of a content that appears several times.
+        # The other paths of a content that appears several times (files are created with
+        # their final permissions, umask applied, as cp does).
         for entries in groups.values():
             first = os.path.join(build, entries[0].path)
             for other in entries[1:]:
-                _copy(first, os.path.join(build, other.path))
-            for e in entries:
-                os.chmod(os.path.join(build, e.path), file_mode(e, readonly=False))
+                _copy(first, os.path.join(build, other.path), _mode(other))
         if target.is_dir():
             target.rmdir()
         os.rename(build, target)
@@ -599,12 +638,13 @@ def pull(
     return format_ref(name, k), target
 
 
-def _short(path: str) -> bytes:
-    raise IntegrityError(f"{path!r}: the server's answer ended early", sha256="", actual="")
+def _mode(entry: Any) -> int:
+    return file_mode(entry, readonly=False)
 
 
-def _copy(src: str, dst: str) -> None:
-    with open(src, "rb") as f, open(dst, "xb") as g:
+def _copy(src: str, dst: str, mode: int) -> None:
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with open(src, "rb") as f, os.fdopen(fd, "wb") as g:
         while data := f.read(CHUNK):
             g.write(data)
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -84,6 +86,7 @@ log = logging.getLogger("nsml_server.datasets")
 T = TypeVar("T")
 
 CONTAINER_ROOT = "/data"
+_ALLOCATION = re.compile(r"allocation:[0-9]{1,18}\Z")
 """Datasets appear read-only under ``/data/NAME`` in containers."""
 
 PUSH_HINT = "push one with `nsml dataset push NAME FOLDER`"
@@ -374,6 +377,9 @@ class DatasetService:
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._hashers: OrderedDict[tuple[str, str], tuple[int, Any]] = OrderedDict()
         self._fills: dict[int, asyncio.Future[None]] = {}
+        # Open uploads by id: resuming one parses its manifest, too slow to do per request.
+        self._uploads: OrderedDict[str, Upload] = OrderedDict()
+        self._uploads_lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking store/cache/database work in the service's threads."""
@@ -424,6 +430,30 @@ class DatasetService:
                     "too_large",
                 )
         return m
+
+    def _resume(self, upload_id: str) -> Upload:
+        """The store's upload *upload_id* (kept open between requests).
+
+        Raises:
+            NotFound: it was committed, aborted or collected.
+        """
+        with self._uploads_lock:
+            up = self._uploads.get(upload_id)
+            if up is not None:
+                self._uploads.move_to_end(upload_id)
+        if up is None or not (self.store.uploads_dir / upload_id).is_dir():
+            up = self.store.resume(upload_id)
+            with self._uploads_lock:
+                self._uploads[upload_id] = up
+                while len(self._uploads) > 64:
+                    self._uploads.popitem(last=False)
+        return up
+
+    def _forget(self, *upload_ids: str | None) -> None:
+        with self._uploads_lock:
+            for i in upload_ids:
+                if i:
+                    self._uploads.pop(i, None)
 
     # -- listing and info --------------------------------------------------------------------
 
@@ -533,9 +563,10 @@ class DatasetService:
             existing = (row.id, row.test_upload_id) if row is not None else None
         if existing is not None:
             try:
-                up = self.store.resume(existing[0])
-                tup = self.store.resume(existing[1]) if existing[1] else None
+                up = self._resume(existing[0])
+                tup = self._resume(existing[1]) if existing[1] else None
             except NotFound:
+                self._forget(*existing)
                 with self.db.session() as s:
                     s.execute(delete(DatasetUpload).where(DatasetUpload.id == existing[0]))
             else:
@@ -622,8 +653,9 @@ class DatasetService:
             row = self._upload_row(s, c, name, upload_id)
             ids = (row.id, row.test_upload_id)
         try:
-            return self.store.resume(ids[0]), self.store.resume(ids[1]) if ids[1] else None
+            return self._resume(ids[0]), self._resume(ids[1]) if ids[1] else None
         except NotFound as e:
+            self._forget(*ids)
             raise api_error(e) from None
 
     def status(self, c: Caller, name: str, upload_id: str) -> UploadOut:
@@ -674,6 +706,7 @@ class DatasetService:
             ) from None
         except DatasetError as e:
             raise api_error(e) from None
+        self._forget(up.id, tup.id if tup is not None else None)
         m = self.manifest(digest)
         tm = self.manifest(test_digest) if test_digest else None
         owner = info[2]
@@ -747,6 +780,7 @@ class DatasetService:
             row = self._upload_row(s, c, name, upload_id)
             ids = [row.id, row.test_upload_id]
             s.delete(row)
+        self._forget(*ids)
         for i in ids:
             if i:
                 try:
@@ -913,6 +947,9 @@ class DatasetService:
         """Collect what no version needs: stale uploads (their records too), orphan blobs."""
         report = self.store.gc(self.live_digests(), older_than=older_than_s)
         alive = set(self.store.upload_ids())
+        with self._uploads_lock:
+            for i in [i for i in self._uploads if i not in alive]:
+                del self._uploads[i]
         with self.db.session() as s:
             stale = [
                 r.id
@@ -1149,17 +1186,29 @@ class DatasetService:
                     .where(DatasetHold.id.in_([r[0] for r in ended]))
                     .values(state="released", updated=self.now())
                 )
-            active_holders = {
-                self.holder(r[2]) for r in rows if r[4] == "active" and r[3] == self.node_name
-            }
         if self.cache is not None:
             for _, key, aid, node, _ in ended:
                 if node == self.node_name:
                     self.cache.release(key, self.holder(aid))
-            for e in self.cache.entries():
-                for h in e.holders - active_holders:
-                    if h.startswith("allocation:"):
-                        self.cache.release(e.key, h)
+            # Holders the database no longer backs (a release missed while the server was
+            # down). Asked after reading the cache, so a hold filled meanwhile is never taken.
+            held = [(e.key, h) for e in self.cache.entries() for h in e.holders]
+            ids = {int(h.split(":", 1)[1]) for _, h in held if _ALLOCATION.match(h)}
+            with self.db.session() as s:
+                active = (
+                    set(
+                        s.scalars(
+                            select(Allocation.id).where(
+                                Allocation.id.in_(ids), Allocation.state == "active"
+                            )
+                        )
+                    )
+                    if ids
+                    else set()
+                )
+            for key, h in held:
+                if _ALLOCATION.match(h) and int(h.split(":", 1)[1]) not in active:
+                    self.cache.release(key, h)
             present = self.cache.present()
             with self.db.session() as s:
                 s.execute(update(Node).where(Node.name == self.node_name).values(datasets=present))

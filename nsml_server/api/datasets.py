@@ -322,6 +322,7 @@ class BlobPutHandler(DatasetsBase):
     upload: Upload | None = None
     writer: PartWriter | None = None
     error: BaseException | None = None
+    pending: asyncio.Future[None] | None = None
     size: int = 0
 
     async def prepare(self) -> None:
@@ -362,11 +363,18 @@ class BlobPutHandler(DatasetsBase):
             await self._write(data)
 
     async def _write(self, data: bytes | bytearray) -> None:
+        """Hand *data* to the writer thread; the next piece is read while it writes."""
         assert self.writer is not None
-        try:
-            await self.svc.run(self.writer.write, data)
-        except BaseException as e:
-            self.error = e
+        await self._drain()
+        self.pending = asyncio.ensure_future(self.svc.run(self.writer.write, data))
+
+    async def _drain(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            try:
+                await pending
+            except BaseException as e:
+                self.error = e
 
     async def put(self, name: str, upload_id: str, sha: str) -> None:
         writer = self.writer
@@ -378,6 +386,7 @@ class BlobPutHandler(DatasetsBase):
         if self.buf and self.error is None:
             data, self.buf = self.buf, bytearray()
             await self._write(data)
+        await self._drain()
         if self.error is not None:
             raise self._api(self.error)
         try:
@@ -401,15 +410,21 @@ class BlobPutHandler(DatasetsBase):
         self._close()
 
     def on_connection_close(self) -> None:
-        # The client went away mid-blob: keep what arrived, with its hash state, for a resume.
-        if self.writer is not None and self.upload is not None:
+        # The client went away mid-blob: keep what arrived, with its hash state, for a resume
+        # (unless a write is still running: the resume then re-reads the part to hash it).
+        idle = self.pending is None or self.pending.done()
+        if self.writer is not None and self.upload is not None and idle:
             self.svc.keep_hasher(self.upload, self.writer)
         self._close()
 
     def _close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        if self.pending is not None and not self.pending.done():
+            self.pending.add_done_callback(lambda _: writer.close())
+        else:
+            writer.close()
 
 
 @web.stream_request_body
@@ -418,6 +433,7 @@ class PackInHandler(DatasetsBase):
 
     uploads: tuple[Upload, ...] = ()
     error: BaseException | None = None
+    pending: asyncio.Future[None] | None = None
 
     async def prepare(self) -> None:
         self.buf = bytearray()
@@ -446,48 +462,62 @@ class PackInHandler(DatasetsBase):
     async def data_received(self, chunk: bytes) -> None:
         if self.error is not None or not self.uploads:
             return
-        self.buf += chunk
+        buf = self.buf
+        buf += chunk
+        pos = 0
+        malformed = "Malformed pack: expected '<sha256> <size>\\n' before each blob."
         try:
             while True:
-                nl = self.buf.find(b"\n", 0, 100)
+                nl = buf.find(b"\n", pos, pos + 100)
                 if nl < 0:
-                    if len(self.buf) >= 100:
-                        raise APIError(
-                            400, "Malformed pack: expected '<sha256> <size>\\n'.", "bad_request"
-                        )
+                    if len(buf) - pos >= 100:
+                        raise APIError(400, malformed, "bad_request")
                     break
                 try:
-                    sha_s, size_s = self.buf[:nl].decode("ascii").split(" ")
+                    sha_s, size_s = buf[pos:nl].decode("ascii").split(" ")
                     sha, size = self.sha_arg(sha_s), int(size_s)
-                except (ValueError, UnicodeDecodeError):
-                    raise APIError(
-                        400, "Malformed pack: expected '<sha256> <size>\\n'.", "bad_request"
-                    ) from None
-                if size > PACK_BLOB_MAX:
+                except (ValueError, UnicodeDecodeError, APIError):
+                    raise APIError(400, malformed, "bad_request") from None
+                if not 0 <= size <= PACK_BLOB_MAX:
                     raise APIError(
                         400,
                         f"Blob {sha} is larger than {PACK_BLOB_MAX} bytes: PUT it alone.",
                         "bad_request",
                     )
-                if len(self.buf) < nl + 1 + size:
+                end = nl + 1 + size
+                if len(buf) < end:
                     break
-                data = bytes(self.buf[nl + 1 : nl + 1 + size])
-                del self.buf[: nl + 1 + size]
-                self.batch.append((self._upload_of(sha), sha, data))
+                self.batch.append((self._upload_of(sha), sha, bytes(buf[nl + 1 : end])))
                 self.batch_bytes += size
                 self.count += 1
-            if self.batch_bytes >= 4 * CHUNK:
+                pos = end
+            del buf[:pos]
+            if self.batch_bytes >= 8 * CHUNK:
                 await self._flush()
         except BaseException as e:
             self.error = e
 
     async def _flush(self) -> None:
+        """Store the blobs gathered so far in a thread; the next ones are read meanwhile."""
+        await self._drain()
         batch, self.batch, self.batch_bytes = self.batch, [], 0
+        if batch:
+            self.pending = asyncio.ensure_future(self.svc.run(self._store, batch))
+
+    def _store(self, batch: list[tuple[Upload, str, bytes]]) -> None:
         for u in self.uploads:
             items = [(sha, data) for up, sha, data in batch if up is u]
             if items:
-                self.stored += await self.svc.run(u.put_blobs, items)
+                self.stored += u.put_blobs(items)
                 self.bytes += sum(len(d) for _, d in items)
+
+    async def _drain(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            try:
+                await pending
+            except BaseException as e:
+                self.error = self.error or e
 
     async def post(self, name: str, upload_id: str) -> None:
         if self.error is None:
@@ -495,8 +525,11 @@ class PackInHandler(DatasetsBase):
                 if self.buf:
                     raise APIError(400, "Malformed pack: it ends inside a blob.", "bad_request")
                 await self._flush()
+                await self._drain()
             except BaseException as e:
-                self.error = e
+                self.error = self.error or e
+        else:
+            await self._drain()
         if self.error is not None:
             e = self.error
             raise (api_error(e) if isinstance(e, DatasetError) else e)

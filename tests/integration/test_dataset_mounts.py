@@ -72,6 +72,12 @@ def notebook_container(hub: HubProcess, docker_client: Any, name: str) -> Any:
     return found[0]
 
 
+def mark_down(hub: HubProcess, node: str) -> None:
+    """Take a node a test added out of service (nothing more is placed there)."""
+    r = hub.nsml("PATCH", f"nodes/{node}", hub.user_token("admin"), json={"state": "down"})
+    assert r.status_code in (200, 404), r.text
+
+
 def one_file_dataset(root: Path, size: int) -> Path:
     root.mkdir(parents=True)
     (root / "data.bin").write_bytes(os.urandom(size))
@@ -109,12 +115,19 @@ def test_a_notebook_server_sees_its_dataset_read_only_under_data(
     notebook_users.append(alice.name)
     folder = make_folder(work / "src", n_small=6, large=(1 * MIB,))
     assert alice.nsml("dataset", "push", "nb-data", str(folder)).stdout.strip() == "nb-data@1"
+    extra = one_file_dataset(work / "extra", 1000)
+    alice.nsml("dataset", "push", "nb-extra", str(extra))
+    (extra / "data.bin").write_bytes(b"second version")
+    assert alice.nsml("dataset", "push", "nb-extra", str(extra)).stdout.strip() == "nb-extra@2"
 
-    r = spawn(hub, alice.name, cpu=0.5, memory="512M", datasets=["nb-data"])
+    # Several datasets per server, each at the version asked for.
+    r = spawn(hub, alice.name, cpu=0.5, memory="512M", datasets=["nb-data", "nb-extra@1"])
     assert r.status_code in (201, 202), r.text
     wait_for(lambda: ready(hub, alice.name), timeout=90, what="the server with a dataset ready")
     c = notebook_container(hub, docker_client, alice.name)
-    assert container_env(c)["NSML_DATASETS"] == "nb-data@1"
+    assert container_env(c)["NSML_DATASETS"] == "nb-data@1,nb-extra@1"
+    one = c.exec_run(["cat", "/data/nb-extra/data.bin"], user="1000").output
+    assert len(one) == 1000, "version 1, not the latest"
 
     listing = c.exec_run(["find", "/data/nb-data", "-type", "f"], user="1000")
     assert listing.exit_code == 0, listing.output
@@ -313,23 +326,28 @@ def test_the_node_cache_evicts_least_recently_used_and_never_what_is_held(
 
 @pytest.fixture()
 def remote_agent(hub: HubProcess) -> Iterator[tuple[str, Path]]:
-    """An ``nsml-agent`` for node ``dm-remote`` (one virtual GPU of its own model)."""
+    """An ``nsml-agent`` for node ``xds-remote`` (one virtual GPU of its own model).
+
+    Nodes these tests add sort after the hub's own ``local-test`` (the placement reasons other
+    tests read list nodes by name) and are marked ``down`` afterwards, so that nothing else is
+    placed on them.
+    """
     cache = Path(tempfile.mkdtemp(prefix="nsml-agent-cache-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NSML_", "JUPYTERHUB_"))}
     env.update(
         NSML_API_URL=hub.nsml_api,
         NSML_TOKEN=hub.user_token("admin"),
         NSML_VIRTUAL_GPUS="1",
-        NSML_VIRTUAL_GPU_MODEL="DM-Remote-GPU",
+        NSML_VIRTUAL_GPU_MODEL="XDS-Remote-GPU",
     )
-    log = open(hub.state_dir / "agent-dm-remote.log", "ab")
+    log = open(hub.state_dir / "agent-xds-remote.log", "ab")
     proc = subprocess.Popen(
         [
             NSML_AGENT,
             "--name",
-            "dm-remote",
+            "xds-remote",
             "--docker-url",
-            "tcp://dm-remote.invalid:2376",
+            "tcp://xds-remote.invalid:2376",
             "--cache-dir",
             str(cache),
             "--cache-bytes",
@@ -347,11 +365,11 @@ def remote_agent(hub: HubProcess) -> Iterator[tuple[str, Path]]:
     log.close()
     try:
         wait_for(
-            lambda: hub.nsml("GET", "nodes/dm-remote", hub.user_token("admin")).status_code == 200,
+            lambda: hub.nsml("GET", "nodes/xds-remote", hub.user_token("admin")).status_code == 200,
             timeout=30,
             what="the remote agent registered",
         )
-        yield "dm-remote", cache
+        yield "xds-remote", cache
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -359,7 +377,7 @@ def remote_agent(hub: HubProcess) -> Iterator[tuple[str, Path]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-        hub.nsml("PATCH", "nodes/dm-remote", hub.user_token("admin"), json={"state": "down"})
+        mark_down(hub, "xds-remote")
         for p in cache.rglob("*"):
             if p.is_dir():
                 p.chmod(0o755)
@@ -373,7 +391,7 @@ def test_a_remote_node_downloads_the_version_with_hash_checks_and_releases_it(
     alice = user(hub, "dm-remote-user")
     folder = make_folder(work / "src", n_small=8, large=(2 * MIB,))
     alice.nsml("dataset", "push", "far-data", str(folder))
-    placed = place(alice, "far-job", ["far-data"], gpus=1, gpu_models=["DM-Remote-GPU"])
+    placed = place(alice, "far-job", ["far-data"], gpus=1, gpu_models=["XDS-Remote-GPU"])
     try:
         assert placed["allocation"]["node"] == node
         first = mounts(alice, placed["id"], wait_s=0)
@@ -421,7 +439,7 @@ def test_a_remote_node_refuses_a_blob_whose_bytes_do_not_match(
     original, mode = blob.read_bytes(), blob.stat().st_mode
     blob.chmod(0o644)
     blob.write_bytes(b"?" + original[1:])
-    placed = place(alice, "rotten-job", ["rotten-data"], gpus=1, gpu_models=["DM-Remote-GPU"])
+    placed = place(alice, "rotten-job", ["rotten-data"], gpus=1, gpu_models=["XDS-Remote-GPU"])
     try:
         body = assert_json_error(mounts(alice, placed["id"], wait_s=30), 409, "dataset_cache")
         assert "corrupt" in body["message"] and digest in body["message"], body
@@ -441,23 +459,25 @@ def test_the_scheduler_prefers_the_node_that_caches_the_dataset(
     alice = user(hub, "dm-locality")
     alice.nsml("dataset", "push", "loc-data", str(one_file_dataset(work / "src", 3 * MIB)))
     size = alice.json("dataset", "info", "loc-data@1")["bytes"]
-    admin = hub.user_token("admin")
+    nodes = ("xds-loc-a", "xds-loc-b")
     try:
-        for cached_on in ("dm-loc-a", "dm-loc-b"):
-            for n in ("dm-loc-a", "dm-loc-b"):
-                hb = virtual_node_heartbeat(n, gpus=2)
-                for g in hb["gpus"]:
-                    g["model"] = "DM-Loc-GPU"
-                hb["datasets"] = {"loc-data@1": size} if n == cached_on else {}
-                assert hub.nsml("PUT", f"nodes/{n}/heartbeat", admin, json=hb).status_code == 200
-            placed = place(
-                alice, f"loc-{cached_on}", ["loc-data"], gpus=1, gpu_models=["DM-Loc-GPU"]
-            )
-            try:
-                assert placed["allocation"]["node"] == cached_on, placed
-            finally:
-                alice.api("DELETE", f"placements/{placed['id']}")
+        _prefer_cached(hub, alice, nodes, size)
     finally:
-        # No agent runs for these nodes: take them out so that later tests never land there.
-        for n in ("dm-loc-a", "dm-loc-b"):
-            hub.nsml("PATCH", f"nodes/{n}", admin, json={"state": "down"})
+        for n in nodes:
+            mark_down(hub, n)
+
+
+def _prefer_cached(hub: HubProcess, alice: User, nodes: tuple[str, str], size: int) -> None:
+    admin = hub.user_token("admin")
+    for cached_on in nodes:
+        for n in nodes:
+            hb = virtual_node_heartbeat(n, gpus=2)
+            for g in hb["gpus"]:
+                g["model"] = "XDS-Loc-GPU"
+            hb["datasets"] = {"loc-data@1": size} if n == cached_on else {}
+            assert hub.nsml("PUT", f"nodes/{n}/heartbeat", admin, json=hb).status_code == 200
+        placed = place(alice, f"loc-{cached_on}", ["loc-data"], gpus=1, gpu_models=["XDS-Loc-GPU"])
+        try:
+            assert placed["allocation"]["node"] == cached_on, placed
+        finally:
+            alice.api("DELETE", f"placements/{placed['id']}")

@@ -362,6 +362,9 @@ def test_small_blobs_are_stored_in_one_batch_and_a_bad_one_stores_nothing(
     assert not any(store.has(s) for s, _ in items), "nothing of a bad batch is stored"
     assert upload.put_blobs(items[:10]) == 10
     assert upload.put_blobs(items) == 10, "blobs already stored are skipped"
+    for s, data in items:
+        assert store.blob_path(s).read_bytes() == data
+        assert stat.S_IMODE(store.blob_path(s).stat().st_mode) == 0o444
     with pytest.raises(NotFound, match="not part of upload"):
         upload.put_blobs([(sha(b"other"), b"other")])
     assert upload.commit()
