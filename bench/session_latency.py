@@ -55,11 +55,27 @@ def iso_seconds(iso: str) -> float:
     return datetime.fromisoformat(iso.rstrip("Z")).replace(tzinfo=UTC).timestamp()
 
 
-def nsml_once(client: Any, folder: Path, gpus: int, timeout: float = 120) -> dict[str, float]:
+DATASET = "bench-latency-data"
+
+
+def make_dataset(folder: Path, mib: int) -> None:
+    """*mib* MiB in 1 MiB files, and a few small ones."""
+    folder.mkdir()
+    for i in range(mib):
+        (folder / f"shard-{i:04d}.bin").write_bytes(os.urandom(1 << 20))
+    for i in range(32):
+        (folder / f"label-{i:02d}.txt").write_text(f"{i}\n")
+
+
+def nsml_once(
+    client: Any, folder: Path, gpus: int, datasets: list[str], timeout: float = 120
+) -> dict[str, float]:
     from nsml import sessions
 
     t0 = time.time()
-    st = sessions.run(client, "first.py", folder=folder, memory="256M", gpus=gpus)
+    st = sessions.run(
+        client, "first.py", folder=folder, memory="256M", gpus=gpus, datasets=datasets
+    )
     returned = time.time() - t0
     name = st["name"]
     deadline = time.monotonic() + timeout
@@ -84,7 +100,8 @@ def nsml_once(client: Any, folder: Path, gpus: int, timeout: float = 120) -> dic
     }
 
 
-def docker_once(folder: Path) -> dict[str, float]:
+def docker_once(folder: Path, data: Path | None) -> dict[str, float]:
+    mount = ["-v", f"{data}:/data/{DATASET}:ro"] if data is not None else []
     t0 = time.time()
     r = subprocess.run(
         [
@@ -98,6 +115,7 @@ def docker_once(folder: Path) -> dict[str, float]:
             "256m",
             "-v",
             f"{folder}:/code",
+            *mount,
             "-w",
             "/code",
             IMAGE,
@@ -140,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-n", type=int, default=20, help="measured runs of each (default 20)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per session (virtual; default 1)")
+    p.add_argument(
+        "--dataset-mib",
+        type=int,
+        default=256,
+        help="a dataset of this many MiB, pushed once and mounted by every session (cached on "
+        "the node after the warm-up run; `docker run` bind-mounts the same folder); 0: none",
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "session_latency.json"))
     args = p.parse_args(argv)
     from nsml.client import Client
@@ -164,11 +189,22 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(remove_containers, hub.env_overrides["NSML_CONTAINER_PREFIX"])
         stack.callback(hub.stop)
         client = Client(ClientConfig(hub.nsml_api + "/", hub.user_token("bench"), "bench"))
-        nsml_once(client, folder, args.gpus)
-        docker_once(folder)
+        data: Path | None = None
+        datasets: list[str] = []
+        if args.dataset_mib > 0:
+            from nsml import datasets as nsml_datasets
+
+            data = state / "data"
+            make_dataset(data, args.dataset_mib)
+            os.chmod(data, 0o755)
+            pushed = nsml_datasets.push(client, DATASET, data)
+            print(f"pushed {pushed.ref}", flush=True)
+            datasets = [DATASET]
+        nsml_once(client, folder, args.gpus, datasets)  # warm-up: caches the dataset
+        docker_once(folder, data)
         for i in range(args.n):
-            nsml_runs.append(nsml_once(client, folder, args.gpus))
-            docker_runs.append(docker_once(folder))
+            nsml_runs.append(nsml_once(client, folder, args.gpus, datasets))
+            docker_runs.append(docker_once(folder, data))
             print(
                 f"  {i + 1:>3}: nsml {nsml_runs[-1]['first_line_s']:.3f}s  "
                 f"docker run {docker_runs[-1]['first_line_s']:.3f}s",
@@ -184,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "image": IMAGE,
         },
-        "datasets": "none: the dataset store is not connected to sessions in this build",
+        "datasets": (
+            f"{DATASET}: {args.dataset_mib} MiB, cached on the node after the warm-up run "
+            "(docker run bind-mounts the same folder read-only)"
+            if args.dataset_mib > 0
+            else "none"
+        ),
         "nsml_run": nsml,
         "docker_run": raw,
         "ratio_of_medians": round(ratio, 2),

@@ -139,7 +139,7 @@ def new_session(w: World, script: str, *, gpus: int = 1, memory_mib: int = 64) -
 class Server:
     """A scheduler loop and a session runner sharing one database: one 'server process'."""
 
-    def __init__(self, w: World, name: str) -> None:
+    def __init__(self, w: World, name: str, *, remote: bool = False) -> None:
         self.w = w
         self.stop = asyncio.Event()
         self.lease = LeaderLease(w.db, name, ttl_s=2.0, now=utcnow)
@@ -151,7 +151,8 @@ class Server:
             w.db,
             self.scheduler,
             lambda: self.lease.is_leader,
-            BackendPool(w.db, NODE, self.backend),
+            # remote: the node is not this server's; its engine is reached at its docker_url.
+            BackendPool(w.db, None, None) if remote else BackendPool(w.db, NODE, self.backend),
             w.store,
             w.state / "sessions",
             RunnerSettings(
@@ -225,6 +226,25 @@ def test_a_session_runs_on_its_gpus_and_its_output_is_stored(world: World) -> No
     with world.db.session() as s:
         alloc = s.query(Allocation).one()
         assert alloc.state == "released"
+
+
+def test_on_a_remote_node_the_code_is_copied_in_not_mounted(world: World) -> None:
+    sid = new_session(
+        world,
+        "#!/bin/sh\necho code at $(pwd): $(ls)\necho mounted: $(grep -c ' /nsml/code ' "
+        "/proc/mounts)\necho edited > notes.txt && echo writable\n",
+    )
+
+    async def main() -> None:
+        srv = Server(world, "a", remote=True)
+        srv.start()
+        await until(lambda: session(world, sid).state == "completed", what="completed")
+        await srv.halt()
+
+    run(main())
+    text = log_text(world, sid)
+    assert "code at /nsml/code: job" in text and "mounted: 0" in text, text
+    assert "writable" in text, text
 
 
 def test_a_restarted_server_follows_a_running_container_and_keeps_its_log_whole(
