@@ -84,3 +84,16 @@ def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.5, what: s
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: {last!r}")
+
+
+@pytest.fixture()
+def work() -> Iterator[Path]:
+    """A scratch folder, removed after the test even where a test made parts read-only."""
+    path = Path(tempfile.mkdtemp(prefix="nsml-ds-it-"))
+    try:
+        yield path
+    finally:
+        for p in path.rglob("*"):
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o755)
+        shutil.rmtree(path, ignore_errors=True)

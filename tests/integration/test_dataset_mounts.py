@@ -35,18 +35,6 @@ NSML_AGENT = str(Path(sys.executable).parent / "nsml-agent")
 
 
 @pytest.fixture()
-def work() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nsml-dm-it-"))
-    try:
-        yield path
-    finally:
-        for p in path.rglob("*"):
-            if p.is_dir() and not p.is_symlink():
-                p.chmod(0o755)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture()
 def notebook_users(hub: HubProcess) -> Iterator[list[str]]:
     """Users whose servers and placements are removed after the test, pass or fail."""
     names: list[str] = []

@@ -15,8 +15,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,18 +80,6 @@ def user(hub: HubProcess, name: str, groups: tuple[str, ...] = ()) -> User:
     if groups:
         token = hub.user_token(name)  # a fresh token: the service caches user models per token
     return User(hub, name, token)
-
-
-@pytest.fixture()
-def work() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nsml-ds-it-"))
-    try:
-        yield path
-    finally:
-        for p in path.rglob("*"):
-            if p.is_dir() and not p.is_symlink():
-                p.chmod(0o755)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def make_folder(root: Path, n_small: int = 40, large: tuple[int, ...] = (3 << 20,)) -> Path:

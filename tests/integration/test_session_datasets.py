@@ -9,7 +9,7 @@ import pytest
 
 from tests.integration.conftest import wait_for
 from tests.integration.hubproc import HubProcess
-from tests.integration.test_datasets import User, user, work  # noqa: F401
+from tests.integration.test_datasets import User, user
 
 pytestmark = [pytest.mark.hub, pytest.mark.docker]
 
@@ -40,7 +40,7 @@ def finished(u: User, name: str) -> dict[str, object]:
 
 def test_a_session_reads_its_datasets_read_only_and_another_user_needs_them_shared(
     hub: HubProcess,
-    work: Path,  # noqa: F811
+    work: Path,
 ) -> None:
     owner, other = user(hub, "sd-owner"), user(hub, "sd-other")
     data = work / "data"
