@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from .backends import (
     RunSpec,
     RunState,
 )
+from .backends.docker import remote_tls
 from .datasets import Caller, DatasetService
 from .db import Database
 from .models import (
@@ -116,8 +118,9 @@ def server_label_for(db_url: str) -> str:
 class BackendPool:
     """The execution backend of each node: the local node's own, else its Docker engine.
 
-    Remote engines are reached at the URL the node's agent advertised (plain TCP; for TLS,
-    register the node's engine URL behind a TLS-terminating proxy or extend this pool).
+    Remote engines are reached at the URL the node's agent advertised; a ``tcp://`` engine
+    with the client certificate in ``$DOCKER_CERT_PATH`` (``cert.pem``, ``key.pem``,
+    ``ca.pem``), as the spawner does.
     """
 
     def __init__(
@@ -130,7 +133,11 @@ class BackendPool:
         self.db = db
         self.local_node = local_node
         self.local_backend = local_backend
-        self.make_docker = make_docker or (lambda url: DockerBackend(url, logger=log))
+        self.make_docker = make_docker or (
+            lambda url: DockerBackend(
+                url, remote_tls(url, os.environ.get("DOCKER_CERT_PATH")), logger=log
+            )
+        )
         self._remote: dict[str, ExecutionBackend] = {}
 
     def is_local(self, node: str) -> bool:

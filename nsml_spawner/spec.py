@@ -8,7 +8,6 @@ sessions get GPUs, limits and host networking the same way.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,7 +16,7 @@ from urllib.parse import urlparse
 from escapism import escape
 
 from nsml_server.backends.base import Mount, RunSpec
-from nsml_server.backends.docker import ContainerArgs, container_args
+from nsml_server.backends.docker import ContainerArgs, container_args, tls_files
 
 from .options import NotebookOptions, format_mib
 
@@ -335,16 +334,6 @@ def server_host(engine_url: str | None) -> str:
         if parsed.scheme in ("tcp", "http", "https") and parsed.hostname:
             return parsed.hostname
     return "127.0.0.1"
-
-
-def tls_files(cert_path: str) -> dict[str, Any]:
-    """``docker.tls.TLSConfig`` keyword arguments for the files in *cert_path*
-    (``cert.pem``, ``key.pem``, ``ca.pem``, as ``DOCKER_CERT_PATH`` holds them)."""
-    return {
-        "client_cert": (os.path.join(cert_path, "cert.pem"), os.path.join(cert_path, "key.pem")),
-        "ca_cert": os.path.join(cert_path, "ca.pem"),
-        "verify": True,
-    }
 
 
 def describe_exit(state: Mapping[str, Any], memory_mib: int) -> LastExit:

@@ -128,6 +128,27 @@ def container_args(spec: RunSpec, *, nvidia_runtime: bool, init: bool = True) ->
     return ContainerArgs(create=create, host_config=host)
 
 
+def tls_files(cert_path: str) -> dict[str, Any]:
+    """``docker.tls.TLSConfig`` keyword arguments for the files in *cert_path*
+    (``cert.pem``, ``key.pem``, ``ca.pem``, as ``DOCKER_CERT_PATH`` holds them)."""
+    return {
+        "client_cert": (os.path.join(cert_path, "cert.pem"), os.path.join(cert_path, "key.pem")),
+        "ca_cert": os.path.join(cert_path, "ca.pem"),
+        "verify": True,
+    }
+
+
+def remote_tls(url: str, cert_path: str | None) -> Any:
+    """The TLS settings for a node's engine at *url*: a ``tcp://`` or ``https://`` engine uses
+    the client certificate in *cert_path* (``$DOCKER_CERT_PATH``) when one is given; a Unix
+    socket, or no certificate folder, none."""
+    if cert_path and url.startswith(("tcp://", "https://")):
+        import docker.tls
+
+        return docker.tls.TLSConfig(**tls_files(cert_path))
+    return None
+
+
 def folder_tar(source: str, target: str) -> bytes:
     """A tar of the folder *source* placed at *target* (absolute), writable by any user.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -636,3 +637,15 @@ def test_no_server_at_all_is_unavailable() -> None:
 
     out = asyncio.run(go())
     assert isinstance(out, NSMLUnavailable) and "did not answer" in out.message
+
+
+def test_a_remote_engine_over_tcp_uses_the_client_certificate(tmp_path: Path) -> None:
+    from nsml_server.backends.docker import remote_tls
+
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (tmp_path / name).write_text("x")
+    tls = remote_tls("tcp://10.0.0.5:2376", str(tmp_path))
+    assert tls.cert == (str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+    assert tls.ca_cert == str(tmp_path / "ca.pem") and tls.verify is True
+    assert remote_tls("unix:///var/run/docker.sock", str(tmp_path)) is None
+    assert remote_tls("tcp://10.0.0.5:2376", None) is None
