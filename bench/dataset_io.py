@@ -545,8 +545,8 @@ def readme_section(results: dict[str, Any]) -> str:
             f"{t['cp -r']['client_cpu']:.1f} for `cp -r`, on 2 cores that the client, the "
             "server and the rest of the machine share: two SHA-256 passes over every byte "
             "(about 0.85 s each here), the bytes through the HTTP stack (Tornado copies what it "
-            "receives twice), and one file per blob (creating about 6,700 inodes, which ext4 "
-            "makes slow right after as many were deleted, as this benchmark does between runs).",
+            "receives twice), and one file per blob (about 6,700 files created on each side, "
+            "which this filesystem makes costly in kernel time).",
         ]
     lines += [
         "",
