@@ -380,6 +380,7 @@ class DatasetService:
         # Open uploads by id: resuming one parses its manifest, too slow to do per request.
         self._uploads: OrderedDict[str, Upload] = OrderedDict()
         self._uploads_lock = threading.Lock()
+        self._resume_lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking store/cache/database work in the service's threads."""
@@ -442,12 +443,23 @@ class DatasetService:
             if up is not None:
                 self._uploads.move_to_end(upload_id)
         if up is None or not (self.store.uploads_dir / upload_id).is_dir():
-            up = self.store.resume(upload_id)
-            with self._uploads_lock:
-                self._uploads[upload_id] = up
-                while len(self._uploads) > 64:
-                    self._uploads.popitem(last=False)
+            # One thread reads and parses the manifest; requests arriving meanwhile wait for it.
+            with self._resume_lock:
+                with self._uploads_lock:
+                    again = self._uploads.get(upload_id)
+                if again is not None and again is not up:
+                    return again
+                self._remember(self.store.resume(upload_id))
+                up = self._uploads[upload_id]
         return up
+
+    def _remember(self, up: Upload) -> None:
+        """Keep *up* open for the requests that follow (the last 64 uploads)."""
+        with self._uploads_lock:
+            self._uploads[up.id] = up
+            self._uploads.move_to_end(up.id)
+            while len(self._uploads) > 64:
+                self._uploads.popitem(last=False)
 
     def _forget(self, *upload_ids: str | None) -> None:
         with self._uploads_lock:
@@ -583,6 +595,9 @@ class DatasetService:
             tup = self.store.begin(tm) if tm is not None else None
         except DatasetError as e:
             raise api_error(e) from None
+        self._remember(up)
+        if tup is not None:
+            self._remember(tup)
         missing = up.missing_bytes() + (tup.missing_bytes() if tup is not None else 0)
         now = self.now()
         with self.db.session() as s:

@@ -41,7 +41,13 @@ from ..schemas import (
 from .base import APIError, APIHandler, log
 
 CHUNK = 1 << 20
-"""Bytes handed to a writer thread at once (what arrives is gathered up to this)."""
+"""Bytes read from the store at once for a download."""
+
+PUT_GATHER = 4 << 20
+"""Bytes of a blob's body gathered (no copy) before a writer thread hashes and writes them."""
+
+PACK_GATHER = 8 << 20
+"""Bytes of a pack gathered before a worker thread parses, verifies and stores them."""
 
 PACK_BLOB_MAX = 16 << 20
 """Largest blob accepted in a pack; larger ones go one by one."""
@@ -326,7 +332,8 @@ class BlobPutHandler(DatasetsBase):
     size: int = 0
 
     async def prepare(self) -> None:
-        self.buf = bytearray()
+        self.chunks: list[bytes] = []
+        self.gathered = 0
         # An error is answered once the body has arrived: answering while the client still
         # sends would reset the connection under it (the proxy then answers 503).
         try:
@@ -354,19 +361,24 @@ class BlobPutHandler(DatasetsBase):
     async def data_received(self, chunk: bytes) -> None:
         if self.writer is None or self.error is not None:
             return
-        if not self.buf and len(chunk) >= CHUNK:
-            await self._write(chunk)
-            return
-        self.buf += chunk
-        if len(self.buf) >= CHUNK:
-            data, self.buf = self.buf, bytearray()
-            await self._write(data)
+        self.chunks.append(chunk)
+        self.gathered += len(chunk)
+        if self.gathered >= PUT_GATHER:
+            await self._write()
 
-    async def _write(self, data: bytes | bytearray) -> None:
-        """Hand *data* to the writer thread; the next piece is read while it writes."""
+    async def _write(self) -> None:
+        """Hand the gathered chunks to the writer thread; the next ones are read meanwhile."""
         assert self.writer is not None
         await self._drain()
-        self.pending = asyncio.ensure_future(self.svc.run(self.writer.write, data))
+        chunks, self.chunks, self.gathered = self.chunks, [], 0
+        if chunks and self.error is None:
+            self.pending = asyncio.ensure_future(self.svc.run(self._write_chunks, chunks))
+
+    def _write_chunks(self, chunks: list[bytes]) -> None:
+        writer = self.writer
+        assert writer is not None
+        for chunk in chunks:
+            writer.write(chunk)
 
     async def _drain(self) -> None:
         pending, self.pending = self.pending, None
@@ -383,9 +395,8 @@ class BlobPutHandler(DatasetsBase):
         if writer is None:  # the store already had it
             self.write_json(BlobOut(sha256=sha, size=self.size, received=self.size, complete=True))
             return
-        if self.buf and self.error is None:
-            data, self.buf = self.buf, bytearray()
-            await self._write(data)
+        if self.chunks and self.error is None:
+            await self._write()
         await self._drain()
         if self.error is not None:
             raise self._api(self.error)
@@ -429,16 +440,21 @@ class BlobPutHandler(DatasetsBase):
 
 @web.stream_request_body
 class PackInHandler(DatasetsBase):
-    """``POST api/datasets/NAME/uploads/ID/pack``: small blobs, each ``<sha> <size>\\n<bytes>``."""
+    """``POST api/datasets/NAME/uploads/ID/pack``: small blobs, each ``<sha> <size>\\n<bytes>``.
+
+    What arrives is gathered (no copy) up to :data:`PACK_GATHER` bytes, then parsed, hashed
+    and stored in one worker thread while the next bytes are read; only the unfinished tail
+    of a batch is carried over to the next one.
+    """
 
     uploads: tuple[Upload, ...] = ()
     error: BaseException | None = None
     pending: asyncio.Future[None] | None = None
 
     async def prepare(self) -> None:
-        self.buf = bytearray()
-        self.batch: list[tuple[Upload, str, bytes]] = []
-        self.batch_bytes = 0
+        self.chunks: list[bytes] = []
+        self.gathered = 0
+        self.rest = b""
         self.count = self.stored = self.bytes = 0
         try:  # errors are answered once the body has arrived (see BlobPutHandler)
             await super().prepare()
@@ -462,54 +478,56 @@ class PackInHandler(DatasetsBase):
     async def data_received(self, chunk: bytes) -> None:
         if self.error is not None or not self.uploads:
             return
-        buf = self.buf
-        buf += chunk
+        self.chunks.append(chunk)
+        self.gathered += len(chunk)
+        if self.gathered >= PACK_GATHER:
+            await self._flush(last=False)
+
+    async def _flush(self, *, last: bool) -> None:
+        """Hand what was gathered to a worker thread; the next bytes are read meanwhile."""
+        await self._drain()
+        chunks, self.chunks, self.gathered = self.chunks, [], 0
+        if self.error is None and (chunks or last):
+            self.pending = asyncio.ensure_future(self.svc.run(self._store, chunks, last))
+
+    def _store(self, chunks: list[bytes], last: bool) -> None:
+        """Parse the complete blobs of ``rest + chunks``, verify and store them (a thread)."""
+        data = b"".join([self.rest, *chunks]) if chunks else self.rest
+        view = memoryview(data)
         pos = 0
         malformed = "Malformed pack: expected '<sha256> <size>\\n' before each blob."
-        try:
-            while True:
-                nl = buf.find(b"\n", pos, pos + 100)
-                if nl < 0:
-                    if len(buf) - pos >= 100:
-                        raise APIError(400, malformed, "bad_request")
-                    break
-                try:
-                    sha_s, size_s = buf[pos:nl].decode("ascii").split(" ")
-                    sha, size = self.sha_arg(sha_s), int(size_s)
-                except (ValueError, UnicodeDecodeError, APIError):
-                    raise APIError(400, malformed, "bad_request") from None
-                if not 0 <= size <= PACK_BLOB_MAX:
-                    raise APIError(
-                        400,
-                        f"Blob {sha} is larger than {PACK_BLOB_MAX} bytes: PUT it alone.",
-                        "bad_request",
-                    )
-                end = nl + 1 + size
-                if len(buf) < end:
-                    break
-                self.batch.append((self._upload_of(sha), sha, bytes(buf[nl + 1 : end])))
-                self.batch_bytes += size
-                self.count += 1
-                pos = end
-            del buf[:pos]
-            if self.batch_bytes >= 8 * CHUNK:
-                await self._flush()
-        except BaseException as e:
-            self.error = e
-
-    async def _flush(self) -> None:
-        """Store the blobs gathered so far in a thread; the next ones are read meanwhile."""
-        await self._drain()
-        batch, self.batch, self.batch_bytes = self.batch, [], 0
-        if batch:
-            self.pending = asyncio.ensure_future(self.svc.run(self._store, batch))
-
-    def _store(self, batch: list[tuple[Upload, str, bytes]]) -> None:
+        batch: list[tuple[Upload, str, memoryview]] = []
+        while True:
+            nl = data.find(b"\n", pos, pos + 100)
+            if nl < 0:
+                if len(data) - pos >= 100:
+                    raise APIError(400, malformed, "bad_request")
+                break
+            try:
+                sha_s, size_s = data[pos:nl].decode("ascii").split(" ")
+                sha, size = self.sha_arg(sha_s), int(size_s)
+            except (ValueError, UnicodeDecodeError, APIError):
+                raise APIError(400, malformed, "bad_request") from None
+            if not 0 <= size <= PACK_BLOB_MAX:
+                raise APIError(
+                    400,
+                    f"Blob {sha} is larger than {PACK_BLOB_MAX} bytes: PUT it alone.",
+                    "bad_request",
+                )
+            end = nl + 1 + size
+            if len(data) < end:
+                break
+            batch.append((self._upload_of(sha), sha, view[nl + 1 : end]))
+            self.count += 1
+            pos = end
+        self.rest = data[pos:]
+        if last and self.rest:
+            raise APIError(400, "Malformed pack: it ends inside a blob.", "bad_request")
         for u in self.uploads:
-            items = [(sha, data) for up, sha, data in batch if up is u]
+            items = [(sha, blob) for up, sha, blob in batch if up is u]
             if items:
                 self.stored += u.put_blobs(items)
-                self.bytes += sum(len(d) for _, d in items)
+                self.bytes += sum(len(b) for _, b in items)
 
     async def _drain(self) -> None:
         pending, self.pending = self.pending, None
@@ -521,15 +539,8 @@ class PackInHandler(DatasetsBase):
 
     async def post(self, name: str, upload_id: str) -> None:
         if self.error is None:
-            try:
-                if self.buf:
-                    raise APIError(400, "Malformed pack: it ends inside a blob.", "bad_request")
-                await self._flush()
-                await self._drain()
-            except BaseException as e:
-                self.error = self.error or e
-        else:
-            await self._drain()
+            await self._flush(last=True)
+        await self._drain()
         if self.error is not None:
             e = self.error
             raise (api_error(e) if isinstance(e, DatasetError) else e)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import stat
@@ -562,6 +563,52 @@ def test_bad_uploads_are_refused_with_json_errors_and_store_nothing(hub: HubProc
     r = alice.api("POST", f"{base}/commit")
     assert r.status_code == 201 and r.json()["ref"] == "bad-uploads@1"
     assert blob_bytes(hub) == before + 5300
+
+
+def test_packs_and_blobs_larger_than_what_the_server_gathers_at_once(hub: HubProcess) -> None:
+    """The server parses a pack and writes a blob in batches of several MiB: blobs that
+    straddle two batches, a body sent in odd-sized pieces, and a pack cut inside a blob."""
+    alice = user(hub, "ds-packer")
+    rng = random.Random(7)
+    small = {f"s/{i:04}.bin": os.urandom(rng.randrange(1, 900_000)) for i in range(50)}
+    large = os.urandom((9 << 20) + 12345)
+    cut = os.urandom(700_000)
+    files = {**small, "large.bin": large, "cut.bin": cut}
+    r = alice.api("POST", "datasets/big-packs/uploads", json={"manifest": manifest_of(files)})
+    assert r.status_code == 201, r.text
+    base = f"datasets/big-packs/uploads/{r.json()['upload_id']}"
+    before = blob_bytes(hub)
+
+    def pieces(data: bytes, size: int) -> Iterator[bytes]:
+        for i in range(0, len(data), size):
+            yield data[i : i + size]
+
+    # A pack that ends inside its last blob: 400, and that blob is not stored.
+    body = b"".join(f"{sha(d)} {len(d)}\n".encode() + d for d in list(small.values())[:3])
+    body += f"{sha(cut)} {len(cut)}\n".encode() + cut[:1000]
+    r = alice.api("POST", f"{base}/pack", data=body)
+    assert "ends inside a blob" in assert_json_error(r, 400, "bad_request")["message"]
+    assert not (store_dir(hub) / "blobs" / sha(cut)[:2] / sha(cut)[2:]).exists()
+
+    # Every small blob in one pack of over 16 MiB, sent in pieces of 100,003 bytes.
+    body = b"".join(f"{sha(d)} {len(d)}\n".encode() + d for d in [*small.values(), cut])
+    assert len(body) > 2 * (8 << 20)
+    r = alice.api("POST", f"{base}/pack", data=pieces(body, 100_003))
+    assert r.status_code == 200, r.text
+    assert r.json()["blobs"] == len(small) + 1
+    # A 9 MiB blob in pieces of 65,537 bytes.
+    r = alice.api("PUT", f"{base}/blobs/{sha(large)}", data=pieces(large, 65_537))
+    assert r.json() == {
+        "sha256": sha(large),
+        "size": len(large),
+        "received": len(large),
+        "complete": True,
+    }
+    r = alice.api("POST", f"{base}/commit")
+    assert r.status_code == 201, r.text
+    assert blob_bytes(hub) == before + sum(len(d) for d in files.values())
+    for d in files.values():
+        assert (store_dir(hub) / "blobs" / sha(d)[:2] / sha(d)[2:]).read_bytes() == d
 
 
 @pytest.mark.parametrize(
