@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from tests.integration.hubproc import HubProcess, ServerProcess, virtual_node_heartbeat
 
@@ -68,10 +69,14 @@ def servers(hub: HubProcess, postgres_url: str) -> Iterator[list[ServerProcess]]
 
 
 def ledger_is_consistent(db_url: str) -> dict[str, int]:
-    """Every GPU's counter equals what its active allocations hold, and never exceeds 1000."""
-    engine = create_engine(db_url)
+    """Every GPU's counter equals what its active allocations hold, and never exceeds 1000.
+
+    Read in one snapshot (REPEATABLE READ): the leader may commit placements meanwhile, and
+    separate statements would see counters and allocations from different moments.
+    """
+    engine = create_engine(db_url, isolation_level="REPEATABLE READ", poolclass=NullPool)
     held: dict[tuple[int, int], int] = {}
-    with engine.connect() as conn:
+    with engine.connect() as conn, conn.begin():
         holders = conn.execute(
             text(
                 "SELECT holder, count(*) FROM allocations WHERE state = 'active' "
