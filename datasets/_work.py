@@ -96,11 +96,12 @@ class Tracker:
             return
         self._last = t
         with self._lock:
+            # A known total caps the count: a retried transfer may count some bytes twice.
             event = ProgressEvent(
                 phase=self.phase,
-                done_bytes=self.done_bytes,
+                done_bytes=min(self.done_bytes, self.total_bytes or self.done_bytes),
                 total_bytes=self.total_bytes,
-                done_files=self.done_files,
+                done_files=min(self.done_files, self.total_files or self.done_files),
                 total_files=self.total_files,
                 path=self.path,
             )

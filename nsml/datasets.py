@@ -17,7 +17,6 @@ import hashlib
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from nsml_datasets import (
     scan,
     validate_name,
 )
-from nsml_datasets._work import remove_tree, tmp_name, write_all
+from nsml_datasets._work import Tracker, remove_tree, tmp_name, write_all
 from nsml_datasets.materialize import file_mode, prepare_dest
 
 from .client import Client, NSMLError
@@ -122,49 +121,7 @@ class _Sessions:
         return r
 
 
-class _Progress:
-    """Counts bytes of one phase from several threads; emits from the calling thread."""
-
-    def __init__(
-        self, phase: str, callback: ProgressCallback | None, total_bytes: int, total_files: int
-    ) -> None:
-        self.phase = phase
-        self.callback = callback
-        self.total_bytes = total_bytes
-        self.total_files = total_files
-        self.done_bytes = 0
-        self.done_files = 0
-        self.path = ""
-        self.lock = threading.Lock()
-        self.last = 0.0
-
-    def add(self, nbytes: int, files: int = 0, path: str = "") -> None:
-        with self.lock:
-            self.done_bytes += nbytes
-            self.done_files += files
-            if path:
-                self.path = path
-
-    def emit(self, force: bool = False) -> None:
-        if self.callback is None:
-            return
-        now = time.monotonic()
-        if not force and now - self.last < 0.1:
-            return
-        self.last = now
-        with self.lock:
-            event = ProgressEvent(
-                self.phase,
-                min(self.done_bytes, self.total_bytes),
-                self.total_bytes,
-                min(self.done_files, self.total_files),
-                self.total_files,
-                self.path,
-            )
-        self.callback(event)
-
-
-def _run_all(jobs: Sequence[Callable[[], None]], workers: int, progress: _Progress | None) -> None:
+def _run_all(jobs: Sequence[Callable[[], None]], workers: int, progress: Tracker | None) -> None:
     """Run *jobs* on *workers* threads; the first error cancels the rest and is raised."""
     if not jobs:
         return
@@ -212,7 +169,7 @@ class PushResult:
 class _FileSlice:
     """``size`` bytes of a file from ``offset``, as an iterable body with a known length."""
 
-    def __init__(self, path: str, offset: int, size: int, progress: _Progress | None) -> None:
+    def __init__(self, path: str, offset: int, size: int, progress: Tracker | None) -> None:
         self.path = path
         self.offset = offset
         self.size = size
@@ -246,7 +203,7 @@ def _send_blob(
     sha: str,
     size: int,
     offset: int,
-    progress: _Progress | None,
+    progress: Tracker | None,
 ) -> int:
     """PUT one blob from *offset*, in segments of at most :data:`SEGMENT` bytes."""
     if progress is not None:
@@ -309,7 +266,7 @@ def _send_pack(
     http: _Sessions,
     base: str,
     items: Sequence[tuple[str, str, int, str]],
-    progress: _Progress | None,
+    progress: Tracker | None,
 ) -> int:
     """POST many small blobs in one body: ``<sha256> <size>\\n<bytes>`` each."""
     http.call(
@@ -384,7 +341,12 @@ def push(
         for e in m:
             sources.setdefault(e.sha256, (os.path.join(roots[split], e.path), e.path))
     missing = up["missing"]
-    progress = _Progress("upload", on_progress, sum(b["size"] for b in missing), len(missing))
+    progress = Tracker(
+        "upload",
+        on_progress,
+        total_bytes=sum(b["size"] for b in missing),
+        total_files=len(missing),
+    )
     jobs: list[Callable[[], None]] = []  # large blobs first: packs fill the end evenly
     packs: list[Callable[[], None]] = []
     sent = [0]
@@ -541,7 +503,7 @@ def pull(
     build.mkdir(mode=0o755)
     http = _Sessions(client)
     groups = m.by_sha()
-    progress = _Progress("fetch", on_progress, m.blob_bytes, len(groups))
+    progress = Tracker("fetch", on_progress, total_bytes=m.blob_bytes, total_files=len(groups))
     extra = {"split": split} if split else {}
     try:
         for folder in sorted({os.path.dirname(e.path) for e in m if "/" in e.path}):
