@@ -399,21 +399,35 @@ class BlobStore:
                 )
             if n > cap:
                 raise _TooLarge
-            if sha is not None and actual != sha:
-                raise IntegrityError(
-                    f"blob {sha} is corrupt: the received bytes hash to {actual}",
-                    sha256=sha,
-                    actual=actual,
-                )
-            if staged is not None and self.has(actual):
-                tmp.unlink()
-                return actual, n, False
-            return actual, n, self._install(tmp, fd, actual, staged)
+            return self._settle(tmp, fd, n, sha, actual, staged, "received bytes")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         finally:
             os.close(fd)
+
+    def _settle(
+        self,
+        tmp: Path,
+        fd: int,
+        n: int,
+        expected: str | None,
+        actual: str,
+        staged: Staged | None,
+        what: str,
+    ) -> tuple[str, int, bool]:
+        """Finish a blob written to *tmp*: check its hash, then install it (or drop it when the
+        store already has it and *staged* defers installing). Returns ``(sha, size, new)``."""
+        if expected is not None and actual != expected:
+            raise IntegrityError(
+                f"blob {expected} is corrupt: the {what} hash to {actual}",
+                sha256=expected,
+                actual=actual,
+            )
+        if staged is not None and self.has(actual):
+            tmp.unlink()
+            return actual, n, False
+        return actual, n, self._install(tmp, fd, actual, staged)
 
     def put_stream(self, stream: Readable, sha: str, size: int) -> bool:
         """Store *size* bytes read from *stream* (to its end) as the blob *sha*.
@@ -552,17 +566,7 @@ class BlobStore:
             os.lseek(fd, 0, os.SEEK_SET)
             with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
                 h, _ = pump(f, None, limit=n, on_bytes=on_bytes)
-            actual = h.hexdigest()
-            if expected_sha is not None and actual != expected_sha:
-                raise IntegrityError(
-                    f"blob {expected_sha} is corrupt: the bytes hash to {actual}",
-                    sha256=expected_sha,
-                    actual=actual,
-                )
-            if staged is not None and self.has(actual):
-                tmp.unlink()
-                return actual, n, False
-            return actual, n, self._install(tmp, fd, actual, staged)
+            return self._settle(tmp, fd, n, expected_sha, h.hexdigest(), staged, "bytes")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
