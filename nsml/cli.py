@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from ._fmt import print_json
 from .cli_dataset import add_dataset_verb
 from .cli_session import add_session_verbs
 from .client import Client, NSMLError
@@ -15,14 +15,10 @@ from .config import ConfigError, resolve
 from .snapshot import SnapshotError
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
-
-
 def cmd_health(client: Client, args: argparse.Namespace) -> int:
     h = client.health()
     if args.json:
-        _print_json(h)
+        print_json(h)
     else:
         print(
             f"{h['status']} (version {h['version']}, database {h['database']}, "
@@ -34,7 +30,7 @@ def cmd_health(client: Client, args: argparse.Namespace) -> int:
 def cmd_whoami(client: Client, args: argparse.Namespace) -> int:
     me = client.me()
     if args.json:
-        _print_json(me)
+        print_json(me)
     else:
         print(f"{me['name']} ({me['permission']}), {me['credits']:.2f} credits")
     return 0
@@ -58,7 +54,7 @@ def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
         return 0
     nodes = client.nodes(state=args.state)
     if args.json:
-        _print_json(nodes)
+        print_json(nodes)
         return 0
     print(f"{'NODE':<24} {'STATE':<9} {'BACKEND':<8} {'CPU':>6} {'MEM GiB':>8}  GPUS")
     for n in nodes:

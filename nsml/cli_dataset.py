@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from datetime import UTC, datetime
 from typing import Any
 
 from . import datasets as ds
+from ._fmt import ago, print_json
 from .client import Client, NSMLError
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def human(n: int | None) -> str:
@@ -26,18 +21,6 @@ def human(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # pragma: no cover
-
-
-def ago(iso: str | None) -> str:
-    """``3m ago`` for an ISO time in UTC; ``never`` for none."""
-    if not iso:
-        return "never"
-    t = datetime.fromisoformat(iso.rstrip("Z")).replace(tzinfo=UTC)
-    s = max(0, int((datetime.now(UTC) - t).total_seconds()))
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            return f"{s // n}{unit} ago"
-    return f"{s}s ago"
 
 
 def cmd_push(client: Client, args: argparse.Namespace) -> int:
@@ -60,7 +43,7 @@ def cmd_push(client: Client, args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if args.json:
-        _print_json(
+        print_json(
             {
                 **result.version,
                 "sent_bytes": result.sent_bytes,
@@ -80,7 +63,7 @@ def cmd_push(client: Client, args: argparse.Namespace) -> int:
 def cmd_ls(client: Client, args: argparse.Namespace) -> int:
     items = ds.ls(client, args.scope)
     if args.json:
-        _print_json(items)
+        print_json(items)
         return 0
     print(
         f"{'NAME':<28} {'OWNER':<14} {'SHARED':<16} {'VERS':>4} {'LATEST':>6} {'SIZE':>10} "
@@ -98,7 +81,7 @@ def cmd_ls(client: Client, args: argparse.Namespace) -> int:
 def cmd_info(client: Client, args: argparse.Namespace) -> int:
     out = ds.info(client, args.ref)
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
     if "version_list" not in out:
         _print_version(out)
@@ -140,7 +123,7 @@ def cmd_pull(client: Client, args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if args.json:
-        _print_json({"ref": ref, "path": str(dest)})
+        print_json({"ref": ref, "path": str(dest)})
     else:
         print(f"{ref} -> {dest}")
     return 0
@@ -149,7 +132,7 @@ def cmd_pull(client: Client, args: argparse.Namespace) -> int:
 def cmd_rm(client: Client, args: argparse.Namespace) -> int:
     out = ds.rm(client, args.ref)
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         gone = ", ".join(f"{out['name']}@{k}" for k in out["versions"]) or "no version"
         print(f"removed {gone}" + (f"; {out['name']} is gone" if out["dataset_removed"] else ""))
@@ -162,7 +145,7 @@ def cmd_share(client: Client, args: argparse.Namespace) -> int:
     else:
         out = ds.share(client, args.name, "public" if args.public else "private")
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         print(
             f"{out['name']}: {out['visibility']}"
@@ -174,7 +157,7 @@ def cmd_share(client: Client, args: argparse.Namespace) -> int:
 def cmd_gc(client: Client, args: argparse.Namespace) -> int:
     out = ds.gc(client, args.older_than)
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         print(
             f"removed {out['uploads_removed']} stale uploads, {out['blobs_removed']} blobs "

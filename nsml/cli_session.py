@@ -7,28 +7,13 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from . import sessions
+from ._fmt import ago, print_json
 from .client import Client
 
 Verb = Callable[[Client, argparse.Namespace], int]
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
-
-
-def _age(iso: str | None) -> str:
-    if not iso:
-        return "-"
-    t = datetime.fromisoformat(iso.rstrip("Z")).replace(tzinfo=UTC)
-    s = (datetime.now(UTC) - t).total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{s / size:.0f}{unit} ago"
-    return f"{max(0, s):.0f}s ago"
 
 
 def _duration(s: float | None) -> str:
@@ -84,7 +69,7 @@ def start_fork(client: Client, args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
     st = start_run(client, args)
     if args.json:
-        _print_json(st)
+        print_json(st)
     else:
         print(st["name"])
     return 0
@@ -99,7 +84,7 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     print(
         f"{'NAME':<28} {'STATE':<10} {'GPUS':>4} {'NODE':<14} {'CREATED':>9} {'TIME':>8}  "
@@ -116,7 +101,7 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
             extra = f"{extra}  [{st['memo']}]" if extra else f"[{st['memo']}]"
         print(
             f"{st['name']:<28} {st['state']:<10} {_gpus(st):>4} {st['node'] or '-':<14} "
-            f"{_age(st['created']):>9} {_duration(st['duration_s']):>8}  {extra}"
+            f"{ago(st['created'], '-'):>9} {_duration(st['duration_s']):>8}  {extra}"
         )
     return 0
 
@@ -124,7 +109,7 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     st = sessions.status(client, args.session)
     if args.json:
-        _print_json(st)
+        print_json(st)
         return 0
     res = st["resources"]
     lines = [
@@ -157,7 +142,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     if args.json:
-        _print_json(sessions.logs(client, args.session, tail=args.tail))
+        print_json(sessions.logs(client, args.session, tail=args.tail))
         return 0
     if args.follow:
         for text in sessions.follow_logs(client, args.session, tail=args.tail):
@@ -180,7 +165,7 @@ def cmd_stop(client: Client, args: argparse.Namespace) -> int:
     if args.wait:
         st = sessions.wait(client, st["name"])
     if args.json:
-        _print_json(st)
+        print_json(st)
     else:
         print(
             f"{st['name']}: {st['state']}"
@@ -199,7 +184,7 @@ def cmd_rm(client: Client, args: argparse.Namespace) -> int:
 def cmd_fork(client: Client, args: argparse.Namespace) -> int:
     st = start_fork(client, args)
     if args.json:
-        _print_json(st)
+        print_json(st)
     else:
         print(st["name"])
     return 0
@@ -208,7 +193,7 @@ def cmd_fork(client: Client, args: argparse.Namespace) -> int:
 def cmd_resume(client: Client, args: argparse.Namespace) -> int:
     st = sessions.resume(client, args.session)
     if args.json:
-        _print_json(st)
+        print_json(st)
     else:
         print(
             f"{st['name']}: {st['state']}" + (f" from {st['load_from']}" if st["load_from"] else "")
@@ -219,7 +204,7 @@ def cmd_resume(client: Client, args: argparse.Namespace) -> int:
 def cmd_diff(client: Client, args: argparse.Namespace) -> int:
     d = sessions.diff(client, args.a, args.b)
     if args.json:
-        _print_json(d)
+        print_json(d)
         return 0
     out = []
     if d["args_diff"]:
@@ -247,12 +232,12 @@ def cmd_memo(client: Client, args: argparse.Namespace) -> int:
 def cmd_model(client: Client, args: argparse.Namespace) -> int:
     rows = sessions.model(client, args.session)
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     print(f"{'CHECKPOINT':<24} {'STEP':>8} {'SIZE':>10}  SAVED")
     for c in rows:
         step = c["step"] if c["step"] is not None else "-"
-        print(f"{c['name']:<24} {step:>8} {c['size'] / 1e6:>8.2f}MB  {_age(c['created'])}")
+        print(f"{c['name']:<24} {step:>8} {c['size'] / 1e6:>8.2f}MB  {ago(c['created'], '-')}")
     return 0
 
 
@@ -270,7 +255,7 @@ def cmd_exec(client: Client, args: argparse.Namespace) -> int:
         return 2
     r = sessions.exec_in(client, args.session, args.rest, timeout_s=args.timeout)
     if args.json:
-        _print_json(r)
+        print_json(r)
         return 0
     sys.stdout.write(r["output"])
     return int(r["exit_code"]) if 0 <= int(r["exit_code"]) < 256 else 1
@@ -284,7 +269,7 @@ def cmd_getid(client: Client, args: argparse.Namespace) -> int:
 def cmd_events(client: Client, args: argparse.Namespace) -> int:
     feed = sessions.events(client, since=args.since, all_users=args.all)
     if args.json:
-        _print_json(feed)
+        print_json(feed)
         return 0
     for e in feed["events"]:
         print(f"{e['id']:>6} {e['created'][:19]} {e['session']:<28} {e['kind']:<8} {e['message']}")
