@@ -583,7 +583,7 @@ class Scheduler:
         await loop.run_in_executor(None, self.lease.resign)
 
 
-Describe = Callable[[Session, PlacementRequestRow | None], Any]
+Describe = Callable[[Session, PlacementRequestRow], Any]
 
 
 class SubmitQueue:
@@ -659,16 +659,15 @@ class SubmitQueue:
 
     def _commit(self, subs: list[Submission]) -> list[tuple[int, bool, datetime, Any]]:
         with self.scheduler.db.session() as s:
-            done = self.scheduler.submit_many(s, subs)
-            return [
-                (
-                    rid,
-                    fresh,
-                    created,
-                    None if fresh else self.describe(s, s.get(PlacementRequestRow, rid)),
-                )
-                for rid, fresh, created in done
-            ]
+            out: list[tuple[int, bool, datetime, Any]] = []
+            for rid, fresh, created in self.scheduler.submit_many(s, subs):
+                described = None
+                if not fresh:  # an existing request: describe it from this transaction
+                    row = s.get(PlacementRequestRow, rid)
+                    assert row is not None
+                    described = self.describe(s, row)
+                out.append((rid, fresh, created, described))
+            return out
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -47,7 +47,7 @@ class ServerContext:
     is_leader: Callable[[], bool] = lambda: True
     default_credits_milli: int = 0
     scheduler: Any = None
-    submit_queue: Any = None
+    submit_queue: Any = None  # scheduler.SubmitQueue: placement submissions, group-committed
     trusted_services: frozenset[str] = frozenset({"nsml-spawner"})
     datasets: Any = None
 

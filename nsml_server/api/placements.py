@@ -76,9 +76,8 @@ def spec_of(body: PlacementIn, resolve: Callable[[list[str]], list[Resolved]]) -
     return spec
 
 
-def placement_out(s: Session, row: PlacementRequestRow | None) -> PlacementOut:
+def placement_out(s: Session, row: PlacementRequestRow) -> PlacementOut:
     """The API view of a request (and its allocation, if placed)."""
-    assert row is not None
     alloc = s.get(Allocation, row.allocation_id) if row.allocation_id else None
     node = s.get(Node, alloc.node_id) if alloc else None
     return PlacementOut(
@@ -127,15 +126,7 @@ class PlacementsHandler(APIHandler):
         sub = Submission(
             user=user, holder=f"{user}:{body.holder}", spec=spec, priority=body.priority
         )
-        if self.ctx.submit_queue is not None:
-            request_id, fresh, created, existing = await self.ctx.submit_queue.submit(sub)
-        else:
-            with self.ctx.db.session() as s:
-                request_id, fresh, created = scheduler.submit_many(s, [sub])[0]
-                existing = (
-                    None if fresh else placement_out(s, s.get(PlacementRequestRow, request_id))
-                )
-            scheduler.wake()
+        request_id, fresh, created, existing = await self.ctx.submit_queue.submit(sub)
         if fresh:
             out = PlacementOut(
                 id=request_id,

@@ -262,7 +262,7 @@ def test_the_submit_queue_commits_concurrent_submissions_and_fails_a_bad_one_alo
     import asyncio
 
     sched = scheduler_for(db)
-    queue = SubmitQueue(sched, lambda s, row: row.id if row else None)
+    queue = SubmitQueue(sched, lambda s, row: row.id)
     spec = {"gpu_milli": 0, "cpu_milli": 100, "memory_mib": 64}
 
     async def go() -> list[object]:
