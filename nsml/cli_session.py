@@ -110,7 +110,13 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     st = sessions.status(client, args.session)
     if args.json:
         print_json(st)
-        return 0
+    else:
+        print(status_text(st))
+    return 0
+
+
+def status_text(st: dict[str, Any]) -> str:
+    """A session's description (as ``sessions.status`` gives it) for a person, line by line."""
     res = st["resources"]
     lines = [
         f"{st['name']}: {st['state']}" + (f" ({st['message']})" if st.get("message") else ""),
@@ -136,8 +142,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         )
     if st.get("memo"):
         lines.append(f"  memo      {st['memo']}")
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
 
 
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ and only format what it returns.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +25,7 @@ from IPython.core.magic_arguments import (
 from IPython.display import HTML, display
 from IPython.utils.process import arg_split
 
+from nsml._fmt import print_json
 from nsml.client import Client, NSMLError
 from nsml.config import ConfigError
 
@@ -100,6 +100,12 @@ class NSMLMagics(Magics):
 
     _client: Client | None = None
     _parsers: dict[str, MagicArgumentParser] | None = None
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        # The status lines shown, by session: asyncio keeps only weak references to tasks,
+        # so a line's refresh task lives as long as it is held here.
+        self.lines: dict[str, Any] = {}
 
     @property
     def client(self) -> Client:
@@ -183,12 +189,6 @@ class NSMLMagics(Magics):
         line.start()
         self.lines[name] = line
 
-    @property
-    def lines(self) -> dict[str, Any]:
-        if not hasattr(self, "_lines"):
-            self._lines: dict[str, Any] = {}
-        return self._lines
-
     def help(self) -> str:
         lines = ["%nsml VERB [ARGS]   (%%nsml run ... takes the cell as the script)", ""]
         for name in self.verbs():
@@ -225,15 +225,16 @@ def _resume(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
 
 def _status(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
     from nsml import sessions
+    from nsml.cli_session import status_text
 
     from .status import render_status
 
-    if ns.json:
-        ns.fn(m.client, ns)
-        return
     st = sessions.status(m.client, ns.session)
+    if ns.json:
+        print_json(st)
+        return
     display(HTML(render_status(st)))
-    ns.fn(m.client, ns)
+    print(status_text(st))
 
 
 FOLLOWED: dict[str, Callable[[NSMLMagics, argparse.Namespace, str | None], Any]] = {
@@ -249,7 +250,7 @@ def _gpustat(self: NSMLMagics, line: str, extra: list[str], cell: str | None) ->
     args = parse_argstring(_gpustat_args, line)
     nodes = self.client.nodes()
     if args.json:
-        print(json.dumps(nodes, indent=2, sort_keys=True))
+        print_json(nodes)
         return
     rows = []
     for n in nodes:
