@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +29,7 @@ from gpu_scheduler.model import (
     NodeSnapshot,
     NodeState,
     PlacementRequest,
+    Reason,
 )
 from gpu_scheduler.policy import PlacementPolicy, Strategy
 from gpu_scheduler.queue import QueuedJob, UserLimits, UserUsage, schedule
@@ -177,7 +178,7 @@ def user_usage(s: Session) -> dict[str, UserUsage]:
     return usage
 
 
-def detail(reasons: tuple[Any, ...], most: int = 5) -> str:
+def detail(reasons: Sequence[Reason], most: int = 5) -> str:
     """Per-node reasons as a tail for a summary: `` Insufficient gpu: ... on node-a; ...``.
 
     The nodes short of resources come first, then down or draining ones, and last those
@@ -186,7 +187,7 @@ def detail(reasons: tuple[Any, ...], most: int = 5) -> str:
     if not reasons:
         return ""
     rank = {"node-state": 1, "gpu-model": 2}
-    reasons = tuple(sorted(reasons, key=lambda r: rank.get(getattr(r, "resource", ""), 0)))
+    reasons = tuple(sorted(reasons, key=lambda r: rank.get(r.resource, 0)))
     shown = "; ".join(str(r) for r in reasons[:most])
     more = f"; and {len(reasons) - most} more" if len(reasons) > most else ""
     return f" ({shown}{more})"
