@@ -295,6 +295,21 @@ def resolve_refs(
 # ---- views ---------------------------------------------------------------------------------
 
 
+def hold_out(h: DatasetHold) -> HoldOut:
+    """The API view of a node's hold on a dataset version."""
+    return HoldOut(
+        id=h.id,
+        allocation=h.allocation_id,
+        key=h.key,
+        dataset=h.dataset,
+        version=h.version,
+        digest=h.digest,
+        bytes=h.bytes,
+        state=h.state,  # type: ignore[arg-type]
+        host_path=h.host_path,
+    )
+
+
 def dataset_out(ds: Dataset, c: Caller, versions: Sequence[DatasetVersion]) -> dict[str, Any]:
     latest = versions[-1] if versions else None
     return {
@@ -1247,20 +1262,7 @@ class DatasetService:
                 )
                 .order_by(DatasetHold.id)
             ).scalars()
-            return [
-                HoldOut(
-                    id=h.id,
-                    allocation=h.allocation_id,
-                    key=h.key,
-                    dataset=h.dataset,
-                    version=h.version,
-                    digest=h.digest,
-                    bytes=h.bytes,
-                    state=h.state,  # type: ignore[arg-type]
-                    host_path=h.host_path,
-                )
-                for h in rows
-            ]
+            return [hold_out(h) for h in rows]
 
     def report_hold(
         self, node_name: str, hold_id: int, state: str, host_path: str | None, message: str | None
@@ -1277,17 +1279,7 @@ class DatasetService:
                 h.host_path = host_path if state == "ready" else None
                 h.message = message if state == "failed" else None
             s.flush()
-            return HoldOut(
-                id=h.id,
-                allocation=h.allocation_id,
-                key=h.key,
-                dataset=h.dataset,
-                version=h.version,
-                digest=h.digest,
-                bytes=h.bytes,
-                state=h.state,  # type: ignore[arg-type]
-                host_path=h.host_path,
-            )
+            return hold_out(h)
 
     def cache_paths(self) -> dict[str, Any]:
         """Where the local node's cache lives and what it holds (for operators)."""
