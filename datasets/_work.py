@@ -229,20 +229,27 @@ def _libc_syncfs() -> Callable[[int], int] | None:
     return cast(Callable[[int], int], func)
 
 
+def _sync_filesystem(anchor: Path) -> bool:
+    """``syncfs(2)`` of the filesystem holding the folder *anchor*; False where the platform
+    has no syncfs or it failed (the caller then syncs file by file)."""
+    syncfs = _libc_syncfs()
+    if syncfs is None:
+        return False
+    fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return bool(syncfs(fd) == 0)
+    finally:
+        os.close(fd)
+
+
 def flush_files(paths: Sequence[Path], anchor: Path) -> None:
     """Make *paths* (files or folders, on the filesystem of *anchor*) durable.
 
     One ``syncfs(2)`` of the filesystem holding *anchor* where the platform has it (one journal
     commit instead of one per path), else an ``fsync`` per path.
     """
-    syncfs = _libc_syncfs()
-    if syncfs is not None:
-        fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if syncfs(fd) == 0:
-                return
-        finally:
-            os.close(fd)
+    if _sync_filesystem(anchor):
+        return
     for path in paths:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -289,14 +296,8 @@ def link_anonymous(fd: int, dest: str) -> None:
 def sync_fds(fds: Sequence[int], anchor: Path) -> None:
     """Make the open files *fds* (on *anchor*'s filesystem) durable: one ``syncfs(2)`` where
     the platform has it, else an ``fsync`` each."""
-    syncfs = _libc_syncfs()
-    if syncfs is not None:
-        fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if syncfs(fd) == 0:
-                return
-        finally:
-            os.close(fd)
+    if _sync_filesystem(anchor):
+        return
     for f in fds:
         os.fsync(f)
 
