@@ -6,11 +6,9 @@ import hashlib
 import io
 import random
 import stat
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,17 +24,6 @@ from nsml_datasets import (
     NodeCache,
     NotFound,
 )
-from nsml_datasets._work import remove_tree
-
-
-@pytest.fixture()
-def work() -> Iterator[Path]:
-    """A scratch folder removed after the test, pass or fail (read-only files included)."""
-    path = Path(tempfile.mkdtemp(prefix="nsml-datasets-test-"))
-    try:
-        yield path
-    finally:
-        remove_tree(path)
 
 
 @pytest.fixture()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,30 +23,7 @@ from nsml_datasets import (
     validate_relpath,
     verify_folder,
 )
-from nsml_datasets._work import remove_tree
-
-
-@pytest.fixture()
-def work() -> Iterator[Path]:
-    """A scratch folder removed after the test, pass or fail (read-only files included)."""
-    path = Path(tempfile.mkdtemp(prefix="nsml-datasets-test-"))
-    try:
-        yield path
-    finally:
-        remove_tree(path)
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return root
-
+from tests.unit.conftest import sha, write
 
 # -- what a scan keeps ---------------------------------------------------------------------------
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,35 +29,13 @@ from nsml_datasets import (
     download,
     scan,
 )
-from nsml_datasets._work import remove_tree
 from tests.conftest import REPO
-
-
-@pytest.fixture()
-def work() -> Iterator[Path]:
-    """A scratch folder removed after the test, pass or fail (read-only files included)."""
-    path = Path(tempfile.mkdtemp(prefix="nsml-datasets-test-"))
-    try:
-        yield path
-    finally:
-        remove_tree(path)
+from tests.unit.conftest import sha, write
 
 
 @pytest.fixture()
 def store(work: Path) -> BlobStore:
     return BlobStore(work / "store")
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return root
 
 
 def blob_bytes(store: BlobStore) -> int:
