@@ -14,7 +14,7 @@ every figure sees the same machine:
   the service (what notebook servers and sessions use), durable; and straight to the
   non-durable server (comparable to ``cp -r``, which syncs nothing);
 - **push v2**: the same folder with 1 % of its files changed: what is sent and stored;
-- **pull**: ``nsml dataset pull`` (every file verified against its SHA-256) into a new folder,
+- **pull**: ``nsml dataset pull`` (every file verified against its BLAKE3) into a new folder,
   through the proxy and straight;
 - **notebook server start**: a real NSMLSpawner start (placement, container, server answers)
   with no dataset, with a dataset version not cached on the node (the server's cache fills it
@@ -543,14 +543,14 @@ def readme_section(results: dict[str, Any]) -> str:
             f"{t['push v2, 1 % changed (direct)']['ratio_to_cp']:.2f}. A first push costs "
             f"{push_cpu:.1f} CPU seconds (client and server) and a pull {pull_cpu:.1f}, against "
             f"{t['cp -r']['client_cpu']:.1f} for `cp -r`, on 2 cores that the client, the "
-            "server and the rest of the machine share: two SHA-256 passes over every byte "
+            "server and the rest of the machine share: two BLAKE3 passes over every byte "
             "(about 0.85 s each here), the bytes through the HTTP stack (Tornado copies what it "
             "receives twice), and one file per blob (about 6,700 files created on each side, "
             "which this filesystem makes costly in kernel time).",
         ]
     lines += [
         "",
-        "Reading the figures: a push hashes every byte on the client (SHA-256, to know what the "
+        "Reading the figures: a push hashes every byte on the client (BLAKE3, to know what the "
         "server lacks) and again on the server (it trusts no client), where `cp -r` hashes "
         "nothing and copies in the kernel; small files travel packed, many per request, and "
         "each becomes one blob file (created unnamed and linked into place). A durable store "

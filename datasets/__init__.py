@@ -6,7 +6,7 @@ versions, owners and visibility in its database and calls this library.
 
 - :mod:`.names`: ``validate_name``, ``parse_ref("mnist@3")``, cache keys.
 - :mod:`.manifest`: ``scan(folder)`` → :class:`Manifest` (refusing unsafe paths), ``diff``.
-- :mod:`.store`: :class:`BlobStore` — blobs by SHA-256, resumable uploads, ``gc``,
+- :mod:`.store`: :class:`BlobStore` — blobs by BLAKE3, resumable uploads, ``gc``,
   ``materialize``, ``push_folder``.
 - :mod:`.materialize`: ``download`` (a pull over HTTP through a ``fetch`` function).
 - :mod:`.cache`: :class:`NodeCache` — a node's cache with LRU eviction under a byte budget.

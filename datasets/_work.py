@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import logging
 import os
 import secrets
@@ -21,6 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
+from .hashing import new_hasher
 from .progress import EVENT_INTERVAL_S, ProgressCallback, ProgressEvent
 
 log = logging.getLogger("nsml_datasets")
@@ -44,7 +44,7 @@ links to one inode, hard links refused by ``fs.protected_hardlinks`` or the file
 def default_workers() -> int:
     """Threads for hashing and copying: one per core, at least 2, at most 8.
 
-    Hashing (``hashlib`` releases the GIL on large buffers) and file I/O both run in parallel.
+    Hashing (BLAKE3 releases the GIL on large buffers) and file I/O both run in parallel.
     """
     return max(2, min(8, os.cpu_count() or 1))
 
@@ -171,9 +171,9 @@ def pump(
     bytes: the caller compares the count with *limit* to detect a source larger than announced.
 
     Returns:
-        ``(hasher, bytes read)``; the hasher is a fresh SHA-256 unless one is passed in.
+        ``(hasher, bytes read)``; the hasher is a fresh BLAKE3 unless one is passed in.
     """
-    h = hasher if hasher is not None else hashlib.sha256()
+    h = hasher if hasher is not None else new_hasher()
     total = 0
     readinto = getattr(src, "readinto", None)
     if readinto is not None:

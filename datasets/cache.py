@@ -47,7 +47,7 @@ from pathlib import Path
 
 from ._work import atomic_write, log, remove_tree, tmp_name
 from .errors import CacheFull, DatasetError, InUse, NotFound
-from .manifest import Manifest, validate_sha256
+from .manifest import Manifest, validate_digest
 from .materialize import Fetch, Mode, build_tree, check_mode
 from .names import validate_key
 from .progress import ProgressCallback
@@ -354,7 +354,7 @@ class NodeCache:
                             continue
                         data = os.fspath(self._data(k))
                         for e in m:
-                            shared.setdefault(e.sha256, f"{data}/{e.path}")
+                            shared.setdefault(e.blake3, f"{data}/{e.path}")
                 return shared
 
         def locate(sha: str) -> Iterator[str]:
@@ -556,7 +556,7 @@ class NodeCache:
             try:
                 validate_key(key)
                 rec = _Record(
-                    digest=validate_sha256(raw["digest"]),
+                    digest=validate_digest(raw["digest"]),
                     bytes=int(raw["bytes"]),
                     files=int(raw["files"]),
                     last_used=float(raw["last_used"]),

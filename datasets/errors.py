@@ -57,18 +57,18 @@ class UnsafePath(DatasetError):
 
 
 class IntegrityError(DatasetError):
-    """Bytes whose SHA-256 (or length) is not the one announced.
+    """Bytes whose BLAKE3 (or length) is not the one announced.
 
     Attributes:
-        sha256: the expected hash.
+        blake3: the expected hash.
         actual: the hash (or ``"<n> bytes"``) found instead, ``""`` when not computed.
     """
 
     reason = "integrity"
 
-    def __init__(self, message: str, *, sha256: str, actual: str = "") -> None:
+    def __init__(self, message: str, *, blake3: str, actual: str = "") -> None:
         super().__init__(message)
-        self.sha256 = sha256
+        self.blake3 = blake3
         self.actual = actual
 
 
@@ -82,7 +82,7 @@ class UploadIncomplete(DatasetError):
     """``commit()`` of an upload whose blobs are not all stored yet.
 
     Attributes:
-        missing: the SHA-256 of every blob still to upload.
+        missing: the BLAKE3 of every blob still to upload.
     """
 
     reason = "upload-incomplete"

@@ -1,7 +1,7 @@
 """Manifests: what a dataset version contains, file by file, by content hash.
 
 A :class:`Manifest` is a sorted list of :class:`Entry` values (relative POSIX path, size,
-SHA-256, executable bit) with a canonical JSON form; the SHA-256 of that form is the manifest's
+BLAKE3, executable bit) with a canonical JSON form; the BLAKE3 of that form is the manifest's
 *digest*, which names the version in the store. :func:`scan` builds one from a folder,
 refusing anything that could write outside a destination or leak the pushing machine's files.
 
@@ -20,7 +20,6 @@ What a folder's manifest keeps, and what it drops:
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -31,9 +30,10 @@ from typing import Any
 
 from ._work import Tracker, default_workers, open_regular, pump, run_parallel
 from .errors import DatasetError, IntegrityError, InvalidName, UnsafePath
+from .hashing import hash_bytes
 from .progress import ProgressCallback
 
-FORMAT = "nsml-dataset-manifest/1"
+FORMAT = "nsml-dataset-manifest/2"
 """The ``format`` field of a manifest's JSON form."""
 
 DEFAULT_MAX_FILE_BYTES = 100 << 30
@@ -52,7 +52,7 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}\Z")
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
-def validate_sha256(value: object, *, what: str = "SHA-256") -> str:
+def validate_digest(value: object, *, what: str = "BLAKE3") -> str:
     """Return *value* when it is 64 lowercase hexadecimal digits.
 
     Raises:
@@ -129,18 +129,18 @@ class Entry:
     Attributes:
         path: relative POSIX path (``"train/0001.png"``), validated by :func:`validate_relpath`.
         size: length in bytes.
-        sha256: SHA-256 of the content, 64 lowercase hex digits; names the blob in the store.
+        blake3: BLAKE3 of the content, 64 lowercase hex digits; names the blob in the store.
         executable: the owner-executable bit; materialized files are ``0555`` instead of ``0444``.
     """
 
     path: str
     size: int
-    sha256: str
+    blake3: str
     executable: bool = False
 
     def __post_init__(self) -> None:
         validate_relpath(self.path)
-        validate_sha256(self.sha256, what=f"SHA-256 of {self.path!r}")
+        validate_digest(self.blake3, what=f"BLAKE3 of {self.path!r}")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
             raise DatasetError(
                 f"invalid size {self.size!r} for {self.path!r}: expected an integer >= 0"
@@ -153,7 +153,7 @@ class Entry:
         return {
             "path": self.path,
             "size": self.size,
-            "sha256": self.sha256,
+            "blake3": self.blake3,
             "executable": self.executable,
         }
 
@@ -218,11 +218,11 @@ class Manifest:
         return len(self._entries)
 
     def blobs(self) -> Mapping[str, int]:
-        """Distinct blobs: SHA-256 to size, in first-use order."""
+        """Distinct blobs: BLAKE3 to size, in first-use order."""
         if self._blobs is None:
             self._blobs = {}
             for e in self._entries:
-                self._blobs.setdefault(e.sha256, e.size)
+                self._blobs.setdefault(e.blake3, e.size)
         return self._blobs
 
     @property
@@ -234,7 +234,7 @@ class Manifest:
         """Entries grouped by content, in path order within each group."""
         groups: dict[str, list[Entry]] = {}
         for e in self._entries:
-            groups.setdefault(e.sha256, []).append(e)
+            groups.setdefault(e.blake3, []).append(e)
         return groups
 
     def __iter__(self) -> Iterator[Entry]:
@@ -255,7 +255,7 @@ class Manifest:
     # -- canonical form --------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object: ``{"format": ..., "entries": [{path, size, sha256, executable}]}``."""
+        """The JSON object: ``{"format": ..., "entries": [{path, size, blake3, executable}]}``."""
         return {"format": FORMAT, "entries": [e.to_dict() for e in self._entries]}
 
     def to_json(self) -> bytes:
@@ -268,9 +268,9 @@ class Manifest:
 
     @property
     def digest(self) -> str:
-        """SHA-256 of :meth:`to_json`: the name of this version's content."""
+        """BLAKE3 of :meth:`to_json`: the name of this version's content."""
         if self._digest is None:
-            self._digest = hashlib.sha256(self.to_json()).hexdigest()
+            self._digest = hash_bytes(self.to_json())
         return self._digest
 
     @classmethod
@@ -293,18 +293,18 @@ class Manifest:
             if not isinstance(item, Mapping) or set(item) - {
                 "path",
                 "size",
-                "sha256",
+                "blake3",
                 "executable",
             }:
                 raise DatasetError(
-                    f"bad manifest entry {item!r}: expected keys path, size, sha256, executable",
+                    f"bad manifest entry {item!r}: expected keys path, size, blake3, executable",
                     reason="bad-manifest",
                 )
             entries.append(
                 Entry(
                     path=item.get("path"),  # type: ignore[arg-type]
                     size=item.get("size"),  # type: ignore[arg-type]
-                    sha256=item.get("sha256"),  # type: ignore[arg-type]
+                    blake3=item.get("blake3"),  # type: ignore[arg-type]
                     executable=item.get("executable", False),
                 )
             )
@@ -336,7 +336,7 @@ class ManifestDiff:
         removed: entries only in the old one.
         changed: ``(old, new)`` pairs of the same path whose content or executable bit differ.
         unchanged: number of identical entries.
-        new_blobs: blobs of the new manifest absent from the old one (SHA-256 to size): what a
+        new_blobs: blobs of the new manifest absent from the old one (BLAKE3 to size): what a
             push of the new version uploads when the store holds the old one.
     """
 
@@ -602,7 +602,7 @@ def scan(
 ) -> Manifest:
     """Walk *folder* and hash every file: the manifest a push of it would create.
 
-    Files are hashed with SHA-256 on a thread pool (``workers``, default one per core, 2..8)
+    Files are hashed with BLAKE3 on a thread pool (``workers``, default one per core, 2..8)
     in 256 KiB chunks. Progress phases: ``scan`` (walking), then ``hash``.
 
     Raises:
@@ -642,11 +642,11 @@ def verify_folder(folder: str | os.PathLike[str], manifest: Manifest) -> None:
         return
     d = diff(manifest, found)
     for old, new in d.changed:
-        if old.sha256 != new.sha256:
+        if old.blake3 != new.blake3:
             raise IntegrityError(
-                f"{new.path!r} differs: expected sha256 {old.sha256}, found {new.sha256}",
-                sha256=old.sha256,
-                actual=new.sha256,
+                f"{new.path!r} differs: expected blake3 {old.blake3}, found {new.blake3}",
+                blake3=old.blake3,
+                actual=new.blake3,
             )
     raise DatasetError(
         f"folder differs from the manifest: {len(d.removed)} missing, {len(d.added)} extra, "

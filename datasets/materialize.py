@@ -43,11 +43,11 @@ back to copying per file); ``"copy"``: independent copies."""
 MODES: tuple[Mode, ...] = ("hardlink", "copy")
 
 Locate = Callable[[str], Iterable[str]]
-"""``locate(sha256)``: paths of local files believed to hold that content, best first (may be
+"""``locate(blake3)``: paths of local files believed to hold that content, best first (may be
 none)."""
 
 Fetch = Callable[[str], Readable]
-"""``fetch(sha256)``: a readable binary stream of the blob (closed after use when it has
+"""``fetch(blake3)``: a readable binary stream of the blob (closed after use when it has
 ``close``). The node agent passes one that downloads ``GET .../blobs/SHA`` from the server;
 retries belong there. Whatever it returns is hashed and checked before use."""
 
@@ -74,9 +74,9 @@ def file_mode(entry: Entry, *, readonly: bool = True) -> int:
 
 def _corrupt(entry: Entry, where: str, actual: str) -> IntegrityError:
     return IntegrityError(
-        f"{where} of blob {entry.sha256} for {entry.path!r} is corrupt: expected sha256 "
-        f"{entry.sha256} and {entry.size} bytes, got {actual}",
-        sha256=entry.sha256,
+        f"{where} of blob {entry.blake3} for {entry.path!r} is corrupt: expected blake3 "
+        f"{entry.blake3} and {entry.size} bytes, got {actual}",
+        blake3=entry.blake3,
         actual=actual,
     )
 
@@ -106,7 +106,7 @@ class _Builder:
         target = f"{self.build}/{first.path}"
         errors: list[IntegrityError] = []
         placed = False
-        for candidate in self.locate(first.sha256) if self.locate is not None else ():
+        for candidate in self.locate(first.blake3) if self.locate is not None else ():
             try:
                 self.from_local(candidate, target, first)
             except FileNotFoundError:
@@ -114,7 +114,7 @@ class _Builder:
             except IntegrityError as e:
                 log.warning(
                     "blob %s at %s is corrupt, trying another source: %s",
-                    first.sha256,
+                    first.blake3,
                     candidate,
                     e,
                 )
@@ -129,7 +129,7 @@ class _Builder:
             if errors:
                 raise errors[0]
             raise NotFound(
-                f"blob {first.sha256} for {first.path!r} is not available: no local copy and no "
+                f"blob {first.blake3} for {first.path!r} is not available: no local copy and no "
                 "server to fetch it from"
             )
         self.tracker.add(0, files=1, path=first.path)
@@ -152,7 +152,7 @@ class _Builder:
                 if self.verify:
                     with open(target, "rb", buffering=0) as f:
                         h, n = pump(f, None, limit=entry.size, on_bytes=self.tracker.add)
-                    if n != entry.size or h.hexdigest() != entry.sha256:
+                    if n != entry.size or h.hexdigest() != entry.blake3:
                         os.unlink(target)
                         raise _corrupt(entry, f"local copy {src}", h.hexdigest())
                 else:
@@ -172,7 +172,7 @@ class _Builder:
                     os.lseek(dst_fd, 0, os.SEEK_SET)
                     with os.fdopen(dst_fd, "rb", buffering=0, closefd=False) as f:
                         h, _ = pump(f, None, limit=n, on_bytes=self.tracker.add)
-                    if h.hexdigest() != entry.sha256:
+                    if h.hexdigest() != entry.blake3:
                         raise _corrupt(entry, f"local copy {src}", h.hexdigest())
                 else:
                     self.tracker.add(n)
@@ -187,14 +187,14 @@ class _Builder:
 
     def from_fetch(self, target: str, entry: Entry) -> None:
         assert self.fetch is not None
-        stream = self.fetch(entry.sha256)
+        stream = self.fetch(entry.blake3)
         try:
             fd = os.open(
                 target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
             )
             try:
                 h, n = pump(stream, fd, limit=entry.size, on_bytes=self.tracker.add)
-                if n != entry.size or h.hexdigest() != entry.sha256:
+                if n != entry.size or h.hexdigest() != entry.blake3:
                     raise _corrupt(
                         entry, "download", h.hexdigest() if n == entry.size else f"{n} bytes"
                     )

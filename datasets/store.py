@@ -3,14 +3,15 @@
 Layout under ``root`` (plain files; the NSML server keeps names, versions, owners and
 visibility in its database and refers to a version by its manifest digest)::
 
-    blobs/ab/cdef...        one file per distinct content, named by its SHA-256; read-only
+    blobs/ab/cdef...        one file per distinct content, named by its BLAKE3; read-only
     manifests/<digest>.json the canonical JSON of every committed manifest
     uploads/<id>/           an upload in progress: manifest.json and parts/<sha> (partial blobs)
     tmp/                    files being written; removed by gc when stale
+    FORMAT                  the layout and the hash that names blobs (``nsml-blob-store/2 blake3``)
 
 Guarantees:
 
-- A blob's name is the SHA-256 of its bytes: every write hashes what it writes and refuses a
+- A blob's name is the BLAKE3 of its bytes: every write hashes what it writes and refuses a
   mismatch or a length other than announced; a blob is written to ``tmp/`` (or its upload's
   ``parts/``), made durable (``durable=True``: an fsync per blob, or one ``syncfs`` for the
   whole batch of a local :meth:`BlobStore.push_folder`), made read-only and only then linked
@@ -26,7 +27,6 @@ Guarantees:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import re
 import secrets
@@ -67,6 +67,7 @@ from .errors import (
     UnsafePath,
     UploadIncomplete,
 )
+from .hashing import ALGORITHM, hash_bytes, new_hasher
 from .manifest import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_FILES,
@@ -75,7 +76,7 @@ from .manifest import (
     Manifest,
     hash_local,
     open_walked,
-    validate_sha256,
+    validate_digest,
     walk,
 )
 from .materialize import Mode, build_tree
@@ -91,6 +92,10 @@ _UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
 
 _BATCH_FDS = 256
 """Unnamed files open at once while a batch of small blobs is stored."""
+
+
+STORE_FORMAT = "nsml-blob-store/2 " + ALGORITHM
+"""The first line of ``ROOT/FORMAT``: the layout and the hash that names blobs."""
 
 
 def validate_upload_id(upload_id: object) -> str:
@@ -191,8 +196,29 @@ class BlobStore:
         self.uploads_dir = self.root / "uploads"
         self.tmp_dir = self.root / "tmp"
         self._blobs = os.fspath(self.blobs_dir)
+        self._check_format()
         for d in (self.blobs_dir, self.manifests_dir, self.uploads_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+    def _check_format(self) -> None:
+        """Refuse a store whose blobs are named by another hash; mark a new store."""
+        marker = self.root / "FORMAT"
+        try:
+            found = marker.read_text().strip()
+        except FileNotFoundError:
+            if self.blobs_dir.is_dir() and any(self.blobs_dir.iterdir()):
+                found = "nsml-blob-store/1 sha256"
+            else:
+                self.root.mkdir(parents=True, exist_ok=True)
+                atomic_write(marker, (STORE_FORMAT + "\n").encode(), durable=self.durable)
+                return
+        if found != STORE_FORMAT:
+            raise DatasetError(
+                f"the dataset store {os.fspath(self.root)!r} is in format {found!r}, this "
+                f"version reads {STORE_FORMAT!r} (blobs named by {ALGORITHM}): point the server "
+                "at a new, empty store folder and push the datasets again",
+                reason="store-format",
+            )
 
     def __repr__(self) -> str:
         return f"BlobStore({os.fspath(self.root)!r})"
@@ -203,12 +229,12 @@ class BlobStore:
         """Where the blob *sha* lives (whether or not it exists).
 
         Raises:
-            InvalidName: *sha* is not a SHA-256 in hex.
+            InvalidName: *sha* is not a BLAKE3 in hex.
         """
         return Path(self._blob(sha))
 
     def _blob(self, sha: str) -> str:
-        validate_sha256(sha)
+        validate_digest(sha)
         return f"{self._blobs}/{sha[:2]}/{sha[2:]}"
 
     def has(self, sha: str) -> bool:
@@ -260,7 +286,7 @@ class BlobStore:
         if h.hexdigest() != sha:
             raise IntegrityError(
                 f"blob {sha} is corrupt: its content hashes to {h.hexdigest()}",
-                sha256=sha,
+                blake3=sha,
                 actual=h.hexdigest(),
             )
 
@@ -394,7 +420,7 @@ class BlobStore:
                 raise IntegrityError(
                     f"blob {sha}: received {'more than ' if n > size else ''}{n} bytes, "
                     f"expected {size}",
-                    sha256=sha or actual,
+                    blake3=sha or actual,
                     actual=f"{n} bytes",
                 )
             if n > cap:
@@ -421,7 +447,7 @@ class BlobStore:
         if expected is not None and actual != expected:
             raise IntegrityError(
                 f"blob {expected} is corrupt: the {what} hash to {actual}",
-                sha256=expected,
+                blake3=expected,
                 actual=actual,
             )
         if staged is not None and self.has(actual):
@@ -440,7 +466,7 @@ class BlobStore:
             IntegrityError: the bytes do not hash to *sha* or their count is not *size*;
                 nothing is stored.
         """
-        validate_sha256(sha)
+        validate_digest(sha)
         self._check_size(sha, size)
         if self.has(sha):
             return False
@@ -462,7 +488,7 @@ class BlobStore:
             IntegrityError: the content does not hash to *sha*; nothing is stored.
             UnsafePath: *path* is not a regular file.
         """
-        validate_sha256(sha)
+        validate_digest(sha)
         if self.has(sha):
             return False
         return self.ingest_file(path, link=link, expected_sha=sha)[2]
@@ -482,7 +508,7 @@ class BlobStore:
         is as in :meth:`put_file` (the source is made read-only only when its blob is new).
 
         Returns:
-            ``(sha256, size, new)``.
+            ``(blake3, size, new)``.
 
         Raises:
             IntegrityError: *expected_sha* is given and the content differs.
@@ -531,7 +557,7 @@ class BlobStore:
         except IntegrityError as e:
             raise IntegrityError(
                 f"{name!r} does not hold blob {expected_sha}: its content hashes to {e.actual}",
-                sha256=e.sha256,
+                blake3=e.blake3,
                 actual=e.actual,
             ) from None
         except _TooLarge:
@@ -619,9 +645,9 @@ class BlobStore:
 
         def one(f: LocalFile) -> tuple[Entry, bool]:
             hint = known.get(f.path)
-            if hint is not None and hint.size == f.size and self.has(hint.sha256):
+            if hint is not None and hint.size == f.size and self.has(hint.blake3):
                 entry = hash_local(f, max_file_bytes=max_file_bytes, tracker=tracker)
-                if self.has(entry.sha256):
+                if self.has(entry.blake3):
                     return entry, False
                 counted = True
             else:
@@ -658,9 +684,9 @@ class BlobStore:
                 tmp.unlink(missing_ok=True)
             raise
         manifest = Manifest(e for e, _ in results)
-        new_blobs = {e.sha256: e.size for e, _ in results if e.sha256 in placed}
+        new_blobs = {e.blake3: e.size for e, _ in results if e.blake3 in placed}
         upload = self.begin(manifest)
-        sources = {e.sha256: e.path for e in manifest}
+        sources = {e.blake3: e.path for e in manifest}
         for _ in range(3):
             missing = upload.missing()
             if not missing:
@@ -716,7 +742,7 @@ class BlobStore:
                 if expected_sha is not None and sha != expected_sha:
                     raise IntegrityError(
                         f"{name!r} does not hold blob {expected_sha}: its content hashes to {sha}",
-                        sha256=expected_sha,
+                        blake3=expected_sha,
                         actual=sha,
                     )
                 if size > self.max_blob_bytes:
@@ -737,7 +763,7 @@ class BlobStore:
 
     def manifest_path(self, digest: str) -> Path:
         """Where the manifest *digest* lives (whether or not it exists)."""
-        validate_sha256(digest, what="manifest digest")
+        validate_digest(digest, what="manifest digest")
         return self.manifests_dir / f"{digest}.json"
 
     def has_manifest(self, digest: str) -> bool:
@@ -755,10 +781,10 @@ class BlobStore:
             data = self.manifest_path(digest).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"manifest {digest} is not in the store") from None
-        actual = hashlib.sha256(data).hexdigest()
+        actual = hash_bytes(data)
         if actual != digest:
             raise IntegrityError(
-                f"manifest {digest} is corrupt: it hashes to {actual}", sha256=digest, actual=actual
+                f"manifest {digest} is corrupt: it hashes to {actual}", blake3=digest, actual=actual
             )
         return Manifest.from_json(data)
 
@@ -915,7 +941,7 @@ class BlobStore:
         """
         now = time.time() if now is None else now
         cutoff = now - older_than
-        live = {validate_sha256(d, what="manifest digest") for d in live_manifests}
+        live = {validate_digest(d, what="manifest digest") for d in live_manifests}
         referenced: set[str] = set()
         uploads_removed = manifests_removed = tmp_removed = 0
 
@@ -1020,7 +1046,7 @@ class Upload:
         return sum(self._sizes[sha] for sha in self.missing())
 
     def _size_of(self, sha: str) -> int:
-        validate_sha256(sha)
+        validate_digest(sha)
         try:
             return self._sizes[sha]
         except KeyError:
@@ -1081,7 +1107,7 @@ class Upload:
         :meth:`PartWriter.close`. Returns ``None`` when the store already has the blob.
 
         Args:
-            hasher: a SHA-256 object holding the state after the first *offset* bytes (kept by
+            hasher: a BLAKE3 object holding the state after the first *offset* bytes (kept by
                 the caller from an earlier :meth:`PartWriter.hasher`); without it a resumed
                 blob is re-read and hashed whole when its last byte arrives.
 
@@ -1141,17 +1167,17 @@ class Upload:
             if len(data) != size:
                 raise IntegrityError(
                     f"blob {sha}: received {len(data)} bytes, expected {size}",
-                    sha256=sha,
+                    blake3=sha,
                     actual=f"{len(data)} bytes",
                 )
             if sha in seen or self.store.has(sha):
                 continue
             seen.add(sha)
-            actual = hashlib.sha256(data).hexdigest()
+            actual = hash_bytes(data)
             if actual != sha:
                 raise IntegrityError(
                     f"blob {sha} is corrupt: the received bytes hash to {actual}; upload it again",
-                    sha256=sha,
+                    blake3=sha,
                     actual=actual,
                 )
             checked.append((sha, data))
@@ -1201,12 +1227,12 @@ class Upload:
             if st.st_size != size or not stat.S_ISREG(st.st_mode):
                 raise IntegrityError(
                     f"blob {sha} has {st.st_size} bytes in the store, the manifest says {size}",
-                    sha256=sha,
+                    blake3=sha,
                     actual=f"{st.st_size} bytes",
                 )
             shards.add(os.path.dirname(path))
         if missing:
-            first = next(e.path for e in self.manifest if e.sha256 == missing[0])
+            first = next(e.path for e in self.manifest if e.blake3 == missing[0])
             raise UploadIncomplete(
                 f"upload {self.id}: {len(missing)} of {len(self._sizes)} blobs are not "
                 f"uploaded yet (first: {missing[0]} for {first!r}); upload them and commit again",
@@ -1243,7 +1269,7 @@ class PartWriter:
         self._fd: int | None = fd
         self._h = hasher.copy() if hasher is not None else None
         if offset == 0:
-            self._h = hashlib.sha256()
+            self._h = new_hasher()
 
     def write(self, data: bytes | memoryview) -> None:
         """Append *data* to the part (hashing it on the way when the hash state is known).
@@ -1257,7 +1283,7 @@ class PartWriter:
             raise IntegrityError(
                 f"blob {self.sha}: received more than its {self.size} bytes; upload it again "
                 "from byte 0",
-                sha256=self.sha,
+                blake3=self.sha,
                 actual=f"{self.received + len(data)}+ bytes",
             )
         if self._h is not None:
@@ -1276,7 +1302,7 @@ class PartWriter:
             raise IntegrityError(
                 f"blob {self.sha}: received more than its {self.size} bytes; upload it again "
                 "from byte 0",
-                sha256=self.sha,
+                blake3=self.sha,
                 actual=f"{self.received}+ bytes",
             )
 
@@ -1303,7 +1329,7 @@ class PartWriter:
             raise IntegrityError(
                 f"blob {self.sha} is corrupt: the received bytes hash to {h.hexdigest()}; "
                 "upload it again",
-                sha256=self.sha,
+                blake3=self.sha,
                 actual=h.hexdigest(),
             )
         self.upload.store._install(self.upload._part(self.sha), self._fd, self.sha)
@@ -1315,7 +1341,7 @@ class PartWriter:
         except FileNotFoundError:
             pass
         self.received = 0
-        self._h = hashlib.sha256()
+        self._h = new_hasher()
 
     def close(self) -> None:
         """Release the part (what was received stays for a resume). Idempotent."""

@@ -167,10 +167,10 @@ class DatasetHolds:
 
     def fill(self, hold: dict[str, Any]) -> tuple[str, str | None, str | None]:
         """Cache one hold's version, held by its allocation: ``(state, path, message)``."""
-        import hashlib
         from urllib.parse import quote
 
         from nsml_datasets import DatasetError, Manifest
+        from nsml_datasets.hashing import hash_bytes
 
         key, holder = hold["key"], f"allocation:{hold['allocation']}"
         base = self._url(
@@ -180,7 +180,7 @@ class DatasetHolds:
             r = self.http.get(base + "/manifest", timeout=self.timeout_s)
             if r.status_code != 200:
                 return "failed", None, f"the manifest of {key} is not available ({r.status_code})"
-            if hashlib.sha256(r.content).hexdigest() != hold["digest"]:
+            if hash_bytes(r.content) != hold["digest"]:
                 return "failed", None, f"the manifest of {key} does not match {hold['digest']}"
             manifest = Manifest.from_json(r.content)
 

@@ -5,7 +5,7 @@ folder (refusing unsafe paths, naming them), asks the server which blobs it lack
 those (large files one by one, resumable from the byte where a transfer broke; small files
 packed many per request), then commits. Running the same push again after an interruption
 resumes it: nothing already received is sent again. A pull verifies every byte against its
-SHA-256 and leaves nothing behind when it fails.
+BLAKE3 and leaves nothing behind when it fails.
 
 Progress goes to a callback of :class:`nsml_datasets.ProgressEvent`; :func:`progress_bar`
 makes one that draws a ``tqdm`` bar in a terminal and an ``ipywidgets`` bar in a notebook.
@@ -13,7 +13,6 @@ makes one that draws a ``tqdm`` bar in a terminal and an ``ipywidgets`` bar in a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import threading
@@ -38,6 +37,7 @@ from nsml_datasets import (
     validate_name,
 )
 from nsml_datasets._work import Tracker, remove_tree, tmp_name, write_all
+from nsml_datasets.hashing import hash_bytes, new_hasher
 from nsml_datasets.materialize import file_mode, prepare_dest
 
 from .client import Client, NSMLError
@@ -234,7 +234,7 @@ def _send_blob(
 
 
 class _PackBody:
-    """Small files as one body, ``<sha256> <size>\\n<bytes>`` each, read while it is sent."""
+    """Small files as one body, ``<blake3> <size>\\n<bytes>`` each, read while it is sent."""
 
     def __init__(self, items: Sequence[tuple[str, str, int, str]]) -> None:
         self.items = items
@@ -268,7 +268,7 @@ def _send_pack(
     items: Sequence[tuple[str, str, int, str]],
     progress: Tracker | None,
 ) -> int:
-    """POST many small blobs in one body: ``<sha256> <size>\\n<bytes>`` each."""
+    """POST many small blobs in one body: ``<blake3> <size>\\n<bytes>`` each."""
     http.call(
         "POST",
         f"{base}/pack",
@@ -339,7 +339,7 @@ def push(
     sources: dict[str, tuple[str, str]] = {}
     for split, m in manifests.items():
         for e in m:
-            sources.setdefault(e.sha256, (os.path.join(roots[split], e.path), e.path))
+            sources.setdefault(e.blake3, (os.path.join(roots[split], e.path), e.path))
     missing = up["missing"]
     progress = Tracker(
         "upload",
@@ -367,7 +367,7 @@ def push(
             pack, pack_bytes = [], 0
 
     for b in missing:
-        sha, size, offset = b["sha256"], int(b["size"]), int(b["offset"])
+        sha, size, offset = b["blake3"], int(b["size"]), int(b["offset"])
         path, rel = sources[sha]
         if size <= PACK_MAX and offset == 0:
             pack.append((sha, path, size, rel))
@@ -419,7 +419,7 @@ def manifest(
         params={"split": split} if split else None,
     )
     digest = r.headers.get("X-Manifest-Digest", "")
-    if hashlib.sha256(r.content).hexdigest() != digest:
+    if hash_bytes(r.content) != digest:
         raise NSMLError(
             f"the manifest of {name} does not match its digest {digest}", reason="integrity"
         )
@@ -442,7 +442,7 @@ class _Sink:
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
             mode,
         )
-        self.h = hashlib.sha256()
+        self.h = new_hasher()
         self.n = 0
         self.size = size
         self.sha = sha
@@ -452,7 +452,7 @@ class _Sink:
         if self.n + len(data) > self.size:
             raise IntegrityError(
                 f"{self.rel!r}: the server sent more than its {self.size} bytes",
-                sha256=self.sha,
+                blake3=self.sha,
                 actual=f"{self.n + len(data)}+ bytes",
             )
         self.h.update(data)
@@ -463,9 +463,9 @@ class _Sink:
         os.close(self.fd)
         if self.n != self.size or self.h.hexdigest() != self.sha:
             raise IntegrityError(
-                f"{self.rel!r} is corrupt: expected sha256 {self.sha} and {self.size} bytes, "
+                f"{self.rel!r} is corrupt: expected blake3 {self.sha} and {self.size} bytes, "
                 f"got {self.h.hexdigest()} and {self.n} bytes",
-                sha256=self.sha,
+                blake3=self.sha,
                 actual=self.h.hexdigest(),
             )
 
@@ -479,7 +479,7 @@ def pull(
     on_progress: ProgressCallback | None = None,
     workers: int = DEFAULT_WORKERS,
 ) -> tuple[str, Path]:
-    """Download ``NAME[@k]`` into the new folder *dest*, verifying every file's SHA-256.
+    """Download ``NAME[@k]`` into the new folder *dest*, verifying every file's BLAKE3.
 
     Files are the user's own, writable copies. The folder is built under a hidden sibling and
     renamed into place at the end: *dest* is complete or absent.
@@ -536,7 +536,7 @@ def pull(
                     data = next(stream, b"")
                     if not data:
                         raise IntegrityError(
-                            f"{path!r}: the server's answer ended early", sha256="", actual=""
+                            f"{path!r}: the server's answer ended early", blake3="", actual=""
                         )
                     del buf[:pos]
                     pos = 0
@@ -550,7 +550,7 @@ def pull(
                     if head[0] != sha or int(head[1]) != first.size:
                         raise IntegrityError(
                             f"{first.path!r}: the server sent {head[0]} instead",
-                            sha256=sha,
+                            blake3=sha,
                             actual=head[0],
                         )
                     pos = nl + 1

@@ -649,7 +649,7 @@ class DatasetService:
                 continue
             sizes = u.manifest.blobs()
             for sha in u.missing():
-                missing.append(MissingBlob(sha256=sha, size=sizes[sha], offset=u.offset(sha)))
+                missing.append(MissingBlob(blake3=sha, size=sizes[sha], offset=u.offset(sha)))
         return UploadOut(
             upload_id=up.id,
             name=name,
@@ -1307,7 +1307,7 @@ class _Retry(Exception):
 
 
 def frame_header(sha: str, size: int) -> bytes:
-    """The header of one blob in a pack: ``<sha256> <size>\\n``."""
+    """The header of one blob in a pack: ``<blake3> <size>\\n``."""
     return f"{sha} {size}\n".encode("ascii")
 
 

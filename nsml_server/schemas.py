@@ -455,8 +455,8 @@ class UploadIn(Strict):
     """Begin (or resume) pushing a new version of a dataset."""
 
     manifest: dict[str, object] = Field(
-        description="the version's files: {'format': 'nsml-dataset-manifest/1', 'entries': "
-        "[{'path', 'size', 'sha256', 'executable'}]}"
+        description="the version's files: {'format': 'nsml-dataset-manifest/2', 'entries': "
+        "[{'path', 'size', 'blake3', 'executable'}]}"
     )
     test_manifest: dict[str, object] | None = Field(
         default=None,
@@ -466,7 +466,7 @@ class UploadIn(Strict):
 
 
 class MissingBlob(BaseModel):
-    sha256: str
+    blake3: str
     size: int
     offset: int = Field(description="bytes already received: resume the PUT there")
 
@@ -474,7 +474,7 @@ class MissingBlob(BaseModel):
 class UploadOut(BaseModel):
     upload_id: str
     name: str
-    digest: str = Field(description="SHA-256 of the canonical manifest")
+    digest: str = Field(description="BLAKE3 of the canonical manifest")
     test_digest: str | None
     files: int
     bytes: int
@@ -484,7 +484,7 @@ class UploadOut(BaseModel):
 
 
 class BlobOut(BaseModel):
-    sha256: str
+    blake3: str
     size: int
     received: int = Field(description="bytes of the blob received so far")
     complete: bool

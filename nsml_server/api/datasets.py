@@ -5,7 +5,7 @@ each answer means are documented there and in ``docs/architecture.md``. Bytes tr
 
 - ``PUT .../uploads/ID/blobs/SHA?offset=N``: one blob (or its rest from byte *N*), streamed;
 - ``POST .../uploads/ID/pack`` and ``POST .../versions/K/pack``: many small blobs in one
-  body, each as a line ``<sha256> <size>\\n`` followed by its bytes;
+  body, each as a line ``<blake3> <size>\\n`` followed by its bytes;
 - ``GET .../versions/K/blobs/SHA?offset=N``: one blob (from byte *N*).
 """
 
@@ -22,7 +22,7 @@ from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from nsml_datasets import DatasetError, NotFound
-from nsml_datasets.manifest import validate_sha256
+from nsml_datasets.manifest import validate_digest
 from nsml_datasets.store import PartWriter, Upload
 
 from ..datasets import Caller, DatasetService, Resolved, api_error, frame_header, parse
@@ -100,7 +100,7 @@ class DatasetsBase(APIHandler):
     @staticmethod
     def sha_arg(sha: str) -> str:
         try:
-            return validate_sha256(sha)
+            return validate_digest(sha)
         except DatasetError as e:
             raise APIError(400, e.message, "bad_request") from None
 
@@ -233,7 +233,7 @@ class PackOutHandler(DatasetsBase):
         except (ValueError, KeyError, TypeError):
             raise APIError(
                 400,
-                'Send {"blobs": ["<sha256>", ...]} (and "split": "test" for admins).',
+                'Send {"blobs": ["<blake3>", ...]} (and "split": "test" for admins).',
                 "bad_request",
             ) from None
         if len(shas) > PACK_MAX_BLOBS:
@@ -393,7 +393,7 @@ class BlobPutHandler(DatasetsBase):
         if self.error is not None:
             raise self._api(self.error)
         if writer is None:  # the store already had it
-            self.write_json(BlobOut(sha256=sha, size=self.size, received=self.size, complete=True))
+            self.write_json(BlobOut(blake3=sha, size=self.size, received=self.size, complete=True))
             return
         if self.chunks and self.error is None:
             await self._write()
@@ -409,7 +409,7 @@ class BlobPutHandler(DatasetsBase):
             self.svc.keep_hasher(self.upload, writer)
         self.write_json(
             BlobOut(
-                sha256=sha, size=writer.size, received=received, complete=received == writer.size
+                blake3=sha, size=writer.size, received=received, complete=received == writer.size
             )
         )
 
@@ -495,7 +495,7 @@ class PackInHandler(DatasetsBase):
         data = b"".join([self.rest, *chunks]) if chunks else self.rest
         view = memoryview(data)
         pos = 0
-        malformed = "Malformed pack: expected '<sha256> <size>\\n' before each blob."
+        malformed = "Malformed pack: expected '<blake3> <size>\\n' before each blob."
         batch: list[tuple[Upload, str, memoryview]] = []
         while True:
             nl = data.find(b"\n", pos, pos + 100)

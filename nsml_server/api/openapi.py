@@ -105,7 +105,7 @@ def dataset_paths() -> dict[str, Any]:
     name = _param("name", pattern="^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     version = _param("version", description="k, or 'latest'")
     upload = _param("upload_id", pattern="^[0-9a-f]{32}$")
-    sha = _param("sha256", pattern="^[0-9a-f]{64}$")
+    sha = _param("blake3", pattern="^[0-9a-f]{64}$")
     offset = _param("offset", "query", type="integer", minimum=0)
     split = _param("split", "query", type="string", enum=["test"])
     e = DATASET_ERRORS
@@ -151,13 +151,13 @@ def dataset_paths() -> dict[str, Any]:
         },
         "/datasets/{name}/versions/{version}/manifest": {
             "get": {
-                "summary": "The version's canonical manifest (X-Manifest-Digest is its SHA-256); "
+                "summary": "The version's canonical manifest (X-Manifest-Digest is its BLAKE3); "
                 "split=test: the hidden test split (admins)",
                 "parameters": [name, version, split],
                 "responses": {"200": {"description": "The manifest (JSON)"}, **e},
             }
         },
-        "/datasets/{name}/versions/{version}/blobs/{sha256}": {
+        "/datasets/{name}/versions/{version}/blobs/{blake3}": {
             "get": {
                 "summary": "One file's bytes by content hash, from byte offset",
                 "parameters": [name, version, sha, offset, split],
@@ -166,7 +166,7 @@ def dataset_paths() -> dict[str, Any]:
         },
         "/datasets/{name}/versions/{version}/pack": {
             "post": {
-                "summary": "Many small files at once: each as '<sha256> <size>\\n' and its bytes",
+                "summary": "Many small files at once: each as '<blake3> <size>\\n' and its bytes",
                 "parameters": [name, version],
                 "requestBody": {
                     "required": True,
@@ -211,7 +211,7 @@ def dataset_paths() -> dict[str, Any]:
                 "responses": {"204": {"description": "Aborted"}, **e},
             },
         },
-        "/datasets/{name}/uploads/{upload_id}/blobs/{sha256}": {
+        "/datasets/{name}/uploads/{upload_id}/blobs/{blake3}": {
             "put": {
                 "summary": "A file's bytes (streamed; from offset to resume), checked by hash",
                 "parameters": [name, upload, sha, offset],
@@ -221,7 +221,7 @@ def dataset_paths() -> dict[str, Any]:
         },
         "/datasets/{name}/uploads/{upload_id}/pack": {
             "post": {
-                "summary": "Many small files at once: each as '<sha256> <size>\\n' and its bytes",
+                "summary": "Many small files at once: each as '<blake3> <size>\\n' and its bytes",
                 "parameters": [name, upload],
                 "requestBody": {"required": True, "content": RAW},
                 "responses": {"200": _json(PackOut, "Stored"), **e},

@@ -6,7 +6,6 @@ Real hub, real Docker engine, the real NSML server (and, for the eviction test, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 import requests
 
@@ -422,7 +422,7 @@ def test_a_remote_node_refuses_a_blob_whose_bytes_do_not_match(
     alice = user(hub, "dm-remote-corrupt")
     folder = one_file_dataset(work / "src", MIB + 17)
     alice.nsml("dataset", "push", "rotten-data", str(folder))
-    digest = hashlib.sha256((folder / "data.bin").read_bytes()).hexdigest()
+    digest = blake3.blake3((folder / "data.bin").read_bytes()).hexdigest()
     blob = store_dir(hub) / "blobs" / digest[:2] / digest[2:]
     original, mode = blob.read_bytes(), blob.stat().st_mode
     blob.chmod(0o644)

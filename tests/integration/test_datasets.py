@@ -7,7 +7,6 @@ Dataset names carry the test's own prefix: the hub (and its store) is shared by 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 import requests
 
@@ -31,7 +31,7 @@ from tests.integration.test_hub import assert_json_error
 pytestmark = [pytest.mark.hub, pytest.mark.docker]
 
 NSML = str(Path(sys.executable).parent / "nsml")
-MANIFEST_FORMAT = "nsml-dataset-manifest/1"
+MANIFEST_FORMAT = "nsml-dataset-manifest/2"
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -119,14 +119,14 @@ def blob_bytes(hub: HubProcess) -> int:
 
 
 def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return blake3.blake3(data).hexdigest()
 
 
 def manifest_of(files: dict[str, bytes]) -> dict[str, Any]:
     return {
         "format": MANIFEST_FORMAT,
         "entries": [
-            {"path": p, "size": len(d), "sha256": sha(d), "executable": False}
+            {"path": p, "size": len(d), "blake3": sha(d), "executable": False}
             for p, d in sorted(files.items())
         ],
     }
@@ -249,7 +249,7 @@ def test_another_user_cannot_list_pull_or_read_a_private_dataset_until_it_is_pub
     folder = make_folder(work / "src", n_small=5, large=())
     owner.nsml("dataset", "push", "secret-data", str(folder))
     manifest = owner.api("GET", "datasets/secret-data/versions/1/manifest").json()
-    a_blob = manifest["entries"][0]["sha256"]
+    a_blob = manifest["entries"][0]["blake3"]
 
     assert "secret-data" not in {d["name"] for d in other.json("dataset", "ls")}
     r = other.nsml("dataset", "pull", "secret-data", str(work / "stolen"), check=False)
@@ -389,7 +389,7 @@ def test_a_killed_push_leaves_no_version_resumes_and_gc_leaves_no_orphan(
     # Every blob left is named by a live version's manifest: no orphan.
     live: set[str] = set()
     for m in (store / "manifests").glob("*.json"):
-        live.update(e["sha256"] for e in json.loads(m.read_bytes())["entries"])
+        live.update(e["blake3"] for e in json.loads(m.read_bytes())["entries"])
     on_disk = {p.parent.name + p.name for p in (store / "blobs").rglob("*") if p.is_file()}
     assert on_disk == live
     for content, _ in tree(other).values():
@@ -498,7 +498,7 @@ def test_a_manifest_with_an_unsafe_path_is_refused_naming_it(
 ) -> None:
     alice = user(hub, "ds-crafter")
     m = manifest_of({"ok.txt": b"ok"})
-    m["entries"].append({"path": path, "size": 1, "sha256": sha(b"x"), "executable": False})
+    m["entries"].append({"path": path, "size": 1, "blake3": sha(b"x"), "executable": False})
     r = alice.api("POST", "datasets/crafted/uploads", json={"manifest": m})
     body = assert_json_error(r, 400, "unsafe_path")
     assert repr(path) in body["message"] and words in body["message"]
@@ -511,7 +511,7 @@ def test_bad_uploads_are_refused_with_json_errors_and_store_nothing(hub: HubProc
     r = alice.api("POST", "datasets/bad-uploads/uploads", json={"manifest": manifest_of(files)})
     assert r.status_code == 201, r.text
     up = r.json()
-    assert {b["sha256"] for b in up["missing"]} == {sha(good), sha(other)}
+    assert {b["blake3"] for b in up["missing"]} == {sha(good), sha(other)}
     base = f"datasets/bad-uploads/uploads/{up['upload_id']}"
     before = blob_bytes(hub)
 
@@ -527,7 +527,7 @@ def test_bad_uploads_are_refused_with_json_errors_and_store_nothing(hub: HubProc
     # An offset that is not where the blob stands.
     r = alice.api("PUT", f"{base}/blobs/{sha(good)}", params={"offset": 100}, data=good[100:])
     assert "resume there" in assert_json_error(r, 409, "bad_offset")["message"]
-    # Not a SHA-256, not an upload id.
+    # Not a BLAKE3, not an upload id.
     assert_json_error(alice.api("PUT", f"{base}/blobs/xyz", data=b"x"), 400, "bad_request")
     assert_json_error(
         alice.api("POST", "datasets/bad-uploads/uploads/nope/commit"), 400, "bad_request"
@@ -553,10 +553,10 @@ def test_bad_uploads_are_refused_with_json_errors_and_store_nothing(hub: HubProc
 
     # Then the right bytes, resumed halfway, and the commit.
     r = alice.api("PUT", f"{base}/blobs/{sha(good)}", data=good[:2000])
-    assert r.json() == {"sha256": sha(good), "size": 5000, "received": 2000, "complete": False}
+    assert r.json() == {"blake3": sha(good), "size": 5000, "received": 2000, "complete": False}
     again = alice.api("POST", "datasets/bad-uploads/uploads", json={"manifest": manifest_of(files)})
     assert again.status_code == 200 and again.json()["upload_id"] == up["upload_id"]
-    assert {b["sha256"]: b["offset"] for b in again.json()["missing"]}[sha(good)] == 2000
+    assert {b["blake3"]: b["offset"] for b in again.json()["missing"]}[sha(good)] == 2000
     r = alice.api("PUT", f"{base}/blobs/{sha(good)}", params={"offset": 2000}, data=good[2000:])
     assert r.json()["complete"] is True
     pack = f"{sha(other)} 300\n".encode() + other
@@ -600,7 +600,7 @@ def test_packs_and_blobs_larger_than_what_the_server_gathers_at_once(hub: HubPro
     # A 9 MiB blob in pieces of 65,537 bytes.
     r = alice.api("PUT", f"{base}/blobs/{sha(large)}", data=pieces(large, 65_537))
     assert r.json() == {
-        "sha256": sha(large),
+        "blake3": sha(large),
         "size": len(large),
         "received": len(large),
         "complete": True,
@@ -643,7 +643,7 @@ def test_packs_and_blobs_larger_than_what_the_server_gathers_at_once(hub: HubPro
             {
                 "manifest": {
                     "format": MANIFEST_FORMAT,
-                    "entries": [{"path": "huge", "size": (100 << 30) + 1, "sha256": "a" * 64}],
+                    "entries": [{"path": "huge", "size": (100 << 30) + 1, "blake3": "a" * 64}],
                 }
             },
             400,
@@ -656,7 +656,7 @@ def test_packs_and_blobs_larger_than_what_the_server_gathers_at_once(hub: HubPro
             {
                 "manifest": {
                     "format": MANIFEST_FORMAT,
-                    "entries": [{"path": "a", "size": 1, "sha256": "A" * 64}],
+                    "entries": [{"path": "a", "size": 1, "blake3": "A" * 64}],
                 }
             },
             400,
@@ -745,10 +745,10 @@ def test_the_openapi_document_lists_the_dataset_endpoints(hub: HubProcess) -> No
         "/datasets",
         "/datasets/{name}",
         "/datasets/{name}/uploads",
-        "/datasets/{name}/uploads/{upload_id}/blobs/{sha256}",
+        "/datasets/{name}/uploads/{upload_id}/blobs/{blake3}",
         "/datasets/{name}/uploads/{upload_id}/commit",
         "/datasets/{name}/versions/{version}/manifest",
-        "/datasets/{name}/versions/{version}/blobs/{sha256}",
+        "/datasets/{name}/versions/{version}/blobs/{blake3}",
         "/placements/{id}/mounts",
     } <= set(doc["paths"])
 

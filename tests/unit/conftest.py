@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 
 from nsml_datasets._work import remove_tree
@@ -23,7 +23,7 @@ def work() -> Iterator[Path]:
 
 
 def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return blake3.blake3(data).hexdigest()
 
 
 def write(root: Path, files: dict[str, bytes]) -> Path:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
+import blake3
 import pytest
 
 from nsml import datasets as ds
@@ -40,12 +40,12 @@ def test_a_pack_body_frames_each_file_and_knows_its_length(tmp_path: Path) -> No
     items = []
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-        items.append((hashlib.sha256(data).hexdigest(), str(tmp_path / name), len(data), name))
+        items.append((blake3.blake3(data).hexdigest(), str(tmp_path / name), len(data), name))
     body = ds._PackBody(items)
     sent = b"".join(body)
     assert len(sent) == len(body)
     expected = b"".join(
-        f"{hashlib.sha256(d).hexdigest()} {len(d)}\n".encode() + d for d in files.values()
+        f"{blake3.blake3(d).hexdigest()} {len(d)}\n".encode() + d for d in files.values()
     )
     assert sent == expected
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 import stat
@@ -11,6 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import blake3
 import pytest
 
 from nsml_datasets import (
@@ -53,7 +53,7 @@ def version(store: BlobStore, tag: str, size: int, files: int = 1) -> Manifest:
     entries = []
     for i in range(files):
         data = content(f"{tag}/{i}", size // files)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = blake3.blake3(data).hexdigest()
         store.put_stream(io.BytesIO(data), digest, len(data))
         entries.append(Entry(f"f{i}.bin", len(data), digest))
     return Manifest(entries)
@@ -240,9 +240,9 @@ def test_files_come_from_the_local_store_read_only(
     assert path == cache.path("a@1") == work / "cache" / "entries" / "a@1" / "data"
     for e in m:
         f = path / e.path
-        assert f.read_bytes() == store.blob_path(e.sha256).read_bytes()
+        assert f.read_bytes() == store.blob_path(e.blake3).read_bytes()
         assert stat.S_IMODE(f.stat().st_mode) == 0o444
-        assert (f.stat().st_ino == store.blob_path(e.sha256).stat().st_ino) == shared
+        assert (f.stat().st_ino == store.blob_path(e.blake3).stat().st_ino) == shared
 
 
 def fetch_from(store: BlobStore, calls: Counter[str], *, corrupt: str = "", delay: float = 0.0):  # type: ignore[no-untyped-def]
@@ -261,17 +261,17 @@ def test_a_remote_node_downloads_each_blob_once_and_reuses_other_versions(
 ) -> None:
     v1 = version(store, "v", 4000, files=4)
     changed = version(store, "changed", 1000)
-    v2 = Manifest([*v1.entries[:3], Entry(v1.entries[3].path, 1000, changed.entries[0].sha256)])
+    v2 = Manifest([*v1.entries[:3], Entry(v1.entries[3].path, 1000, changed.entries[0].blake3)])
     calls: Counter[str] = Counter()
     cache = NodeCache(work / "cache", 100_000, fetch_from(store, calls), now=Clock())
 
     cache.ensure("v@1", v1)
-    assert set(calls) == {e.sha256 for e in v1} and set(calls.values()) == {1}
+    assert set(calls) == {e.blake3 for e in v1} and set(calls.values()) == {1}
 
     calls.clear()
     path = cache.ensure("v@2", v2)
-    assert list(calls) == [changed.entries[0].sha256], "unchanged files come from v@1"
-    assert (path / "f3.bin").read_bytes() == store.blob_path(changed.entries[0].sha256).read_bytes()
+    assert list(calls) == [changed.entries[0].blake3], "unchanged files come from v@1"
+    assert (path / "f3.bin").read_bytes() == store.blob_path(changed.entries[0].blake3).read_bytes()
 
 
 def test_a_download_that_does_not_match_its_hash_caches_nothing(
@@ -280,9 +280,9 @@ def test_a_download_that_does_not_match_its_hash_caches_nothing(
     m = version(store, "a", 3000, files=3)
     calls: Counter[str] = Counter()
     cache = NodeCache(
-        work / "cache", 100_000, fetch_from(store, calls, corrupt=m.entries[1].sha256)
+        work / "cache", 100_000, fetch_from(store, calls, corrupt=m.entries[1].blake3)
     )
-    with pytest.raises(IntegrityError, match=m.entries[1].sha256):
+    with pytest.raises(IntegrityError, match=m.entries[1].blake3):
         cache.ensure("a@1", m)
     assert cache.present() == {}
     assert cache.used_bytes == 0, "the reservation is released"

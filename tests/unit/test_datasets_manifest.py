@@ -35,7 +35,7 @@ def test_scan_lists_every_file_sorted_with_size_hash_and_executable_bit(work: Pa
     (src / "a/run.sh").chmod(0o755)
     (src / "empty-folder").mkdir()
     m = scan(src)
-    assert [(e.path, e.size, e.sha256, e.executable) for e in m] == [
+    assert [(e.path, e.size, e.blake3, e.executable) for e in m] == [
         ("a/run.sh", 10, sha(b"#!/bin/sh\n"), True),
         ("a/z.bin", 10, sha(b"\x00" * 10), False),
         ("b.txt", 3, sha(b"bee"), False),
@@ -53,7 +53,7 @@ def test_symlinks_inside_the_folder_are_followed_and_stored_as_files(work: Path)
     assert len(m.blobs()) == 1, "three paths, one content, one blob"
 
 
-def test_a_large_file_hashes_like_hashlib(work: Path) -> None:
+def test_a_large_file_hashes_like_the_reference_blake3(work: Path) -> None:
     data = os.urandom(3 * (1 << 20) + 17)
     src = write(work / "src", {"big": data})
     assert scan(src).entries == (Entry("big", len(data), sha(data)),)
@@ -112,8 +112,8 @@ def test_manifests_from_clients_with_unsafe_paths_are_refused(
     entries: list[dict[str, object]], reason: str
 ) -> None:
     body = {
-        "format": "nsml-dataset-manifest/1",
-        "entries": [{"size": 1, "sha256": "0" * 64, "executable": False, **e} for e in entries],
+        "format": "nsml-dataset-manifest/2",
+        "entries": [{"size": 1, "blake3": "0" * 64, "executable": False, **e} for e in entries],
     }
     with pytest.raises(UnsafePath) as info:
         Manifest.from_dict(body)
@@ -125,27 +125,27 @@ def test_manifests_from_clients_with_unsafe_paths_are_refused(
     ("body", "error"),
     [
         pytest.param({"entries": []}, DatasetError, id="no format"),
-        pytest.param({"format": "nsml-dataset-manifest/1"}, DatasetError, id="no entries"),
+        pytest.param({"format": "nsml-dataset-manifest/2"}, DatasetError, id="no entries"),
         pytest.param(
             {
-                "format": "nsml-dataset-manifest/1",
-                "entries": [{"path": "a", "size": 1, "sha256": "XY"}],
+                "format": "nsml-dataset-manifest/2",
+                "entries": [{"path": "a", "size": 1, "blake3": "XY"}],
             },
             InvalidName,
             id="bad hash",
         ),
         pytest.param(
             {
-                "format": "nsml-dataset-manifest/1",
-                "entries": [{"path": "a", "size": -1, "sha256": "0" * 64}],
+                "format": "nsml-dataset-manifest/2",
+                "entries": [{"path": "a", "size": -1, "blake3": "0" * 64}],
             },
             DatasetError,
             id="negative size",
         ),
         pytest.param(
             {
-                "format": "nsml-dataset-manifest/1",
-                "entries": [{"path": "a", "size": 1, "sha256": "0" * 64, "mode": 511}],
+                "format": "nsml-dataset-manifest/2",
+                "entries": [{"path": "a", "size": 1, "blake3": "0" * 64, "mode": 511}],
             },
             DatasetError,
             id="unknown key",
@@ -175,7 +175,7 @@ def test_diff_names_added_removed_changed_and_the_new_blobs() -> None:
     d = diff(old, new)
     assert [e.path for e in d.added] == ["new"]
     assert [e.path for e in d.removed] == ["gone"]
-    assert [(o.sha256, n.sha256) for o, n in d.changed] == [(sha(b"1"), sha(b"2"))]
+    assert [(o.blake3, n.blake3) for o, n in d.changed] == [(sha(b"1"), sha(b"2"))]
     assert d.unchanged == 1
     assert dict(d.new_blobs) == {sha(b"2"): 1}, "'new' reuses the content of 'gone'"
     assert d.new_bytes == 1

@@ -44,7 +44,12 @@ def blob_bytes(store: BlobStore) -> int:
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
+    """Every file in a store but its FORMAT marker."""
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if not p.is_dir() and p != root / "FORMAT"
+    )
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -183,7 +188,7 @@ def test_a_push_with_link_copies_no_bytes(work: Path, store: BlobStore) -> None:
     src = write(work / "src", dataset(20, 1000))
     result = store.push_folder(src, link=True)
     for e in result.manifest:
-        assert store.blob_path(e.sha256).stat().st_ino == (src / e.path).stat().st_ino
+        assert store.blob_path(e.blake3).stat().st_ino == (src / e.path).stat().st_ino
 
 
 def test_push_progress_reaches_the_totals(work: Path, store: BlobStore) -> None:
@@ -388,7 +393,7 @@ KILLED_PUSH = textwrap.dedent(
     print(upload.id, flush=True)
     entries = list(manifest)
     for e in entries[:5]:
-        upload.put_file(folder / e.path, e.sha256)
+        upload.put_file(folder / e.path, e.blake3)
     data = (folder / entries[5].path).read_bytes()
 
     class Stalled:
@@ -402,7 +407,7 @@ KILLED_PUSH = textwrap.dedent(
             time.sleep(60)
             return b""
 
-    upload.put(Stalled(), entries[5].sha256)
+    upload.put(Stalled(), entries[5].blake3)
     """
 )
 
@@ -454,13 +459,13 @@ def test_a_killed_push_resumes_with_the_same_upload_id(work: Path, store: BlobSt
 
     upload = store.resume(upload_id)
     entries = list(upload.manifest)
-    assert upload.missing() == [e.sha256 for e in entries[5:]]
-    assert upload.offset(entries[5].sha256) == 25_000, "half of the sixth blob survived"
+    assert upload.missing() == [e.blake3 for e in entries[5:]]
+    assert upload.offset(entries[5].blake3) == 25_000, "half of the sixth blob survived"
 
     data = (folder / entries[5].path).read_bytes()
-    upload.put(io.BytesIO(data[25_000:]), entries[5].sha256, offset=25_000)
+    upload.put(io.BytesIO(data[25_000:]), entries[5].blake3, offset=25_000)
     for e in entries[6:]:
-        upload.put_file(folder / e.path, e.sha256)
+        upload.put_file(folder / e.path, e.blake3)
     digest = upload.commit()
 
     assert digest == scan(folder).digest
@@ -591,17 +596,17 @@ def test_a_corrupted_blob_is_detected_and_nothing_is_left_at_the_destination(
     src = write(work / "src", dataset(20, 1000))
     result = store.push_folder(src)
     victim = result.manifest.entries[7]
-    corrupt(store, victim.sha256)
+    corrupt(store, victim.blake3)
 
     with pytest.raises(IntegrityError) as info:
         store.materialize(result.digest, work / "out", mode=mode)  # type: ignore[arg-type]
 
-    assert victim.sha256 in str(info.value)
+    assert victim.blake3 in str(info.value)
     assert repr(victim.path) in str(info.value)
     assert not (work / "out").exists()
     assert sorted(p.name for p in work.iterdir()) == ["src", "store"], "no partial folder left"
     with pytest.raises(IntegrityError):
-        store.verify(victim.sha256)
+        store.verify(victim.blake3)
 
 
 def test_materialize_refuses_a_destination_that_is_not_empty(work: Path, store: BlobStore) -> None:
@@ -643,3 +648,16 @@ def test_download_fetches_each_content_once_and_verifies_it(work: Path, store: B
     with pytest.raises(IntegrityError, match="download of blob"):
         download(m, work / "pulled2", tampered)
     assert not (work / "pulled2").exists()
+
+
+def test_a_store_written_with_another_hash_is_refused_with_what_to_do(work: Path) -> None:
+    old = work / "old-store"
+    (old / "blobs" / "ab").mkdir(parents=True)
+    (old / "blobs" / "ab" / ("c" * 62)).write_bytes(b"x")
+    with pytest.raises(DatasetError, match="new, empty store folder") as e:
+        BlobStore(old)
+    assert e.value.reason == "store-format"
+    assert not (old / "FORMAT").exists() and not (old / "tmp").exists(), "nothing written"
+    fresh = BlobStore(work / "fresh")
+    assert (work / "fresh" / "FORMAT").read_text() == "nsml-blob-store/2 blake3\n"
+    BlobStore(work / "fresh")  # a store in the current format opens again
