@@ -67,7 +67,7 @@ from .errors import (
     UnsafePath,
     UploadIncomplete,
 )
-from .hashing import ALGORITHM, hash_bytes, new_hasher
+from .hashing import ALGORITHM, hash_bytes, hash_fd, new_hasher
 from .manifest import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_FILES,
@@ -589,15 +589,68 @@ class BlobStore:
             n = copy_fd(src_fd, fd, limit + 1)
             if n > limit:
                 raise _TooLarge
-            os.lseek(fd, 0, os.SEEK_SET)
-            with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
-                h, _ = pump(f, None, limit=n, on_bytes=on_bytes)
-            return self._settle(tmp, fd, n, expected_sha, h.hexdigest(), staged, "bytes")
+            actual = hash_fd(fd, n)
+            if on_bytes is not None:
+                on_bytes(n)
+            return self._settle(tmp, fd, n, expected_sha, actual, staged, "bytes")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         finally:
             os.close(fd)
+
+    def ingest_fd(
+        self,
+        fd: int,
+        name: str,
+        *,
+        staged: Staged,
+        limit: int | None = None,
+        expect: str | None = None,
+    ) -> tuple[str, int, bool]:
+        """Store the content of the open file *fd* (handed over by another process) as a blob.
+
+        The file is copied in the kernel into ``tmp/`` and the copy is hashed: the blob's name
+        is true whatever the sender does to its file meanwhile. With *expect* (the blob this
+        file held in the previous version) and that blob stored, the file is hashed in place
+        first and copied only when its content changed. The new blob waits in *staged* until
+        :meth:`place_staged`.
+
+        Returns:
+            ``(blake3, size, new)``.
+
+        Raises:
+            UnsafePath: *fd* is not a regular file, or is over *limit* bytes (named *name*).
+        """
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(name, f"{name!r} is not a regular file", reason="special-file")
+        if expect is not None and st.st_size <= (limit or self.max_blob_bytes):
+            validate_digest(expect)
+            if self.has(expect) and hash_fd(fd, st.st_size) == expect:
+                return expect, st.st_size, False
+        return self._ingest_fd(
+            fd,
+            st,
+            name,
+            name,
+            link=False,
+            expected_sha=None,
+            on_bytes=None,
+            limit=limit,
+            staged=staged,
+        )
+
+    def place_staged(self, staged: Staged) -> set[str]:
+        """Make the blobs queued by :meth:`ingest_fd` durable (one filesystem sync) and link
+        them into ``blobs/``; returns the names that were new."""
+        return self._place_staged(staged)
+
+    def drop_staged(self, staged: Staged) -> None:
+        """Remove the queued files of an ingest that will not be placed."""
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        staged.clear()
 
     def push_folder(
         self,

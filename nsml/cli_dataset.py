@@ -35,6 +35,7 @@ def cmd_push(client: Client, args: argparse.Namespace) -> int:
             higher_is_better=args.higher_is_better,
             on_progress=bar,
             workers=args.workers,
+            transport=args.transport,
         )
     except KeyboardInterrupt:
         print("nsml: push interrupted; run the same command again to resume it", file=sys.stderr)
@@ -47,13 +48,20 @@ def cmd_push(client: Client, args: argparse.Namespace) -> int:
             {
                 **result.version,
                 "sent_bytes": result.sent_bytes,
+                "new_bytes": result.new_bytes,
+                "transport": result.transport,
             }
         )
     else:
         v = result.version
         print(
             f"{v['files']} files, {human(v['bytes'])}; {human(result.new_bytes)} new to the "
-            f"store, {human(result.sent_bytes)} sent",
+            "store, "
+            + (
+                "handed over on this machine"
+                if result.transport == "local"
+                else f"{human(result.sent_bytes)} sent"
+            ),
             file=sys.stderr,
         )
         print(result.ref)
@@ -118,6 +126,7 @@ def cmd_pull(client: Client, args: argparse.Namespace) -> int:
             split="test" if args.test_split else "",
             on_progress=bar,
             workers=args.workers,
+            transport=args.transport,
         )
     finally:
         if bar is not None:
@@ -190,6 +199,14 @@ def add_dataset_verb(sub: Any) -> None:
         )
         sp.add_argument(
             "--workers", type=int, default=ds.DEFAULT_WORKERS, help="requests in flight at once"
+        )
+        sp.add_argument(
+            "--transport",
+            choices=ds.TRANSPORTS,
+            default="auto",
+            help="local: on the server's machine, hand the files over as open descriptors (as "
+            "fast as a local copy); http: send the bytes; auto (default): local when the "
+            "server offers it and answers, else http",
         )
 
     sp = action(

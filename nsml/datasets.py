@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,6 +27,7 @@ import requests
 
 from nsml_datasets import (
     DatasetError,
+    Entry,
     IntegrityError,
     Manifest,
     ProgressCallback,
@@ -36,8 +37,10 @@ from nsml_datasets import (
     scan,
     validate_name,
 )
-from nsml_datasets._work import Tracker, remove_tree, tmp_name, write_all
-from nsml_datasets.hashing import hash_bytes, new_hasher
+from nsml_datasets._work import Tracker, copy_fd, remove_tree, tmp_name, write_all
+from nsml_datasets.hashing import hash_bytes, hash_fd, new_hasher
+from nsml_datasets.local import MAX_FDS, LocalChannel, LocalError
+from nsml_datasets.manifest import LocalFile, open_walked, walk
 from nsml_datasets.materialize import file_mode, prepare_dest
 
 from .client import Client, NSMLError
@@ -59,6 +62,13 @@ CHUNK = 1 << 20
 
 DEFAULT_WORKERS = 4
 """Requests in flight at once."""
+
+LOCAL_BATCH_BYTES = 32 << 20
+"""Bytes of files handed over in one message of the local transport (at most 250 files)."""
+
+TRANSPORTS = ("auto", "local", "http")
+"""``local``: hand files over as descriptors to a server on this machine; ``http``: send the
+bytes; ``auto``: local when the server offers it and answers, else HTTP."""
 
 
 def split_ref(ref: str) -> tuple[str, int | None]:
@@ -146,6 +156,145 @@ def _run_all(jobs: Sequence[Callable[[], None]], workers: int, progress: Tracker
         progress.emit(force=True)
 
 
+# ---- the local transport -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Local:
+    """A key for the server's local socket, and the connections opened with it."""
+
+    name: str
+    key: str
+    uid: int
+    channels: list[LocalChannel]
+    local: threading.local
+
+    def channel(self) -> LocalChannel:
+        ch: LocalChannel | None = getattr(self.local, "ch", None)
+        if ch is None:
+            try:
+                ch = LocalChannel(self.name, self.key, self.uid)
+            except LocalError as e:
+                raise _local_failed(e) from None
+            self.local.ch = ch
+            self.channels.append(ch)
+        return ch
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+
+
+def _local_failed(e: LocalError) -> NSMLError:
+    return NSMLError(
+        f"the local transport failed: {e.message}; run again with --transport http",
+        reason="local_" + e.reason,
+    )
+
+
+def _open_local(
+    http: _Sessions, limits: dict[str, Any], transport: str, body: dict[str, Any]
+) -> _Local | None:
+    """A key for the server's local socket when *transport* allows it and the socket answers
+    (``auto`` falls back to HTTP, quietly, when it does not)."""
+    if transport not in TRANSPORTS:
+        raise NSMLError(
+            f"unknown transport {transport!r}: choose from {', '.join(TRANSPORTS)}", 400
+        )
+    name = limits.get("local_socket")
+    if transport == "http" or (not name and transport == "auto"):
+        return None
+    if not name:
+        raise NSMLError(
+            "the server offers no local transport (it runs on another machine, or its "
+            "dataset_local_transport is off); use --transport http",
+            reason="local_unavailable",
+        )
+    try:
+        grant = http.call("POST", "dataset-store/local", json=body).json()
+        LocalChannel(str(name), str(grant["key"]), int(grant["uid"])).close()
+    except LocalError as e:
+        if transport == "local":
+            raise _local_failed(e) from None
+        return None
+    except NSMLError:
+        if transport == "local":
+            raise
+        return None
+    return _Local(str(name), str(grant["key"]), int(grant["uid"]), [], threading.local())
+
+
+def _ingest_local(
+    local: _Local,
+    files: Sequence[LocalFile],
+    parent: dict[str, tuple[str, int]],
+    progress: Tracker,
+    workers: int,
+) -> tuple[list[Entry], int]:
+    """Hand *files* over to the server, which stores them and names their content; the blobs
+    become durable and visible when every batch is in. Returns the entries and the bytes new
+    to the store."""
+    batches: list[list[LocalFile]] = [[]]
+    size = 0
+    for f in files:
+        if len(batches[-1]) >= MAX_FDS or (size >= LOCAL_BATCH_BYTES and batches[-1]):
+            batches.append([])
+            size = 0
+        batches[-1].append(f)
+        size += f.size
+    entries: list[Entry] = []
+    lock = threading.Lock()
+
+    def one(batch: list[LocalFile]) -> None:
+        fds: list[int] = []
+        try:
+            for f in batch:
+                fds.append(open_walked(f)[0])
+            items = []
+            for fd, f in zip(fds, batch, strict=True):
+                hint = parent.get(f.path)
+                items.append((fd, f.path, hint[0] if hint and hint[1] == f.size else None))
+            try:
+                got = local.channel().ingest(items)
+            except LocalError as e:
+                raise _local_failed(e) from None
+        except DatasetError as e:
+            raise NSMLError(e.message, 400, getattr(e, "reason", "bad_request")) from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        out = []
+        for f, (sha, n) in zip(batch, got, strict=True):
+            if n != f.size:
+                raise NSMLError(
+                    f"{f.path!r} changed while being pushed; push again.", reason="changed"
+                )
+            out.append(Entry(f.path, n, sha, f.executable))
+        with lock:
+            entries.extend(out)
+        progress.add(sum(f.size for f in batch), files=len(batch), path=batch[-1].path)
+
+    _run_all([lambda b=b: one(b) for b in batches if b], max(1, workers), progress)
+    new_bytes = 0
+    for ch in local.channels:
+        try:
+            new_bytes += ch.place()[1]
+        except LocalError as e:
+            raise _local_failed(e) from None
+    return entries, new_bytes
+
+
+def _parent_blobs(client: Client, name: str) -> dict[str, tuple[str, int]]:
+    """The latest version's files (path -> (blake3, size)), or nothing for a new dataset."""
+    try:
+        m, _ = manifest(client, name)
+    except NSMLError as e:
+        if e.status == 404:
+            return {}
+        raise
+    return {e.path: (e.blake3, e.size) for e in m}
+
+
 # ---- pushing -------------------------------------------------------------------------------
 
 
@@ -158,12 +307,14 @@ class PushResult:
         version: the server's description of the new version.
         sent_bytes: bytes this run sent (a resumed push sends only the rest).
         new_bytes: bytes the new version added to the store.
+        transport: ``local`` (files handed over as descriptors) or ``http``.
     """
 
     ref: str
     version: dict[str, Any]
     sent_bytes: int
     new_bytes: int
+    transport: str = "http"
 
 
 class _FileSlice:
@@ -290,14 +441,20 @@ def push(
     higher_is_better: bool | None = None,
     on_progress: ProgressCallback | None = None,
     workers: int = DEFAULT_WORKERS,
+    transport: str = "auto",
 ) -> PushResult:
     """Push *folder* as the next version of dataset *name*; return ``NAME@k``.
 
     Args:
         test_split: a folder holding the hidden test split (stored apart, never mounted).
         metric, higher_is_better: the dataset's leaderboard settings, set after the push.
-        on_progress: progress events: ``scan`` and ``hash`` (of each folder), ``upload``.
+        on_progress: progress events: ``scan`` and ``hash`` (of each folder), ``upload``;
+            through the local transport ``scan`` and ``upload`` (the server hashes).
         workers: requests in flight at once.
+        transport: one of :data:`TRANSPORTS`. Through the local transport the files are
+            handed over as open descriptors and the server copies and hashes them (a file
+            that keeps its path, size and content since the latest version is hashed in place
+            and not copied); the version is then committed over HTTP as usual.
 
     Raises:
         NSMLError: what the server refused, or an unsafe path in the folder (named).
@@ -318,14 +475,40 @@ def push(
     if test_split is not None:
         roots["test"] = Path(test_split)
     manifests: dict[str, Manifest] = {}
+    local = _open_local(http, limits, transport, {})
+    parent = _parent_blobs(client, name) if local is not None else {}
+    local_new = 0
     for split, root in roots.items():
         try:
-            manifests[split] = scan(
+            if local is None:
+                manifests[split] = scan(
+                    root,
+                    max_file_bytes=int(limits["max_file_bytes"]),
+                    max_files=int(limits["max_files"]),
+                    on_progress=on_progress,
+                )
+                continue
+            files = walk(
                 root,
                 max_file_bytes=int(limits["max_file_bytes"]),
                 max_files=int(limits["max_files"]),
                 on_progress=on_progress,
             )
+            tracker = Tracker(
+                "upload",
+                on_progress,
+                total_bytes=sum(f.size for f in files),
+                total_files=len(files),
+            )
+            try:
+                entries, added = _ingest_local(
+                    local, files, {} if split else parent, tracker, workers
+                )
+                manifests[split] = Manifest(entries)
+                local_new += added
+            finally:
+                local.close()
+                local = replace(local, channels=[], local=threading.local())
         except DatasetError as e:
             where = f" (test split {os.fspath(root)!r})" if split else ""
             raise NSMLError(
@@ -401,7 +584,8 @@ def push(
         ref=str(version["ref"]),
         version=version,
         sent_bytes=sent[0],
-        new_bytes=int(version.get("new_bytes", 0)),
+        new_bytes=int(version.get("new_bytes", 0)) + local_new,
+        transport="http" if local is None else "local",
     )
 
 
@@ -478,11 +662,14 @@ def pull(
     split: str = "",
     on_progress: ProgressCallback | None = None,
     workers: int = DEFAULT_WORKERS,
+    transport: str = "auto",
 ) -> tuple[str, Path]:
     """Download ``NAME[@k]`` into the new folder *dest*, verifying every file's BLAKE3.
 
     Files are the user's own, writable copies. The folder is built under a hidden sibling and
-    renamed into place at the end: *dest* is complete or absent.
+    renamed into place at the end: *dest* is complete or absent. Through the local transport
+    (*transport*, one of :data:`TRANSPORTS`) the server hands over read-only descriptors of
+    the blobs and they are copied in the kernel, then verified like downloaded ones.
 
     Returns:
         ``(NAME@k, dest)``.
@@ -500,8 +687,14 @@ def pull(
         raise NSMLError(e.message, 400, "exists") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     build = tmp_name(target.parent, f".{target.name}.partial-")
-    build.mkdir(mode=0o755)
     http = _Sessions(client)
+    local = None
+    if transport != "http":
+        limits = http.call("GET", "dataset-store").json()
+        local = _open_local(
+            http, limits, transport, {"dataset": name, "version": k, "split": split}
+        )
+    build.mkdir(mode=0o755)
     groups = m.by_sha()
     progress = Tracker("fetch", on_progress, total_bytes=m.blob_bytes, total_files=len(groups))
     extra = {"split": split} if split else {}
@@ -566,10 +759,51 @@ def pull(
                     pos += first.size
                     progress.add(first.size, files=1, path=first.path)
 
+        def fetch_local(shas: list[str]) -> None:
+            assert local is not None
+            try:
+                opened = local.channel().open(shas)
+            except LocalError as e:
+                raise _local_failed(e) from None
+            try:
+                for sha, (fd, _) in zip(shas, opened, strict=True):
+                    first = groups[sha][0]
+                    out = os.open(
+                        os.path.join(build, first.path),
+                        os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        _mode(first),
+                    )
+                    try:
+                        n = copy_fd(fd, out, first.size + 1)
+                        actual = hash_fd(out, n) if n == first.size else f"{n} bytes"
+                    finally:
+                        os.close(out)
+                    if actual != sha:
+                        raise IntegrityError(
+                            f"{first.path!r} is corrupt: expected blake3 {sha} and "
+                            f"{first.size} bytes, got {actual}",
+                            blake3=sha,
+                            actual=actual,
+                        )
+                    progress.add(first.size, files=1, path=first.path)
+            finally:
+                for fd, _ in opened:
+                    os.close(fd)
+
         jobs: list[Callable[[], None]] = []
         batch: list[str] = []
         batch_bytes = 0
-        for sha, entries in groups.items():
+        if local is not None:
+            for sha, entries in groups.items():
+                if len(batch) >= MAX_FDS or (batch_bytes >= LOCAL_BATCH_BYTES and batch):
+                    jobs.append(lambda b=batch: fetch_local(b))
+                    batch, batch_bytes = [], 0
+                batch.append(sha)
+                batch_bytes += entries[0].size
+            if batch:
+                jobs.append(lambda b=batch: fetch_local(b))
+            batch, batch_bytes = [], 0
+        for sha, entries in groups.items() if local is None else ():
             size = entries[0].size
             if size > PACK_MAX:
                 jobs.append(lambda sha=sha: fetch_one(sha))
@@ -597,6 +831,9 @@ def pull(
     except BaseException:
         remove_tree(build)
         raise
+    finally:
+        if local is not None:
+            local.close()
     return format_ref(name, k), target
 
 

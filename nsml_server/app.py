@@ -450,6 +450,15 @@ class NSMLServer(DBSettings):
         power loss a store written that way may hold truncated blobs.""",
     ).tag(config=True)
 
+    dataset_local_transport = Bool(
+        True,
+        help="""Offer the local transport: clients on this machine (its command line, and
+        containers on this node, which share the host's network namespace) push and pull by
+        handing files over as open descriptors on a Unix socket in the abstract namespace,
+        at the speed of a local copy, instead of sending the bytes through HTTP. Access is
+        checked by the HTTP API, which issues the keys.""",
+    ).tag(config=True)
+
     dataset_upload_grace = Float(
         24 * 3600.0,
         help="""Seconds an unfinished push is kept for a resume; after that the store's garbage
@@ -563,10 +572,16 @@ class NSMLServer(DBSettings):
                 self.dataset_cache_bytes,
                 store=store,
             )
+        local = None
+        if self.dataset_local_transport:
+            from nsml_datasets.local import Grants, LocalServer
+
+            local = LocalServer(store, Grants()).start()
         self.datasets = DatasetService(
             self.db,
             store,
             cache,
+            local=local,
             node_name=self.node_name,
             now=utcnow,
             max_file_bytes=self.dataset_max_file_bytes,
@@ -616,6 +631,7 @@ class NSMLServer(DBSettings):
             (api + "datasets", ds.DatasetsHandler, k),
             (api + "dataset-store", ds.StoreHandler, k),
             (api + "dataset-store/gc", ds.GcHandler, k),
+            (api + "dataset-store/local", ds.LocalGrantHandler, k),
             (api + r"datasets/([^/]+)", ds.DatasetHandler, k),
             (api + r"datasets/([^/]+)/uploads", ds.UploadsHandler, k),
             (api + r"datasets/([^/]+)/uploads/([^/]+)", ds.UploadHandler, k),

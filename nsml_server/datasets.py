@@ -53,6 +53,7 @@ from nsml_datasets import (
     parse_ref,
     validate_name,
 )
+from nsml_datasets.local import LocalServer
 from nsml_datasets.store import PartWriter, Upload, validate_upload_id
 
 from .api.base import APIError
@@ -380,8 +381,10 @@ class DatasetService:
         max_file_bytes: int,
         max_files: int,
         workers: int = 4,
+        local: LocalServer | None = None,
     ) -> None:
         self.db = db
+        self.local = local
         self.store = store
         self.cache = cache
         self.node_name = node_name
@@ -402,6 +405,8 @@ class DatasetService:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # -- manifests ---------------------------------------------------------------------------

@@ -575,6 +575,27 @@ class StoreOut(BaseModel):
     store_blobs: int | None = Field(description="admins only")
     store_bytes: int | None = Field(description="admins only")
     uploads_in_progress: int | None = Field(description="admins only")
+    local_socket: str | None = Field(
+        default=None,
+        description="the Unix socket of the local transport (files handed over as descriptors "
+        "by clients on the server's machine; '@' is the abstract namespace), or null",
+    )
+
+
+class LocalGrantIn(Strict):
+    """Ask for a key of the local transport: to push, or to pull one version."""
+
+    dataset: str | None = Field(default=None, description="the dataset to pull, if any")
+    version: int | None = Field(default=None, ge=1, description="its version (default latest)")
+    split: Literal["", "test"] = ""
+
+
+class LocalGrantOut(BaseModel):
+    socket: str = Field(description="where to connect")
+    key: str = Field(description="what to present: store files, and open the version's blobs")
+    uid: int = Field(description="the user id the socket must answer as (SO_PEERCRED)")
+    expires_s: float
+    version: int | None = Field(description="the version the key reads, if any")
 
 
 class GcIn(Strict):

@@ -34,6 +34,8 @@ from ..schemas import (
     GcIn,
     HoldList,
     HoldPatch,
+    LocalGrantIn,
+    LocalGrantOut,
     PackOut,
     StoreOut,
     UploadIn,
@@ -561,6 +563,7 @@ class StoreHandler(DatasetsBase):
             "store_blobs": None,
             "store_bytes": None,
             "uploads_in_progress": None,
+            "local_socket": svc.local.name if svc.local is not None else None,
         }
         if self.is_admin:
             usage = await svc.run(svc.store.usage)
@@ -574,6 +577,39 @@ class StoreHandler(DatasetsBase):
             self.write_json(body)
             return
         self.write_json(StoreOut(**out))
+
+
+class LocalGrantHandler(DatasetsBase):
+    """``POST api/dataset-store/local`` ``{"dataset", "version", "split"}``: a key of the local
+    transport (:mod:`nsml_datasets.local`) for the caller; with a dataset, it also opens that
+    version's blobs, checked like a pull."""
+
+    async def post(self) -> None:
+        svc = self.svc
+        if svc.local is None:
+            raise APIError(
+                404, "This server offers no local transport: use HTTP.", "local_unavailable"
+            )
+        body = self.body_as(LocalGrantIn)
+        readable: dict[str, int] = {}
+        version = None
+        if body.dataset is not None:
+            digest, version = await self.call(
+                svc.digest_for, self.caller, body.dataset, body.version, split=body.split
+            )
+            readable = dict((await self.call(svc.manifest, digest)).blobs())
+        key = svc.local.grants.issue(
+            self.user_name, max_file_bytes=svc.max_file_bytes, readable=readable
+        )
+        self.write_json(
+            LocalGrantOut(
+                socket=svc.local.name,
+                key=key,
+                uid=svc.local.uid,
+                expires_s=svc.local.grants.ttl_s,
+                version=version,
+            )
+        )
 
 
 class GcHandler(DatasetsBase):

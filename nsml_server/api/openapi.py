@@ -21,6 +21,8 @@ from ..schemas import (
     HoldList,
     HoldOut,
     HoldPatch,
+    LocalGrantIn,
+    LocalGrantOut,
     MeOut,
     MountsOut,
     NodeList,
@@ -238,6 +240,14 @@ def dataset_paths() -> dict[str, Any]:
             "get": {
                 "summary": "Limits of a version; store usage and the local cache (admins)",
                 "responses": {"200": _json(StoreOut, "The store"), **ERRORS},
+            }
+        },
+        "/dataset-store/local": {
+            "post": {
+                "summary": "A key of the local transport (clients on the server's machine hand "
+                "files over as descriptors); with a dataset, it opens that version's blobs",
+                "requestBody": _body(LocalGrantIn),
+                "responses": {"200": _json(LocalGrantOut, "The key"), **e},
             }
         },
         "/dataset-store/gc": {

@@ -146,13 +146,13 @@ def test_a_second_push_with_one_file_changed_stores_only_that_files_bytes(
 ) -> None:
     alice = user(hub, "ds-alice")
     folder = make_folder(work / "v", n_small=60, large=(2 << 20, 3 << 20))
-    first = alice.nsml("dataset", "push", "dedup-mnist", str(folder))
+    first = alice.nsml("dataset", "push", "dedup-mnist", str(folder), "--transport", "http")
     assert first.stdout.strip() == "dedup-mnist@1", first.stdout
 
     before = blob_bytes(hub)
     changed = folder / "part1" / "f005.txt"
     changed.write_bytes(os.urandom(4321))
-    out = alice.json("dataset", "push", "dedup-mnist", str(folder))
+    out = alice.json("dataset", "push", "dedup-mnist", str(folder), "--transport", "http")
     after = blob_bytes(hub)
 
     assert out["ref"] == "dedup-mnist@2"
@@ -161,7 +161,7 @@ def test_a_second_push_with_one_file_changed_stores_only_that_files_bytes(
     assert out["bytes"] > 5 << 20
 
     # The same folder again is a new version that stores nothing.
-    again = alice.json("dataset", "push", "dedup-mnist", str(folder))
+    again = alice.json("dataset", "push", "dedup-mnist", str(folder), "--transport", "http")
     assert again["ref"] == "dedup-mnist@3" and again["new_bytes"] == again["sent_bytes"] == 0
     assert blob_bytes(hub) == after
 
@@ -214,10 +214,14 @@ def test_ls_info_pull_and_rm(hub: HubProcess, work: Path) -> None:
     assert "lip-data" not in {x["name"] for x in alice.json("dataset", "ls")}
 
 
-def test_pull_verifies_every_file_against_its_hash(hub: HubProcess, work: Path) -> None:
+@pytest.mark.parametrize("transport", ["http", "local"])
+def test_pull_verifies_every_file_against_its_hash(
+    hub: HubProcess, work: Path, transport: str
+) -> None:
     alice = user(hub, "ds-verifier")
     folder = make_folder(work / "src", n_small=5, large=(2 << 20,))
-    alice.nsml("dataset", "push", "verify-me", str(folder))
+    name = f"verify-me-{transport}"
+    alice.nsml("dataset", "push", name, str(folder), "--transport", transport)
     # Corrupt the stored blob of the large file (as a failing disk would).
     blob = store_dir(hub) / "blobs"
     digest = sha((folder / "big0.bin").read_bytes())
@@ -227,7 +231,9 @@ def test_pull_verifies_every_file_against_its_hash(hub: HubProcess, work: Path) 
     original = path.read_bytes()
     try:
         path.write_bytes(b"X" + original[1:])
-        r = alice.nsml("dataset", "pull", "verify-me", str(work / "out"), check=False)
+        r = alice.nsml(
+            "dataset", "pull", name, str(work / "out"), "--transport", transport, check=False
+        )
         assert r.returncode == 2, r.stdout
         assert "big0.bin" in r.stderr and "corrupt" in r.stderr, r.stderr
         assert not (work / "out").exists(), "a failed pull leaves nothing"
@@ -235,8 +241,51 @@ def test_pull_verifies_every_file_against_its_hash(hub: HubProcess, work: Path) 
     finally:
         path.write_bytes(original)
         path.chmod(stat.S_IMODE(mode))
-    alice.nsml("dataset", "pull", "verify-me", str(work / "out"))
+    alice.nsml("dataset", "pull", name, str(work / "out"), "--transport", transport)
     assert tree(work / "out") == tree(folder)
+
+
+def test_the_local_transport_pushes_and_pulls_on_the_servers_machine(
+    hub: HubProcess, work: Path
+) -> None:
+    alice, bob = user(hub, "ds-local-alice"), user(hub, "ds-local-bob")
+    folder = make_folder(work / "v", n_small=300, large=(5 << 20,))
+    blobs = store_dir(hub) / "blobs"
+    stored = {p.parent.name + p.name for p in blobs.rglob("*") if p.is_file()}
+    before = blob_bytes(hub)
+    out = alice.json("dataset", "push", "local-data", str(folder))
+    assert out["ref"] == "local-data@1" and out["transport"] == "local"
+    assert out["sent_bytes"] == 0, "no byte went through HTTP"
+    new = {sha(c): len(c) for c, _ in tree(folder).values() if sha(c) not in stored}
+    assert blob_bytes(hub) - before == out["new_bytes"] == sum(new.values())
+
+    # One file changed: the store grows by exactly its bytes; unchanged files are not copied.
+    (folder / "part2" / "f006.txt").write_bytes(os.urandom(4321))
+    before = blob_bytes(hub)
+    out = alice.json("dataset", "push", "local-data", str(folder), "--transport", "local")
+    assert out["ref"] == "local-data@2" and out["new_bytes"] == 4321
+    assert blob_bytes(hub) - before == 4321
+    assert list((store_dir(hub) / "tmp").iterdir()) == []
+
+    # Pulled back through descriptors: the same files and executable bits, the user's own.
+    alice.nsml("dataset", "pull", "local-data", str(work / "back"), "--transport", "local")
+    assert tree(work / "back") == tree(folder)
+    (work / "back" / "run.sh").write_bytes(b"mine now")  # a writable copy, not the store's
+    assert alice.json("dataset", "info", "local-data@2")["files"] == len(tree(folder))
+
+    # Another user gets no key for a private dataset, and so no descriptor.
+    r = bob.nsml(
+        "dataset", "pull", "local-data", str(work / "bob"), "--transport", "local", check=False
+    )
+    assert r.returncode == 2 and "No dataset 'local-data'" in r.stderr, r.stderr
+    assert not (work / "bob").exists()
+    r2 = bob.api("POST", "dataset-store/local", json={"dataset": "local-data"})
+    assert r2.status_code == 404 and r2.json()["reason"] == "not_found"
+    assert bob.api("POST", "dataset-store/local", json={"bogus": 1}).status_code == 400
+    r = alice.nsml(
+        "dataset", "push", "x", str(folder), "--transport", "carrier-pigeon", check=False
+    )
+    assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
 # ---- visibility -------------------------------------------------------------------------------
@@ -331,7 +380,10 @@ def _kill_push_midway(alice: User, hub: HubProcess, name: str, folder: Path) -> 
     uploads = store_dir(hub) / "uploads"
     before = set(uploads.iterdir())
     proc = subprocess.Popen(
-        [NSML, "dataset", "push", name, str(folder), "--no-progress", "--workers", "1"],
+        [
+            *(NSML, "dataset", "push", name, str(folder)),
+            *("--no-progress", "--workers", "1", "--transport", "http"),
+        ],
         env=alice.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -371,7 +423,7 @@ def test_a_killed_push_leaves_no_version_resumes_and_gc_leaves_no_orphan(
 
     # Running the same push again resumes it: less than everything is sent.
     total = sum(len(c) for c, _ in tree(folder).values())
-    out = alice.json("dataset", "push", "killed-data", str(folder))
+    out = alice.json("dataset", "push", "killed-data", str(folder), "--transport", "http")
     assert out["ref"] == "killed-data@1"
     assert 0 < out["sent_bytes"] < total, (out["sent_bytes"], total)
     alice.nsml("dataset", "pull", "killed-data", str(work / "back"))

@@ -658,6 +658,6 @@ def test_a_store_written_with_another_hash_is_refused_with_what_to_do(work: Path
         BlobStore(old)
     assert e.value.reason == "store-format"
     assert not (old / "FORMAT").exists() and not (old / "tmp").exists(), "nothing written"
-    fresh = BlobStore(work / "fresh")
+    BlobStore(work / "fresh")
     assert (work / "fresh" / "FORMAT").read_text() == "nsml-blob-store/2 blake3\n"
     BlobStore(work / "fresh")  # a store in the current format opens again

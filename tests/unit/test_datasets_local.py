@@ -1,0 +1,172 @@
+"""The local transport: files handed to a store over a real Unix socket, as descriptors."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+
+from nsml_datasets import BlobStore
+from nsml_datasets.local import Grants, LocalChannel, LocalError, LocalServer
+
+from .conftest import write
+
+
+def b3(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+@pytest.fixture
+def served(work: Path) -> Iterator[tuple[BlobStore, Grants, LocalServer]]:
+    store = BlobStore(work / "store", durable=False)
+    grants = Grants()
+    with LocalServer(store, grants) as server:
+        yield store, grants, server
+
+
+def blobs_in(store: BlobStore) -> set[str]:
+    return {p.parent.name + p.name for p in (store.root / "blobs").rglob("*") if p.is_file()}
+
+
+def leftovers(store: BlobStore) -> list[str]:
+    return sorted(p.name for p in (store.root / "tmp").iterdir())
+
+
+def ingest(ch: LocalChannel, paths: list[Path], expect: list[str | None] | None = None) -> list:
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
+    try:
+        return ch.ingest(
+            [
+                (fd, p.name, x)
+                for fd, p, x in zip(fds, paths, expect or [None] * len(paths), strict=True)
+            ]
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_files_handed_over_are_stored_under_their_hash_once_placed(
+    served: tuple[BlobStore, Grants, LocalServer], work: Path
+) -> None:
+    store, grants, server = served
+    data = {"a": os.urandom(3000), "b": b"", "c": os.urandom(5 << 20), "d": b"same", "e": b"same"}
+    src = write(work / "src", data)
+    key = grants.issue("ann", max_file_bytes=1 << 30)
+    with LocalChannel(server.name, key, os.geteuid()) as ch:
+        got = ingest(ch, [src / n for n in data])
+        assert got == [(b3(v), len(v)) for v in data.values()]
+        assert blobs_in(store) == set(), "nothing is visible before place"
+        assert ch.place() == (4, 3000 + (5 << 20) + 4)
+    assert blobs_in(store) == {b3(v) for v in data.values()}
+    assert store.open(b3(data["c"])).read() == data["c"]
+    assert leftovers(store) == []
+
+
+def test_an_unchanged_file_is_hashed_in_place_and_not_copied_again(
+    served: tuple[BlobStore, Grants, LocalServer], work: Path
+) -> None:
+    store, grants, server = served
+    old, new = os.urandom(10_000), os.urandom(10_000)
+    src = write(work / "src", {"same": old, "changed": old})
+    key = grants.issue("ann", max_file_bytes=1 << 30)
+    with LocalChannel(server.name, key, os.geteuid()) as ch:
+        ingest(ch, [src / "same"])
+        ch.place()
+        (src / "changed").write_bytes(new)
+        got = ingest(ch, [src / "same", src / "changed"], [b3(old), b3(old)])
+        assert got == [(b3(old), 10_000), (b3(new), 10_000)], "a stale hint is not trusted"
+        ch.place()
+    assert blobs_in(store) == {b3(old), b3(new)}
+
+
+def test_a_bad_key_is_refused_and_the_connection_stays_usable(
+    served: tuple[BlobStore, Grants, LocalServer], work: Path
+) -> None:
+    store, grants, server = served
+    src = write(work / "src", {"a": b"x"})
+    with LocalChannel(server.name, "not-a-key", os.geteuid()) as ch:
+        with pytest.raises(LocalError, match="unknown or expired key") as e:
+            ingest(ch, [src / "a"])
+        assert e.value.reason == "forbidden"
+        ch.key = grants.issue("ann", max_file_bytes=100)
+        assert ingest(ch, [src / "a"]) == [(b3(b"x"), 1)]
+    expired = Grants(ttl_s=-1)
+    with LocalServer(store, expired) as other:
+        with LocalChannel(other.name, expired.issue("ann", max_file_bytes=9)) as ch:
+            with pytest.raises(LocalError, match="expired"):
+                ingest(ch, [src / "a"])
+
+
+def test_special_and_oversized_files_are_refused_naming_them_and_nothing_stays(
+    served: tuple[BlobStore, Grants, LocalServer], work: Path
+) -> None:
+    store, grants, server = served
+    src = write(work / "src", {"ok": b"fine", "big": os.urandom(2000)})
+    key = grants.issue("ann", max_file_bytes=1000)
+    r, w = os.pipe()
+    try:
+        with LocalChannel(server.name, key, os.geteuid()) as ch:
+            with pytest.raises(LocalError, match="'big' is 2000 bytes, over the limit of 1000"):
+                ingest(ch, [src / "ok", src / "big"])
+            with pytest.raises(LocalError, match="'fifo' is not a regular file"):
+                ch.ingest([(r, "fifo", None)])
+            ch.place()
+    finally:
+        os.close(r)
+        os.close(w)
+    assert blobs_in(store) <= {b3(b"fine")}
+
+
+def test_blobs_of_a_connection_that_ends_before_place_are_removed(
+    served: tuple[BlobStore, Grants, LocalServer], work: Path
+) -> None:
+    store, grants, server = served
+    src = write(work / "src", {"a": os.urandom(4096)})
+    ch = LocalChannel(server.name, grants.issue("ann", max_file_bytes=1 << 20), os.geteuid())
+    ingest(ch, [src / "a"])
+    assert len(leftovers(store)) == 1
+    ch.close()
+    deadline = time.monotonic() + 5
+    while leftovers(store) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert leftovers(store) == [] and blobs_in(store) == set()
+
+
+def test_open_hands_out_only_the_blobs_of_the_granted_version(
+    served: tuple[BlobStore, Grants, LocalServer], work: Path
+) -> None:
+    store, grants, server = served
+    mine, theirs = os.urandom(7000), os.urandom(7000)
+    for data in (mine, theirs):
+        store.put_stream(io.BytesIO(data), b3(data), len(data))
+    key = grants.issue("ann", max_file_bytes=1, readable={b3(mine): len(mine)})
+    with LocalChannel(server.name, key, os.geteuid()) as ch:
+        [(fd, size)] = ch.open([b3(mine)])
+        try:
+            assert size == 7000 and os.pread(fd, 8000, 0) == mine
+            with pytest.raises(OSError):
+                os.write(fd, b"x")
+        finally:
+            os.close(fd)
+        with pytest.raises(LocalError, match="not part of the version this key reads"):
+            ch.open([b3(mine), b3(theirs)])
+        with pytest.raises(LocalError, match="64 lowercase"):
+            ch.open(["../../etc/passwd"])
+
+
+def test_a_socket_answering_as_another_user_gets_nothing(
+    served: tuple[BlobStore, Grants, LocalServer],
+) -> None:
+    _, grants, server = served
+    with pytest.raises(LocalError, match="answers as user") as e:
+        LocalChannel(server.name, grants.issue("ann", max_file_bytes=1), os.geteuid() + 1)
+    assert e.value.reason == "impostor"
+    with pytest.raises(LocalError, match="cannot reach") as e:
+        LocalChannel("@jupyter-nsml-datasets-nobody-listens", "k")
+    assert e.value.reason == "unreachable"
