@@ -52,6 +52,8 @@ MODELS: list[type[BaseModel]] = [
     DeletedOut,
     GcIn,
     GcOut,
+    LocalGrantIn,
+    LocalGrantOut,
     HoldList,
     HoldOut,
     HoldPatch,

@@ -169,9 +169,15 @@ def test_a_second_push_with_one_file_changed_stores_only_that_files_bytes(
 def test_ls_info_pull_and_rm(hub: HubProcess, work: Path) -> None:
     alice = user(hub, "ds-lister")
     folder = make_folder(work / "src")
-    assert alice.nsml("dataset", "push", "lip-data", str(folder)).stdout.strip() == "lip-data@1"
+    assert (
+        alice.nsml("dataset", "push", "lip-data", str(folder), "--transport", "http").stdout.strip()
+        == "lip-data@1"
+    )
     (folder / "part2" / "new.txt").write_bytes(b"version two")
-    assert alice.nsml("dataset", "push", "lip-data", str(folder)).stdout.strip() == "lip-data@2"
+    assert (
+        alice.nsml("dataset", "push", "lip-data", str(folder), "--transport", "http").stdout.strip()
+        == "lip-data@2"
+    )
 
     listed = {d["name"]: d for d in alice.json("dataset", "ls")}
     d = listed["lip-data"]
