@@ -274,15 +274,14 @@ class LocalServer:
                 out: list[int] = []
                 try:
                     reply = self._handle(req, fds, staged, sizes, out)
-                except DatasetError as e:
-                    reply = {"error": e.message, "reason": getattr(e, "reason", "bad_request")}
+                except Exception as e:
                     _close(out)
                     out = []
-                except Exception:
-                    log.exception("local dataset request %r failed", req.get("op"))
-                    reply = {"error": "the server failed; see its log", "reason": "internal"}
-                    _close(out)
-                    out = []
+                    if isinstance(e, DatasetError):
+                        reply = {"error": e.message, "reason": e.reason}
+                    else:
+                        log.exception("local dataset request %r failed", req.get("op"))
+                        reply = {"error": "the server failed; see its log", "reason": "internal"}
                 finally:
                     _close(fds)
                 try:

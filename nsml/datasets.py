@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import requests
@@ -59,6 +59,8 @@ SEGMENT = 1 << 30
 
 CHUNK = 1 << 20
 """Bytes read and sent at once."""
+
+T = TypeVar("T")
 
 DEFAULT_WORKERS = 4
 """Requests in flight at once."""
@@ -131,6 +133,25 @@ class _Sessions:
         return r
 
 
+def _batches(
+    items: Iterable[T], size_of: Callable[[T], int], max_items: int, max_bytes: int
+) -> list[list[T]]:
+    """*items* in order, cut into runs of at most *max_items* that end as soon as they reach
+    *max_bytes*."""
+    out: list[list[T]] = []
+    run: list[T] = []
+    size = 0
+    for item in items:
+        run.append(item)
+        size += size_of(item)
+        if len(run) >= max_items or size >= max_bytes:
+            out.append(run)
+            run, size = [], 0
+    if run:
+        out.append(run)
+    return out
+
+
 def _run_all(jobs: Sequence[Callable[[], None]], workers: int, progress: Tracker | None) -> None:
     """Run *jobs* on *workers* threads; the first error cancels the rest and is raised."""
     if not jobs:
@@ -159,15 +180,16 @@ def _run_all(jobs: Sequence[Callable[[], None]], workers: int, progress: Tracker
 # ---- the local transport -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Local:
-    """A key for the server's local socket, and the connections opened with it."""
+    """A key for the server's local socket, and the connections opened with it (one per
+    thread)."""
 
     name: str
     key: str
     uid: int
-    channels: list[LocalChannel]
-    local: threading.local
+    channels: list[LocalChannel] = field(default_factory=list)
+    local: threading.local = field(default_factory=threading.local)
 
     def channel(self) -> LocalChannel:
         ch: LocalChannel | None = getattr(self.local, "ch", None)
@@ -181,8 +203,11 @@ class _Local:
         return ch
 
     def close(self) -> None:
+        """Close every connection; the next :meth:`channel` opens new ones."""
         for ch in self.channels:
             ch.close()
+        self.channels = []
+        self.local = threading.local()
 
 
 def _local_failed(e: LocalError) -> NSMLError:
@@ -221,7 +246,7 @@ def _open_local(
         if transport == "local":
             raise
         return None
-    return _Local(str(name), str(grant["key"]), int(grant["uid"]), [], threading.local())
+    return _Local(str(name), str(grant["key"]), int(grant["uid"]))
 
 
 def _ingest_local(
@@ -234,14 +259,6 @@ def _ingest_local(
     """Hand *files* over to the server, which stores them and names their content; the blobs
     become durable and visible when every batch is in. Returns the entries and the bytes new
     to the store."""
-    batches: list[list[LocalFile]] = [[]]
-    size = 0
-    for f in files:
-        if len(batches[-1]) >= MAX_FDS or (size >= LOCAL_BATCH_BYTES and batches[-1]):
-            batches.append([])
-            size = 0
-        batches[-1].append(f)
-        size += f.size
     entries: list[Entry] = []
     lock = threading.Lock()
 
@@ -274,7 +291,8 @@ def _ingest_local(
             entries.extend(out)
         progress.add(sum(f.size for f in batch), files=len(batch), path=batch[-1].path)
 
-    _run_all([lambda b=b: one(b) for b in batches if b], max(1, workers), progress)
+    batches = _batches(files, lambda f: f.size, MAX_FDS, LOCAL_BATCH_BYTES)
+    _run_all([lambda b=b: one(b) for b in batches], max(1, workers), progress)
     new_bytes = 0
     for ch in local.channels:
         try:
@@ -508,7 +526,6 @@ def push(
                 local_new += added
             finally:
                 local.close()
-                local = replace(local, channels=[], local=threading.local())
         except DatasetError as e:
             where = f" (test split {os.fspath(root)!r})" if split else ""
             raise NSMLError(
@@ -539,31 +556,20 @@ def push(
         with lock:
             sent[0] += n
 
-    pack: list[tuple[str, str, int, str]] = []
-    pack_bytes = 0
-
-    def flush_pack() -> None:
-        nonlocal pack, pack_bytes
-        if pack:
-            items = pack
-            packs.append(lambda: count(_send_pack(http, base, items, progress)))
-            pack, pack_bytes = [], 0
-
+    small: list[tuple[str, str, int, str]] = []
     for b in missing:
         sha, size, offset = b["blake3"], int(b["size"]), int(b["offset"])
         path, rel = sources[sha]
         if size <= PACK_MAX and offset == 0:
-            pack.append((sha, path, size, rel))
-            pack_bytes += size
-            if pack_bytes >= PACK_BYTES or len(pack) >= PACK_FILES:
-                flush_pack()
+            small.append((sha, path, size, rel))
         else:
             jobs.append(
                 lambda sha=sha, path=path, rel=rel, size=size, offset=offset: count(
                     _send_blob(http, base, path, rel, sha, size, offset, progress)
                 )
             )
-    flush_pack()
+    for items in _batches(small, lambda i: i[2], PACK_FILES, PACK_BYTES):
+        packs.append(lambda items=items: count(_send_pack(http, base, items, progress)))
     try:
         _run_all(jobs + packs, max(1, workers), progress)
     except NSMLError as e:
@@ -790,31 +796,18 @@ def pull(
                 for fd, _ in opened:
                     os.close(fd)
 
+        def size_of(sha: str) -> int:
+            return groups[sha][0].size
+
         jobs: list[Callable[[], None]] = []
-        batch: list[str] = []
-        batch_bytes = 0
         if local is not None:
-            for sha, entries in groups.items():
-                if len(batch) >= MAX_FDS or (batch_bytes >= LOCAL_BATCH_BYTES and batch):
-                    jobs.append(lambda b=batch: fetch_local(b))
-                    batch, batch_bytes = [], 0
-                batch.append(sha)
-                batch_bytes += entries[0].size
-            if batch:
-                jobs.append(lambda b=batch: fetch_local(b))
-            batch, batch_bytes = [], 0
-        for sha, entries in groups.items() if local is None else ():
-            size = entries[0].size
-            if size > PACK_MAX:
-                jobs.append(lambda sha=sha: fetch_one(sha))
-                continue
-            batch.append(sha)
-            batch_bytes += size
-            if batch_bytes >= PACK_BYTES or len(batch) >= PACK_FILES:
-                jobs.append(lambda b=batch: fetch_pack(b))
-                batch, batch_bytes = [], 0
-        if batch:
-            jobs.append(lambda b=batch: fetch_pack(b))
+            for b in _batches(groups, size_of, MAX_FDS, LOCAL_BATCH_BYTES):
+                jobs.append(lambda b=b: fetch_local(b))
+        else:
+            jobs += [lambda sha=sha: fetch_one(sha) for sha in groups if size_of(sha) > PACK_MAX]
+            small = [sha for sha in groups if size_of(sha) <= PACK_MAX]
+            for b in _batches(small, size_of, PACK_FILES, PACK_BYTES):
+                jobs.append(lambda b=b: fetch_pack(b))
         _run_all(jobs, max(1, workers), progress)
         # The other paths of a content that appears several times (files are created with
         # their final permissions, umask applied, as cp does).

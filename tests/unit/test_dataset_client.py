@@ -107,3 +107,9 @@ def test_the_cli_has_the_dataset_verbs(capsys: pytest.CaptureFixture[str]) -> No
     assert args.higher_is_better is False and args.metric == "acc"
     with pytest.raises(SystemExit):
         parser.parse_args(["dataset", "share", "mnist"])  # --team, --public or --private
+
+
+def test_batches_keep_order_and_end_at_the_item_or_byte_bound() -> None:
+    sizes = [5, 5, 1, 1, 1, 20, 1]
+    assert ds._batches(sizes, lambda n: n, 3, 10) == [[5, 5], [1, 1, 1], [20], [1]]
+    assert ds._batches([], lambda n: n, 3, 10) == []
