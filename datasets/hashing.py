@@ -10,6 +10,7 @@ because a push hashes every byte on the client (to know what to send) and again 
 from __future__ import annotations
 
 import mmap
+import os
 from typing import Any
 
 import blake3
@@ -38,7 +39,9 @@ def hash_bytes(data: bytes | bytearray | memoryview) -> str:
 
 def hash_fd(fd: int, size: int) -> str:
     """The hex digest of the first *size* bytes of the open file *fd*, read through ``mmap``
-    (no copy out of the page cache).
+    (no copy out of the page cache). Only for files this process owns: a mapped file that
+    another process truncates meanwhile kills the reader with ``SIGBUS`` (see
+    :func:`hash_foreign_fd`).
 
     Raises:
         OSError: the file is shorter than *size* (``mmap`` refuses) or cannot be mapped.
@@ -47,4 +50,21 @@ def hash_fd(fd: int, size: int) -> str:
     if size:
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
             h.update(m)
+    return h.hexdigest()  # type: ignore[no-any-return]
+
+
+def hash_foreign_fd(fd: int, size: int) -> str:
+    """The hex digest of at most *size* bytes of a file another process may change meanwhile
+    (read with ``pread`` from offset 0: no ``SIGBUS``, and the shared file offset is left
+    alone); a file that shrank hashes what is left."""
+    h = new_hasher()
+    buf = bytearray(min(size, 1 << 20) or 1)
+    view = memoryview(buf)
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[: min(len(buf), size - done)]], done)
+        if n == 0:
+            break
+        h.update(view[:n])
+        done += n
     return h.hexdigest()  # type: ignore[no-any-return]

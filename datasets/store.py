@@ -67,7 +67,7 @@ from .errors import (
     UnsafePath,
     UploadIncomplete,
 )
-from .hashing import ALGORITHM, hash_bytes, hash_fd, new_hasher
+from .hashing import ALGORITHM, hash_bytes, hash_fd, hash_foreign_fd, new_hasher
 from .manifest import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_FILES,
@@ -311,7 +311,7 @@ class BlobStore:
     def _install(self, tmp: Path, fd: int, sha: str, staged: Staged | None = None) -> bool:
         """Make the verified file *tmp* (open as *fd*) the blob *sha*; ``True`` if it is new.
 
-        With *staged*, the file is only made read-only and queued: :meth:`_place_staged` makes
+        With *staged*, the file is only made read-only and queued: :meth:`place_staged` makes
         the whole batch durable at once and links it into place (``True`` then means "queued").
         """
         os.fchmod(fd, READ_ONLY)
@@ -343,8 +343,10 @@ class BlobStore:
         os.unlink(tmp)
         return new
 
-    def _place_staged(self, staged: Staged) -> set[str]:
-        """Flush a batch of staged blobs with one filesystem sync, then link them into place."""
+    def place_staged(self, staged: Staged) -> set[str]:
+        """Make a batch of staged blobs (queued by :meth:`ingest_fd` or a local push) durable
+        with one filesystem sync and link them into ``blobs/``; returns the names that were
+        new."""
         if not staged:
             return set()
         if self.durable:
@@ -387,10 +389,9 @@ class BlobStore:
                     except FileExistsError:
                         continue
                 new += 1
-            return new + len(self._place_staged(staged))
+            return new + len(self.place_staged(staged))
         except BaseException:
-            for tmp, _ in staged:
-                tmp.unlink(missing_ok=True)
+            self.drop_staged(staged)
             raise
         finally:
             for fd, _ in fds:
@@ -627,7 +628,7 @@ class BlobStore:
             raise UnsafePath(name, f"{name!r} is not a regular file", reason="special-file")
         if expect is not None and st.st_size <= (limit or self.max_blob_bytes):
             validate_digest(expect)
-            if self.has(expect) and hash_fd(fd, st.st_size) == expect:
+            if self.has(expect) and hash_foreign_fd(fd, st.st_size) == expect:
                 return expect, st.st_size, False
         return self._ingest_fd(
             fd,
@@ -641,13 +642,8 @@ class BlobStore:
             staged=staged,
         )
 
-    def place_staged(self, staged: Staged) -> set[str]:
-        """Make the blobs queued by :meth:`ingest_fd` durable (one filesystem sync) and link
-        them into ``blobs/``; returns the names that were new."""
-        return self._place_staged(staged)
-
     def drop_staged(self, staged: Staged) -> None:
-        """Remove the queued files of an ingest that will not be placed."""
+        """Remove the queued files of a batch that will not be placed."""
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         staged.clear()
@@ -731,10 +727,9 @@ class BlobStore:
             results = run_parallel(
                 files, one, workers=workers or default_workers(), tracker=tracker
             )
-            placed = self._place_staged(staged)
+            placed = self.place_staged(staged)
         except BaseException:
-            for tmp, _ in staged:
-                tmp.unlink(missing_ok=True)
+            self.drop_staged(staged)
             raise
         manifest = Manifest(e for e, _ in results)
         new_blobs = {e.blake3: e.size for e, _ in results if e.blake3 in placed}

@@ -12,6 +12,7 @@ import blake3
 import pytest
 
 from nsml_datasets import BlobStore
+from nsml_datasets.hashing import hash_foreign_fd
 from nsml_datasets.local import Grants, LocalChannel, LocalError, LocalServer
 
 from .conftest import write
@@ -170,3 +171,19 @@ def test_a_socket_answering_as_another_user_gets_nothing(
     with pytest.raises(LocalError, match="cannot reach") as e:
         LocalChannel("@jupyter-nsml-datasets-nobody-listens", "k")
     assert e.value.reason == "unreachable"
+
+
+def test_a_handed_over_file_is_hashed_without_mapping_it_or_moving_its_offset(
+    work: Path,
+) -> None:
+    path = write(work / "src", {"f": b"0123456789"}) / "f"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 3, os.SEEK_SET)
+        assert hash_foreign_fd(fd, 10) == b3(b"0123456789")
+        assert hash_foreign_fd(fd, 4) == b3(b"0123")
+        os.truncate(path, 6)  # the owner shrinks it: what is left is hashed, no SIGBUS
+        assert hash_foreign_fd(fd, 10) == b3(b"012345")
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 3
+    finally:
+        os.close(fd)
