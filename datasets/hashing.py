@@ -9,7 +9,6 @@ because a push hashes every byte on the client (to know what to send) and again 
 
 from __future__ import annotations
 
-import mmap
 import os
 from typing import Any
 
@@ -38,25 +37,15 @@ def hash_bytes(data: bytes | bytearray | memoryview) -> str:
 
 
 def hash_fd(fd: int, size: int) -> str:
-    """The hex digest of the first *size* bytes of the open file *fd*, read through ``mmap``
-    (no copy out of the page cache). Only for files this process owns: a mapped file that
-    another process truncates meanwhile kills the reader with ``SIGBUS`` (see
-    :func:`hash_foreign_fd`).
+    """The hex digest of at most *size* bytes of the open file *fd*, read with ``pread`` from
+    offset 0 (the shared file offset is left alone); a file shorter than *size* hashes what
+    it holds.
 
-    Raises:
-        OSError: the file is shorter than *size* (``mmap`` refuses) or cannot be mapped.
+    ``pread`` rather than ``mmap``: safe on a file another process may truncate meanwhile (a
+    mapped read would die of ``SIGBUS``), and cheaper with several threads at work, since
+    unmapping a file makes the kernel flush the other cores' TLBs (measured: a copy-and-hash
+    of 1 GiB in 6,767 files on 4 threads ran 20 % faster than through ``mmap``).
     """
-    h = new_hasher()
-    if size:
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
-            h.update(m)
-    return h.hexdigest()  # type: ignore[no-any-return]
-
-
-def hash_foreign_fd(fd: int, size: int) -> str:
-    """The hex digest of at most *size* bytes of a file another process may change meanwhile
-    (read with ``pread`` from offset 0: no ``SIGBUS``, and the shared file offset is left
-    alone); a file that shrank hashes what is left."""
     h = new_hasher()
     buf = bytearray(min(size, 1 << 20) or 1)
     view = memoryview(buf)

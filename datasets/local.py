@@ -42,7 +42,7 @@ import struct
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DatasetError, InvalidName
@@ -141,12 +141,15 @@ class Grant:
         expires: ``time.monotonic()`` after which it is refused.
         readable: the blobs its holder may open (one version's), BLAKE3 to size.
         max_file_bytes: the largest file its holder may store.
+        placed: the blobs its holder's files added to the store, BLAKE3 to size (what a push
+            through this key stored new; filled under the :class:`Grants` lock).
     """
 
     user: str
     expires: float
     readable: Mapping[str, int]
     max_file_bytes: int
+    placed: dict[str, int] = field(default_factory=dict)
 
 
 class Grants:
@@ -182,6 +185,25 @@ class Grants:
                 "unknown or expired key: ask the API for a new one", reason="forbidden"
             )
         return grant
+
+    def record_placed(self, key: str, blobs: Mapping[str, int]) -> None:
+        """Note that *key*'s holder added *blobs* (BLAKE3 to size) to the store."""
+        with self._lock:
+            grant = self._grants.get(key)
+            if grant is not None:
+                grant.placed.update(blobs)
+
+    def placed_by(self, key: str, user: str) -> dict[str, int]:
+        """The blobs that *user*'s key *key* added to the store, BLAKE3 to size.
+
+        Raises:
+            LocalError: unknown or expired, or issued to another user (``reason="forbidden"``).
+        """
+        grant = self.check(key)
+        if grant.user != user:
+            raise LocalError("this key was issued to another user", reason="forbidden")
+        with self._lock:
+            return dict(grant.placed)
 
 
 class LocalServer:
@@ -323,11 +345,11 @@ class LocalServer:
                 sizes[sha] = size
             return {"blobs": blobs}
         if op == "place":
-            placed = self.store.place_staged(staged)
+            placed = {s: sizes.get(s, 0) for s in self.store.place_staged(staged)}
             staged.clear()
-            new_bytes = sum(sizes.get(s, 0) for s in placed)
             sizes.clear()
-            return {"placed": len(placed), "bytes": new_bytes}
+            self.grants.record_placed(req["key"], placed)
+            return {"placed": len(placed), "bytes": sum(placed.values())}
         if op == "open":
             shas = req.get("blobs")
             if not isinstance(shas, list) or len(shas) > MAX_FDS:

@@ -67,7 +67,7 @@ from .errors import (
     UnsafePath,
     UploadIncomplete,
 )
-from .hashing import ALGORITHM, hash_bytes, hash_fd, hash_foreign_fd, new_hasher
+from .hashing import ALGORITHM, hash_bytes, hash_fd, new_hasher
 from .manifest import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_FILES,
@@ -628,7 +628,7 @@ class BlobStore:
             raise UnsafePath(name, f"{name!r} is not a regular file", reason="special-file")
         if expect is not None and st.st_size <= (limit or self.max_blob_bytes):
             validate_digest(expect)
-            if self.has(expect) and hash_foreign_fd(fd, st.st_size) == expect:
+            if self.has(expect) and hash_fd(fd, st.st_size) == expect:
                 return expect, st.st_size, False
         return self._ingest_fd(
             fd,

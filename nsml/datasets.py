@@ -255,10 +255,10 @@ def _ingest_local(
     parent: dict[str, tuple[str, int]],
     progress: Tracker,
     workers: int,
-) -> tuple[list[Entry], int]:
+) -> list[Entry]:
     """Hand *files* over to the server, which stores them and names their content; the blobs
-    become durable and visible when every batch is in. Returns the entries and the bytes new
-    to the store."""
+    become durable and visible when every batch is in (the server counts what they added
+    under the key, for ``POST uploads``). Returns the entries."""
     entries: list[Entry] = []
     lock = threading.Lock()
 
@@ -293,13 +293,12 @@ def _ingest_local(
 
     batches = _batches(files, lambda f: f.size, MAX_FDS, LOCAL_BATCH_BYTES)
     _run_all([lambda b=b: one(b) for b in batches], max(1, workers), progress)
-    new_bytes = 0
     for ch in local.channels:
         try:
-            new_bytes += ch.place()[1]
+            ch.place()
         except LocalError as e:
             raise _local_failed(e) from None
-    return entries, new_bytes
+    return entries
 
 
 def _parent_blobs(client: Client, name: str) -> dict[str, tuple[str, int]]:
@@ -495,7 +494,6 @@ def push(
     manifests: dict[str, Manifest] = {}
     local = _open_local(http, limits, transport, {})
     parent = _parent_blobs(client, name) if local is not None else {}
-    local_new = 0
     for split, root in roots.items():
         try:
             if local is None:
@@ -519,11 +517,8 @@ def push(
                 total_files=len(files),
             )
             try:
-                entries, added = _ingest_local(
-                    local, files, {} if split else parent, tracker, workers
-                )
+                entries = _ingest_local(local, files, {} if split else parent, tracker, workers)
                 manifests[split] = Manifest(entries)
-                local_new += added
             finally:
                 local.close()
         except DatasetError as e:
@@ -534,6 +529,8 @@ def push(
     body: dict[str, Any] = {"manifest": manifests[""].to_dict()}
     if "test" in manifests:
         body["test_manifest"] = manifests["test"].to_dict()
+    if local is not None:
+        body["local_key"] = local.key
     up = http.call("POST", _path(name, "uploads"), json=body).json()
     base = _path(name, "uploads", up["upload_id"])
     sources: dict[str, tuple[str, str]] = {}
@@ -590,7 +587,7 @@ def push(
         ref=str(version["ref"]),
         version=version,
         sent_bytes=sent[0],
-        new_bytes=int(version.get("new_bytes", 0)) + local_new,
+        new_bytes=int(version.get("new_bytes", 0)),
         transport="http" if local is None else "local",
     )
 

@@ -53,7 +53,7 @@ from nsml_datasets import (
     parse_ref,
     validate_name,
 )
-from nsml_datasets.local import LocalServer
+from nsml_datasets.local import LocalError, LocalServer
 from nsml_datasets.store import PartWriter, Upload, validate_upload_id
 
 from .api.base import APIError
@@ -572,14 +572,24 @@ class DatasetService:
         )
 
     def begin(
-        self, c: Caller, name: str, manifest: object, test_manifest: object | None
+        self,
+        c: Caller,
+        name: str,
+        manifest: object,
+        test_manifest: object | None,
+        local_key: str | None = None,
     ) -> UploadOut:
-        """Start pushing a new version, or resume the upload of the same manifest(s)."""
+        """Start pushing a new version, or resume the upload of the same manifest(s).
+
+        With *local_key*, the blobs of the manifest(s) that the caller's local-transport key
+        added to the store count as new bytes, as if they were uploaded now.
+        """
         check_name(name)
         m = self._parse_manifest(manifest, "manifest")
         tm = self._parse_manifest(test_manifest, "test_manifest") if test_manifest else None
         if tm is not None and tm.file_count == 0:
             raise APIError(400, "The test split holds no file.", "bad_request")
+        stored_locally = self._placed_locally(c, local_key, m, tm)
         with self.db.session() as s:
             self._check_pushable(s, c, name)
             row = s.scalar(
@@ -619,6 +629,7 @@ class DatasetService:
         if tup is not None:
             self._remember(tup)
         missing = up.missing_bytes() + (tup.missing_bytes() if tup is not None else 0)
+        missing += stored_locally
         now = self.now()
         with self.db.session() as s:
             s.add(
@@ -646,6 +657,23 @@ class DatasetService:
             missing,
         )
         return self._upload_out(name, up, tup, resumed=False)
+
+    def _placed_locally(self, c: Caller, key: str | None, m: Manifest, tm: Manifest | None) -> int:
+        """Bytes of *m* and *tm*'s blobs that *c*'s local-transport *key* added to the store."""
+        if key is None:
+            return 0
+        if self.local is None:
+            raise APIError(
+                400, "This server offers no local transport: leave local_key out.", "bad_request"
+            )
+        try:
+            placed = self.local.grants.placed_by(key, c.name)
+        except LocalError as e:
+            raise APIError(
+                403, f"local_key: {e.message}; push again to get a new one.", "forbidden"
+            ) from None
+        blobs = set(m.blobs()) | (set(tm.blobs()) if tm is not None else set())
+        return sum(size for sha, size in placed.items() if sha in blobs)
 
     def _upload_out(self, name: str, up: Upload, tup: Upload | None, *, resumed: bool) -> UploadOut:
         missing = []

@@ -463,6 +463,11 @@ class UploadIn(Strict):
         description="a hidden test split, stored apart: never mounted into a user's "
         "container, never pullable by users",
     )
+    local_key: str | None = Field(
+        default=None,
+        description="the local-transport key (POST api/dataset-store/local) the files were "
+        "stored with: the blobs it added to the store count as this version's new bytes",
+    )
 
 
 class MissingBlob(BaseModel):

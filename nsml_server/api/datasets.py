@@ -295,11 +295,19 @@ class PackOutHandler(DatasetsBase):
 
 
 class UploadsHandler(DatasetsBase):
-    """``POST api/datasets/NAME/uploads`` ``{"manifest": ..., "test_manifest": ...}``."""
+    """``POST api/datasets/NAME/uploads`` ``{"manifest": ..., "test_manifest": ...,
+    "local_key": ...}``."""
 
     async def post(self, name: str) -> None:
         body = self.body_as(UploadIn)
-        out = await self.call(self.svc.begin, self.caller, name, body.manifest, body.test_manifest)
+        out = await self.call(
+            self.svc.begin,
+            self.caller,
+            name,
+            body.manifest,
+            body.test_manifest,
+            local_key=body.local_key,
+        )
         self.write_json(out, status=200 if out.resumed else 201)
 
 

@@ -169,15 +169,9 @@ def test_a_second_push_with_one_file_changed_stores_only_that_files_bytes(
 def test_ls_info_pull_and_rm(hub: HubProcess, work: Path) -> None:
     alice = user(hub, "ds-lister")
     folder = make_folder(work / "src")
-    assert (
-        alice.nsml("dataset", "push", "lip-data", str(folder), "--transport", "http").stdout.strip()
-        == "lip-data@1"
-    )
+    assert alice.nsml("dataset", "push", "lip-data", str(folder)).stdout.strip() == "lip-data@1"
     (folder / "part2" / "new.txt").write_bytes(b"version two")
-    assert (
-        alice.nsml("dataset", "push", "lip-data", str(folder), "--transport", "http").stdout.strip()
-        == "lip-data@2"
-    )
+    assert alice.nsml("dataset", "push", "lip-data", str(folder)).stdout.strip() == "lip-data@2"
 
     listed = {d["name"]: d for d in alice.json("dataset", "ls")}
     d = listed["lip-data"]
@@ -271,6 +265,7 @@ def test_the_local_transport_pushes_and_pulls_on_the_servers_machine(
     out = alice.json("dataset", "push", "local-data", str(folder), "--transport", "local")
     assert out["ref"] == "local-data@2" and out["new_bytes"] == 4321
     assert blob_bytes(hub) - before == 4321
+    assert alice.json("dataset", "info", "local-data@2")["new_bytes"] == 4321
     assert list((store_dir(hub) / "tmp").iterdir()) == []
 
     # Pulled back through descriptors: the same files and executable bits, the user's own.
@@ -288,6 +283,14 @@ def test_the_local_transport_pushes_and_pulls_on_the_servers_machine(
     r2 = bob.api("POST", "dataset-store/local", json={"dataset": "local-data"})
     assert r2.status_code == 404 and r2.json()["reason"] == "not_found"
     assert bob.api("POST", "dataset-store/local", json={"bogus": 1}).status_code == 400
+    # A push cannot claim another user's (or a made-up) key's stored bytes as its own.
+    manifest = alice.api("GET", "datasets/local-data/versions/2/manifest").json()
+    alice_key = alice.api("POST", "dataset-store/local", json={}).json()["key"]
+    for key in (alice_key, "made-up"):
+        r3 = bob.api(
+            "POST", "datasets/bob-data/uploads", json={"manifest": manifest, "local_key": key}
+        )
+        assert r3.status_code == 403 and "local_key" in r3.json()["message"], r3.text
     r = alice.nsml(
         "dataset", "push", "x", str(folder), "--transport", "carrier-pigeon", check=False
     )

@@ -12,7 +12,7 @@ import blake3
 import pytest
 
 from nsml_datasets import BlobStore
-from nsml_datasets.hashing import hash_foreign_fd
+from nsml_datasets.hashing import hash_fd
 from nsml_datasets.local import Grants, LocalChannel, LocalError, LocalServer
 
 from .conftest import write
@@ -67,6 +67,17 @@ def test_files_handed_over_are_stored_under_their_hash_once_placed(
     assert blobs_in(store) == {b3(v) for v in data.values()}
     assert store.open(b3(data["c"])).read() == data["c"]
     assert leftovers(store) == []
+    # The key remembers what its holder added, for the upload that names it; for its own
+    # user only.
+    added = {b3(v): len(v) for v in data.values()}
+    assert grants.placed_by(key, "ann") == added
+    with pytest.raises(LocalError, match="another user"):
+        grants.placed_by(key, "bob")
+    # The same files again add nothing new, and the record is not double-counted.
+    with LocalChannel(server.name, key, os.geteuid()) as ch:
+        ingest(ch, [src / n for n in data])
+        assert ch.place() == (0, 0)
+    assert grants.placed_by(key, "ann") == added
 
 
 def test_an_unchanged_file_is_hashed_in_place_and_not_copied_again(
@@ -180,10 +191,10 @@ def test_a_handed_over_file_is_hashed_without_mapping_it_or_moving_its_offset(
     fd = os.open(path, os.O_RDONLY)
     try:
         os.lseek(fd, 3, os.SEEK_SET)
-        assert hash_foreign_fd(fd, 10) == b3(b"0123456789")
-        assert hash_foreign_fd(fd, 4) == b3(b"0123")
+        assert hash_fd(fd, 10) == b3(b"0123456789")
+        assert hash_fd(fd, 4) == b3(b"0123")
         os.truncate(path, 6)  # the owner shrinks it: what is left is hashed, no SIGBUS
-        assert hash_foreign_fd(fd, 10) == b3(b"012345")
+        assert hash_fd(fd, 10) == b3(b"012345")
         assert os.lseek(fd, 0, os.SEEK_CUR) == 3
     finally:
         os.close(fd)
