@@ -564,24 +564,25 @@ def readme_section(results: dict[str, Any]) -> str:
             ref = f"`{row['reference']}`"
         else:
             spread = [x["seconds"] for x in row["samples"]]
-            ratio, ratios, ref = "", f"{min(spread):.2f}-{max(spread):.2f} s", "(reference)"
+            ratio, ratios, ref = "", f"range {min(spread):.2f}-{max(spread):.2f} s", "(reference)"
         lines.append(
             f"| {name} | {row['seconds']:.3f} | {row['mib_per_s']} | {ref} | {ratio} "
             f"| {ratios} | {row['client_cpu']:.2f} | {server} |"
         )
     v2 = results["push_v2"]
     if v2:
-        last = v2[-1]
+        first = v2[0]
         lines += [
             "",
-            f"Push v2: {last['files_changed']} files changed ({last['bytes_of_changed_files']} "
-            f"bytes); the last push sent {last['sent_bytes']} bytes through HTTP and the store "
-            f"grew by {last['new_bytes']} bytes (every push v2, new/changed bytes: "
+            f"Push v2: {first['files_changed']} files changed "
+            f"({first['bytes_of_changed_files']} bytes); every push v2 (sent through HTTP / "
+            "new in the store / bytes of the changed files): "
             + ", ".join(
-                f"{x.get('where', 'direct')} {x['new_bytes']}/{x['bytes_of_changed_files']}"
+                f"{x.get('where', 'direct')} {x['sent_bytes']}/{x['new_bytes']}/"
+                f"{x['bytes_of_changed_files']}"
                 for x in v2
             )
-            + ").",
+            + ".",
         ]
     starts = [n for n in t if n.startswith(("server start", "dataset part"))]
     if starts:
