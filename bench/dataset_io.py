@@ -522,6 +522,7 @@ def run(
             "filesystem": workdir.as_posix(),
             "image": IMAGE,
             "page_cache": "sources read and dirty pages flushed (untimed) before each transfer",
+            "free_page_reporting": os.path.exists("/sys/module/page_reporting"),
             "when": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         },
     }
@@ -546,7 +547,15 @@ def readme_section(results: dict[str, Any]) -> str:
         "`ratio` is the median over the runs of reference seconds / transfer seconds "
         "(throughput relative to the reference, target >= 0.8); `ratios` lists every run's. "
         "The machine's speed drifts within a run (the `cp -r` rows give its range), which is "
-        "why a ratio is only taken between neighbours. Before each copy and transfer its "
+        "why a ratio is only taken between neighbours"
+        + (
+            " (this is a VM whose kernel hands freed memory back to the host, and a page handed "
+            "back costs a fault on the host when it is used again, so the same `cp -r` has run "
+            "in 0.5 s and in 3.5 s here, depending on what memory it got)"
+            if s.get("free_page_reporting")
+            else ""
+        )
+        + ". Before each copy and transfer its "
         "sources are read once and dirty pages flushed, untimed. CPU: the `nsml` process, and "
         f"the server process (medians). {s['when']}.",
         "",
