@@ -331,27 +331,84 @@ class CommitHandler(DatasetsBase):
         self.write_json(out, status=201)
 
 
-@web.stream_request_body
-class BlobPutHandler(DatasetsBase):
-    """``PUT api/datasets/NAME/uploads/ID/blobs/SHA?offset=N``: a blob's bytes, streamed."""
+class GatheredBody(DatasetsBase):
+    """A streamed request body gathered (no copy) up to :attr:`gather` bytes, then handed to
+    :meth:`_work` in a worker thread while the next bytes are read.
 
-    upload: Upload | None = None
-    writer: PartWriter | None = None
+    An error is kept and answered once the body has arrived: answering while the client still
+    sends would reset the connection under it (the proxy then answers 503).
+    """
+
+    method = ""
+    """The request method whose body is gathered (:meth:`_open` runs before it arrives)."""
+    gather = 0
+    """Bytes gathered before a worker thread takes them."""
     error: BaseException | None = None
     pending: asyncio.Future[None] | None = None
-    size: int = 0
 
     async def prepare(self) -> None:
         self.chunks: list[bytes] = []
         self.gathered = 0
-        # An error is answered once the body has arrived: answering while the client still
-        # sends would reset the connection under it (the proxy then answers 503).
         try:
             await super().prepare()
-            if self.request.method == "PUT":
+            if self.request.method == self.method:
                 await self._open()
         except Exception as e:
             self.error = e
+
+    async def _open(self) -> None:
+        """Check the request before its body arrives; ready what :meth:`_work` writes to."""
+
+    def _accepts(self) -> bool:
+        """Whether the body's bytes go anywhere (after :meth:`_open`)."""
+        return True
+
+    def _work(self, chunks: list[bytes], last: bool) -> None:
+        """Take gathered chunks (in a worker thread); *last*: the body has ended."""
+        raise NotImplementedError
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self.error is not None or not self._accepts():
+            return
+        self.chunks.append(chunk)
+        self.gathered += len(chunk)
+        if self.gathered >= self.gather:
+            await self._flush(last=False)
+
+    async def _flush(self, *, last: bool) -> None:
+        """Hand what was gathered to a worker thread (after the previous hand-over ends)."""
+        await self._drain()
+        chunks, self.chunks, self.gathered = self.chunks, [], 0
+        if self.error is None and (chunks or last):
+            self.pending = asyncio.ensure_future(self.svc.run(self._work, chunks, last))
+
+    async def _drain(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            try:
+                await pending
+            except BaseException as e:
+                self.error = self.error or e
+
+    def _raise_error(self) -> None:
+        """Answer the kept error, if any."""
+        if self.error is not None:
+            raise _api(self.error)
+
+
+def _api(e: BaseException) -> BaseException:
+    return api_error(e) if isinstance(e, DatasetError) else e
+
+
+@web.stream_request_body
+class BlobPutHandler(GatheredBody):
+    """``PUT api/datasets/NAME/uploads/ID/blobs/SHA?offset=N``: a blob's bytes, streamed."""
+
+    method = "PUT"
+    gather = PUT_GATHER
+    upload: Upload | None = None
+    writer: PartWriter | None = None
+    size: int = 0
 
     async def _open(self) -> None:
         name, upload_id, sha = self.path_args
@@ -368,52 +425,29 @@ class BlobPutHandler(DatasetsBase):
         self.request.connection.set_max_body_size(self.size - offset + CHUNK)  # type: ignore[union-attr]
         self.writer = await self.call(svc.open_part, self.upload, sha, offset)
 
-    async def data_received(self, chunk: bytes) -> None:
-        if self.writer is None or self.error is not None:
-            return
-        self.chunks.append(chunk)
-        self.gathered += len(chunk)
-        if self.gathered >= PUT_GATHER:
-            await self._write()
+    def _accepts(self) -> bool:
+        return self.writer is not None
 
-    async def _write(self) -> None:
-        """Hand the gathered chunks to the writer thread; the next ones are read meanwhile."""
-        assert self.writer is not None
-        await self._drain()
-        chunks, self.chunks, self.gathered = self.chunks, [], 0
-        if chunks and self.error is None:
-            self.pending = asyncio.ensure_future(self.svc.run(self._write_chunks, chunks))
-
-    def _write_chunks(self, chunks: list[bytes]) -> None:
+    def _work(self, chunks: list[bytes], last: bool) -> None:
         writer = self.writer
         assert writer is not None
         for chunk in chunks:
             writer.write(chunk)
 
-    async def _drain(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            try:
-                await pending
-            except BaseException as e:
-                self.error = e
-
     async def put(self, name: str, upload_id: str, sha: str) -> None:
         writer = self.writer
-        if self.error is not None:
-            raise self._api(self.error)
+        self._raise_error()
         if writer is None:  # the store already had it
             self.write_json(BlobOut(blake3=sha, size=self.size, received=self.size, complete=True))
             return
-        if self.chunks and self.error is None:
-            await self._write()
+        if self.chunks:
+            await self._flush(last=True)
         await self._drain()
-        if self.error is not None:
-            raise self._api(self.error)
+        self._raise_error()
         try:
             received = await self.svc.run(writer.finish)
         except BaseException as e:
-            raise self._api(e) from None
+            raise _api(e) from None
         if received < writer.size:
             assert self.upload is not None
             self.svc.keep_hasher(self.upload, writer)
@@ -422,10 +456,6 @@ class BlobPutHandler(DatasetsBase):
                 blake3=sha, size=writer.size, received=received, complete=received == writer.size
             )
         )
-
-    @staticmethod
-    def _api(e: BaseException) -> BaseException:
-        return api_error(e) if isinstance(e, DatasetError) else e
 
     def on_finish(self) -> None:
         self._close()
@@ -449,7 +479,7 @@ class BlobPutHandler(DatasetsBase):
 
 
 @web.stream_request_body
-class PackInHandler(DatasetsBase):
+class PackInHandler(GatheredBody):
     """``POST api/datasets/NAME/uploads/ID/pack``: small blobs, each ``<sha> <size>\\n<bytes>``.
 
     What arrives is gathered (no copy) up to :data:`PACK_GATHER` bytes, then parsed, hashed
@@ -457,21 +487,14 @@ class PackInHandler(DatasetsBase):
     of a batch is carried over to the next one.
     """
 
+    method = "POST"
+    gather = PACK_GATHER
     uploads: tuple[Upload, ...] = ()
-    error: BaseException | None = None
-    pending: asyncio.Future[None] | None = None
 
     async def prepare(self) -> None:
-        self.chunks: list[bytes] = []
-        self.gathered = 0
         self.rest = b""
         self.count = self.stored = self.bytes = 0
-        try:  # errors are answered once the body has arrived (see BlobPutHandler)
-            await super().prepare()
-            if self.request.method == "POST":
-                await self._open()
-        except Exception as e:
-            self.error = e
+        await super().prepare()
 
     async def _open(self) -> None:
         name, upload_id = self.path_args
@@ -485,22 +508,10 @@ class PackInHandler(DatasetsBase):
                 return u
         raise APIError(404, f"Blob {sha} is not part of this upload.", "not_found")
 
-    async def data_received(self, chunk: bytes) -> None:
-        if self.error is not None or not self.uploads:
-            return
-        self.chunks.append(chunk)
-        self.gathered += len(chunk)
-        if self.gathered >= PACK_GATHER:
-            await self._flush(last=False)
+    def _accepts(self) -> bool:
+        return bool(self.uploads)
 
-    async def _flush(self, *, last: bool) -> None:
-        """Hand what was gathered to a worker thread; the next bytes are read meanwhile."""
-        await self._drain()
-        chunks, self.chunks, self.gathered = self.chunks, [], 0
-        if self.error is None and (chunks or last):
-            self.pending = asyncio.ensure_future(self.svc.run(self._store, chunks, last))
-
-    def _store(self, chunks: list[bytes], last: bool) -> None:
+    def _work(self, chunks: list[bytes], last: bool) -> None:
         """Parse the complete blobs of ``rest + chunks``, verify and store them (a thread)."""
         data = b"".join([self.rest, *chunks]) if chunks else self.rest
         view = memoryview(data)
@@ -539,21 +550,11 @@ class PackInHandler(DatasetsBase):
                 self.stored += u.put_blobs(items)
                 self.bytes += sum(len(b) for _, b in items)
 
-    async def _drain(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            try:
-                await pending
-            except BaseException as e:
-                self.error = self.error or e
-
     async def post(self, name: str, upload_id: str) -> None:
         if self.error is None:
             await self._flush(last=True)
         await self._drain()
-        if self.error is not None:
-            e = self.error
-            raise (api_error(e) if isinstance(e, DatasetError) else e)
+        self._raise_error()
         self.write_json(PackOut(blobs=self.count, stored=self.stored, bytes=self.bytes))
 
 
