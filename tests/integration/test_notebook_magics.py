@@ -66,6 +66,19 @@ def put_files(container: Any, folder: str, files: dict[str, str]) -> None:
     assert container.put_archive("/home/jovyan", buf.getvalue())
 
 
+def demultiplex(stream: bytes) -> bytes:
+    """The payload of Docker's multiplexed exec stream: frames of an 8-byte header (stream
+    id, three zero bytes, a big-endian length) and that many bytes. A long line is cut
+    across frames, so the headers must be removed, not skipped line by line."""
+    out = []
+    at = 0
+    while at + 8 <= len(stream):
+        size = int.from_bytes(stream[at + 4 : at + 8], "big")
+        out.append(stream[at + 8 : at + 8 + size])
+        at += 8 + size
+    return b"".join(out)
+
+
 def run_cells(container: Any, cells: list[str]) -> list[dict[str, Any]]:
     exec_id = container.client.api.exec_create(
         container.id, ["python", "-c", DRIVER], user="1000", stdin=True, workdir="/home/jovyan"
@@ -78,8 +91,7 @@ def run_cells(container: Any, cells: list[str]) -> list[dict[str, Any]]:
     while data := raw.recv(65536):
         chunks.append(data)
     raw.close()
-    # The stream is multiplexed (8-byte frame headers); the JSON line is all we need.
-    text = b"".join(chunks).decode(errors="replace")
+    text = demultiplex(b"".join(chunks)).decode(errors="replace")
     line = next((ln for ln in text.splitlines() if "RESULTS " in ln), None)
     assert line is not None, text[-4000:]
     return list(json.loads(line.split("RESULTS ", 1)[1]))
