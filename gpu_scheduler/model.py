@@ -213,6 +213,10 @@ class PlacementRequest:
         memory_mib: memory in MiB.
         datasets: datasets to mount (their cached bytes count in the node's favour).
         image: container image (its presence counts in the node's favour).
+        home_node: the node that holds the user's home folder when homes are node-local
+            (Docker volumes); that node counts in the request's favour, and a placement
+            elsewhere says why (:attr:`Placement.note`). None: no preference (no home, or a
+            home on a shared filesystem).
     """
 
     name: str = ""
@@ -222,6 +226,7 @@ class PlacementRequest:
     memory_mib: int = 0
     datasets: tuple[DatasetRef, ...] = ()
     image: str | None = None
+    home_node: str | None = None
 
     def __post_init__(self) -> None:
         g = self.gpu_milli
@@ -307,6 +312,8 @@ class Placement:
         memory_mib: memory reserved, MiB.
         score: the winning node's total score (higher is better).
         score_parts: the weighted parts of that score, by name, for logs and the admin panel.
+        note: why the request's home node was not chosen (e.g. ``not on node-a, which holds
+            the home: Insufficient gpu: ...``); None when it was, or when none was asked for.
     """
 
     node: str
@@ -317,6 +324,7 @@ class Placement:
     memory_mib: int
     score: float = 0.0
     score_parts: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    note: str | None = None
 
     @property
     def gpu_milli(self) -> int:

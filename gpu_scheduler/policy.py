@@ -13,7 +13,10 @@ part, multiplied by the part's weight in points (:class:`Weights`):
 - *best fit* — ``1 - free GPU milli left / largest node's GPU milli``, NSML's "fewest free
   GPUs that still fit";
 - *dataset* — the share of the request's dataset bytes already cached on the node;
-- *image* — 1 when the request's image is already on the node.
+- *image* — 1 when the request's image is already on the node;
+- *home* — 1 on the node that holds the user's home folder (node-local homes), so that a
+  notebook server finds its files; a placement elsewhere carries a note that says why the
+  home node was not chosen (:func:`home_note`).
 
 Totals are bucketed by
 ``Weights.tie_resolution`` (``fraction_tie_resolution`` for fractions of a GPU); within a
@@ -96,12 +99,13 @@ class Weights:
     best_fit: float = 0.0
     dataset: float = 20.0
     image: float = 5.0
+    home: float = 200.0
     tie_resolution: float = 2.0
     fraction_tie_resolution: float = 1.0
     fragmentation_scale: float = FRAGMENTATION_SCALE
 
     def __post_init__(self) -> None:
-        for name in ("fragmentation", "best_fit", "dataset", "image"):
+        for name in ("fragmentation", "best_fit", "dataset", "image", "home"):
             value = getattr(self, name)
             if not (value >= 0 and np.isfinite(value)):
                 raise ValueError(f"weight {name}={value!r} must be a finite number >= 0")
@@ -333,11 +337,44 @@ def _score_nsml(
         img = weights.image * present[rows]
         parts["image"] = img
         total += img
+    if weights.home > 0 and request.home_node:
+        home = (rows == _row_or_none(snapshot, request.home_node)).astype(np.float64)
+        parts["home"] = weights.home * home
+        total += parts["home"]
     resolution = (
         weights.fraction_tie_resolution if request.is_fractional else weights.tie_resolution
     )
     key = np.floor(total / resolution + 1e-9)
     return _Scored(rows, key, total, parts, column)
+
+
+def _row_or_none(snapshot: ClusterSnapshot, name: str) -> int:
+    """The row of node *name*, or -1 when the snapshot has no such node."""
+    try:
+        return snapshot.row(name)
+    except KeyError:
+        return -1
+
+
+def home_note(snapshot: ClusterSnapshot, request: PlacementRequest, chosen: str) -> str | None:
+    """Why *request*'s home node was not chosen, for the placement's reason.
+
+    None when the request names no home node or when *chosen* is it. Otherwise one clause:
+    the home node's own reasons (``Insufficient gpu: requested 1, free 0 on node-a``), or
+    that it is not in the cluster, or that another node scored higher (possible only when
+    the home weight is lowered).
+    """
+    home = request.home_node
+    if not home or chosen == home:
+        return None
+    head = f"not on {home}, which holds the home folder"
+    row = _row_or_none(snapshot, home)
+    if row < 0:
+        return f"{head}: {home} is not a node of this cluster any more"
+    reasons = node_reasons(snapshot.nodes[row], request)
+    if reasons:
+        return f"{head}: " + "; ".join(str(r) for r in reasons)
+    return f"{head}: {chosen} scored higher (PlacementPolicy.home_weight)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,6 +743,7 @@ def place(
         memory_mib=request.memory_mib,
         score=float(scored.total[best]),
         score_parts=MappingProxyType({k: float(v[best]) for k, v in scored.parts.items()}),
+        note=home_note(snapshot, request, node.name),
     )
     return PlacementResult(Code.PLACED, placement, (), len(snapshot))
 
@@ -776,6 +814,17 @@ class PlacementPolicy(Configurable):
         to nodes.""",
     )
 
+    home_weight = Float(
+        200.0,
+        config=True,
+        help="""Points for the node that holds the user's home folder, when homes are
+        node-local Docker volumes (NSMLSpawner.home_volume). Default 200: more than all other
+        parts together, so a home node that can take the server gets it; a server placed
+        elsewhere (the home node is full, down or draining) starts with a separate, empty home
+        there, and its spawn progress says why. 0 ignores homes. Homes on a shared filesystem
+        name no node and are not affected.""",
+    )
+
     tie_resolution = Float(
         2.0,
         config=True,
@@ -818,7 +867,9 @@ class PlacementPolicy(Configurable):
             raise TraitError(f"strategy={value!r} is not one of {valid}")
         return value
 
-    @validate("fragmentation_weight", "best_fit_weight", "dataset_weight", "image_weight")
+    @validate(
+        "fragmentation_weight", "best_fit_weight", "dataset_weight", "image_weight", "home_weight"
+    )
     def _validate_weight(self, proposal: dict[str, Any]) -> float:
         value = float(proposal["value"])
         name = getattr(proposal["trait"], "name", "weight")
@@ -855,6 +906,7 @@ class PlacementPolicy(Configurable):
             best_fit=self.best_fit_weight,
             dataset=self.dataset_weight,
             image=self.image_weight,
+            home=self.home_weight,
             tie_resolution=self.tie_resolution,
             fraction_tie_resolution=self.fraction_tie_resolution,
             fragmentation_scale=self.fragmentation_scale,

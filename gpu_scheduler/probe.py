@@ -24,7 +24,7 @@ import re
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -38,6 +38,7 @@ __all__ = [
     "ProbeKind",
     "ProbeStatus",
     "VirtualProbe",
+    "embedded_virtual_gpus",
     "parse_memory_mib",
     "parse_nvlink_pairs",
     "probe_from_env",
@@ -659,6 +660,50 @@ class VirtualProbe(GPUProbe):
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def embedded_virtual_gpus(
+    env: Mapping[str, str], nvml: Callable[[], ProbeStatus]
+) -> tuple[str | None, str | None]:
+    """Whether the embedded default starts with virtual GPUs, and the line that says so.
+
+    The embedded default (``hub_config/jupyterhub_config.py``) is where people try the
+    platform, often on a machine without a GPU; there it starts with
+    ``NSML_VIRTUAL_GPUS_IF_NONE`` virtual GPUs (the config's default: 4) when
+    ``NSML_VIRTUAL_GPUS`` is unset and NVML finds no GPU. ``NSML_VIRTUAL_GPUS_IF_NONE=0``
+    (the production example sets it) never invents GPUs.
+
+    Args:
+        env: the hub's environment.
+        nvml: reads the NVML probe's status (called only when the answer depends on it).
+
+    Returns:
+        ``(count, line)``: the value to give ``NSML_VIRTUAL_GPUS`` (None: leave it as it is)
+        and one plain sentence for the start-up output (None: nothing to say).
+
+    Raises:
+        ValueError: ``NSML_VIRTUAL_GPUS_IF_NONE`` is not a GPU count.
+    """
+    if env.get("NSML_VIRTUAL_GPUS", "").strip():
+        return None, None
+    raw = env.get("NSML_VIRTUAL_GPUS_IF_NONE", "0").strip() or "0"
+    if not raw.isdigit() or int(raw) > MAX_VIRTUAL_GPUS:
+        raise ValueError(
+            f"NSML_VIRTUAL_GPUS_IF_NONE={raw!r} is not a GPU count; expected a whole number "
+            f"0..{MAX_VIRTUAL_GPUS}, e.g. 4 (0: never start with virtual GPUs)"
+        )
+    count = int(raw)
+    if count == 0:
+        return None, None
+    status = nvml()
+    if status.enabled:
+        return None, None
+    why = status.reason or "NVML found no GPU"
+    return str(count), (
+        f"jupyter-nsml: no NVIDIA GPU found ({why}); starting with {count} virtual GPUs so that "
+        "GPU scheduling can be tried. They are labelled virtual; containers get no real GPU. "
+        "Set NSML_VIRTUAL_GPUS=0 for none."
+    )
 
 
 def probe_from_env(env: Mapping[str, str] | None = None, node_name: str | None = None) -> GPUProbe:

@@ -17,7 +17,16 @@ Environment:
   NSML_ADMIN_PASSWORD    password of the admin users (default: generated, same file)
   NSML_ADMIN_USERS       comma-separated admin user names (default admin)
   NSML_NOTEBOOK_IMAGE    notebook image (default jupyter-nsml/singleuser:latest)
+  NSML_ALLOWED_IMAGES    images users may run, comma-separated names or patterns
+                         ("jupyter-nsml/*"); default: the notebook image (and
+                         NSML_SESSION_IMAGE). The spawner and the NSML server share it.
   NSML_CONTAINER_PREFIX  notebook containers are named PREFIX-USER (default nsml-nb)
+  NSML_HOME_VOLUME       each user's persistent home: a Docker volume name template
+                         (default PREFIX-home-{username}) or an absolute path that every
+                         node mounts ("/mnt/nfs/homes/{username}"); empty: no home
+  NSML_VIRTUAL_GPUS_IF_NONE
+                         virtual GPUs to start with when no GPU is found and
+                         NSML_VIRTUAL_GPUS is unset (default 4; 0: none)
   NSML_PROXY_COMMAND     configurable-http-proxy executable (default: ./.cache/proxy, then PATH)
   NSML_EXTRA_CONFIG      config files (':'-separated) loaded at the end of this one
   NSML_*                 any other NSML_ variable reaches the NSML server (e.g. NSML_VIRTUAL_GPUS=4)
@@ -26,11 +35,15 @@ Environment:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
 import sys
 from pathlib import Path
+
+from gpu_scheduler.probe import NVMLProbe, embedded_virtual_gpus
+from nsml_server.images import allowed_images_from_env
 
 c = get_config()  # type: ignore[name-defined]  # noqa: F821
 
@@ -114,11 +127,42 @@ c.JupyterHub.spawner_class = "nsml"
 c.DockerSpawner.prefix = os.environ.get("NSML_CONTAINER_PREFIX", "nsml-nb")
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 60
+# Each user's files live in a home that outlives the server: a Docker volume on the node
+# (PREFIX-home-USER) by default; see NSMLSpawner.home_volume.
+if "NSML_HOME_VOLUME" in os.environ:
+    c.NSMLSpawner.home_volume = os.environ["NSML_HOME_VOLUME"]
+# Offer shares of a GPU (0.25, 0.5) in the spawn form: the scheduler packs them.
+c.NSMLSpawner.allow_gpu_sharing = True
+# The images users may run: the same list for the spawn form and for the NSML server
+# (sessions, placements), which refuses others with a 400 that lists these.
+ALLOWED_IMAGES = allowed_images_from_env(os.environ)
+c.NSMLSpawner.allowed_images = ALLOWED_IMAGES
+
+
+# ---- GPUs: on a machine without one, a few virtual GPUs so that the platform can be tried ----
+def _virtual_gpus() -> str | None:
+    quiet = logging.getLogger("jupyter_nsml.config.nvml")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    env = {"NSML_VIRTUAL_GPUS_IF_NONE": "4", **os.environ}
+    try:
+        count, line = embedded_virtual_gpus(env, lambda: NVMLProbe(logger=quiet).status())
+    except ValueError as e:
+        sys.exit(f"jupyter-nsml: {e}")
+    if line:
+        print(line, file=sys.stderr)
+    return count
+
+
+VIRTUAL_GPUS = _virtual_gpus()
 
 # ---- the NSML server, a managed service -----------------------------------------------------
 # A managed service does not inherit the hub's environment: forward every NSML_ variable.
 _forwarded = {k: v for k, v in os.environ.items() if k.startswith("NSML_")}
 _forwarded.setdefault("NSML_STATE_DIR", str(STATE))
+_forwarded["NSML_ALLOWED_IMAGES"] = ",".join(ALLOWED_IMAGES)
+if VIRTUAL_GPUS is not None:
+    _forwarded["NSML_VIRTUAL_GPUS"] = VIRTUAL_GPUS
 for _k in ("DOCKER_HOST", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY", "PATH", "HOME"):
     if _k in os.environ:
         _forwarded[_k] = os.environ[_k]

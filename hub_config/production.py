@@ -11,6 +11,10 @@ What changes from the embedded default:
 - compute nodes: every GPU server runs a Docker engine reachable over TCP+TLS and an
   `nsml-agent` (see docs/operators-guide.md); the NSML server does not register the hub
   machine itself as a node;
+- users' homes on a shared filesystem (NFS) that every node mounts, so that a user's files
+  follow their server to any node;
+- GPUs are only the real ones the nodes' agents report: no virtual GPUs are ever invented;
+- whole GPUs only in the spawn form (turn shares on where users accept sharing a GPU);
 - an idle culler for notebook servers.
 Secrets come from the environment, never from this file.
 """
@@ -22,6 +26,8 @@ import sys
 from pathlib import Path
 
 c = get_config()  # type: ignore[name-defined]  # noqa: F821
+# A cluster never invents GPUs: no virtual GPUs when the hub machine has none.
+os.environ["NSML_VIRTUAL_GPUS_IF_NONE"] = "0"
 load_subconfig(str(Path(__file__).with_name("jupyterhub_config.py")))  # type: ignore[name-defined]  # noqa: F821
 
 DOMAIN = os.environ.get("NSML_DOMAIN", "nsml.example.org")
@@ -68,6 +74,19 @@ for svc in c.JupyterHub.services:
                 "DOCKER_TLS_VERIFY": "1",
             }
         )
+
+# ---- notebook servers: homes on NFS, whole GPUs ------------------------------------------------
+# Every node (and no container engine in between) mounts the same NFS export at the same path,
+# e.g. in /etc/fstab: `nfs.internal:/export/homes /mnt/nfs/homes nfs4 rw,hard,noatime 0 0`.
+# Each user's home is a folder there; on first use the spawner creates it (as root, in a short
+# container on the node), gives it the image's home files and uid 1000 as owner. With
+# root_squash on the export, create the folders beforehand on the file server:
+# `install -d -o 1000 -g 100 /export/homes/NAME`. Homes are never removed by the hub; back up
+# and remove them on the file server.
+SHARED_HOMES = os.environ.get("NSML_SHARED_HOMES", "/mnt/nfs/homes").rstrip("/")
+c.NSMLSpawner.home_volume = f"{SHARED_HOMES}/{{username}}"
+# A share of a GPU gives no memory isolation; offer shares only where users accept that.
+c.NSMLSpawner.allow_gpu_sharing = False
 
 # ---- notebook servers: cull idle ones ----------------------------------------------------------
 c.JupyterHub.services.append(

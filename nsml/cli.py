@@ -44,7 +44,8 @@ def _gpu_summary(node: dict[str, Any]) -> str:
     models: dict[str, int] = {}
     for g in gpus:
         models[g["model"]] = models.get(g["model"], 0) + 1
-    return ", ".join(f"{n}x {m}" for m, n in models.items())
+    virtual = " (virtual: no real GPU)" if any(g.get("virtual") for g in gpus) else ""
+    return ", ".join(f"{n}x {m}" for m, n in models.items()) + virtual
 
 
 def cmd_nodes(client: Client, args: argparse.Namespace) -> int:

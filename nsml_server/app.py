@@ -309,6 +309,24 @@ class NSMLServer(DBSettings):
             or "jupyter-nsml/singleuser:latest"
         )
 
+    allowed_images = List(
+        Unicode(),
+        help="""Images that sessions and placements may name: references or patterns
+        ("jupyter-nsml/singleuser:latest"; "jupyter-nsml/singleuser" for every tag;
+        "registry.example.org/team/*"; "*" for any image). A name that is not a Docker image
+        reference, or that no entry allows, is refused with HTTP 400 listing the allowed ones.
+        Default: $NSML_ALLOWED_IMAGES (comma-separated; the hub config gives the spawner the
+        same list), else the platform's own images ($NSML_NOTEBOOK_IMAGE, else
+        jupyter-nsml/singleuser:latest, and $NSML_SESSION_IMAGE). It checks names only: an
+        allowed tag that is re-pushed runs whatever it then points at.""",
+    ).tag(config=True)
+
+    @default("allowed_images")
+    def _default_allowed_images(self) -> list[str]:
+        from .images import allowed_images_from_env
+
+        return allowed_images_from_env(os.environ)
+
     session_api_url = Unicode(
         help="""The NSML API as a session container reaches it (containers use the host's
         network). Default: $NSML_SESSION_API_URL, else http://127.0.0.1:PORT/BASE_URL/api/
@@ -607,6 +625,7 @@ class NSMLServer(DBSettings):
             trusted_services=frozenset(self.trusted_services),
             is_leader=lambda: self.lease.is_leader,
             datasets=self.datasets,
+            allowed_images=tuple(self.allowed_images),
         )
         api = self.base_url + "api/"
         k = {"ctx": self.ctx}

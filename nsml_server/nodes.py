@@ -97,6 +97,7 @@ def get_node(s: Session, name: str) -> Node | None:
 def node_out(node: Node, now: datetime) -> NodeOut:
     """The API view of a node."""
     hb = node.last_heartbeat
+    virtual = (node.gpu_probe or {}).get("kind") == "virtual"
     return NodeOut(
         name=node.name,
         state=node.state,  # type: ignore[arg-type]
@@ -104,7 +105,7 @@ def node_out(node: Node, now: datetime) -> NodeOut:
         docker_url=node.docker_url,
         cpu_milli=node.cpu_milli,
         memory_mib=node.memory_mib,
-        gpu_probe=dict(node.gpu_probe),
+        gpu_probe={**node.gpu_probe, "virtual": virtual},
         gpus=[
             GpuOut(
                 index=g.index,
@@ -117,6 +118,7 @@ def node_out(node: Node, now: datetime) -> NodeOut:
                 pcie_group=g.pcie_group,
                 healthy=g.healthy,
                 allocated_milli=g.allocated_milli,
+                virtual=virtual,
             )
             for g in node.gpus
         ],

@@ -57,6 +57,7 @@ def request_of(spec: dict[str, Any], name: str = "") -> PlacementRequest:
             for d in spec.get("datasets") or ()
         ),
         image=spec.get("image"),
+        home_node=spec.get("home_node") or None,
     )
 
 
@@ -443,6 +444,8 @@ class Scheduler:
                     )
                     continue
                 msg = f"placed on {p.node}" + (" (backfilled)" if st.backfilled else "")
+                if p.note:
+                    msg += f"; {p.note}"
                 changes.append(self._change(row, "placed", aid, None, "placed", msg, now))
                 self._remember(row, "placed", aid, p.node, p, msg, now)
                 result.placed += 1

@@ -95,6 +95,12 @@ class GpuOut(BaseModel):
     allocated_milli: int = Field(
         0, description="milli-GPUs held by active allocations (1000 = whole)"
     )
+    virtual: bool = Field(
+        False,
+        description="a GPU that does not exist (the node's probe is virtual: NSML_VIRTUAL_GPUS, "
+        "or the embedded default on a machine without GPUs); it is scheduled and billed, but "
+        "containers get no real GPU",
+    )
 
 
 class NodeOut(BaseModel):
@@ -185,6 +191,12 @@ class PlacementIn(Strict):
     )
     datasets: list[str] = Field(default_factory=list, description="'name' or 'name@version'")
     image: str | None = Field(default=None, max_length=512)
+    home_node: str | None = Field(
+        default=None,
+        max_length=255,
+        description="the node that holds the user's home folder (node-local homes): preferred, "
+        "and a placement elsewhere says why in its reason",
+    )
     priority: int = Field(
         default=0, ge=-100, le=100, description="higher first; above 0 needs an admin"
     )

@@ -9,9 +9,11 @@ lists what is valid.
 ``user_options`` keys:
 
 ========== ===========================================================================
-gpus       0, a whole number, or a fraction below 1 (a share of one GPU) where allowed
+gpus       0, a whole number, or a share of one GPU (one of ``NSMLSpawner.gpu_shares``,
+           e.g. 0.25 or 0.5) where ``NSMLSpawner.allow_gpu_sharing`` is on
 gpu_model  one of the cluster's GPU models; empty or ``any`` for any model
-image      one of the allowed images (``DockerSpawner.allowed_images``)
+image      an allowed image (``DockerSpawner.allowed_images``: names, aliases or patterns
+           such as ``jupyter-nsml/*``), a Docker image reference
 datasets   a list (or comma-separated string) of ``name`` or ``name@version``
 cpu        CPU cores (a hard limit), e.g. 2 or 0.5
 memory     memory (a hard limit), e.g. ``"8G"``, ``"512M"``, or a number of MiB
@@ -30,6 +32,7 @@ from typing import Any
 from gpu_scheduler.probe import parse_memory_mib
 from nsml_datasets.errors import InvalidName
 from nsml_datasets.names import parse_ref
+from nsml_server.images import ImageNotAllowed, InvalidImage, check_image
 
 __all__ = [
     "ANY_MODEL",
@@ -84,9 +87,12 @@ class NotebookOptions:
         """GPUs in milli-GPU (1000 per whole GPU)."""
         return round(self.gpus * GPU_MILLI)
 
-    def placement_body(self, holder: str, user: str) -> dict[str, Any]:
-        """The body of ``POST api/placements`` for these options (without ``wait_s``)."""
-        return {
+    def placement_body(
+        self, holder: str, user: str, home_node: str | None = None
+    ) -> dict[str, Any]:
+        """The body of ``POST api/placements`` for these options (without ``wait_s``);
+        *home_node*, the node that holds the user's home volume, is preferred."""
+        body: dict[str, Any] = {
             "holder": holder,
             "user": user,
             "gpus": self.gpus,
@@ -96,6 +102,9 @@ class NotebookOptions:
             "datasets": list(self.datasets),
             "image": self.image,
         }
+        if home_node:
+            body["home_node"] = home_node
+        return body
 
     def describe(self) -> str:
         """A short phrase for progress messages, e.g. ``2 GPUs (any model), 1 CPU, 2G``."""
@@ -119,11 +128,14 @@ class ClusterLimits:
         gpus_by_model: per GPU model, the most healthy GPUs of that model on one node.
         max_cpu_milli: the most CPU on one node, in milli-CPU.
         max_memory_mib: the most memory on one node, in MiB.
+        virtual_models: the models whose GPUs are virtual (a node without GPUs that reports
+            a configured inventory): scheduled and billed, but no real GPU.
     """
 
     gpus_by_model: Mapping[str, int] = field(default_factory=dict)
     max_cpu_milli: int = 0
     max_memory_mib: int = 0
+    virtual_models: frozenset[str] = frozenset()
 
     @property
     def max_gpus(self) -> int:
@@ -139,7 +151,11 @@ class Choices:
         images: offered name -> image to run (``DockerSpawner.allowed_images`` as a dict).
         any_image: every image is allowed (``allowed_images = "*"``).
         default_image: the image when none is asked for.
+        image_patterns: allowed references and patterns (``jupyter-nsml/*``; a name without
+            a tag allows every tag), see :mod:`nsml_server.images`.
         allow_gpu_sharing: fractions of a GPU may be asked for.
+        gpu_shares: the fractions offered when sharing is allowed (e.g. 0.25, 0.5); empty:
+            any multiple of 0.001 below 1.
         max_gpus: the admin's cap on GPUs per notebook server; None: no cap.
         default_cpu: cores when none are asked for.
         max_cpu: the admin's cap on cores; None: no cap.
@@ -151,7 +167,9 @@ class Choices:
     images: Mapping[str, str]
     default_image: str
     any_image: bool = False
+    image_patterns: tuple[str, ...] = ()
     allow_gpu_sharing: bool = False
+    gpu_shares: tuple[float, ...] = ()
     max_gpus: float | None = None
     default_cpu: float = 1.0
     max_cpu: float | None = None
@@ -170,20 +188,29 @@ def format_mib(mib: int) -> str:
 def cluster_limits(nodes: Iterable[Mapping[str, Any]]) -> ClusterLimits:
     """Bounds from ``GET api/nodes`` entries (every node that is not down; healthy GPUs only)."""
     by_model: dict[str, int] = {}
+    virtual: set[str] = set()
     cpu = mem = 0
     for node in nodes:
         if node.get("state") == "down":
             continue
         cpu = max(cpu, int(node.get("cpu_milli") or 0))
         mem = max(mem, int(node.get("memory_mib") or 0))
+        probe_virtual = (node.get("gpu_probe") or {}).get("kind") == "virtual"
         counts: dict[str, int] = {}
         for gpu in node.get("gpus") or ():
             if gpu.get("healthy", True):
                 model = str(gpu.get("model") or "")
                 counts[model] = counts.get(model, 0) + 1
+                if gpu.get("virtual") or probe_virtual:
+                    virtual.add(model)
         for model, n in counts.items():
             by_model[model] = max(by_model.get(model, 0), n)
-    return ClusterLimits(gpus_by_model=by_model, max_cpu_milli=cpu, max_memory_mib=mem)
+    return ClusterLimits(
+        gpus_by_model=by_model,
+        max_cpu_milli=cpu,
+        max_memory_mib=mem,
+        virtual_models=frozenset(virtual),
+    )
 
 
 # ---- parsing ----------------------------------------------------------------------------------
@@ -211,11 +238,27 @@ def _number(key: str, value: Any, problems: list[str], hint: str) -> float | Non
     return number
 
 
+def gpu_values(choices: Choices, most: int | None) -> list[str]:
+    """The GPU amounts one may ask for, as shown: ``0``, the offered shares, whole GPUs."""
+    values = ["0"]
+    if choices.allow_gpu_sharing and (most is None or most > 0):
+        values += [f"{share:g}" for share in sorted(set(choices.gpu_shares))]
+    if most is None:
+        values += ["1", "2", "..."]
+    elif most <= 16:
+        values += [str(n) for n in range(1, most + 1)]
+    else:
+        values += [f"1-{most}"]
+    return values
+
+
 def _gpu_hint(choices: Choices, most: int | None) -> str:
-    upper = f"0-{most}" if most is not None else "0, 1, 2, ..."
-    if choices.allow_gpu_sharing:
-        return f"ask for {upper} GPUs, or a fraction of one GPU such as 0.5"
-    return f"ask for {upper} GPUs (whole GPUs; sharing a GPU is not enabled on this hub)"
+    valid = f"valid: {', '.join(gpu_values(choices, most))}"
+    if not choices.allow_gpu_sharing:
+        return f"{valid} (whole GPUs; sharing a GPU is not enabled on this hub)"
+    if not choices.gpu_shares:
+        return f"{valid}, or any share of one GPU from 0.001 to 0.999"
+    return valid
 
 
 def _most_gpus(choices: Choices, model: str | None) -> int | None:
@@ -246,6 +289,10 @@ def _check_gpus(value: Any, model: str | None, choices: Choices, problems: list[
         milli = round(gpus * GPU_MILLI)
         if milli < 1:
             problems.append(f"gpus={value!r} is below 0.001 GPU; {hint}")
+            return 0.0
+        shares = {round(share * GPU_MILLI) for share in choices.gpu_shares}
+        if shares and milli not in shares:
+            problems.append(f"gpus={value!r} is not a share of a GPU offered here; {hint}")
             return 0.0
         return milli / GPU_MILLI
     if gpus != int(gpus):
@@ -286,20 +333,31 @@ def _check_model(value: Any, choices: Choices, problems: list[str]) -> str | Non
     return model
 
 
+def allowed_image_names(choices: Choices) -> list[str]:
+    """What the hub allows, as listed to users: the offered names, then the patterns."""
+    names = sorted(choices.images) or [choices.default_image]
+    names += [p for p in choices.image_patterns if p not in names]
+    return names
+
+
 def _check_image(value: Any, choices: Choices, problems: list[str]) -> str:
     if value is None or value == "":
         return choices.default_image
     if not isinstance(value, str):
-        problems.append(f"image={value!r} is not an image name")
+        problems.append(f"image={value!r:.100} is not an image name")
         return choices.default_image
-    if choices.any_image:
-        return value
     if value in choices.images:
         return choices.images[value]
     if not choices.images and value == choices.default_image:
         return value
-    valid = ", ".join(sorted(choices.images) or [choices.default_image])
-    problems.append(f"image={value!r} is not allowed on this hub; valid: {valid}")
+    patterns = ("*",) if choices.any_image else choices.image_patterns
+    try:
+        return check_image(value, patterns)
+    except InvalidImage as e:
+        problems.append(e.message.rstrip("."))
+    except ImageNotAllowed:
+        valid = ", ".join(allowed_image_names(choices))
+        problems.append(f"image={value!r:.200} is not allowed on this hub; valid: {valid}")
     return choices.default_image
 
 
@@ -440,6 +498,16 @@ def options_from_form(formdata: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
     return out
 
 
+def _gpu_label(value: str, virtual: bool) -> str:
+    """``0 (no GPU)``, ``0.5 (a share of one GPU)``, ``2`` or ``2 (virtual)``."""
+    if value == "0":
+        return "0 (no GPU)"
+    words = ["a share of one GPU"] if float(value) < 1 else []
+    if virtual:
+        words.append("virtual")
+    return f"{value} ({', '.join(words)})" if words else value
+
+
 def render_form(
     choices: Choices, current: Mapping[str, Any] | None = None, notice: str | None = None
 ) -> str:
@@ -452,25 +520,51 @@ def render_form(
         parts.append(f'<div class="alert alert-warning" role="alert">{esc(notice)}</div>')
 
     most = _most_gpus(choices, None)
-    step = "0.25" if choices.allow_gpu_sharing else "1"
     gpus = cur.get("gpus", 0)
-    max_attr = f' max="{most}"' if most is not None else ""
-    gpu_help = "A fraction (e.g. 0.5) shares one GPU. " if choices.allow_gpu_sharing else ""
+    cluster = choices.cluster
+    virtual = cluster.virtual_models if cluster is not None else frozenset()
+    gpu_help = ""
+    if choices.allow_gpu_sharing:
+        gpu_help = "A share (e.g. 0.5) is part of one GPU, shared with other users. "
+    if virtual and cluster is not None and virtual >= set(cluster.gpus_by_model):
+        gpu_help += (
+            "This cluster's GPUs are virtual: they are scheduled and billed like real ones, "
+            "but your server gets no real GPU. "
+        )
+    if most is not None:
+        try:
+            asked = f"{float(gpus):g}"
+        except (TypeError, ValueError):
+            asked = str(gpus)
+        values = [v for v in gpu_values(choices, most) if v != "..."]
+        if "-" in values[-1]:  # a very large node: every whole number
+            values = values[:-1] + [str(n) for n in range(1, most + 1)]
+        gpu_opts = "".join(
+            f'<option value="{v}"{" selected" if v == asked else ""}>'
+            f"{_gpu_label(v, bool(virtual))}</option>"
+            for v in values
+        )
+        field_html = f'<select class="form-select" id="nsml-gpus" name="gpus">{gpu_opts}</select>'
+    else:
+        step = "0.001" if choices.allow_gpu_sharing else "1"
+        field_html = (
+            f'<input class="form-control" type="number" id="nsml-gpus" name="gpus" min="0" '
+            f'step="{step}" value="{esc(str(gpus))}">'
+        )
     parts.append(
-        '<div class="mb-3"><label class="form-label" for="nsml-gpus">GPUs</label>'
-        f'<input class="form-control" type="number" id="nsml-gpus" name="gpus" min="0"'
-        f'{max_attr} step="{step}" value="{esc(str(gpus))}">'
+        f'<div class="mb-3"><label class="form-label" for="nsml-gpus">GPUs</label>{field_html}'
         f'<div class="form-text">{gpu_help}The scheduler picks the node and the GPUs; '
         "you wait in the queue when none are free.</div></div>"
     )
 
-    models = sorted(choices.cluster.gpus_by_model) if choices.cluster is not None else []
+    models = sorted(cluster.gpus_by_model) if cluster is not None else []
     chosen = str(cur.get("gpu_model") or ANY_MODEL)
     opts = [f'<option value="{ANY_MODEL}">any model</option>']
     for m in models:
-        n = choices.cluster.gpus_by_model[m] if choices.cluster is not None else 0
+        n = cluster.gpus_by_model[m] if cluster is not None else 0
         sel = " selected" if m == chosen else ""
-        opts.append(f'<option value="{esc(m)}"{sel}>{esc(m)} (up to {n} per node)</option>')
+        kind = "virtual, " if m in virtual else ""
+        opts.append(f'<option value="{esc(m)}"{sel}>{esc(m)} ({kind}up to {n} per node)</option>')
     parts.append(
         '<div class="mb-3"><label class="form-label" for="nsml-gpu-model">GPU model</label>'
         f'<select class="form-select" id="nsml-gpu-model" name="gpu_model">{"".join(opts)}'
@@ -479,11 +573,16 @@ def render_form(
 
     image = str(cur.get("image") or "")
     names = sorted(choices.images) or [choices.default_image]
-    if len(names) > 1 or choices.any_image:
-        if choices.any_image:
+    open_ended = choices.any_image or any("*" in p or "?" in p for p in choices.image_patterns)
+    if len(names) > 1 or open_ended:
+        if open_ended:
+            suggestions = "".join(f'<option value="{esc(n)}"></option>' for n in names)
+            allowed = "any image" if choices.any_image else ", ".join(allowed_image_names(choices))
             field_html = (
                 f'<input class="form-control" id="nsml-image" name="image" '
-                f'value="{esc(image or choices.default_image)}">'
+                f'list="nsml-image-names" value="{esc(image or choices.default_image)}">'
+                f'<datalist id="nsml-image-names">{suggestions}</datalist>'
+                f'<div class="form-text">Allowed: {esc(allowed)}.</div>'
             )
         else:
             img_opts = "".join(

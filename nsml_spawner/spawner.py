@@ -7,6 +7,14 @@ create the container on the chosen node's Docker engine with exactly the allocat
 memory and CPU limits, and the datasets asked for -> wait until the server answers (a container
 that ends first fails the start with the reason, e.g. out of memory) -> return its address.
 
+Every user has a persistent home (:attr:`NSMLSpawner.home_volume`): by default a Docker volume
+on the node, labelled with the deployment and the user, mounted at ``/home/jovyan`` and kept
+when the server stops, is culled or is stopped by an admin (the container is removed, the
+volume is not). The spawner remembers the node that holds it and asks the scheduler for that
+node; a server placed elsewhere says why in its progress. A home on a shared filesystem (NFS)
+is a path that every node mounts. Only an operator removes a home (``docker volume rm``, or
+:attr:`NSMLSpawner.remove_home_on_delete` when a user is deleted).
+
 Stopping (or finding the container gone or exited) releases the allocation, idempotently and
 with retries. The placement and the node are kept in the spawner's state, so a hub restart
 finds running servers with their GPUs still allocated. A container killed at its memory limit
@@ -30,15 +38,27 @@ from typing import Any, ClassVar, TypeVar
 
 import docker
 import requests.exceptions
-from docker.errors import APIError, ImageNotFound
+from docker.errors import APIError, ImageNotFound, NotFound
 from dockerspawner import DockerSpawner
 from dockerspawner.dockerspawner import _deep_merge
 from jupyterhub.spawner import SpawnException
 from jupyterhub.utils import random_port
 from tornado.httpclient import HTTPClientError, HTTPRequest
-from traitlets import Bool, Dict, Enum, Float, Integer, TraitError, Unicode, default, validate
+from traitlets import (
+    Bool,
+    Dict,
+    Enum,
+    Float,
+    Integer,
+    List,
+    TraitError,
+    Unicode,
+    default,
+    validate,
+)
 
 from gpu_scheduler.probe import parse_memory_mib
+from nsml_server.images import allowed_images_from_env
 
 from .client import (
     Infeasible,
@@ -60,9 +80,11 @@ from .options import (
     validate_options,
 )
 from .spec import (
+    HOME_TARGET,
     Allocation,
     ContainerSettings,
     Engine,
+    Home,
     LastExit,
     MountsNotReady,
     NodeUnreachable,
@@ -70,6 +92,9 @@ from .spec import (
     describe_exit,
     engine_url_for,
     holder_for,
+    home_for,
+    home_init_container,
+    home_labels,
     notebook_container,
     server_host,
     tls_files,
@@ -115,6 +140,10 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
 
     @default("allowed_images")
     def _default_allowed_images(self) -> dict[str, str]:
+        # The same list the NSML server enforces for sessions and placements: the hub config
+        # sets NSML_ALLOWED_IMAGES for both; unset, the hub's own notebook image.
+        if os.environ.get("NSML_ALLOWED_IMAGES", "").strip():
+            return {p: p for p in allowed_images_from_env(os.environ)}
         image = getattr(self, "_configured_image", None) or self.image
         return {image: image}
 
@@ -202,10 +231,79 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
 
     allow_gpu_sharing = Bool(
         False,
-        help="""Let users ask for a fraction of one GPU (e.g. gpus=0.5); the scheduler packs
-        fractions onto shared GPUs. Default False. Sharing gives no memory isolation between
-        the containers on one GPU: a fraction is a scheduling share, not a hardware limit.""",
+        help="""Let users ask for a share of one GPU (one of gpu_shares, e.g. gpus=0.5); the
+        scheduler packs shares onto shared GPUs. Default False: whole GPUs only (the embedded
+        config turns it on). Sharing gives no memory isolation between the containers on one
+        GPU: a share is a scheduling share, not a hardware limit.""",
     ).tag(config=True)
+
+    gpu_shares = List(
+        Float(),
+        [0.25, 0.5],
+        help="""The shares of one GPU offered in the spawn form (and accepted from the API)
+        when allow_gpu_sharing is on, each above 0 and below 1, e.g. [0.25, 0.5]. Default
+        [0.25, 0.5]. An empty list accepts any share from 0.001 to 0.999. A bad value is
+        refused with the list of valid ones.""",
+    ).tag(config=True)
+
+    @validate("gpu_shares")
+    def _validate_gpu_shares(self, proposal: Any) -> list[float]:
+        shares = [float(v) for v in proposal["value"]]
+        for share in shares:
+            if not 0 < share < 1 or abs(share * 1000 - round(share * 1000)) > 1e-9:
+                raise TraitError(
+                    f"gpu_shares: {share!r} is not a share of one GPU; give numbers above 0 "
+                    "and below 1 in steps of 0.001, e.g. [0.25, 0.5]"
+                )
+        return sorted(set(shares))
+
+    home_volume = Unicode(
+        "{prefix}-home-{username}",
+        help="""Each user's persistent home, mounted read-write at home_mount_path in every
+        server of the user and kept when the server stops, is culled, or is stopped by an
+        admin. Either a Docker volume name (node-local: made on the node that runs the
+        server, labelled nsml.kind=home, nsml.deployment=PREFIX, nsml.user=NAME; the
+        scheduler prefers that node next time) or an absolute path on a filesystem that every
+        node mounts at that path, e.g. "/mnt/nfs/homes/{username}" (a shared home; no node
+        preference). Templates as in DockerSpawner.volumes: {username} is the escaped user
+        name (lowercase letters, digits and -XX escapes: never a path separator), {prefix}
+        is DockerSpawner.prefix, {servername} the server's name. Default
+        "{prefix}-home-{username}", e.g. nsml-nb-home-alice. A new or empty home gets the
+        image's own home files and the notebook user (home_uid) as owner. Empty: no home
+        (files live and die with the container). Ignored when DockerSpawner.volumes already
+        mounts something at home_mount_path.""",
+    ).tag(config=True)
+
+    home_mount_path = Unicode(
+        HOME_TARGET,
+        help="""Where containers see the user's home. Default /home/jovyan, the home of the
+        notebook images (docker-stacks and the offline build).""",
+    ).tag(config=True)
+
+    home_uid = Integer(
+        1000,
+        help="""The notebook user's uid (and home_gid its group), who must be able to write
+        the home. Default 1000:100, jovyan in the notebook images.""",
+    ).tag(config=True)
+
+    home_gid = Integer(100, help="The notebook user's group id. Default 100.").tag(config=True)
+
+    remove_home_on_delete = Bool(
+        False,
+        help="""Remove a user's home volumes (on every node) when an admin deletes the user
+        in the hub. Default False: homes outlive users, and only an operator removes one
+        (docker volume rm NAME on the node). Homes on a shared filesystem are never removed
+        by the hub.""",
+    ).tag(config=True)
+
+    @validate("home_mount_path")
+    def _validate_home_mount_path(self, proposal: Any) -> str:
+        value = str(proposal["value"])
+        try:
+            home_for("/x", value)
+        except ValueError as e:
+            raise TraitError(str(e)) from e
+        return value
 
     max_gpus = Float(
         None,
@@ -336,6 +434,8 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
     engine_url: str | None = None
     last_exit: LastExit | None = None
     options: NotebookOptions | None = None
+    # The node whose Docker engine holds the user's home volume (kept across stops).
+    home_node: str | None = None
 
     # Shared across spawners of the hub: one thread pool, one client per engine, one API client.
     _pool: ClassVar[ThreadPoolExecutor | None] = None
@@ -352,6 +452,8 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
         self._events_changed = asyncio.Event()
         self._start_done = False
         self._release_task: asyncio.Task[Any] | None = None
+        self._home: Home | None = None
+        self._placement_reason = ""
 
     # ---- the NSML API and the Docker engines -------------------------------------------------
 
@@ -384,17 +486,20 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
     @property
     def client(self) -> docker.APIClient:
         """The docker-py client of this server's engine (blocking: used in executor threads)."""
-        key = self.engine_url or ""
+        return self._client_for(self.engine_url)
+
+    def _client_for(self, url: str | None) -> docker.APIClient:
+        """The shared docker-py client of the engine at *url* (None: the hub's own)."""
+        key = url or ""
         cls = NSMLSpawner
         with cls._engines_lock:
             client = cls._engines.get(key)
             if client is None:
-                client = cls._engines[key] = docker.APIClient(**self._engine_kwargs())
+                client = cls._engines[key] = docker.APIClient(**self._engine_kwargs(url))
             return client
 
-    def _engine_kwargs(self) -> dict[str, Any]:
+    def _engine_kwargs(self, url: str | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"version": "auto"}
-        url = self.engine_url
         if url is None:
             # The hub's own engine, exactly as DockerSpawner reaches it.
             if self.tls_config:
@@ -434,15 +539,20 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
 
     def choices(self, cluster: ClusterLimits | None) -> Choices:
         """What users may ask for on this hub (*cluster*: the largest nodes, if known)."""
-        allowed = self._get_allowed_images()
-        any_image = allowed == "*"
-        if isinstance(allowed, list | tuple):
-            allowed = {image: image for image in allowed}
+        allowed = self._get_allowed_images()  # "*" or a dict (DockerSpawner casts lists)
+        listed: dict[str, str] = {} if allowed == "*" else dict(allowed or {})
+        any_image = allowed == "*" or "*" in listed
+        # A list entry (name == image) is allowed as a name or pattern (jupyter-nsml/*); names
+        # without wildcards, and aliases (name -> image), are offered in the form.
+        patterns = tuple(k for k, v in listed.items() if k == v and k != "*")
+        offered = {k: v for k, v in listed.items() if "*" not in k and "?" not in k}
         return Choices(
-            images={} if any_image else dict(allowed or {}),
+            images={} if any_image else offered,
             default_image=self._configured_image,
             any_image=any_image,
+            image_patterns=patterns,
             allow_gpu_sharing=self.allow_gpu_sharing,
+            gpu_shares=tuple(self.gpu_shares),
             max_gpus=self.max_gpus,
             default_cpu=self.default_cpu,
             max_cpu=self.max_cpu,
@@ -522,6 +632,7 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             raise SpawnException(str(e), reason="invalid_options", status_code=400) from None
         self.options = opts
         self.image = opts.image
+        self._home = self._home_of_user()
         alloc = await self._place(opts)
         try:
             node = nodes.get(alloc.node) or await self.api.node(alloc.node)
@@ -531,6 +642,7 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
                 local_node=self.local_node,
                 overrides=self.node_docker_urls,
             )
+            await self._prepare_home(alloc)
             await self._prepare_datasets(alloc)
             # Host networking: a fresh port per start (the container is always new).
             self.port = random_port()
@@ -547,6 +659,171 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             raise self._start_error(e, alloc) from e
         self.last_exit = None
         return ip_port
+
+    # ---- the home -----------------------------------------------------------------------------
+
+    def _home_of_user(self) -> Home | None:
+        """The user's home from :attr:`home_volume` (None: no home, or the operator's own
+        ``DockerSpawner.volumes`` mount the home path)."""
+        if not self.home_volume.strip():
+            return None
+        for bind in self.volume_binds.values():
+            if str(bind.get("bind", "")).rstrip("/") == self.home_mount_path.rstrip("/"):
+                self.log.info(
+                    "%s: DockerSpawner.volumes mounts %s; NSMLSpawner.home_volume is not used",
+                    self._log_name,
+                    self.home_mount_path,
+                )
+                return None
+        source = self.format_volume_name(self.home_volume, self)
+        try:
+            return home_for(source, self.home_mount_path, self.home_uid, self.home_gid)
+        except ValueError as e:
+            raise SpawnException(
+                "The hub's home folder setting is invalid; tell an admin.",
+                reason="misconfigured",
+                status_code=500,
+                log_message=f"c.NSMLSpawner.home_volume={self.home_volume!r}: {e}",
+            ) from None
+
+    def _home_preference(self) -> str | None:
+        """The node to prefer for this user's server: the one that holds the home volume."""
+        if self._home is not None and self._home.node_local:
+            return self.home_node
+        return None
+
+    async def _prepare_home(self, alloc: Allocation) -> None:
+        """Make the user's home ready on the chosen node; say where it is and, when the
+        server runs away from its home node, why and what that means."""
+        home = self._home
+        if home is None:
+            return
+        labels = home_labels(self.prefix, self.user.name)
+        created = True
+        if home.kind == "volume":
+
+            def ensure() -> bool:
+                api = self.client
+                try:
+                    api.inspect_volume(home.source)
+                    return False
+                except NotFound:
+                    api.create_volume(name=home.source, driver="local", labels=labels)
+                    return True
+
+            created = await self._in_thread(ensure)
+        if created:  # a new volume, or a shared folder: it may be new, check it every time
+            await self._init_home(home, alloc, labels)
+        where = f"your home folder ({home.describe()}, at {home.target})"
+        if not home.node_local:
+            self._emit(55, f"Mounted {where}: it is on a shared filesystem and kept")
+            return
+        previous = self.home_node
+        if previous is None or previous == alloc.node:
+            self.home_node = alloc.node
+            if previous is not None and created:
+                self._emit(
+                    55,
+                    f"Made a new, empty {where} on {alloc.node}: the one it held is gone "
+                    "(removed by an admin?)",
+                )
+            else:
+                state = "new, kept when the server stops" if created else "kept from before"
+                self._emit(55, f"Mounted {where} on {alloc.node} ({state})")
+            return
+        why = self._placement_reason.partition("; not on ")[2]
+        why = f" (not on {why})" if why else ""
+        self._emit(
+            55,
+            f"Your home folder is on {previous}, but this server runs on {alloc.node}{why}. "
+            f"It gets {'a new, empty' if created else 'the separate'} home folder kept on "
+            f"{alloc.node}; your files on {previous} are there again when your server next "
+            f"runs on {previous}.",
+        )
+
+    async def _init_home(self, home: Home, alloc: Allocation, labels: dict[str, str]) -> None:
+        """Run the short root container that gives a new home the image's files and the
+        notebook user as owner, and checks that the notebook user can write it."""
+        name = f"{self.container_name}-home"
+        create, host = home_init_container(home, self.image, name, {**labels, "nsml.kind": "init"})
+
+        def run() -> tuple[int, str]:
+            api = self.client
+            with contextlib.suppress(NotFound):
+                api.remove_container(name, force=True)  # left over from an interrupted start
+            cid = api.create_container(host_config=api.create_host_config(**host), **create)["Id"]
+            try:
+                api.start(cid)
+                code = int(api.wait(cid, timeout=120).get("StatusCode", 1))
+                out = api.logs(cid).decode("utf-8", "replace").strip()
+            finally:
+                with contextlib.suppress(NotFound, APIError):
+                    api.remove_container(cid, force=True)
+            return code, out
+
+        code, out = await self._in_thread(run)
+        if code != 0:
+            last = out.splitlines()[-1] if out else f"exit code {code}"
+            raise SpawnException(
+                f"Your home folder ({home.describe()}) on {alloc.node} cannot be used: {last}. "
+                "Tell an admin.",
+                reason="home_unusable",
+                status_code=500,
+                log_message=f"{self._log_name}: home {home.source} on {alloc.node}: {out!r}",
+            )
+
+    async def delete_forever(self) -> None:
+        """The user (or this named server) is deleted: remove its home volumes from every
+        node if :attr:`remove_home_on_delete` is on; otherwise say where they are kept."""
+        await super().delete_forever()
+        home = self._home_of_user()
+        if home is None:
+            return
+        shared = "{servername}" in self.home_volume or "{raw_servername}" in self.home_volume
+        if self.name and not shared:
+            return  # the user's home outlives a named server
+        if not self.remove_home_on_delete or not home.node_local:
+            self.log.info(
+                "%s deleted; their home %s is kept (an operator removes it%s)",
+                self._log_name,
+                home.describe(),
+                " with docker volume rm on its node" if home.node_local else "",
+            )
+            return
+        for node in await self.api.nodes():
+            name = str(node.get("name"))
+            try:
+                url = engine_url_for(
+                    name,
+                    node.get("docker_url"),
+                    local_node=self.local_node,
+                    overrides=self.node_docker_urls,
+                )
+            except NodeUnreachable:
+                continue
+
+            def remove(url: str | None = url) -> bool:
+                try:
+                    self._client_for(url).remove_volume(home.source)
+                    return True
+                except NotFound:
+                    return False
+
+            try:
+                if await self._in_thread(remove):
+                    self.log.info(
+                        "%s: removed home volume %s on %s", self._log_name, home.source, name
+                    )
+            except (APIError, requests.exceptions.RequestException) as e:
+                self.log.error(
+                    "%s: could not remove home volume %s on %s (%s); remove it there with "
+                    "docker volume rm %s",
+                    self._log_name,
+                    home.source,
+                    name,
+                    e,
+                    home.source,
+                )
 
     async def _prepare_datasets(self, alloc: Allocation) -> None:
         """Have the node cache the datasets asked for and hold them for this server; keep
@@ -647,7 +924,7 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
 
     async def _place(self, opts: NotebookOptions) -> Allocation:
         """Ask the scheduler and wait in its queue; raise SpawnException when it cannot be."""
-        body = opts.placement_body(holder_for(self.name), self.user.name)
+        body = opts.placement_body(holder_for(self.name), self.user.name, self._home_preference())
         timeout = min(self.queue_timeout, max(1.0, float(self.start_timeout) - 10))
         self._emit(10, f"Asking the NSML scheduler for {opts.describe()}")
         last: dict[str, Any] = {}
@@ -693,6 +970,7 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             self.placement_id = 0
         alloc = Allocation.from_placement(out)
         self.allocation = alloc
+        self._placement_reason = str(out.get("reason") or "")
         self._emit(50, f"Placed on {alloc.node}: {alloc.gpu_words()}")
         return alloc
 
@@ -830,6 +1108,7 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             settings,
             mounts=getattr(self, "_mounts", []),
             dataset_refs=getattr(self, "_dataset_refs", []),
+            home=self._home,
         )
         create, host = dict(args.create), dict(args.host_config)
         for extra, into in (
@@ -1012,6 +1291,8 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             state["engine_url"] = self.engine_url
         if self.last_exit is not None:
             state["last_exit"] = self.last_exit.to_state()
+        if self.home_node is not None:
+            state["home_node"] = self.home_node
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -1023,10 +1304,13 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             self.engine_url = state.get("engine_url")
         if state.get("last_exit"):
             self.last_exit = LastExit.from_state(state["last_exit"])
+        if state.get("home_node"):
+            self.home_node = str(state["home_node"])
 
     def clear_state(self) -> None:
         """Forget the server; an allocation still held is released in the background. Why
-        the last server ended (``last_exit``) is kept for the next spawn form."""
+        the last server ended (``last_exit``) is kept for the next spawn form, and the node
+        that holds the user's home (``home_node``) for the next placement."""
         super().clear_state()
         self._hand_off_release()
         self.port = 0

@@ -8,6 +8,8 @@ sessions get GPUs, limits and host networking the same way.
 
 from __future__ import annotations
 
+import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +26,7 @@ __all__ = [
     "Allocation",
     "ContainerSettings",
     "Engine",
+    "Home",
     "LastExit",
     "MountsNotReady",
     "NodeUnreachable",
@@ -31,6 +34,9 @@ __all__ = [
     "describe_exit",
     "engine_url_for",
     "holder_for",
+    "home_for",
+    "home_init_container",
+    "home_labels",
     "notebook_container",
     "server_host",
     "tls_files",
@@ -255,6 +261,7 @@ def notebook_container(
     settings: ContainerSettings,
     mounts: Sequence[Mount] = (),
     dataset_refs: Sequence[str] = (),
+    home: Home | None = None,
 ) -> ContainerArgs:
     """The docker-py arguments of one notebook server's container.
 
@@ -262,7 +269,10 @@ def notebook_container(
     requests when the engine has the NVIDIA runtime), gets hard memory and CPU limits equal
     to the allocation (no swap beyond it), the requested datasets read-only (*mounts*, from
     :func:`dataset_mounts`), and what the ``nsml`` client needs. ``NSML_DATASETS`` names the
-    versions mounted (*dataset_refs*, ``name@k``), else the references asked for.
+    versions mounted (*dataset_refs*, ``name@k``), else the references asked for. The user's
+    *home* (a Docker volume or a shared folder) is mounted read-write at its target, unless
+    the hub's own ``binds`` already mount something there (an operator's
+    ``DockerSpawner.volumes`` wins).
     """
     if settings.visible_devices == "uuid" and all(allocation.gpu_uuids):
         gpu_ids = list(allocation.gpu_uuids)
@@ -293,9 +303,164 @@ def notebook_container(
         labels=dict(settings.labels),
     )
     args = container_args(spec, nvidia_runtime=engine.nvidia_runtime, init=settings.init)
-    if settings.binds:
-        args.host_config["binds"] = dict(settings.binds)
+    binds = dict(settings.binds)
+    if home is not None and not _mounts_at(binds, home.target):
+        binds = {**home.bind(), **binds}
+    if binds:
+        args.host_config["binds"] = binds
     return args
+
+
+def _mounts_at(binds: Mapping[str, Any], target: str) -> bool:
+    """Whether docker-py *binds* mount something at *target*."""
+    for value in binds.values():
+        bind = value.get("bind") if isinstance(value, Mapping) else value
+        if posixpath.normpath(str(bind)) == posixpath.normpath(target):
+            return True
+    return False
+
+
+# ---- homes ---------------------------------------------------------------------------------
+
+HOME_TARGET = "/home/jovyan"
+"""Where the notebook images (docker-stacks, and the offline build) keep the user's home."""
+
+_VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}\Z")
+_HOME_FORM = (
+    "a Docker volume name ('nsml-home-{username}': letters, digits, '_', '.', '-') or an "
+    "absolute path on a filesystem every node mounts ('/mnt/nfs/homes/{username}')"
+)
+
+
+@dataclass(frozen=True)
+class Home:
+    """A user's persistent home folder, mounted read-write into every server of the user.
+
+    Attributes:
+        source: a Docker volume name (node-local: each node that runs the user's server has
+            its own) or an absolute path on a filesystem that every node mounts at that path
+            (a shared home, e.g. NFS).
+        target: where the container sees it (the image's home).
+        uid: the notebook user, who must be able to write it.
+        gid: the notebook user's group.
+    """
+
+    source: str
+    target: str = HOME_TARGET
+    uid: int = 1000
+    gid: int = 100
+
+    @property
+    def kind(self) -> Literal["volume", "path"]:
+        """``volume`` (node-local) or ``path`` (a shared filesystem)."""
+        return "path" if self.source.startswith("/") else "volume"
+
+    @property
+    def node_local(self) -> bool:
+        """Whether the home lives on one node (a volume), so placement should follow it."""
+        return self.kind == "volume"
+
+    def bind(self) -> dict[str, dict[str, str]]:
+        """The docker-py ``binds`` entry."""
+        return {self.source: {"bind": self.target, "mode": "rw"}}
+
+    def describe(self) -> str:
+        """``volume nsml-home-alice`` / ``folder /mnt/nfs/homes/alice``, for messages."""
+        return f"{'volume' if self.kind == 'volume' else 'folder'} {self.source}"
+
+
+def home_for(source: str, target: str = HOME_TARGET, uid: int = 1000, gid: int = 100) -> Home:
+    """Check a rendered home source (volume name or absolute path) and make the :class:`Home`.
+
+    Raises:
+        ValueError: the source is neither a Docker volume name nor a clean absolute path
+            (``..`` and ``//`` are refused: a user name must never reach another folder).
+    """
+    if source.startswith("/"):
+        parts = source.split("/")[1:]
+        if source == "/" or any(p in ("", ".", "..") for p in parts) or "\x00" in source:
+            raise ValueError(f"home {source!r} is not a clean absolute path; expected {_HOME_FORM}")
+    elif not _VOLUME_NAME.match(source):
+        raise ValueError(f"home {source!r} is not a Docker volume name; expected {_HOME_FORM}")
+    if not target.startswith("/") or posixpath.normpath(target) != target or target == "/":
+        raise ValueError(
+            f"home target {target!r} must be a clean absolute path, e.g. {HOME_TARGET}"
+        )
+    return Home(source=source, target=target, uid=uid, gid=gid)
+
+
+def home_labels(deployment: str, user: str) -> dict[str, str]:
+    """Labels of a home volume: which deployment made it, for which user
+    (``docker volume ls --filter label=nsml.user=alice``)."""
+    return {
+        "org.jupyter.service": "jupyterhub",
+        "nsml.kind": "home",
+        "nsml.deployment": deployment,
+        "nsml.user": user,
+    }
+
+
+HOME_INIT_MOUNT = "/mnt/nsml-home"
+
+# Run as root in the notebook image before a new home is first used: an empty home gets the
+# image's own home folder (its skeleton files) and the notebook user as owner; a home that
+# holds files is left as it is. Either way the notebook user must be able to write it.
+HOME_INIT_SCRIPT = r"""
+import os, shutil, sys, tempfile
+home, skel, uid, gid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+fresh = not os.listdir(home)
+if fresh:
+    if os.path.isdir(skel):
+        for name in os.listdir(skel):
+            src, dst = os.path.join(skel, name), os.path.join(home, name)
+            if os.path.isdir(src) and not os.path.islink(src):
+                shutil.copytree(src, dst, symlinks=True)
+            else:
+                shutil.copy2(src, dst, follow_symlinks=False)
+    try:
+        for root, dirs, files in os.walk(home):
+            for name in dirs + files:
+                os.lchown(os.path.join(root, name), uid, gid)
+        os.chown(home, uid, gid)
+    except PermissionError:
+        pass  # e.g. root squashed on NFS: the check below says whether it matters
+pid = os.fork()
+if pid == 0:
+    try:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        tempfile.TemporaryFile(dir=home).close()
+        os._exit(0)
+    except BaseException:
+        os._exit(1)
+_, status = os.waitpid(pid, 0)
+st = os.stat(home)
+if os.waitstatus_to_exitcode(status) != 0:
+    print(f"the folder is owned by uid {st.st_uid}, gid {st.st_gid} (mode {st.st_mode & 0o7777:o})"
+          f" and user {uid} cannot write it", flush=True)
+    sys.exit(3)
+print("new" if fresh else "ready", flush=True)
+"""
+
+
+def home_init_container(
+    home: Home, image: str, name: str, labels: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(create_container kwargs, create_host_config kwargs)`` of the short run that makes a
+    new home usable: as root, without network, the home mounted at ``/mnt/nsml-home``; it
+    prints ``new`` or ``ready``, or exits 3 with why the notebook user cannot write it."""
+    create = {
+        "image": image,
+        "name": name,
+        "entrypoint": ["python3", "-c", HOME_INIT_SCRIPT],
+        "command": [HOME_INIT_MOUNT, home.target, str(home.uid), str(home.gid)],
+        "user": "0:0",
+        "labels": dict(labels),
+        "network_disabled": True,
+    }
+    host = {"binds": {home.source: {"bind": HOME_INIT_MOUNT, "mode": "rw"}}}
+    return create, host
 
 
 def engine_url_for(

@@ -19,6 +19,7 @@ from tornado import web
 from tornado.httpclient import HTTPClientError
 
 from ..db import Database
+from ..images import DEFAULT_IMAGE
 
 log = logging.getLogger("nsml_server.api")
 
@@ -50,6 +51,7 @@ class ServerContext:
     submit_queue: Any = None  # scheduler.SubmitQueue: placement submissions, group-committed
     trusted_services: frozenset[str] = frozenset({"nsml-spawner"})
     datasets: Any = None
+    allowed_images: tuple[str, ...] = (DEFAULT_IMAGE,)  # NSMLServer.allowed_images (patterns)
 
 
 class APIHandler(web.RequestHandler):

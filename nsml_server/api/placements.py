@@ -14,15 +14,31 @@ from gpu_scheduler.model import GPU_MILLI, PlacementRequest
 from gpu_scheduler.probe import parse_memory_mib
 
 from ..datasets import Resolved
+from ..images import ImageNotAllowed, InvalidImage, check_image
 from ..models import Allocation, Node, PlacementRequestRow
 from ..scheduler import Submission
 from ..schemas import AllocationOut, PlacementIn, PlacementList, PlacementOut
-from .base import APIError, APIHandler
+from .base import APIError, APIHandler, ServerContext
 from .datasets import dataset_resolver
 
 
 def iso(t: datetime | None) -> str | None:
     return t.isoformat() + "Z" if t else None
+
+
+def allowed_image(ctx: ServerContext, image: str, default: str | None = None) -> str:
+    """*image* when it is a Docker image reference that the operator allows
+    (``NSMLServer.allowed_images``); the configured *default* image always is.
+
+    Raises:
+        APIError: 400 that names the bad value and lists the allowed images.
+    """
+    if default is not None and image == default:
+        return image
+    try:
+        return check_image(image, ctx.allowed_images)
+    except (InvalidImage, ImageNotAllowed) as e:
+        raise APIError(400, e.message, e.reason) from None
 
 
 def spec_of(body: PlacementIn, resolve: Callable[[list[str]], list[Resolved]]) -> dict[str, object]:
@@ -65,6 +81,8 @@ def spec_of(body: PlacementIn, resolve: Callable[[list[str]], list[Resolved]]) -
         "datasets": datasets,
         "image": body.image,
     }
+    if body.home_node:
+        spec["home_node"] = body.home_node
     try:
         PlacementRequest(
             gpu_milli=gpu_milli,
@@ -120,6 +138,8 @@ class PlacementsHandler(APIHandler):
             user = body.user
         if body.priority > 0:
             self.require_admin()
+        if body.image is not None:
+            allowed_image(self.ctx, body.image)
         spec = spec_of(body, await dataset_resolver(self, user, body.datasets))
         scheduler = self.ctx.scheduler
         assert scheduler is not None

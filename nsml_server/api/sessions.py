@@ -70,7 +70,7 @@ from ..sessions import (
     validate_entry,
 )
 from .base import APIError, APIHandler, ServerContext
-from .placements import spec_of
+from .placements import allowed_image, spec_of
 
 NAME = r"([^/]+)/([^/]+)/(\d+)"
 LOG_CHUNK_MAX = 4 * 1024 * 1024
@@ -302,7 +302,9 @@ class SessionsHandler(SessionHandler):
                 "uploaded folder, e.g. 'train.py'.",
                 "bad_request",
             )
-        image = body.image or self.service.default_image
+        image = allowed_image(
+            self.ctx, body.image or self.service.default_image, self.service.default_image
+        )
         resources = resources_of(body.gpus, body.gpu_models, body.cpu, body.memory, image)
         assert self.hub_user is not None
         groups = list(self.hub_user.get("groups") or [])
@@ -435,6 +437,7 @@ class ResumeHandler(SessionHandler):
         now = self.ctx.now()
         with self.ctx.db.session() as s:
             row = self.owned(s, full)
+            allowed_image(self.ctx, row.image, self.service.default_image)
             if row.state not in RESUMABLE:
                 hint = "fork it instead" if row.state == "completed" else "stop it first"
                 raise APIError(
@@ -501,7 +504,7 @@ class ForkHandler(SessionHandler):
                         "not_found",
                     )
             res = dict(parent.resources)
-            image = body.image or parent.image
+            image = allowed_image(self.ctx, body.image or parent.image, self.service.default_image)
             if any(v is not None for v in (body.gpus, body.gpu_models, body.cpu, body.memory)) or (
                 body.image and body.image != parent.image
             ):

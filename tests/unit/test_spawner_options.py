@@ -31,6 +31,7 @@ def choices(**kw: Any) -> Choices:
         "images": {IMAGE: IMAGE, "torch": "registry.example/torch:2"},
         "default_image": IMAGE,
         "allow_gpu_sharing": True,
+        "gpu_shares": (0.25, 0.5),
         "cluster": CLUSTER,
     }
     values.update(kw)
@@ -92,12 +93,12 @@ INVALID = [
     ),
     pytest.param(
         {"gpus": 99},
-        ["gpus=99: the most GPUs on one node is 4", "ask for 0-4 GPUs"],
+        ["gpus=99: the most GPUs on one node is 4", "valid: 0, 0.25, 0.5, 1, 2, 3, 4"],
         id="more GPUs than any node has",
     ),
     pytest.param(
         {"gpus": 3, "gpu_model": "A100-SXM4-80GB"},
-        ["the most GPUs of model 'A100-SXM4-80GB' on one node is 2", "0-2"],
+        ["the most GPUs of model 'A100-SXM4-80GB' on one node is 2", "valid: 0, 0.25, 0.5, 1, 2."],
         id="more GPUs of a model than a node has of it",
     ),
     pytest.param(
@@ -106,6 +107,16 @@ INVALID = [
         id="unknown GPU model lists the cluster's models",
     ),
     pytest.param({"gpus": -1}, ["gpus=-1 must not be negative"], id="negative GPUs"),
+    pytest.param(
+        {"gpus": 0.3},
+        ["gpus=0.3 is not a share of a GPU offered here", "valid: 0, 0.25, 0.5, 1, 2, 3, 4"],
+        id="a share that is not offered lists the valid values",
+    ),
+    pytest.param(
+        {"image": "evil;rm -rf /"},
+        ["image='evil;rm -rf /' is not a valid image name", "Docker image reference"],
+        id="an image name that is not a Docker reference",
+    ),
     pytest.param({"gpus": 1.5}, ["gpus=1.5: above 1, ask for a whole number"], id="1.5 GPUs"),
     pytest.param({"gpus": "lots"}, ["gpus='lots' is not a number"], id="GPUs not a number"),
     pytest.param({"gpus": True}, ["gpus=True is not a number"], id="GPUs a boolean"),
@@ -163,8 +174,18 @@ def test_every_problem_is_reported_at_once() -> None:
 
 
 def test_a_fraction_is_refused_where_sharing_is_off_and_says_so() -> None:
-    with pytest.raises(OptionsError, match="sharing a GPU is not enabled on this hub"):
+    with pytest.raises(OptionsError, match="sharing a GPU is not enabled on this hub") as e:
         validate_options({"gpus": 0.5}, choices(allow_gpu_sharing=False))
+    assert "valid: 0, 1, 2, 3, 4 (whole GPUs" in str(e.value)
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, "0.25"])
+def test_an_offered_share_is_granted(share: Any) -> None:
+    assert validate_options({"gpus": share}, choices()).gpus == float(share)
+
+
+def test_without_listed_shares_any_share_above_a_thousandth_is_granted() -> None:
+    assert validate_options({"gpus": 0.3}, choices(gpu_shares=())).gpus == 0.3
 
 
 def test_the_admin_caps_bound_what_the_cluster_allows() -> None:
@@ -193,6 +214,32 @@ def test_a_cluster_without_gpus_says_to_ask_for_none() -> None:
 def test_any_image_allowed() -> None:
     anything = choices(images={}, any_image=True)
     assert validate_options({"image": "my/own:1"}, anything).image == "my/own:1"
+    with pytest.raises(OptionsError, match="not a valid image name"):
+        validate_options({"image": "evil;rm -rf /"}, anything)
+
+
+@pytest.mark.parametrize(
+    ("image", "allowed"),
+    [
+        ("jupyter-nsml/singleuser:latest", True),
+        ("jupyter-nsml/singleuser:2.0", True),
+        ("jupyter-nsml/pytorch", True),
+        ("registry.example/torch:2", True),
+        ("registry.example/torch:3", False),
+        ("evil/miner:latest", False),
+    ],
+)
+def test_image_patterns_allow_a_family_of_images(image: str, allowed: bool) -> None:
+    patterns = choices(images={}, image_patterns=("jupyter-nsml/*", "registry.example/torch:2"))
+    if allowed:
+        assert validate_options({"image": image}, patterns).image == image
+    else:
+        with pytest.raises(OptionsError) as e:
+            validate_options({"image": image}, patterns)
+        assert (
+            "valid: jupyter-nsml/singleuser:latest, jupyter-nsml/*, registry.example/torch:2"
+            in str(e.value)
+        )
 
 
 def test_only_the_default_image_when_none_are_listed() -> None:
@@ -215,6 +262,7 @@ def test_the_placement_body_asks_for_the_model_only_with_gpus() -> None:
         "image": IMAGE,
     }
     assert expect(gpu_model="A100").placement_body("notebook", "alice")["gpu_models"] == []
+    assert opts.placement_body("notebook", "alice", home_node="node-a")["home_node"] == "node-a"
 
 
 @pytest.mark.parametrize(
@@ -242,6 +290,20 @@ def test_cluster_limits_from_the_nodes_api() -> None:
         {"name": "c", "state": "down", "cpu_milli": 64000, "memory_mib": 999999, "gpus": []},
     ]
     assert cluster_limits(nodes) == ClusterLimits({"V": 2}, 4000, 24000)
+
+
+def test_cluster_limits_know_which_models_are_virtual() -> None:
+    nodes = [
+        {
+            "name": "real",
+            "state": "up",
+            "gpu_probe": {"kind": "nvml"},
+            "gpus": [{"model": "A100", "virtual": False}],
+        },
+        {"name": "v", "state": "up", "gpu_probe": {"kind": "virtual"}, "gpus": [{"model": "V"}]},
+        {"name": "w", "state": "up", "gpus": [{"model": "W", "virtual": True}]},
+    ]
+    assert cluster_limits(nodes).virtual_models == {"V", "W"}
 
 
 # ---- the form --------------------------------------------------------------------------------
@@ -283,7 +345,11 @@ def test_form_fields_become_user_options(
 def test_the_form_lists_the_models_the_images_and_the_last_exit() -> None:
     html = render_form(choices(), {"gpus": 2, "memory": "4G"}, notice="Out of <memory>")
     assert '<div class="alert alert-warning" role="alert">Out of &lt;memory&gt;</div>' in html
-    assert 'name="gpus" min="0" max="4" step="0.25" value="2"' in html
+    assert '<select class="form-select" id="nsml-gpus" name="gpus">' in html
+    assert '<option value="0">0 (no GPU)</option>' in html
+    assert '<option value="0.25">0.25 (a share of one GPU)</option>' in html
+    assert '<option value="2" selected>2</option>' in html
+    assert '<option value="4">4</option>' in html and '"5"' not in html
     assert '<option value="A100-SXM4-80GB">A100-SXM4-80GB (up to 2 per node)</option>' in html
     assert '<option value="torch">torch</option>' in html
     assert 'name="memory" value="4G"' in html
@@ -291,7 +357,30 @@ def test_the_form_lists_the_models_the_images_and_the_last_exit() -> None:
 
 def test_the_form_without_sharing_or_image_choice() -> None:
     html = render_form(choices(images={}, allow_gpu_sharing=False))
-    assert 'step="1"' in html and 'name="image"' not in html
+    assert '"0.25"' not in html and '<option value="1">1</option>' in html
+    assert 'name="image"' not in html
+
+
+def test_the_form_without_cluster_facts_asks_for_a_number() -> None:
+    html = render_form(choices(cluster=None))
+    assert 'type="number" id="nsml-gpus" name="gpus" min="0" step="0.001"' in html
+
+
+def test_virtual_gpus_are_labelled_virtual_in_the_form() -> None:
+    virtual = ClusterLimits(
+        {"NVIDIA Virtual GPU": 4}, 8000, 32768, frozenset({"NVIDIA Virtual GPU"})
+    )
+    html = render_form(choices(cluster=virtual))
+    assert "This cluster's GPUs are virtual" in html and "no real GPU" in html
+    assert "NVIDIA Virtual GPU (virtual, up to 4 per node)" in html
+    assert '<option value="1">1 (virtual)</option>' in html
+    assert '<option value="0.5">0.5 (a share of one GPU, virtual)</option>' in html
+
+
+def test_image_patterns_make_the_image_field_open_with_the_allowed_ones_shown() -> None:
+    html = render_form(choices(images={IMAGE: IMAGE}, image_patterns=(IMAGE, "jupyter-nsml/*")))
+    assert 'list="nsml-image-names"' in html
+    assert f"Allowed: {IMAGE}, jupyter-nsml/*." in html
 
 
 @pytest.mark.parametrize(("mib", "text"), [(2048, "2G"), (1536, "1536M"), (256, "256M")])
@@ -322,6 +411,9 @@ def spawner(nsml_env: pytest.MonkeyPatch) -> Any:
         ("docker_threads", 0, "docker_threads=0 must be at least 1"),
         ("release_retries", -1, "release_retries=-1 must be 0 or more"),
         ("visible_devices", "serial", "'index'"),
+        ("gpu_shares", [0.5, 1.5], "gpu_shares: 1.5 is not a share of one GPU"),
+        ("gpu_shares", [0.0001], "in steps of 0.001"),
+        ("home_mount_path", "home", "must be a clean absolute path"),
     ],
 )
 def test_bad_knobs_are_refused_on_assignment_with_the_fix(
@@ -337,9 +429,27 @@ def test_bad_knobs_are_refused_on_assignment_with_the_fix(
 def test_defaults_for_the_cluster(spawner: Any) -> None:
     assert spawner.image == IMAGE
     assert spawner.allowed_images == {IMAGE: IMAGE}
+    assert spawner.gpu_shares == [0.25, 0.5] and spawner.remove_home_on_delete is False
+    assert spawner.home_volume == "{prefix}-home-{username}"
+    assert spawner.home_mount_path == "/home/jovyan"
     assert (spawner.network_name, spawner.use_internal_ip, spawner.remove) == ("host", True, True)
     assert spawner.pull_policy == "never" and spawner.poll_interval == 10
     assert spawner.queue_timeout == 60 and spawner.allow_gpu_sharing is False
+
+
+def test_the_allowed_images_are_the_ones_the_nsml_server_enforces(
+    nsml_env: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from nsml_spawner import NSMLSpawner
+
+    nsml_env.setenv("NSML_ALLOWED_IMAGES", "jupyter-nsml/*, team/torch:2")
+    s = NSMLSpawner(user=SimpleNamespace(name="alice", url="/user/alice/"))
+    assert list(s.allowed_images) == ["jupyter-nsml/*", "team/torch:2"]
+    c = s.choices(None)
+    assert c.image_patterns == ("jupyter-nsml/*", "team/torch:2")
+    assert dict(c.images) == {"team/torch:2": "team/torch:2"}
 
 
 def test_choices_follow_the_hub_config(spawner: Any) -> None:
@@ -350,7 +460,9 @@ def test_choices_follow_the_hub_config(spawner: Any) -> None:
     assert c == Choices(
         images={"a:1": "a:1", "b:2": "b:2"},
         default_image=IMAGE,
+        image_patterns=("a:1", "b:2"),
         allow_gpu_sharing=True,
+        gpu_shares=(0.25, 0.5),
         default_cpu=1.0,
         default_memory_mib=2048,
         max_memory_mib=16384,
@@ -390,6 +502,7 @@ def test_the_state_keeps_the_allocation_and_the_last_exit(spawner: Any) -> None:
     spawner.allocation = Allocation(7, 5, "node-a", (2,), ("GPU-a",), 1000, 1000, 2048)
     spawner.engine_url = "tcp://node-a:2376"
     spawner.last_exit = LastExit("oom_killed", 137, "Out of memory")
+    spawner.home_node = "node-a"
     state = spawner.get_state()
     assert state == {
         "port": 4321,
@@ -401,6 +514,7 @@ def test_the_state_keeps_the_allocation_and_the_last_exit(spawner: Any) -> None:
             "message": "Out of memory",
             "finished_at": None,
         },
+        "home_node": "node-a",
     }
     again = type(spawner)(user=spawner.user)
     again.load_state(state)
