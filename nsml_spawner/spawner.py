@@ -775,7 +775,9 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
     async def delete_forever(self) -> None:
         """The user (or this named server) is deleted: remove its home volumes from every
         node if :attr:`remove_home_on_delete` is on; otherwise say where they are kept."""
-        await super().delete_forever()
+        inherited = super().delete_forever()  # JupyterHub's is a no-op, DockerSpawner has none
+        if inherited is not None:
+            await inherited
         home = self._home_of_user()
         if home is None:
             return

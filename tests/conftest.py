@@ -87,3 +87,7 @@ def postgres_url() -> Iterator[str]:
         yield url
     finally:
         cm.__exit__(None, None, None)
+
+
+# The hub and its image, shared by tests/integration and tests/browser (one hub per session).
+from tests.hub_fixtures import hub, singleuser_image  # noqa: E402, F401
