@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what jupyter-nsml needs on this machine (idempotent; no standard input; as root):
 #   - Debian packages: docker.io (the Docker engine), mmdebstrap (offline image builds),
-#     Node.js + npm (configurable-http-proxy), and with --test: postgresql, busybox-static;
+#     Node.js + npm (configurable-http-proxy), and with --test: postgresql, busybox-static,
+#     chromium (the browser tests drive Debian's own browser with Playwright; no browser is
+#     ever downloaded by the test tools);
 #   - a Python virtual environment in .venv with the project installed (editable);
 #   - configurable-http-proxy (npm) in .cache/proxy.
 # Usage: scripts/setup-env.sh [--test]
@@ -20,6 +22,7 @@ command -v npm >/dev/null || need+=(nodejs npm)
 if [ "$TEST" = 1 ]; then
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
     [ -x /bin/busybox ] || need+=(busybox-static)
+    command -v chromium >/dev/null || need+=(chromium)
 fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

@@ -36,5 +36,6 @@ set +e
 .venv/bin/pytest "$@"
 rc=$?
 set -e
+echo "test.sh: browser screenshots in ${NSML_SCREENSHOTS:-$PWD/.cache/screenshots}" >&2
 echo "test.sh: finished in $(($(date +%s) - start))s (pytest exit $rc)" >&2
 exit $rc
