@@ -319,7 +319,14 @@ def test_a_hub_restart_keeps_servers_running_with_their_gpus_allocated(
             id="unknown image",
         ),
         pytest.param(
-            {"gpus": 99}, ["gpus=99: the most GPUs on one node is", "ask for 0-"], id="99 GPUs"
+            {"gpus": 99},
+            ["gpus=99: the most GPUs on one node is", "valid: 0, 0.25, 0.5, 1, "],
+            id="99 GPUs",
+        ),
+        pytest.param(
+            {"gpus": 0.3},
+            ["gpus=0.3 is not a share of a GPU offered here", "valid: 0, 0.25, 0.5, 1, "],
+            id="a share that is not offered",
         ),
         pytest.param(
             {"datasets": ["../../etc"]},
