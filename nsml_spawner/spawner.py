@@ -95,6 +95,7 @@ from .spec import (
     home_for,
     home_init_container,
     home_labels,
+    home_news,
     notebook_container,
     server_host,
     tls_files,
@@ -714,32 +715,10 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             created = await self._in_thread(ensure)
         if created:  # a new volume, or a shared folder: it may be new, check it every time
             await self._init_home(home, alloc, labels)
-        where = f"your home folder ({home.describe()}, at {home.target})"
-        if not home.node_local:
-            self._emit(55, f"Mounted {where}: it is on a shared filesystem and kept")
-            return
-        previous = self.home_node
-        if previous is None or previous == alloc.node:
-            self.home_node = alloc.node
-            if previous is not None and created:
-                self._emit(
-                    55,
-                    f"Made a new, empty {where} on {alloc.node}: the one it held is gone "
-                    "(removed by an admin?)",
-                )
-            else:
-                state = "new, kept when the server stops" if created else "kept from before"
-                self._emit(55, f"Mounted {where} on {alloc.node} ({state})")
-            return
-        why = self._placement_reason.partition("; not on ")[2]
-        why = f" (not on {why})" if why else ""
-        self._emit(
-            55,
-            f"Your home folder is on {previous}, but this server runs on {alloc.node}{why}. "
-            f"It gets {'a new, empty' if created else 'the separate'} home folder kept on "
-            f"{alloc.node}; your files on {previous} are there again when your server next "
-            f"runs on {previous}.",
+        message, self.home_node = home_news(
+            home, self.home_node, alloc.node, created, self._placement_reason
         )
+        self._emit(55, message)
 
     async def _init_home(self, home: Home, alloc: Allocation, labels: dict[str, str]) -> None:
         """Run the short root container that gives a new home the image's files and the
@@ -761,7 +740,27 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
                     api.remove_container(cid, force=True)
             return code, out
 
-        code, out = await self._in_thread(run)
+        try:
+            code, out = await self._in_thread(run)
+        except APIError as e:
+            if "executable file not found" not in str(e):
+                raise
+            if home.kind == "volume":
+                # Docker itself copies the image's home (files and owner) into a new volume.
+                self.log.warning(
+                    "%s: image %s has no python3 to prepare the home %s; relying on Docker's "
+                    "copy of the image's home into the new volume",
+                    self._log_name,
+                    self.image,
+                    home.source,
+                )
+                return
+            raise SpawnException(
+                f"Your home folder ({home.describe()}) on {alloc.node} cannot be prepared: the "
+                f"image {self.image} has no python3. Choose another image, or tell an admin.",
+                reason="home_unusable",
+                status_code=500,
+            ) from None
         if code != 0:
             last = out.splitlines()[-1] if out else f"exit code {code}"
             raise SpawnException(

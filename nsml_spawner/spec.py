@@ -37,6 +37,7 @@ __all__ = [
     "home_for",
     "home_init_container",
     "home_labels",
+    "home_news",
     "notebook_container",
     "server_host",
     "tls_files",
@@ -538,4 +539,46 @@ def describe_exit(state: Mapping[str, Any], memory_mib: int) -> LastExit:
         exit_code=code,
         message=f"Your notebook server stopped (exit code {code}).",
         finished_at=finished,
+    )
+
+
+_HOME_NOTE = "which holds the home folder: "
+
+
+def home_news(
+    home: Home, previous: str | None, node: str, created: bool, reason: str = ""
+) -> tuple[str, str | None]:
+    """What a server's start tells its user about the home, and the node that holds the home
+    from now on.
+
+    Args:
+        home: the user's home.
+        previous: the node that held the home volume before this start (None: none known).
+        node: the node this server runs on.
+        created: the home volume was made on *node* by this start (for a shared folder:
+            always True, it is checked on every start).
+        reason: the placement's reason, which says why the home node was not chosen.
+
+    A server placed on another node than its home's gets a separate, empty home there (homes
+    are not copied); the home stays where the user's files are.
+    """
+    where = f"your home folder ({home.describe()}, at {home.target})"
+    if not home.node_local:
+        return f"Mounted {where}: it is on a shared filesystem and kept", previous
+    if previous is None or previous == node:
+        if previous is not None and created:
+            return (
+                f"Made a new, empty home folder ({home.describe()}, at {home.target}) on {node}: "
+                "the one it held is gone (removed by an admin?)",
+                node,
+            )
+        state = "new, kept when the server stops" if created else "kept from before"
+        return f"Mounted {where} on {node} ({state})", node
+    why = reason.partition(_HOME_NOTE)[2]
+    return (
+        f"Your home folder is on {previous}, but this server runs on {node}"
+        f"{f' ({why})' if why else ''}. It gets {'a new, empty' if created else 'the separate'} "
+        f"home folder kept on {node}; your files on {previous} are there again when your "
+        f"server next runs on {previous}.",
+        previous,
     )

@@ -285,3 +285,97 @@ def test_a_home_the_notebook_user_cannot_write_is_refused_saying_why(open_tmp: A
     assert out.returncode == 3
     assert out.stdout.strip().endswith("and user 1000 cannot write it")
     assert "owned by uid 0" in out.stdout
+
+
+VOLUME = Home("nsml-nb-home-alice")
+REASON = (
+    "placed on node-a; not on node-b, which holds the home folder: Insufficient gpu: "
+    "requested 1, free 0 on node-b"
+)
+
+
+@pytest.mark.parametrize(
+    ("home", "previous", "node", "created", "reason", "message", "kept_on"),
+    [
+        pytest.param(
+            VOLUME,
+            None,
+            "node-a",
+            True,
+            "placed on node-a",
+            "Mounted your home folder (volume nsml-nb-home-alice, at /home/jovyan) on node-a "
+            "(new, kept when the server stops)",
+            "node-a",
+            id="a first server: a new home on its node",
+        ),
+        pytest.param(
+            VOLUME,
+            "node-a",
+            "node-a",
+            False,
+            "placed on node-a",
+            "Mounted your home folder (volume nsml-nb-home-alice, at /home/jovyan) on node-a "
+            "(kept from before)",
+            "node-a",
+            id="back home: the files from before",
+        ),
+        pytest.param(
+            VOLUME,
+            "node-b",
+            "node-a",
+            True,
+            REASON,
+            "Your home folder is on node-b, but this server runs on node-a (Insufficient gpu: "
+            "requested 1, free 0 on node-b). It gets a new, empty home folder kept on node-a; "
+            "your files on node-b are there again when your server next runs on node-b.",
+            "node-b",
+            id="the home node is full: said why, and the home stays where the files are",
+        ),
+        pytest.param(
+            VOLUME,
+            "node-b",
+            "node-a",
+            False,
+            REASON,
+            "Your home folder is on node-b, but this server runs on node-a (Insufficient gpu: "
+            "requested 1, free 0 on node-b). It gets the separate home folder kept on node-a; "
+            "your files on node-b are there again when your server next runs on node-b.",
+            "node-b",
+            id="away again: the separate home from the last time",
+        ),
+        pytest.param(
+            VOLUME,
+            "node-a",
+            "node-a",
+            True,
+            "placed on node-a",
+            "Made a new, empty home folder (volume nsml-nb-home-alice, at /home/jovyan) on "
+            "node-a: the one it held is gone (removed by an admin?)",
+            "node-a",
+            id="the volume was removed by an operator",
+        ),
+        pytest.param(
+            Home("/mnt/nfs/homes/alice"),
+            "node-b",
+            "node-a",
+            True,
+            "placed on node-a",
+            "Mounted your home folder (folder /mnt/nfs/homes/alice, at /home/jovyan): it is on a "
+            "shared filesystem and kept",
+            "node-b",
+            id="a shared folder: the same everywhere",
+        ),
+    ],
+)
+def test_what_the_start_says_about_the_home(
+    home: Home,
+    previous: str | None,
+    node: str,
+    created: bool,
+    reason: str,
+    message: str,
+    kept_on: str | None,
+) -> None:
+    from nsml_spawner.spec import home_news
+
+    assert home_news(home, previous, node, created, reason) == (message, kept_on)
