@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, service_missing
 from tests.integration.hubproc import HubProcess
 
+REPO = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("NSML_NOTEBOOK_IMAGE", "jupyter-nsml/singleuser:latest")
 BUILD_SCRIPT = REPO / "hub_config" / "images" / "build.sh"
 
@@ -35,6 +35,8 @@ def proxy_available() -> str | None:
 @pytest.fixture(scope="session")
 def singleuser_image(docker_client: Any) -> str:
     """The offline-built notebook image, built (incrementally) if it is missing or stale."""
+    from tests.conftest import service_missing  # tests/conftest.py imports this module
+
     if not BUILD_SCRIPT.exists():
         service_missing("docker", f"{BUILD_SCRIPT} is missing")
     r = subprocess.run(
@@ -60,6 +62,8 @@ def remove_deployment(docker_client: Any, prefix: str) -> None:
 @pytest.fixture(scope="session")
 def hub(docker_client: Any, singleuser_image: str) -> Iterator[HubProcess]:
     """One real jupyterhub process (proxy, the `nsml` managed service) for the whole session."""
+    from tests.conftest import service_missing
+
     if proxy_available() is None:
         service_missing(
             "hub", "configurable-http-proxy is not installed (scripts/test.sh installs it)"
