@@ -174,6 +174,8 @@ class NSMLMagics(Magics):
         ns = self.parse(verb, argline, cell)
         ns.rest = extra
         ns.notes = sys.stdout
+        if getattr(ns, "no_progress", True) is False:
+            ns.progress = True  # a kernel's stderr is no terminal: show the widget bar anyway
         shown = SHOWN.get(verb)
         if shown is not None:
             return shown(self, ns, cell)

@@ -146,6 +146,7 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
 
     # dataset push from the notebook: NAME@k, with a progress widget.
     assert push["status"] == "ok" and "nbdata@1" in push["text"], push
+    assert "application/vnd.jupyter.widget-view+json" in push["mimes"], push
 
     # run: prints the name, what the code upload took, and shows a live status widget; the
     # kernel is not blocked.
