@@ -445,7 +445,7 @@ def _read_stable(
     """
     for attempt in range(attempts):
         if attempt:
-            time.sleep(0.05 * 4**attempt)
+            time.sleep(0.05 * attempt)  # short: a folder may hold many files being written
         spool: BinaryIO = tempfile.SpooledTemporaryFile(max_size=8 * _CHUNK)  # type: ignore[assignment]
         try:
             with open_file(path) as f:

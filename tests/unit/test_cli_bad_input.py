@@ -18,7 +18,7 @@ from nsml import Client, sessions
 from nsml.cli import main
 from nsml.client import NSMLError
 from nsml.config import ClientConfig
-from nsml_magics.magics import NSMLMagics, cli_verbs
+from nsml_magics.magics import SHOWN, NSMLMagics, cli_verbs
 from tests.unit.fakeapi import FakeAPI, gpu, node, session
 
 NSML = str(Path(sys.executable).parent / "nsml")
@@ -182,6 +182,7 @@ def test_the_magics_refuse_the_same_arguments_with_a_usage_error(
 def test_the_magics_and_the_cli_have_the_same_verbs(ip: InteractiveShell) -> None:
     m = ip.magics_manager.registry["NSMLMagics"]
     assert set(m.verbs()) == set(cli_verbs())
+    assert set(SHOWN) <= set(cli_verbs()), "a verb shown in notebooks must be a CLI verb"
     assert {"gpustat", "run", "ps", "logs", "dataset"} <= set(m.verbs())
 
 
