@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -141,8 +142,9 @@ def build_parser() -> Parser:
 
 
 def one_line(text: object) -> str:
-    """*text* on one line (a message may carry newlines from a server or a library)."""
-    return " ".join(str(text).split())
+    """*text* on one line (a message may carry newlines from a server or a library); other
+    spacing is kept (a file name may hold two spaces)."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", str(text).strip())
 
 
 def _quiet_stdout() -> None:

@@ -26,6 +26,7 @@ from IPython.utils.process import arg_split
 
 from nsml._args import Parser, UsageProblem
 from nsml._fmt import gpu_rows, print_json
+from nsml.cli import one_line
 from nsml.client import Client, NSMLError
 from nsml.config import ConfigError
 from nsml.snapshot import SnapshotError
@@ -81,7 +82,7 @@ def magic_parser(verb: str, cli: argparse.ArgumentParser) -> Parser:
 
 
 def _usage(verb: str, problem: object) -> UsageError:
-    text = " ".join(str(problem).split())
+    text = one_line(problem)
     if text.startswith("nsml "):
         return UsageError("%" + text)
     if text.startswith("%nsml "):
