@@ -129,7 +129,7 @@ class Client:
             ) from e
         except requests.RequestException as e:
             raise NSMLError(
-                f"Could not send {method} {url}: {e.__class__.__name__}: {e}",
+                f"Could not send {method} {url}: {e.__class__.__name__}: {e}. Check NSML_API_URL.",
                 reason="bad_request",
             ) from e
         if r.status_code >= 400:
