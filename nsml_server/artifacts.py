@@ -8,8 +8,13 @@ One folder (``<state_dir>/artifacts``) holds:
   "executable"}]}`` sorted by path; its digest is the SHA-256 of that canonical JSON, so the
   same folder uploaded twice is one snapshot and two snapshots share unchanged files.
 
-Checkpoints are blobs too (a tar archive each); the database names them. Nothing here knows
-about users or sessions: the server checks who may read what before calling in.
+Checkpoints are blobs too (a tar archive each); the database names them. The store knows
+nothing about users or sessions: the server checks who may read what before calling in.
+
+A digest names content; it never grants it. :func:`may_run_code` is the one rule for naming a
+code snapshot by digest (a session runs it, so its user could read it): its user uploaded it
+(:func:`record_code_upload`, table ``code_uploads``), can read a session that runs it, or is
+an admin. Anyone else is answered as for a snapshot that does not exist.
 """
 
 from __future__ import annotations
@@ -24,8 +29,15 @@ import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .models import CodeUpload, TrainingSession
 
 __all__ = [
     "ArtifactError",
@@ -34,6 +46,8 @@ __all__ = [
     "CodeFile",
     "CodeSnapshot",
     "FileChange",
+    "may_run_code",
+    "record_code_upload",
     "validate_code_path",
 ]
 
@@ -405,3 +419,33 @@ class ArtifactStore:
 def _newline_terminated(lines: Iterable[str]) -> Iterator[str]:
     for line in lines:
         yield line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+
+
+# ---- who may name a code snapshot ------------------------------------------------------------
+
+
+def record_code_upload(s: Session, user: str, digest: str, now: datetime) -> None:
+    """Note that *user* uploaded the code snapshot *digest* (idempotent)."""
+    if s.get(CodeUpload, (digest, user)) is not None:
+        return
+    try:
+        with s.begin_nested():
+            s.add(CodeUpload(digest=digest, user_name=user, created=now))
+    except IntegrityError:  # the same upload, recorded concurrently
+        pass
+
+
+def may_run_code(s: Session, user: str, is_admin: bool, digest: str) -> bool:
+    """Whether a session of *user* may run the code snapshot *digest*: *user* uploaded it, can
+    read a session that runs it (their own, or a public one), or is an admin."""
+    if is_admin or s.get(CodeUpload, (digest, user)) is not None:
+        return True
+    used = s.scalar(
+        select(TrainingSession.id)
+        .where(
+            TrainingSession.code_digest == digest,
+            or_(TrainingSession.user_name == user, TrainingSession.visibility == "public"),
+        )
+        .limit(1)
+    )
+    return used is not None

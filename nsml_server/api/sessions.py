@@ -25,7 +25,13 @@ from tornado import web
 
 from gpu_scheduler.model import GPU_MILLI
 
-from ..artifacts import ArtifactError, ArtifactStore, BlobWriter
+from ..artifacts import (
+    ArtifactError,
+    ArtifactStore,
+    BlobWriter,
+    may_run_code,
+    record_code_upload,
+)
 from ..backends import BackendError
 from ..datasets import resolve_refs
 from ..models import SESSION_ACTIVE_STATES, SESSION_STATES, SessionEvent, TrainingSession
@@ -279,6 +285,8 @@ class CodeHandler(StreamedBody, SessionHandler):
             )
         finally:
             w.abort()
+        with self.ctx.db.session() as s:
+            record_code_upload(s, self.user_name, snap.digest, self.ctx.now())
         self.write_json(CodeOut(digest=snap.digest, files=len(snap.files), bytes=snap.bytes), 201)
 
 
@@ -289,7 +297,11 @@ class SessionsHandler(SessionHandler):
         body = self.body_as(SessionIn)
         entry = validate_entry(body.entry)
         store = self.service.store
-        if not store.has_code(body.code):
+        # A digest is a name, not a capability: another user's snapshot is answered exactly
+        # as one that does not exist.
+        with self.ctx.db.session() as s:
+            allowed = may_run_code(s, self.user_name, self.is_admin, body.code)
+        if not allowed or not store.has_code(body.code):
             raise APIError(
                 400,
                 f"No code snapshot {body.code}; upload it first (POST api/code).",
@@ -763,11 +775,15 @@ class CheckpointHandler(StreamedBody, SessionHandler):
         self.write_json(out, 201)
 
     def _loadable(self, s: Session, name: str, ckpt: str) -> TrainingSession:
-        """A session token may load its own checkpoints and the one it was started from."""
+        """A session token may load its own checkpoints and the one it was started from: of
+        its parent, the very session it was forked from (a name is reused once a session is
+        removed; the new session's checkpoints are not the parent's)."""
         if self.token_session_id is not None:
             me = s.get(TrainingSession, self.token_session_id)
             if me is not None and me.load_from == f"{name}/{ckpt}":
-                return self._get(s, name)
+                row = self._get(s, name)
+                if row.id in (me.id, me.parent_id):
+                    return row
         return self.readable(s, name)
 
     async def get(self, user: str, key: str, number: str, ckpt: str) -> None:
