@@ -483,7 +483,10 @@ class UploadOut(BaseModel):
     test_digest: str | None
     files: int
     bytes: int
-    missing: list[MissingBlob] = Field(description="blobs the server still needs")
+    missing: list[MissingBlob] = Field(
+        description="blobs the caller must still send: every blob not received yet that no "
+        "version the caller may read lists, whatever the store holds"
+    )
     missing_bytes: int
     resumed: bool = Field(description="an upload of the same manifest was resumed")
 
@@ -497,7 +500,7 @@ class BlobOut(BaseModel):
 
 class PackOut(BaseModel):
     blobs: int = Field(description="blobs in the pack")
-    stored: int = Field(description="blobs new to the store")
+    stored: int = Field(description="blobs received and verified (stored once)")
     bytes: int
 
 
@@ -518,7 +521,9 @@ class VersionOut(BaseModel):
     digest: str
     files: int
     bytes: int
-    new_bytes: int = Field(description="bytes this version added to the store when pushed")
+    new_bytes: int = Field(
+        description="bytes of the files that no version its pusher could read held"
+    )
     created: str
     created_by: str
     last_access: str | None
