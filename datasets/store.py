@@ -1211,10 +1211,23 @@ class Upload:
         size = self._size_of(sha)
         if self._present(sha, self.credited()):
             return size
+        return self._part_size(sha, size)
+
+    def _part_size(self, sha: str, size: int) -> int:
         try:
             return min(self._part(sha).stat().st_size, size)
         except FileNotFoundError:
             return 0
+
+    def missing_offsets(self) -> list[tuple[str, int, int]]:
+        """``(blake3, size, offset)`` of every missing blob, in first-use order: what
+        :meth:`missing` and :meth:`offset` answer, with the credits read once."""
+        credited = self.credited()
+        return [
+            (sha, size, self._part_size(sha, size))
+            for sha, size in self._sizes.items()
+            if not self._present(sha, credited)
+        ]
 
     # -- receiving -----------------------------------------------------------------------------
 

@@ -99,9 +99,9 @@ _ALLOCATION = re.compile(r"allocation:[0-9]{1,18}\Z")
 
 PUSH_HINT = "push one with `nsml dataset push NAME FOLDER`"
 
-BLOB_SET_BUDGET = 2_000_000
+BLOB_SET_BUDGET = 500_000
 """Blob names of parsed manifests kept in memory to find what an upload may skip (about
-150 MB at most; the least recently used manifest goes first)."""
+200 bytes each, so about 100 MB at most; the least recently used manifest goes first)."""
 
 
 @dataclass(frozen=True)
@@ -816,9 +816,8 @@ class DatasetService:
         for u in (up, tup):
             if u is None:
                 continue
-            sizes = u.manifest.blobs()
-            for sha in u.missing():
-                missing.append(MissingBlob(blake3=sha, size=sizes[sha], offset=u.offset(sha)))
+            for sha, size, offset in u.missing_offsets():
+                missing.append(MissingBlob(blake3=sha, size=size, offset=offset))
         return UploadOut(
             upload_id=up.id,
             name=name,

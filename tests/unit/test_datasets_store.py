@@ -324,6 +324,7 @@ def test_a_blob_resumes_at_the_byte_where_the_stream_broke(store: BlobStore) -> 
     assert upload.put(io.BytesIO(data[:100_000]), sha(data)) == 100_000
     again = store.resume(upload.id)
     assert again.offset(sha(data)) == 100_000
+    assert again.missing_offsets() == [(sha(data), len(data), 100_000)]
     with pytest.raises(DatasetError, match="stands at byte 100000"):
         again.put(io.BytesIO(data[50_000:]), sha(data), offset=50_000)
     assert again.put(io.BytesIO(data[100_000:]), sha(data), offset=100_000) == len(data)
