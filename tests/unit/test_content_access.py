@@ -22,6 +22,7 @@ from nsml_server.api.base import APIError
 from nsml_server.artifacts import may_run_code, record_code_upload
 from nsml_server.datasets import Caller, DatasetService
 from nsml_server.db import Database, check_schema
+from nsml_server.models import CodeUpload
 from nsml_server.sessions import create_session
 from tests.unit.conftest import sha
 
@@ -242,3 +243,32 @@ def test_a_code_snapshot_may_be_run_by_its_uploader_readers_of_a_session_and_adm
     with db.session() as s:
         assert may_run_code(s, who, is_admin, wanted) is allowed
         assert may_run_code(s, "bob", False, dans) is False, "a private session's code"
+
+
+def test_after_the_upgrade_users_of_existing_sessions_still_run_their_code(
+    tmp_path: Path,
+) -> None:
+    from sqlalchemy import text
+
+    from nsml_server.db import upgrade
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    upgrade(url, "0004")
+    old = Database(url)
+    with old.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO sessions (name, user_name, dataset_key, number, state, visibility, "
+                "code_digest, entry, args, image, datasets, resources, gpu_ids, log_base, "
+                "stop_requested, attempt, memo, last_metrics, points, created) VALUES "
+                "('ann/_/1', 'ann', '_', 1, 'completed', 'private', :d, 'train.py', '[]', "
+                "'img', '[]', '{}', '[]', 0, 0, 1, '', '{}', 0, :t)"
+            ),
+            {"d": "a" * 64, "t": NOW},
+        )
+    upgrade(url)
+    with old.session() as s:
+        assert s.get(CodeUpload, ("a" * 64, "ann")) is not None, "recorded as ann's upload"
+        assert may_run_code(s, "ann", False, "a" * 64)
+        assert not may_run_code(s, "bob", False, "a" * 64)
+    old.engine.dispose()
