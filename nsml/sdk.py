@@ -420,6 +420,8 @@ class _Reporter:
             shown = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
             print(f"[nsml] step {step}: {shown}", flush=True)
             return
+        if self.finished is not None:
+            return  # the server takes no more reports from this session (said once)
         buf = self.buffer
         buf.append((step, time.time(), values))
         if len(buf) >= self.wake_len:

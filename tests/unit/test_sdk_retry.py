@@ -300,6 +300,7 @@ def test_an_ended_session_stops_the_reports_at_once_without_retrying() -> None:
         "ended (stopped)); 30 report points were not stored"
     ]
     add(rep, range(30, 40))
+    assert rep.unsent() == 0, "nothing more is kept"
     rep.flush()
     assert len(server.bodies) == 1, "nothing more is sent"
 
