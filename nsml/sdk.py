@@ -16,7 +16,7 @@ Training outlives the control plane. When the NSML server is unreachable (restar
 network break: connection errors, timeouts, answers 502/503/504), the SDK keeps the report
 points in a bounded buffer (``$NSML_REPORT_BUFFER`` points, default 1,000,000; the oldest are
 dropped past it, and only then is a drop reported) and retries with jittered exponential
-backoff (0.5 s doubling to 30 s); ``save`` and ``load`` retry for up to
+backoff (0.5 s doubling to 10 s); ``save`` and ``load`` retry for up to
 ``$NSML_RETRY_TIMEOUT`` seconds (default 600) before raising :class:`CheckpointError`, and the
 flush at exit waits as long. It says once on standard error what it waits for, and when it
 got through. Refusals (4xx) are not retried. Retries are idempotent: a checkpoint is stored
@@ -185,7 +185,7 @@ class Backoff:
     ``min(cap_s, base_s * 2**n)`` (jupyterhub's ``exponential_backoff``; AWS "equal jitter")."""
 
     base_s: float = 0.5
-    cap_s: float = 30.0
+    cap_s: float = 10.0
     rng: Callable[[], float] = field(default=random.random)
 
     def delay(self, attempt: int) -> float:

@@ -76,9 +76,9 @@ def failing(times: int, result: Any = "ok") -> Any:
         (0, 0.0, 0.25),
         (1, 1.0, 1.0),
         (3, 1.0, 4.0),
-        (5, 1.0, 16.0),
-        (6, 1.0, 30.0),  # capped
-        (60, 0.0, 15.0),  # capped, and jittered down to half of the cap at most
+        (4, 1.0, 8.0),
+        (5, 1.0, 10.0),  # capped: a server that is back is found within seconds
+        (60, 0.0, 5.0),  # capped, and jittered down to half of the cap at most
     ],
 )
 def test_the_backoff_doubles_up_to_its_cap_with_jitter(
@@ -112,7 +112,7 @@ def test_the_retries_give_up_after_the_timeout_saying_how_to_wait_longer() -> No
     with pytest.raises(ServerUnreachable) as e:
         retrier(clock, said, timeout=120).call("the download of checkpoint 1", failing(10**6))
     assert clock.now - start == pytest.approx(120), "never sleeps past the deadline"
-    assert max(clock.sleeps) <= 30
+    assert max(clock.sleeps) <= 10
     assert "did not answer for 2 min" in str(e.value) and "NSML_RETRY_TIMEOUT" in str(e.value)
     assert len(said.lines) == 1, "said once, not at every attempt"
 
@@ -271,7 +271,7 @@ def test_the_flush_at_exit_waits_for_a_restarting_server() -> None:
     rep.sleep = sleep
     rep.flush()
     assert server.steps() == list(range(5))
-    assert 45 <= clock.now - (back_at - 45) <= 45 + 30
+    assert 45 <= clock.now - (back_at - 45) <= 45 + 10
     assert said.lines[0].startswith("[nsml] the NSML server is unreachable (connection refused)")
     assert said.lines[1] == (
         "[nsml] waiting up to 10 min for the NSML server to take the last 5 report points"
