@@ -462,7 +462,7 @@ def add_session_verbs(sub: Any) -> None:
             name,
             cmd_pull,
             "download a checkpoint (SESSION/CHECKPOINT, or the newest) into "
-            "DEST/USER_DATASET_N/CHECKPOINT",
+            "DEST/USER_DATASET_N/CHECKPOINT (a new folder; nothing is left there on failure)",
             False,
         )
         sp.add_argument("session", help="USER/DATASET/N[/CHECKPOINT]")

@@ -12,16 +12,17 @@ Sessions are named ``USER/DATASET/N``; every function also accepts the short for
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
+from ._checkpoint import ArchiveError, extract
 from .client import Client, NSMLError, encode_json
 from .snapshot import (
     DEFAULT_MAX_BYTES,
@@ -30,7 +31,6 @@ from .snapshot import (
     SnapshotError,
     build_archive,
     collect,
-    safe_extract,
 )
 
 __all__ = [
@@ -537,7 +537,17 @@ def pull(
     checkpoint: str | None = None,
 ) -> Path:
     """Download a checkpoint (``SESSION/CHECKPOINT``, or the session's newest) and unpack it
-    into ``DEST/USER_DATASET_N/CHECKPOINT``; return that folder."""
+    into ``DEST/USER_DATASET_N/CHECKPOINT``, which must not exist; return that folder.
+
+    The download is checked against the SHA-256 the server recorded, and the archive against
+    the checkpoint rules (regular files and folders only, no path leaving the folder); it is
+    unpacked into a hidden sibling folder renamed into place at the end. On any failure
+    nothing is left at the destination (not even the folders this call created).
+
+    Raises:
+        NSMLError: one sentence for each failure (reason ``exists``, ``damaged``, ``io``,
+            ``unreachable``, or the API's).
+    """
     name, ckpt = split_checkpoint(client, ref)
     ckpt = checkpoint or ckpt
     if ckpt is None:
@@ -546,12 +556,99 @@ def pull(
             raise NSMLError(f"Session {name} has no checkpoint.", 404, "not_found")
         ckpt = str(saved[-1]["name"])
     target = Path(dest) / name.replace("/", "_") / ckpt
-    r = client.raw("GET", _path(name, f"/checkpoints/{quote(ckpt, safe='')}"), stream=True)
-    with tempfile.TemporaryFile() as tmp:
-        for chunk in r.iter_content(1 << 20):
-            tmp.write(chunk)
-        tmp.seek(0)
-        target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=tmp, mode="r:*") as tar:
-            safe_extract(tar, target)
+    what = f"checkpoint {name}/{ckpt}"
+    if target.exists() or target.is_symlink():
+        raise NSMLError(
+            f"{target} already exists; remove it or pull into another folder.", 0, "exists"
+        )
+    created = _make_folders(target.parent)
+    try:
+        r = client.raw("GET", _path(name, f"/checkpoints/{quote(ckpt, safe='')}"), stream=True)
+        with tempfile.TemporaryFile(dir=target.parent, prefix=".nsml-pull-") as tmp:
+            digest = _receive(r, tmp, what)
+            expected = r.headers.get("X-Checkpoint-SHA256", "").lower()
+            if expected and expected != digest:
+                raise NSMLError(
+                    f"The download of {what} is damaged (SHA-256 {digest[:12]}..., the server "
+                    f"recorded {expected[:12]}...); nothing was written. Try again; if it "
+                    "persists the server's copy is damaged.",
+                    0,
+                    "damaged",
+                )
+            tmp.seek(0)
+            extract(tmp, target)
+    except ArchiveError as e:
+        _remove_folders(created)
+        raise NSMLError(
+            f"{what.capitalize()} cannot be unpacked: {e}; nothing was written.", 0, "damaged"
+        ) from None
+    except FileExistsError:
+        _remove_folders(created)
+        raise NSMLError(
+            f"{target} already exists; remove it or pull into another folder.", 0, "exists"
+        ) from None
+    except OSError as e:
+        _remove_folders(created)
+        raise NSMLError(
+            f"Cannot write {what} into {target.parent}: {e.strerror or e}; nothing was written.",
+            0,
+            "io",
+        ) from None
+    except BaseException:
+        _remove_folders(created)
+        raise
     return target
+
+
+def _receive(r: Any, out: IO[bytes], what: str) -> str:
+    """Copy a streamed download into *out*; its SHA-256."""
+    import requests
+
+    h = hashlib.sha256()
+    try:
+        for chunk in r.iter_content(1 << 20):
+            out.write(chunk)
+            h.update(chunk)
+    except requests.RequestException as e:  # before OSError: requests' errors are OSErrors
+        raise NSMLError(
+            f"The download of {what} broke ({e.__class__.__name__}); nothing was written. "
+            "Try again.",
+            0,
+            "unreachable",
+        ) from None
+    finally:
+        r.close()
+    return h.hexdigest()
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create *folder* and its missing parents; the ones created, outermost first.
+
+    Raises:
+        NSMLError: a folder cannot be created (nothing created is left).
+    """
+    missing: list[Path] = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except OSError as e:
+            _remove_folders(created)
+            raise NSMLError(f"Cannot create {d}: {e.strerror or e}.", 0, "io") from None
+        created.append(d)
+    if not folder.is_dir():
+        raise NSMLError(f"Cannot write into {folder}: it is not a folder.", 0, "io")
+    return created
+
+
+def _remove_folders(created: list[Path]) -> None:
+    """Remove the folders :func:`_make_folders` created, innermost first, if still empty."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            return

@@ -330,7 +330,7 @@ def test_the_session_token_only_reports_saves_and_loads_for_its_session(
         )
 
     ok = call("POST", f"sessions/{name}/metrics", json={"points": [[None, time.time(), {"x": 1}]]})
-    assert ok.status_code == 200 and ok.json() == {"accepted": 1}, ok.text
+    assert ok.status_code == 200 and ok.json() == {"accepted": 1, "duplicate": False}, ok.text
     assert_json_error(call("GET", "sessions"), 403, "forbidden")
     assert_json_error(call("GET", f"sessions/{name}"), 403, "forbidden")
     assert_json_error(call("POST", f"sessions/{name}/stop"), 403, "forbidden")
