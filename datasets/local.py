@@ -12,7 +12,12 @@ into its own files and verifies every byte against its BLAKE3.
 Nothing here grants access by itself. The HTTP API (authenticated by the hub) issues a *key*
 (:class:`Grants`) for one user: a key lets its holder store blobs (as an HTTP upload does) and
 open the blobs of the one version the API checked that the user may read. A version still
-becomes visible only through the HTTP upload and commit, with every check they make.
+becomes visible only through the HTTP upload and commit, with every check they make. Every
+file handed over is hashed by the server, so the key records its blobs as *proven*: the
+holder had their bytes, and an upload that names the key may skip them. Nothing a key's holder
+is told depends on what else the store holds: ``place`` counts what the connection handed
+over, not what was new to the store, and the "unchanged since the previous version" shortcut
+(``expect``) is taken only for a blob of the version the key reads.
 
 The socket lives in the abstract namespace (no file to mount or clean up; every process of the
 host's network namespace can connect, the key decides what it may do). The client checks the
@@ -24,7 +29,8 @@ ride on the first segment of a message. Requests::
 
     {"op": "ingest", "key": K, "files": [{"name": REL, "expect": BLAKE3|null}, ...]} + fds
         -> {"blobs": [{"blake3": H, "size": N}, ...]}       (blobs wait, unlinked from view)
-    {"op": "place", "key": K}  -> {"placed": N, "bytes": B}  (one sync, then into blobs/)
+    {"op": "place", "key": K}  -> {"placed": N, "bytes": B}  (one sync, then into blobs/;
+                                   N, B: the distinct blobs this connection handed over)
     {"op": "open", "key": K, "blobs": [H, ...]} -> {"sizes": [N, ...]} + fds (read-only)
 
 An error answers ``{"error": MESSAGE, "reason": R}`` and the connection stays usable; blobs
@@ -139,17 +145,19 @@ class Grant:
     Attributes:
         user: who it was issued to (for the logs).
         expires: ``time.monotonic()`` after which it is refused.
-        readable: the blobs its holder may open (one version's), BLAKE3 to size.
+        readable: the blobs its holder may open (one version's), BLAKE3 to size; also the
+            only blobs an ``expect`` hint may name.
         max_file_bytes: the largest file its holder may store.
-        placed: the blobs its holder's files added to the store, BLAKE3 to size (what a push
-            through this key stored new; filled under the :class:`Grants` lock).
+        proven: the blobs of every file its holder handed over and the server hashed,
+            BLAKE3 to size, whether or not the store held them before (filled under the
+            :class:`Grants` lock).
     """
 
     user: str
     expires: float
     readable: Mapping[str, int]
     max_file_bytes: int
-    placed: dict[str, int] = field(default_factory=dict)
+    proven: dict[str, int] = field(default_factory=dict)
 
 
 class Grants:
@@ -186,15 +194,16 @@ class Grants:
             )
         return grant
 
-    def record_placed(self, key: str, blobs: Mapping[str, int]) -> None:
-        """Note that *key*'s holder added *blobs* (BLAKE3 to size) to the store."""
+    def record_proven(self, key: str, blobs: Mapping[str, int]) -> None:
+        """Note that *key*'s holder handed over files holding *blobs* (BLAKE3 to size), now
+        in the store."""
         with self._lock:
             grant = self._grants.get(key)
             if grant is not None:
-                grant.placed.update(blobs)
+                grant.proven.update(blobs)
 
-    def placed_by(self, key: str, user: str) -> dict[str, int]:
-        """The blobs that *user*'s key *key* added to the store, BLAKE3 to size.
+    def proven_by(self, key: str, user: str) -> dict[str, int]:
+        """The blobs whose bytes *user* handed over with the key *key*, BLAKE3 to size.
 
         Raises:
             LocalError: unknown or expired, or issued to another user (``reason="forbidden"``).
@@ -203,7 +212,7 @@ class Grants:
         if grant.user != user:
             raise LocalError("this key was issued to another user", reason="forbidden")
         with self._lock:
-            return dict(grant.placed)
+            return dict(grant.proven)
 
 
 class LocalServer:
@@ -338,6 +347,8 @@ class LocalServer:
             for f, fd in zip(files, fds, strict=True):
                 name = str(f.get("name", "?")) if isinstance(f, dict) else "?"
                 expect = f.get("expect") if isinstance(f, dict) else None
+                if not isinstance(expect, str) or expect not in grant.readable:
+                    expect = None  # a hint may name only a blob the key may read
                 sha, size, _ = self.store.ingest_fd(
                     fd, name, staged=staged, limit=grant.max_file_bytes, expect=expect
                 )
@@ -345,11 +356,12 @@ class LocalServer:
                 sizes[sha] = size
             return {"blobs": blobs}
         if op == "place":
-            placed = {s: sizes.get(s, 0) for s in self.store.place_staged(staged)}
+            self.store.place_staged(staged)
+            handed = dict(sizes)
             staged.clear()
             sizes.clear()
-            self.grants.record_placed(req["key"], placed)
-            return {"placed": len(placed), "bytes": sum(placed.values())}
+            self.grants.record_proven(req["key"], handed)
+            return {"placed": len(handed), "bytes": sum(handed.values())}
         if op == "open":
             shas = req.get("blobs")
             if not isinstance(shas, list) or len(shas) > MAX_FDS:
@@ -430,8 +442,8 @@ class LocalChannel:
         return [(str(b["blake3"]), int(b["size"])) for b in reply["blobs"]]
 
     def place(self) -> tuple[int, int]:
-        """Make what this connection ingested durable and visible; returns how many blobs and
-        bytes were new to the store."""
+        """Make what this connection ingested durable and visible; returns how many distinct
+        blobs and bytes it handed over (the same whatever the store held before)."""
         reply, got = self._call({"op": "place"})
         _close(got)
         return int(reply["placed"]), int(reply["bytes"])

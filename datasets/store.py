@@ -5,7 +5,8 @@ visibility in its database and refers to a version by its manifest digest)::
 
     blobs/ab/cdef...        one file per distinct content, named by its BLAKE3; read-only
     manifests/<digest>.json the canonical JSON of every committed manifest
-    uploads/<id>/           an upload in progress: manifest.json and parts/<sha> (partial blobs)
+    uploads/<id>/           an upload in progress: manifest.json, parts/<sha> (partial blobs),
+                            credited (the blobs counted as present for this upload)
     tmp/                    files being written; removed by gc when stale
     FORMAT                  the layout and the hash that names blobs (``nsml-blob-store/2 blake3``)
 
@@ -20,6 +21,11 @@ Guarantees:
   so a version is visible only when complete. A push killed at any point leaves no manifest; its
   blobs and parts are removed by :meth:`BlobStore.gc` once the upload is older than the grace
   period, unless the client resumes it first with the same upload id.
+- An upload skips a blob only when it is credited to that upload (:meth:`Upload.credit`: the
+  server vouches that the uploader may read it, or has just handed it over); any other blob's
+  bytes must arrive and match, even when the store holds it. What an upload answers depends
+  on what its uploader sent or may read, never on what else the store holds: a hash is a name,
+  not a capability. Storage is still deduplicated: a blob is stored once.
 - Nothing is written outside ``root``: blob names, digests and upload ids are validated before
   they become paths.
 """
@@ -31,6 +37,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -614,8 +621,9 @@ class BlobStore:
         The file is copied in the kernel into ``tmp/`` and the copy is hashed: the blob's name
         is true whatever the sender does to its file meanwhile. With *expect* (the blob this
         file held in the previous version) and that blob stored, the file is hashed in place
-        first and copied only when its content changed. The new blob waits in *staged* until
-        :meth:`place_staged`.
+        first and copied only when its content changed. Pass only an *expect* the sender may
+        read: whether the copy is skipped shows in the time this call takes. The new blob
+        waits in *staged* until :meth:`place_staged`.
 
         Returns:
             ``(blake3, size, new)``.
@@ -734,6 +742,7 @@ class BlobStore:
         manifest = Manifest(e for e, _ in results)
         new_blobs = {e.blake3: e.size for e, _ in results if e.blake3 in placed}
         upload = self.begin(manifest)
+        upload.credit(manifest.blobs())  # every file was just read and hashed here
         sources = {e.blake3: e.path for e in manifest}
         for _ in range(3):
             missing = upload.missing()
@@ -1068,6 +1077,20 @@ class Upload:
 
     Obtained from :meth:`BlobStore.begin` or :meth:`BlobStore.resume`. Every method works
     after a restart of the process: the state is on disk.
+
+    A content address is not a capability: that the store holds a blob says nothing about
+    whether the uploader may have its bytes. So an upload counts a blob as present only when
+    it is *credited* to the upload: its bytes arrived through this upload and hashed to its
+    name (:meth:`put`, :meth:`open_part`, :meth:`put_blobs`, :meth:`put_file`), or the caller
+    of :meth:`credit` vouches for it (the server credits the blobs that a version the
+    uploader may read already lists, and those the uploader has just handed over as files).
+    Every other blob is missing whatever the store holds: its bytes must arrive and match,
+    and only then is it credited (without being written twice when the store has it). What
+    an upload answers (:meth:`missing`, :meth:`offset`, :meth:`commit`'s errors) therefore
+    depends only on what the uploader sent or may read, never on what other users stored.
+
+    The credits are a list of names under ``uploads/<id>/credited``, appended to and shared
+    by every process that serves the upload.
     """
 
     def __init__(self, store: BlobStore, upload_id: str, manifest: Manifest) -> None:
@@ -1076,6 +1099,9 @@ class Upload:
         self.manifest = manifest
         self._dir = store.uploads_dir / upload_id
         self._sizes = manifest.blobs()
+        self._credited: set[str] = set()
+        self._credit_read = 0  # bytes of the credit file already read
+        self._credit_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Upload {self.id} manifest={self.digest[:12]}>"
@@ -1085,9 +1111,78 @@ class Upload:
         """The digest of the manifest being uploaded."""
         return self.manifest.digest
 
+    # -- credits -------------------------------------------------------------------------------
+
+    def credit(self, blobs: Iterable[str]) -> list[str]:
+        """Count *blobs* as present for this upload without their bytes arriving through it.
+
+        Only for blobs the uploader may already read or has proven to hold (the caller
+        decides; the store cannot). Blobs the manifest does not list are ignored. A credited
+        blob the store lacks is still missing.
+
+        Returns:
+            The blobs newly credited.
+        """
+        with self._credit_lock:
+            self._reload_credits()
+            new = [
+                sha
+                for sha in dict.fromkeys(blobs)
+                if sha in self._sizes and sha not in self._credited
+            ]
+            if new:
+                self._append_credits(new)
+        return new
+
+    def credited(self) -> frozenset[str]:
+        """The blobs credited to this upload so far (by any process serving it)."""
+        with self._credit_lock:
+            self._reload_credits()
+            return frozenset(self._credited)
+
+    def _credit_file(self) -> Path:
+        return self._dir / "credited"
+
+    def _append_credits(self, blobs: Sequence[str]) -> None:
+        """Append *blobs* to the credit file (one write; the lock is held)."""
+        try:
+            fd = os.open(
+                self._credit_file(), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except FileNotFoundError:
+            raise NotFound(
+                f"upload {self.id} does not exist any more (committed, aborted or expired)"
+            ) from None
+        try:
+            write_all(fd, "".join(f"{sha}\n" for sha in blobs).encode("ascii"))
+        finally:
+            os.close(fd)
+        self._credited.update(blobs)
+
+    def _reload_credits(self) -> None:
+        """Read what other processes appended to the credit file since the last read."""
+        try:
+            with open(self._credit_file(), "rb") as f:
+                f.seek(self._credit_read)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1  # a line being written by another process waits
+        for line in data[:end].split():
+            sha = line.decode("ascii", "replace")
+            if sha in self._sizes:
+                self._credited.add(sha)
+        self._credit_read += end
+
+    def _present(self, sha: str, credited: frozenset[str] | set[str]) -> bool:
+        return sha in credited and self.store.has(sha)
+
+    # -- what is missing -----------------------------------------------------------------------
+
     def missing(self) -> list[str]:
-        """Blobs of the manifest not stored yet, in first-use order."""
-        return self.store.missing(self._sizes)
+        """Blobs of the manifest not received (or credited) yet, in first-use order."""
+        credited = self.credited()
+        return [sha for sha in self._sizes if not self._present(sha, credited)]
 
     def missing_bytes(self) -> int:
         """Bytes still to upload (partial blobs counted whole)."""
@@ -1112,22 +1207,38 @@ class Upload:
             ) from None
 
     def offset(self, sha: str) -> int:
-        """Bytes of the blob *sha* received so far: where to resume (its size once stored)."""
+        """Bytes of the blob *sha* received so far: where to resume (its size once credited)."""
         size = self._size_of(sha)
-        if self.store.has(sha):
+        if self._present(sha, self.credited()):
             return size
+        return self._part_size(sha, size)
+
+    def _part_size(self, sha: str, size: int) -> int:
         try:
-            return self._part(sha).stat().st_size
+            return min(self._part(sha).stat().st_size, size)
         except FileNotFoundError:
             return 0
+
+    def missing_offsets(self) -> list[tuple[str, int, int]]:
+        """``(blake3, size, offset)`` of every missing blob, in first-use order: what
+        :meth:`missing` and :meth:`offset` answer, with the credits read once."""
+        credited = self.credited()
+        return [
+            (sha, size, self._part_size(sha, size))
+            for sha, size in self._sizes.items()
+            if not self._present(sha, credited)
+        ]
+
+    # -- receiving -----------------------------------------------------------------------------
 
     def put(self, stream: Readable, sha: str, *, offset: int = 0) -> int:
         """Receive bytes of the blob *sha* from *stream* (read to its end), starting at *offset*.
 
         ``offset=0`` (re)starts the blob; a positive offset must equal :meth:`offset` and
-        appends. The blob is stored, verified, once its last byte arrives; a stream that ends
-        early keeps what it brought for a later call. When the store already has the blob
-        (another upload brought it) the stream is not read at all.
+        appends. The blob is verified once its last byte arrives, then stored (unless the
+        store has it already) and credited; a stream that ends early keeps what it brought
+        for a later call. When the blob is already credited to this upload the stream is not
+        read at all.
 
         Returns:
             The bytes of the blob received so far (its size when complete).
@@ -1152,7 +1263,9 @@ class Upload:
 
         What :meth:`put` does, for a caller that is handed chunks (a streamed HTTP body):
         :meth:`PartWriter.write` each one, then :meth:`PartWriter.finish`, and always
-        :meth:`PartWriter.close`. Returns ``None`` when the store already has the blob.
+        :meth:`PartWriter.close`. Returns ``None`` when the blob is already credited to this
+        upload (and stored); a blob that the store holds but that is not credited is received
+        and verified like any other.
 
         Args:
             hasher: a BLAKE3 object holding the state after the first *offset* bytes (kept by
@@ -1166,7 +1279,7 @@ class Upload:
         """
         size = self._size_of(sha)
         self._touch()
-        if self.store.has(sha):
+        if self._present(sha, self.credited()):
             return None
         fd = os.open(self._part(sha), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -1193,21 +1306,23 @@ class Upload:
         return PartWriter(self, sha, size, fd, offset, hasher)
 
     def put_blobs(self, blobs: Iterable[tuple[str, bytes | memoryview]]) -> int:
-        """Store several complete blobs of this upload at once (small files, sent packed).
+        """Receive several complete blobs of this upload at once (small files, sent packed).
 
-        Each one is hashed and checked; the new ones are written as unnamed files, made
-        durable with one filesystem sync per batch, then linked into place (one directory
-        operation per blob).
+        Each one is hashed and checked, whether or not the store has it; those the store
+        lacks are written as unnamed files, made durable with one filesystem sync per batch,
+        then linked into place (one directory operation per blob); all are then credited.
+        Blobs already credited to this upload are skipped.
 
         Returns:
-            How many were new to the store.
+            How many blobs were received and verified (the same whatever the store held).
 
         Raises:
             IntegrityError: a blob's bytes do not hash to its name or have another length;
-                nothing of the batch is stored.
+                nothing of the batch is stored or credited.
             NotFound: a blob is not part of this upload.
         """
         self._touch()
+        credited = self.credited()
         checked: list[tuple[str, bytes | memoryview]] = []
         seen: set[str] = set()
         for sha, data in blobs:
@@ -1218,7 +1333,7 @@ class Upload:
                     blake3=sha,
                     actual=f"{len(data)} bytes",
                 )
-            if sha in seen or self.store.has(sha):
+            if sha in seen or self._present(sha, credited):
                 continue
             seen.add(sha)
             actual = hash_bytes(data)
@@ -1229,23 +1344,31 @@ class Upload:
                     actual=actual,
                 )
             checked.append((sha, data))
-        new = 0
         for i in range(0, len(checked), _BATCH_FDS):
-            new += self.store._put_verified(checked[i : i + _BATCH_FDS])
-        return new
+            batch = checked[i : i + _BATCH_FDS]
+            self.store._put_verified([(s, d) for s, d in batch if not self.store.has(s)])
+        self.credit(sha for sha, _ in checked)
+        return len(checked)
 
     def put_file(self, path: str | os.PathLike[str], sha: str, *, link: bool = False) -> bool:
-        """Store a local file as the blob *sha* of this upload (see :meth:`BlobStore.put_file`).
+        """Store a local file as the blob *sha* of this upload and credit it (the file is read
+        and verified even when the store has the blob; see :meth:`BlobStore.ingest_file` for
+        *link*).
 
         Returns:
-            ``True`` when the blob is new.
+            ``True`` when the blob is new to the store.
+
+        Raises:
+            IntegrityError: the file does not hold blob *sha*; nothing is credited.
         """
         self._size_of(sha)
         self._touch()
-        return self.store.put_file(path, sha, link=link)
+        new = self.store.ingest_file(path, link=link, expected_sha=sha)[2]
+        self.credit([sha])
+        return new
 
     def commit(self) -> str:
-        """Make the version visible: write the manifest once every blob is present.
+        """Make the version visible: write the manifest once every blob is credited and stored.
 
         Idempotent: committing again returns the same digest.
 
@@ -1263,9 +1386,13 @@ class Upload:
                 f"upload {self.id} does not exist any more (aborted or expired); push again"
             )
         self._touch()
+        credited = self.credited()
         missing: list[str] = []
         shards: set[str] = set()
         for sha, size in self._sizes.items():
+            if sha not in credited:
+                missing.append(sha)
+                continue
             path = self.store._blob(sha)
             try:
                 st = os.stat(path)
@@ -1359,7 +1486,9 @@ class PartWriter:
         return self._h.copy() if self._h is not None else None
 
     def finish(self) -> int:
-        """Store the blob if every byte arrived (verified); return the bytes received.
+        """Once every byte arrived: verify the blob, store it (unless the store holds it
+        already: then the part is dropped, the blob is not stored twice) and credit it to the
+        upload. Returns the bytes received.
 
         Raises:
             IntegrityError: the complete blob does not hash to its name; the part is dropped.
@@ -1380,7 +1509,12 @@ class PartWriter:
                 blake3=self.sha,
                 actual=h.hexdigest(),
             )
-        self.upload.store._install(self.upload._part(self.sha), self._fd, self.sha)
+        store = self.upload.store
+        if store.has(self.sha):
+            os.unlink(self.upload._part(self.sha))
+        else:
+            store._install(self.upload._part(self.sha), self._fd, self.sha)
+        self.upload.credit([self.sha])
         return self.size
 
     def _drop(self) -> None:

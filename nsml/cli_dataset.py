@@ -6,21 +6,34 @@ import argparse
 import sys
 from typing import Any
 
+from . import _args
 from . import datasets as ds
-from ._fmt import ago, print_json
+from ._fmt import ago, human, print_json
 from .client import Client, NSMLError
 
+__all__ = ["add_dataset_verb", "human", "push_note"]
 
-def human(n: int | None) -> str:
-    """``1.5 GiB``, ``320 KiB``, ``12 B``."""
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
+#: Requests in flight at once, at most (``--workers``).
+MAX_WORKERS = 64
+#: ``gc --older-than``, at most: ten years, in seconds.
+MAX_AGE_S = 10 * 365 * 86400.0
+
+
+def push_note(result: ds.PushResult) -> str:
+    """What a push did, in plain words: files and size, how much of it was new, and how the
+    bytes travelled."""
+    v = result.version
+    total, new = int(v["bytes"]), int(result.new_bytes)
+    files = int(v["files"])
+    text = f"{result.ref}: {files} file{'s' if files != 1 else ''}, {human(total)}"
+    if new < total:
+        text += f" ({human(new)} of it new; the rest was already stored)"
+    if result.transport == "local":
+        text += "; the server read the files from this machine's disk (nothing was sent over "
+        text += "the network)"
+    else:
+        text += f"; {human(result.sent_bytes)} sent over the network"
+    return text
 
 
 def cmd_push(client: Client, args: argparse.Namespace) -> int:
@@ -53,18 +66,10 @@ def cmd_push(client: Client, args: argparse.Namespace) -> int:
             }
         )
     else:
-        v = result.version
-        print(
-            f"{v['files']} files, {human(v['bytes'])}; {human(result.new_bytes)} new to the "
-            "store, "
-            + (
-                "handed over on this machine"
-                if result.transport == "local"
-                else f"{human(result.sent_bytes)} sent"
-            ),
-            file=sys.stderr,
-        )
+        # The result (NAME@k) alone on standard output, for scripts; the summary is a note
+        # (standard error on a terminal; the cell's output in a notebook).
         print(result.ref)
+        print(push_note(result), file=getattr(args, "notes", None) or sys.stderr)
     return 0
 
 
@@ -198,15 +203,19 @@ def add_dataset_verb(sub: Any) -> None:
             "--progress", action="store_true", help="a progress bar even when not on a terminal"
         )
         sp.add_argument(
-            "--workers", type=int, default=ds.DEFAULT_WORKERS, help="requests in flight at once"
+            "--workers",
+            type=_args.integer(1, MAX_WORKERS, "a number of requests"),
+            default=ds.DEFAULT_WORKERS,
+            metavar="N",
+            help=f"requests in flight at once, 1 to {MAX_WORKERS} (default {ds.DEFAULT_WORKERS})",
         )
         sp.add_argument(
             "--transport",
             choices=ds.TRANSPORTS,
             default="auto",
-            help="local: on the server's machine, hand the files over as open descriptors (as "
-            "fast as a local copy); http: send the bytes; auto (default): local when the "
-            "server offers it and answers, else http",
+            help="local: on the server's machine, let the server read the files from this "
+            "machine's disk (as fast as a local copy); http: send the bytes over the network; "
+            "auto (default): local when the server offers it and answers, else http",
         )
 
     sp = action(
@@ -257,10 +266,10 @@ def add_dataset_verb(sub: Any) -> None:
     sp = action("gc", cmd_gc, "remove stale uploads and unreferenced files from the store (admin)")
     sp.add_argument(
         "--older-than",
-        type=float,
+        type=_args.seconds(0, MAX_AGE_S),
         default=24 * 3600,
         metavar="SECONDS",
-        help="keep uploads idle for less than this (default one day)",
+        help="keep uploads idle for less than this, 0 to ten years (default one day)",
     )
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import sessions
-from ._fmt import ago, print_json
+from . import _args, sessions
+from ._fmt import ago, args_table, human, print_json, text_table
 from .client import Client
+from .snapshot import NEAR_LIMIT, describe
 
 Verb = Callable[[Client, argparse.Namespace], int]
 
@@ -33,8 +33,14 @@ def _gpus(st: dict[str, Any]) -> str:
     return f"{g:g}" if g else "-"
 
 
-def start_run(client: Client, args: argparse.Namespace, cell: str | None = None) -> dict[str, Any]:
-    """Start the session `nsml run` (or ``%nsml run``; *cell*: ``%%nsml run``) describes."""
+def start_run(
+    client: Client,
+    args: argparse.Namespace,
+    cell: str | None = None,
+    on_upload: Callable[[sessions.CodeUpload], None] | None = None,
+) -> dict[str, Any]:
+    """Start the session `nsml run` (or ``%nsml run``; *cell*: ``%%nsml run``) describes;
+    *on_upload* is told what the code snapshot held once it is stored."""
     return sessions.run(
         client,
         args.script,
@@ -49,6 +55,7 @@ def start_run(client: Client, args: argparse.Namespace, cell: str | None = None)
         image=args.image,
         memo=args.memo or "",
         public=args.public,
+        on_upload=on_upload,
     )
 
 
@@ -66,8 +73,34 @@ def start_fork(client: Client, args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def upload_note(up: sessions.CodeUpload) -> str:
+    """What a code upload held, for a person: files and size, what was left out, and near
+    the limit the biggest entries with the hint to list them in ``.nsmlignore``."""
+    lines = [
+        f"code: {up.files} file{'s' if up.files != 1 else ''}, {human(up.bytes)} uploaded"
+        + (f" from {up.folder}" if up.folder else "")
+    ]
+    if up.skipped:
+        shown = "; ".join(up.skipped[:5])
+        more = f"; and {len(up.skipped) - 5} more" if len(up.skipped) > 5 else ""
+        lines.append(f"  left out: {shown}{more}")
+    if up.near_limit:
+        used = []
+        if up.bytes >= NEAR_LIMIT * up.max_bytes:
+            used.append(f"{up.bytes / up.max_bytes:.0%} of the {human(up.max_bytes)} limit")
+        if up.files >= NEAR_LIMIT * up.max_files:
+            used.append(f"{up.files} of the {up.max_files} files allowed")
+        lines.append(
+            f"  close to the limit ({', '.join(used) or 'most of it'}); the biggest: "
+            f"{describe(up.biggest)}. List what the session does not need in .nsmlignore "
+            "(e.g. data/ or *.ckpt) and put data in a dataset."
+        )
+    return "\n".join(lines)
+
+
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
-    st = start_run(client, args)
+    notes = getattr(args, "notes", None) or sys.stderr
+    st = start_run(client, args, on_upload=lambda up: print(upload_note(up), file=notes))
     if args.json:
         print_json(st)
     else:
@@ -119,7 +152,7 @@ def status_text(st: dict[str, Any]) -> str:
     """A session's description (as ``sessions.status`` gives it) for a person, line by line."""
     res = st["resources"]
     lines = [
-        f"{st['name']}: {st['state']}" + (f" ({st['message']})" if st.get("message") else ""),
+        f"{st['name']}: {st['state']}",
         f"  command   {st['entry']} {shlex.join(st['args'])}".rstrip(),
         f"  image     {st['image']}",
         f"  resources {res['gpus']:g} GPU, {res['cpu']:g} CPU, {res['memory_mib']} MiB"
@@ -133,6 +166,8 @@ def status_text(st: dict[str, Any]) -> str:
     if st.get("queue"):
         q = st["queue"]
         lines.append(f"  queue     #{q['position']}: {q['reason']}")
+    elif st.get("message") and st["state"] != "completed":
+        lines.append(f"  why       {st['message']}")
     if st["last_metrics"]:
         lines.append(f"  step {st['last_step']}: {_metrics(st['last_metrics'], 20)}")
     if st.get("parent"):
@@ -206,25 +241,54 @@ def cmd_resume(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def diff_text(d: dict[str, Any]) -> str:
+    """Two sessions' differences (as ``sessions.diff`` gives them) for a person: the
+    arguments that differ as a table (name, A, B), other settings the same way, then the code
+    as a unified diff."""
+    a, b = str(d["a"]), str(d["b"])
+    rows = [
+        {"name": n, "a": va, "b": vb}
+        for n, va, vb in args_table(d.get("args", {}).get("a", []), d.get("args", {}).get("b", []))
+    ]
+    for key, v in d["fields"].items():
+        va, vb = v["a"], v["b"]
+        if isinstance(va, dict) and isinstance(vb, dict):
+            rows += [
+                {"name": k, "a": _setting(va.get(k)), "b": _setting(vb.get(k))}
+                for k in dict.fromkeys([*va, *vb])
+                if va.get(k) != vb.get(k)
+            ]
+        else:
+            rows.append({"name": key, "a": _setting(va), "b": _setting(vb)})
+    out = []
+    if rows:
+        out.append(text_table(rows, [("name", "NAME"), ("a", a), ("b", b)]))
+    for c in d["code"]:
+        if c["diff"]:
+            out.append(c["diff"].rstrip("\n"))
+        else:
+            out.append(f"{c['change']}: {c['path']} (binary or too large to compare)")
+    if not out:
+        return f"{a} and {b} run the same code with the same arguments"
+    return "\n\n".join(out)
+
+
+def _setting(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def cmd_diff(client: Client, args: argparse.Namespace) -> int:
     d = sessions.diff(client, args.a, args.b)
     if args.json:
         print_json(d)
-        return 0
-    out = []
-    if d["args_diff"]:
-        out.append(d["args_diff"].rstrip("\n"))
-    for key, v in d["fields"].items():
-        out.append(f"{key}: {json.dumps(v['a'])} -> {json.dumps(v['b'])}")
-    for c in d["code"]:
-        out.append(
-            c["diff"].rstrip("\n") if c["diff"] else f"{c['change']}: {c['path']} (binary or large)"
-        )
-    print(
-        "\n".join(out)
-        if out
-        else f"{d['a']} and {d['b']} run the same code with the same arguments"
-    )
+    else:
+        print(diff_text(d))
     return 0
 
 
@@ -253,11 +317,7 @@ def cmd_pull(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_exec(client: Client, args: argparse.Namespace) -> int:
     if not args.rest:
-        print(
-            "nsml exec: give the command after --, e.g. nsml exec SESSION -- nvidia-smi",
-            file=sys.stderr,
-        )
-        return 2
+        raise ValueError("give the command after --, e.g. nsml exec SESSION -- nvidia-smi")
     r = sessions.exec_in(client, args.session, args.rest, timeout_s=args.timeout)
     if args.json:
         print_json(r)
@@ -284,13 +344,21 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
 def _resources(sp: argparse.ArgumentParser, defaults: bool) -> None:
     sp.add_argument(
         "--gpus",
-        type=float,
+        type=_args.gpus,
         default=0 if defaults else None,
-        help="GPUs: 0, a fraction below 1, or a whole number"
+        help=f"GPUs: 0, a fraction below 1, or a whole number up to {_args.MAX_GPUS}"
         + (" (default 0)" if defaults else ""),
     )
-    sp.add_argument("--cpu", type=float, help="CPU cores (default: the server's, 1)")
-    sp.add_argument("--memory", help="memory limit, e.g. 8G or 512M (default: the server's, 1G)")
+    sp.add_argument(
+        "--cpu",
+        type=_args.cpu,
+        help=f"CPU cores, 0.001 to {_args.MAX_CPU} (default: the server's, 1)",
+    )
+    sp.add_argument(
+        "--memory",
+        type=_args.memory,
+        help="memory limit, e.g. 8G or 512M, 1M to 1024T (default: the server's, 1G)",
+    )
     sp.add_argument("--image", help="container image (default: the server's)")
     sp.add_argument("--memo", help="a note kept with the session")
 
@@ -324,11 +392,20 @@ def add_session_verbs(sub: Any) -> None:
     sp.add_argument("--public", action="store_true", help="let every user read and fork it")
 
     sp = verb("ps", cmd_ps, "list your sessions, oldest first")
-    sp.add_argument("--state", help="only sessions in this state")
+    sp.add_argument(
+        "--state",
+        choices=[*sessions.ACTIVE_STATES, *sessions.FINAL_STATES, "active"],
+        help="only sessions in this state",
+    )
     sp.add_argument("-a", "--active", action="store_true", help="only queued or running ones")
     sp.add_argument("--all", action="store_true", help="every user's sessions (admin)")
     sp.add_argument("--dataset", help="only sessions named USER/DATASET/N")
-    sp.add_argument("--limit", type=int, help="the newest N (default 200)")
+    sp.add_argument(
+        "--limit",
+        type=_args.integer(1, sessions.MAX_LIST),
+        metavar="N",
+        help=f"the newest N, 1 to {sessions.MAX_LIST} (default 200)",
+    )
 
     sp = verb("status", cmd_status, "one session: state, exit code, resources, metrics")
     sp.add_argument("session", help="USER/DATASET/N or DATASET/N")
@@ -336,7 +413,13 @@ def add_session_verbs(sub: Any) -> None:
     sp = verb("logs", cmd_logs, "a session's output (stdout and stderr)")
     sp.add_argument("session", help="USER/DATASET/N or DATASET/N")
     sp.add_argument("-f", "--follow", action="store_true", help="follow until the session ends")
-    sp.add_argument("-n", "--tail", type=int, metavar="N", help="only the last N lines")
+    sp.add_argument(
+        "-n",
+        "--tail",
+        type=_args.integer(0, sessions.MAX_TAIL_LINES, "a number of lines"),
+        metavar="N",
+        help=f"only the last N lines (0 to {sessions.MAX_TAIL_LINES})",
+    )
 
     sp = verb(
         "stop",
@@ -379,7 +462,7 @@ def add_session_verbs(sub: Any) -> None:
             name,
             cmd_pull,
             "download a checkpoint (SESSION/CHECKPOINT, or the newest) into "
-            "DEST/USER_DATASET_N/CHECKPOINT",
+            "DEST/USER_DATASET_N/CHECKPOINT (a new folder; nothing is left there on failure)",
             False,
         )
         sp.add_argument("session", help="USER/DATASET/N[/CHECKPOINT]")
@@ -391,7 +474,12 @@ def add_session_verbs(sub: Any) -> None:
         "run a command inside a running session's container, e.g. nsml exec SESSION -- ls",
     )
     sp.add_argument("session", help="USER/DATASET/N or DATASET/N")
-    sp.add_argument("--timeout", type=float, default=60, help="seconds (default 60)")
+    sp.add_argument(
+        "--timeout",
+        type=_args.seconds(0, sessions.MAX_EXEC_S, above=True),
+        default=60,
+        help=f"seconds, above 0 and up to {sessions.MAX_EXEC_S:g} (default 60)",
+    )
 
     sp = verb(
         "getid",
@@ -402,5 +490,11 @@ def add_session_verbs(sub: Any) -> None:
     sp.add_argument("--dataset", help="your newest session of this dataset")
 
     sp = verb("events", cmd_events, "your sessions' state changes and failures")
-    sp.add_argument("--since", type=int, default=0, help="only events after this id")
+    sp.add_argument(
+        "--since",
+        type=_args.integer(0, sessions.MAX_ID, "an event id"),
+        default=0,
+        metavar="ID",
+        help="only events after this id",
+    )
     sp.add_argument("--all", action="store_true", help="every user's (admin)")

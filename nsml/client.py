@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import requests
@@ -19,6 +21,43 @@ class NSMLError(RuntimeError):
         self.reason = reason
 
 
+def _non_finite(value: Any, at: str = "") -> str | None:
+    """The path of the first float in *value* that JSON cannot carry, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return at or "the body"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _non_finite(v, f"{at}.{k}" if at else str(k))
+            if found:
+                return found
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = _non_finite(v, f"{at}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def encode_json(body: Any) -> bytes:
+    """*body* as strict JSON (RFC 8259: no NaN, no Infinity).
+
+    Raises:
+        NSMLError: *body* holds a non-finite number (named by its path) or something JSON
+            cannot carry; nothing is sent.
+    """
+    try:
+        return json.dumps(body, allow_nan=False).encode()
+    except ValueError:
+        where = _non_finite(body)
+        raise NSMLError(
+            f"{where} is not a finite number (NaN or infinity); nothing was sent.",
+            0,
+            "bad_request",
+        ) from None
+    except TypeError as e:
+        raise NSMLError(f"the request cannot be sent as JSON: {e}", 0, "bad_request") from None
+
+
 class Client:
     """A thin, synchronous client: one method per endpoint, JSON in and out."""
 
@@ -34,9 +73,20 @@ class Client:
         """Call the API with a JSON body (or none); return the decoded JSON answer.
 
         Raises:
-            NSMLError: the API answered an error (its message and reason), or is unreachable.
+            NSMLError: the API answered an error (its message and reason), or is unreachable;
+                or *body* holds a value JSON cannot carry (NaN, an infinity), in which case
+                nothing is sent.
         """
-        r = self.raw(method, path, json=body, params=params)
+        if body is None:
+            r = self.raw(method, path, params=params)
+        else:
+            r = self.raw(
+                method,
+                path,
+                data=encode_json(body),
+                headers={"Content-Type": "application/json"},
+                params=params,
+            )
         if r.status_code == 204 or not r.content:
             return None
         try:
@@ -57,6 +107,11 @@ class Client:
         """Call the API and return the response itself (binary bodies, streams); errors are
         raised as :class:`NSMLError` like :meth:`request`."""
         url = self.config.url(path)
+        for key, value in (params or {}).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise NSMLError(
+                    f"{key}={value} is not a finite number; nothing was sent.", 0, "bad_request"
+                )
         try:
             r = self._http.request(
                 method,
@@ -66,11 +121,16 @@ class Client:
                 stream=stream,
                 **kwargs,
             )
-        except requests.RequestException as e:
+        except (requests.ConnectionError, requests.Timeout) as e:
             raise NSMLError(
                 f"Cannot reach the NSML API at {self.config.api_url} ({e.__class__.__name__}). "
                 "Is the hub running? Check NSML_API_URL.",
                 reason="unreachable",
+            ) from e
+        except requests.RequestException as e:
+            raise NSMLError(
+                f"Could not send {method} {url}: {e.__class__.__name__}: {e}. Check NSML_API_URL.",
+                reason="bad_request",
             ) from e
         if r.status_code >= 400:
             try:

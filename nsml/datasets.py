@@ -257,8 +257,9 @@ def _ingest_local(
     workers: int,
 ) -> list[Entry]:
     """Hand *files* over to the server, which stores them and names their content; the blobs
-    become durable and visible when every batch is in (the server counts what they added
-    under the key, for ``POST uploads``). Returns the entries."""
+    become durable and visible when every batch is in (the server records them under the key
+    as proven, so ``POST uploads`` naming the key need not have them sent). Returns the
+    entries."""
     entries: list[Entry] = []
     lock = threading.Lock()
 
@@ -301,15 +302,16 @@ def _ingest_local(
     return entries
 
 
-def _parent_blobs(client: Client, name: str) -> dict[str, tuple[str, int]]:
-    """The latest version's files (path -> (blake3, size)), or nothing for a new dataset."""
+def _parent_blobs(client: Client, name: str) -> tuple[dict[str, tuple[str, int]], int | None]:
+    """The latest version's files (path -> (blake3, size)) and its ``k``, or nothing for a
+    new dataset (or one the caller cannot read)."""
     try:
-        m, _ = manifest(client, name)
+        m, k = manifest(client, name)
     except NSMLError as e:
         if e.status == 404:
-            return {}
+            return {}, None
         raise
-    return {e.path: (e.blake3, e.size) for e in m}
+    return {e.path: (e.blake3, e.size) for e in m}, k
 
 
 # ---- pushing -------------------------------------------------------------------------------
@@ -323,7 +325,8 @@ class PushResult:
         ref: ``NAME@k``.
         version: the server's description of the new version.
         sent_bytes: bytes this run sent (a resumed push sends only the rest).
-        new_bytes: bytes the new version added to the store.
+        new_bytes: bytes of the files that no version the pusher could read already held
+            (the same whatever else the store holds; the store keeps one copy of each).
         transport: ``local`` (files handed over as descriptors) or ``http``.
     """
 
@@ -492,8 +495,18 @@ def push(
     if test_split is not None:
         roots["test"] = Path(test_split)
     manifests: dict[str, Manifest] = {}
-    local = _open_local(http, limits, transport, {})
-    parent = _parent_blobs(client, name) if local is not None else {}
+    parent: dict[str, tuple[str, int]] = {}
+    grant: dict[str, Any] = {}
+    if transport in TRANSPORTS and transport != "http" and limits.get("local_socket"):
+        # The key reads the latest version: the server then hashes a file that kept its
+        # path and size in place and copies it only if it changed (a hint it takes only for
+        # blobs the key may read).
+        parent, k = _parent_blobs(client, name)
+        if k is not None:
+            grant = {"dataset": name, "version": k}
+    local = _open_local(http, limits, transport, grant)
+    if local is None:
+        parent = {}
     for split, root in roots.items():
         try:
             if local is None:

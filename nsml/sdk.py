@@ -7,10 +7,21 @@ The same script runs on the platform and off it:
 - ``save(name)``: the bound save function writes a folder; in a session it is uploaded to the
   server as a tar archive, elsewhere it is ``./nsml_checkpoints/NAME``
   (``$NSML_LOCAL_CHECKPOINTS`` changes the folder).
-- ``load(name)``: downloaded and unpacked for the bound load function, or read from that
-  local folder.
+- ``load(name)``: downloaded, checked and unpacked for the bound load function, or read from
+  that local folder.
 - ``DATASET_PATH``: ``/data/NAME`` of the first dataset (``DATASET_PATHS`` has them all);
   elsewhere ``$NSML_DATASET_PATH`` or None.
+
+Training outlives the control plane. When the NSML server is unreachable (restarting, a
+network break: connection errors, timeouts, answers 502/503/504), the SDK keeps the report
+points in a bounded buffer (``$NSML_REPORT_BUFFER`` points, default 1,000,000; the oldest are
+dropped past it, and only then is a drop reported) and retries with jittered exponential
+backoff (0.5 s doubling to 10 s); ``save`` and ``load`` retry for up to
+``$NSML_RETRY_TIMEOUT`` seconds (default 600) before raising :class:`CheckpointError`, and the
+flush at exit waits as long. It says once on standard error what it waits for, and when it
+got through. Refusals (4xx) are not retried. Retries are idempotent: a checkpoint is stored
+by name (a retried upload replaces it with the same bytes, checked against their SHA-256),
+and every report batch carries an id the server de-duplicates on.
 
 In a session that was forked from a checkpoint or resumed, ``bind(load=...)`` calls the load
 function on that checkpoint at once. A stopped session gets SIGTERM: the SDK sends what is
@@ -25,20 +36,27 @@ from __future__ import annotations
 
 import atexit
 import collections
+import hashlib
 import json
 import logging
 import os
+import random
+import re
+import secrets
 import signal
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
+
+from ._checkpoint import ArchiveError, extract, pack
+from .client import NSMLError
 
 __all__ = [
     "DATASET_NAME",
@@ -46,6 +64,7 @@ __all__ = [
     "DATASET_PATHS",
     "IS_ON_NSML",
     "SESSION_NAME",
+    "CheckpointError",
     "bind",
     "bound",
     "flush",
@@ -85,7 +104,190 @@ DATASET_NAME: str | None = next(iter(DATASET_PATHS), None)
 STOP_CHECKPOINT = "stopped"
 _FLUSH_INTERVAL_S = 0.5
 _MAX_BATCH = 20_000
-_MAX_BUFFER = 2_000_000
+#: Seconds ``save``, ``load`` and the flush at exit keep retrying an unreachable server.
+RETRY_TIMEOUT_ENV = "NSML_RETRY_TIMEOUT"
+DEFAULT_RETRY_TIMEOUT_S = 600.0
+#: Most report points kept while the server is unreachable (the oldest are dropped past it).
+REPORT_BUFFER_ENV = "NSML_REPORT_BUFFER"
+DEFAULT_REPORT_BUFFER = 1_000_000
+#: Answers that mean "try again later" (a proxy or a server restarting); 4xx never are.
+RETRY_STATUSES = frozenset({502, 503, 504})
+#: The server's rule for metric names (checked at ``report`` so that no batch is refused).
+METRIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./:-]{0,127}$")
+#: Answers to a report batch after which this session's points can never be stored.
+_REPORTS_FINISHED = frozenset({401, 403, 404, 409, 410})
+
+T = TypeVar("T")
+
+
+class CheckpointError(NSMLError):
+    """``nsml.save`` or ``nsml.load`` failed (the bound functions' own errors pass as they are).
+
+    Attributes:
+        message: what went wrong and what to do.
+        status: the server's HTTP status, or 0.
+        reason: ``unreachable`` (the server did not answer within ``$NSML_RETRY_TIMEOUT``),
+            ``damaged`` (the archive is not a whole, safe checkpoint), ``not_found``, ``io``
+            (a local folder could not be written), or the server's reason for a refusal.
+    """
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        _say(f"[nsml] ignoring {name}={raw!r}: give a positive number; using {default:g}")
+        return default
+    return value
+
+
+def retry_timeout(env: Mapping[str, str] = os.environ) -> float:
+    """``$NSML_RETRY_TIMEOUT`` in seconds (default 600): how long ``save``, ``load`` and the
+    flush at exit wait for an unreachable server."""
+    return _env_number(env, RETRY_TIMEOUT_ENV, DEFAULT_RETRY_TIMEOUT_S)
+
+
+def report_buffer(env: Mapping[str, str] = os.environ) -> int:
+    """``$NSML_REPORT_BUFFER`` (default 1,000,000): most report points kept unsent."""
+    return int(_env_number(env, REPORT_BUFFER_ENV, DEFAULT_REPORT_BUFFER))
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``10 min``, ``1 h 5 min`` (for messages)."""
+    s = max(0, round(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min" + (f" {s % 60} s" if s % 60 and s < 600 else "")
+    return f"{s // 3600} h" + (f" {s % 3600 // 60} min" if s % 3600 // 60 else "")
+
+
+class Transient(Exception):
+    """A failure that may go away: the server is unreachable, restarting or overloaded."""
+
+
+class ServerUnreachable(Exception):
+    """The server did not answer within the retry timeout."""
+
+
+@dataclass
+class Backoff:
+    """Jittered exponential backoff: attempt *n* waits between half and all of
+    ``min(cap_s, base_s * 2**n)`` (jupyterhub's ``exponential_backoff``; AWS "equal jitter")."""
+
+    base_s: float = 0.5
+    cap_s: float = 10.0
+    rng: Callable[[], float] = field(default=random.random)
+
+    def delay(self, attempt: int) -> float:
+        top = min(self.cap_s, self.base_s * 2.0 ** min(attempt, 32))
+        return top * (0.5 + 0.5 * self.rng())
+
+
+class Retrier:
+    """Calls a function again while it raises :class:`Transient`, for up to *timeout_s*.
+
+    Args:
+        timeout_s: how long to keep trying (from the first call).
+        clock: monotonic seconds (injected in tests).
+        sleep: waits (injected in tests).
+        backoff: the delays between attempts.
+        say: where the two messages go (what it waits for; that it got through).
+    """
+
+    def __init__(
+        self,
+        timeout_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        backoff: Backoff | None = None,
+        say: Callable[[str], None] = _say,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.sleep = sleep
+        self.backoff = backoff or Backoff()
+        self.say = say
+
+    def call(self, what: str, attempt: Callable[[], T]) -> T:
+        """``attempt()``'s result once it does not raise :class:`Transient`.
+
+        Raises:
+            ServerUnreachable: still failing after the timeout (with the last error).
+        """
+        start = self.clock()
+        deadline = start + self.timeout_s
+        n = 0
+        while True:
+            try:
+                result = attempt()
+            except Transient as e:
+                error = e
+            else:
+                if n:
+                    self.say(
+                        "[nsml] the NSML server answered again after "
+                        f"{format_duration(self.clock() - start)}: {what} went through"
+                    )
+                return result
+            if n == 0:
+                self.say(
+                    f"[nsml] the NSML server is unreachable ({error}); retrying {what} for up "
+                    f"to {format_duration(self.timeout_s)}"
+                )
+            left = deadline - self.clock()
+            if left <= 0:
+                raise ServerUnreachable(
+                    f"the NSML server did not answer for {format_duration(self.timeout_s)} "
+                    f"({error}); set {RETRY_TIMEOUT_ENV} (seconds) to wait longer"
+                )
+            self.sleep(min(self.backoff.delay(n), left))
+            n += 1
+
+
+def _why(e: BaseException) -> str:
+    """A short cause for a failed request (``connection refused``, ``timed out`` ...)."""
+    text = str(e)
+    for needle, short in (
+        ("Connection refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("Connection reset", "connection reset"),
+        ("RemoteDisconnected", "connection closed"),
+        ("Connection aborted", "connection aborted"),
+        ("Name or service not known", "unknown host"),
+        ("IncompleteRead", "connection broken"),
+    ):
+        if needle in text:
+            return short
+    return e.__class__.__name__
+
+
+def _server_message(r: Any) -> str:
+    try:
+        data = r.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return str(data["message"])
+    return f"{r.status_code} {str(r.text)[:300]}".strip()
+
+
+def _server_reason(r: Any, default: str) -> str:
+    try:
+        data = r.json()
+    except ValueError:
+        return default
+    return str(data.get("reason") or default) if isinstance(data, dict) else default
 
 
 class _Sender:
@@ -94,6 +296,7 @@ class _Sender:
     def __init__(self, api_url: str, token: str, session: str) -> None:
         import requests
 
+        self.requests = requests
         self.api_url = api_url.rstrip("/") + "/"
         self.session = session
         self.http = requests.Session()
@@ -104,46 +307,110 @@ class _Sender:
         name = "/".join(quote(p, safe="") for p in self.session.split("/"))
         return f"{self.api_url}sessions/{name}{suffix}"
 
-    def post_points(self, points: list[tuple[Any, float, dict[str, float]]]) -> None:
-        """Send a batch as columns (one list per metric, null where a step lacks it): far
-        cheaper to encode and decode than a list of dicts."""
-        n = len(points)
-        values: dict[str, list[float | None]] = {}
-        for i, (_, _, vals) in enumerate(points):
-            for k, v in vals.items():
-                col = values.get(k)
-                if col is None:
-                    col = values[k] = [None] * n
-                col[i] = v
-        body = json.dumps(
-            {"steps": [p[0] for p in points], "walls": [p[1] for p in points], "values": values},
-            separators=(",", ":"),
-        )
-        r = self.http.post(
-            self.url("/metrics"),
-            data=body,
-            headers={"Content-Type": "application/json"},
-            timeout=30,
-        )
-        if r.status_code >= 400:
-            raise RuntimeError(
-                f"the server refused {len(points)} points: {r.status_code} {r.text[:300]}"
-            )
+    def call(self, method: str, url: str, **kwargs: Any) -> Any:
+        """One request; :class:`Transient` when the server may answer later.
+
+        Raises:
+            Transient: no connection, a timeout, or an answer in :data:`RETRY_STATUSES`.
+        """
+        rq = self.requests
+        try:
+            r = self.http.request(method, url, **kwargs)
+        except rq.exceptions.SSLError:
+            raise
+        except (rq.ConnectionError, rq.Timeout) as e:
+            raise Transient(_why(e)) from e
+        if r.status_code in RETRY_STATUSES:
+            r.close()
+            raise Transient(f"it answered {r.status_code}")
+        return r
+
+
+def _non_finite(v: float) -> str:
+    return "nan" if v != v else "inf" if v > 0 else "-inf"
+
+
+def encode_batch(points: list[tuple[int, float, dict[str, float]]], batch_id: str) -> str:
+    """A batch as the API takes it: ``{"batch", "steps", "walls", "values"}`` with one list per
+    metric (null where a step lacks it; NaN and infinities as ``"nan"``, ``"inf"``,
+    ``"-inf"``: valid JSON). Columns are far cheaper to encode and decode than dicts."""
+    n = len(points)
+    values: dict[str, list[float | str | None]] = {}
+    for i, (_, _, vals) in enumerate(points):
+        for k, v in vals.items():
+            col = values.get(k)
+            if col is None:
+                col = values[k] = [None] * n
+            col[i] = v if v - v == 0 else _non_finite(v)
+    return json.dumps(
+        {
+            "batch": batch_id,
+            "steps": [p[0] for p in points],
+            "walls": [p[1] for p in points],
+            "values": values,
+        },
+        separators=(",", ":"),
+        allow_nan=False,
+    )
+
+
+@dataclass
+class _Batch:
+    """A batch in flight: sent again, byte for byte, until the server took it."""
+
+    batch_id: str
+    body: str
+    n: int
+    first_step: int
+    last_step: int
 
 
 class _Reporter:
-    """Buffers points; a daemon thread sends them in batches (see the module docs)."""
+    """Buffers points; a daemon thread sends them in batches (see the module docs).
 
-    def __init__(self, sender: _Sender | None) -> None:
+    Args:
+        sender: the API (None: print the points instead).
+        max_buffer: most points kept unsent (the oldest are dropped past it).
+        timeout_s: how long :meth:`flush` waits by default for an unreachable server.
+        clock, sleep, backoff, say: injected in tests.
+    """
+
+    def __init__(
+        self,
+        sender: _Sender | None,
+        *,
+        max_buffer: int | None = None,
+        timeout_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        backoff: Backoff | None = None,
+        say: Callable[[str], None] = _say,
+    ) -> None:
         self.sender = sender
         self.buffer: collections.deque[tuple[Any, float, dict[str, float]]] = collections.deque()
+        self.max_buffer = max(1, max_buffer if max_buffer is not None else report_buffer())
+        self.wake_len = min(_MAX_BATCH, self.max_buffer)
+        self.timeout_s = timeout_s if timeout_s is not None else retry_timeout()
+        self.clock = clock
+        self.sleep = sleep
+        self.backoff = backoff or Backoff()
+        self.say = say
         self.step = -1
         self.wake = threading.Event()
+        self.closed = threading.Event()
         self.send_lock = threading.RLock()
         self.thread: threading.Thread | None = None
+        self.pending: _Batch | None = None
+        self.sender_id = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.seq = 0
+        self.sent = 0
         self.dropped = 0
-        self.failures = 0
-        self.closed = False
+        self.dropped_steps: tuple[int, int] | None = None
+        self.refused = 0
+        self.finished: str | None = None
+        self.outage_since: float | None = None
+
+    # ---- the training thread -----------------------------------------------------------
 
     def add(self, step: int | None, values: dict[str, float]) -> None:
         if step is None:
@@ -153,79 +420,200 @@ class _Reporter:
             shown = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
             print(f"[nsml] step {step}: {shown}", flush=True)
             return
+        if self.finished is not None:
+            return  # the server takes no more reports from this session (said once)
         buf = self.buffer
         buf.append((step, time.time(), values))
-        if len(buf) >= _MAX_BATCH:
-            if len(buf) > _MAX_BUFFER:
-                buf.popleft()
-                self.dropped += 1
+        if len(buf) >= self.wake_len:
+            if len(buf) > self.max_buffer:
+                self._drop_oldest()
             self.wake.set()
         if self.thread is None:
             self._start()
 
+    def _drop_oldest(self) -> None:
+        try:
+            step = self.buffer.popleft()[0]
+        except IndexError:
+            return
+        if self.dropped == 0:
+            self.say(
+                f"[nsml] the report buffer is full ({self.max_buffer:,} points) while the NSML "
+                "server is unreachable; dropping the oldest points until it answers "
+                f"(${REPORT_BUFFER_ENV} sets the bound)"
+            )
+        self.dropped += 1
+        first = self.dropped_steps[0] if self.dropped_steps else step
+        self.dropped_steps = (first, step)
+
     def _start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="nsml-report", daemon=True)
         self.thread.start()
-        atexit.register(self.flush)
+        atexit.register(self._at_exit)
 
-    def _run(self) -> None:
-        while not self.closed:
-            self.wake.wait(_FLUSH_INTERVAL_S)
-            self.wake.clear()
+    # ---- sending -----------------------------------------------------------------------
+
+    def unsent(self) -> int:
+        return len(self.buffer) + (self.pending.n if self.pending else 0)
+
+    def _next_batch(self) -> _Batch:
+        buf = self.buffer
+        points = []
+        for _ in range(min(len(buf), _MAX_BATCH)):
             try:
-                self.send_pending()
-            except Exception as e:  # keep reporting; the points stay buffered
-                self.failures += 1
-                if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
-                    print(f"[nsml] could not send reports ({e}); retrying", file=sys.stderr)
-                time.sleep(min(30.0, 0.5 * 2 ** min(self.failures, 6)))
+                points.append(buf.popleft())
+            except IndexError:
+                break
+        self.seq += 1
+        batch_id = f"{self.sender_id}/{self.seq}"
+        steps = [p[0] for p in points]
+        return _Batch(batch_id, encode_batch(points, batch_id), len(points), min(steps), max(steps))
 
     def send_pending(self) -> int:
-        """Send everything buffered now; points that fail to send go back to the front."""
+        """Send everything buffered now, the batch in flight first; return how many points
+        the server took.
+
+        Raises:
+            Transient: the server is unreachable; the points stay (the batch in flight is
+                sent again as it is, so that the server can tell a repeat).
+        """
         with self.send_lock:
-            return self._send_locked()
+            before = self.sent
+            while self.finished is None:
+                if self.pending is None:
+                    if not self.buffer:
+                        break
+                    self.pending = self._next_batch()
+                self._post(self.pending)
+                self.pending = None
+            return self.sent - before
 
-    def _send_locked(self) -> int:
-        sent = 0
-        buf = self.buffer
-        while buf:
-            n = min(len(buf), _MAX_BATCH)
-            batch = [buf.popleft() for _ in range(n)]
+    def _post(self, batch: _Batch) -> None:
+        assert self.sender is not None
+        r = self.sender.call(
+            "POST",
+            self.sender.url("/metrics"),
+            data=batch.body,
+            headers={"Content-Type": "application/json"},
+            timeout=(10, 60),
+        )
+        if r.status_code < 400:
+            self.sent += batch.n
+            return
+        message = _server_message(r)
+        if r.status_code in _REPORTS_FINISHED:
+            lost = batch.n + len(self.buffer)
+            self.buffer.clear()
+            self.finished = message
+            self.refused += lost
+            self.say(
+                f"[nsml] the NSML server takes no more reports from this session ({message}); "
+                f"{lost:,} report points were not stored"
+            )
+            return
+        self.refused += batch.n
+        self.say(
+            f"[nsml] the NSML server refused {batch.n:,} report points (steps "
+            f"{batch.first_step}-{batch.last_step}): {message}"
+        )
+
+    def _outage(self, error: Transient) -> None:
+        if self.outage_since is None:
+            self.outage_since = self.clock()
+            self.say(
+                f"[nsml] the NSML server is unreachable ({error}); keeping the report points "
+                f"(up to {self.max_buffer:,}) and retrying"
+            )
+
+    def _recovered(self) -> None:
+        if self.outage_since is not None:
+            self.say(
+                "[nsml] the NSML server answered again after "
+                f"{format_duration(self.clock() - self.outage_since)}: the buffered report "
+                "points were sent"
+            )
+            self.outage_since = None
+        self._say_dropped()
+
+    def _say_dropped(self) -> None:
+        if self.dropped and self.dropped_steps:
+            a, b = self.dropped_steps
+            self.say(
+                f"[nsml] {self.dropped:,} report points (steps {a}-{b}) were dropped: the "
+                "buffer was full while the NSML server was unreachable"
+            )
+            self.dropped, self.dropped_steps = 0, None
+
+    def _run(self) -> None:
+        failures = 0
+        while not self.closed.is_set():
+            self.wake.wait(_FLUSH_INTERVAL_S)
+            self.wake.clear()
+            if self.closed.is_set():
+                return
             try:
-                assert self.sender is not None
-                self.sender.post_points(batch)
-            except BaseException:
-                buf.extendleft(reversed(batch))
-                raise
-            sent += n
-            self.failures = 0
-        return sent
+                self.send_pending()
+            except Transient as e:
+                self._outage(e)
+                self.closed.wait(self.backoff.delay(failures))
+                failures += 1
+                continue
+            except Exception as e:  # a bug must not end the reports: say it, keep going
+                failures += 1
+                if failures in (1, 10, 100):
+                    self.say(f"[nsml] could not send reports ({e!r}); retrying")
+                self.closed.wait(self.backoff.delay(failures))
+                continue
+            failures = 0
+            self._recovered()
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Send what is buffered, waiting for a send in progress; give up after *timeout*."""
+    def _at_exit(self) -> None:
+        self.closed.set()
+        self.flush()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send what is buffered, waiting for a send in progress and retrying an unreachable
+        server for up to *timeout* seconds (default: the retry timeout); then say what was
+        not sent."""
         if self.sender is None:
             return
-        deadline = time.monotonic() + timeout
-        error: Exception | None = None
-        attempt = 0
+        limit = self.timeout_s if timeout is None else timeout
+        deadline = self.clock() + limit
+        error: BaseException | None = None
+        announced = False
+        n = 0
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.send_lock.acquire(timeout=left):
+            left = deadline - self.clock()
+            if not self.send_lock.acquire(timeout=max(0.0, left)):
                 break
             try:
-                self._send_locked()
+                self.send_pending()
+                self._recovered()
                 return
+            except Transient as e:
+                error = e
+                self._outage(e)
+                if not announced and left > 0:
+                    announced = True
+                    self.say(
+                        f"[nsml] waiting up to {format_duration(limit)} for the NSML server "
+                        f"to take the last {self.unsent():,} report points"
+                    )
             except Exception as e:
                 error = e
+                break
             finally:
                 self.send_lock.release()
-            time.sleep(min(1.0, 0.1 * 2**attempt, max(0.0, deadline - time.monotonic())))
-            attempt += 1
-        if self.buffer:
-            print(
-                f"[nsml] {len(self.buffer)} report points were not sent ({error or 'timeout'})",
-                file=sys.stderr,
-                flush=True,
+            left = deadline - self.clock()
+            if left <= 0:
+                break
+            self.sleep(min(self.backoff.delay(n), left))
+            n += 1
+        self._say_dropped()
+        if self.unsent():
+            self.say(
+                f"[nsml] {self.unsent():,} report points were not sent "
+                f"({error or 'a send in progress did not end'})"
             )
 
 
@@ -271,11 +659,16 @@ def report(
     Non-blocking: in a session the points are sent by a background thread. ``scope`` and
     ``summary`` are accepted for compatibility with NSML scripts and ignored.
 
+    NaN and infinities are kept (a diverged loss is information).
+
     Raises:
         TypeError: a value is not a number (naming it).
+        ValueError: a metric name the server cannot store (naming it).
     """
     rep = _reporter or _get_reporter()
     for k, v in metrics.items():
+        if k not in _good_names:
+            _check_metric_name(k)
         if type(v) is not float:
             try:
                 metrics[k] = float(v)
@@ -288,8 +681,22 @@ def report(
     rep.add(step, metrics)
 
 
-def flush(timeout: float = 10.0) -> None:
-    """Send the buffered reports now (blocking up to *timeout* seconds)."""
+_good_names: set[str] = set()
+
+
+def _check_metric_name(name: str) -> None:
+    if not METRIC_NAME.match(name):
+        raise ValueError(
+            f"nsml.report: metric name {name!r} must be 1-128 letters, digits, '_', '.', '/', "
+            "':' or '-' (starting with a letter, digit or '_')"
+        )
+    if len(_good_names) < 10_000:
+        _good_names.add(name)
+
+
+def flush(timeout: float | None = None) -> None:
+    """Send the buffered reports now, blocking up to *timeout* seconds (default
+    ``$NSML_RETRY_TIMEOUT``, 600) while the server is unreachable."""
     if _reporter is not None:
         _reporter.flush(timeout)
 
@@ -348,8 +755,13 @@ def save(checkpoint: Any, **kwargs: Any) -> str:
     """Save a checkpoint named *checkpoint* (e.g. the epoch) with the bound save function.
 
     In a session the folder the function wrote is uploaded to the server (blocking until
-    stored); elsewhere it stays in ``./nsml_checkpoints/NAME``. Returns where it went
-    (``SESSION/NAME``, or the local folder).
+    stored; retried while the server is unreachable, for up to ``$NSML_RETRY_TIMEOUT``
+    seconds); elsewhere it stays in ``./nsml_checkpoints/NAME``. Saving a name again replaces
+    that checkpoint. Returns where it went (``SESSION/NAME``, or the local folder).
+
+    Raises:
+        CheckpointError: the folder holds something a checkpoint cannot (a link to a folder,
+            a device), the server refused it, or did not answer in time.
     """
     fn = _bound.get("save")
     if fn is None:
@@ -370,21 +782,35 @@ def save(checkpoint: Any, **kwargs: Any) -> str:
         folder.mkdir()
         fn(str(folder), **kwargs)
         archive = Path(tmp) / "checkpoint.tar"
-        with tarfile.open(archive, "w") as tar:
-            for p in sorted(folder.rglob("*")):
-                tar.add(p, arcname=p.relative_to(folder).as_posix(), recursive=False)
+        try:
+            sha = pack(folder, archive)
+        except ArchiveError as e:
+            raise CheckpointError(f"nsml.save({name!r}): {e}", 0, "bad_request") from None
         step = _reporter.step if _reporter is not None and _reporter.step >= 0 else None
-        with archive.open("rb") as f:
-            r = sender.http.put(
-                sender.url(f"/checkpoints/{quote(name, safe='')}"),
-                data=f,
-                params={"step": step} if step is not None else None,
-                headers={"Content-Type": "application/x-tar"},
-                timeout=3600,
-            )
+        url = sender.url(f"/checkpoints/{quote(name, safe='')}")
+
+        def attempt() -> Any:
+            with archive.open("rb") as f:
+                return sender.call(
+                    "PUT",
+                    url,
+                    data=f,
+                    params={"step": step} if step is not None else None,
+                    headers={"Content-Type": "application/x-tar", "X-Checkpoint-SHA256": sha},
+                    timeout=(10, 3600),
+                )
+
+        try:
+            r = Retrier(retry_timeout()).call(f"the upload of checkpoint {name}", attempt)
+        except ServerUnreachable as e:
+            raise CheckpointError(f"nsml.save({name!r}): {e}", 0, "unreachable") from None
+        except sender.requests.RequestException as e:
+            raise CheckpointError(f"nsml.save({name!r}): the upload failed: {e}", 0) from None
         if r.status_code >= 400:
-            raise RuntimeError(
-                f"nsml.save({name!r}): the server answered {r.status_code}: {r.text[:300]}"
+            raise CheckpointError(
+                f"nsml.save({name!r}): the server refused the checkpoint: {_server_message(r)}",
+                r.status_code,
+                _server_reason(r, "refused"),
             )
     return f"{SESSION_NAME}/{name}"
 
@@ -394,7 +820,14 @@ def load(checkpoint: Any, session: str | None = None, **kwargs: Any) -> None:
     function.
 
     In a session (or off the platform with *session* and ``NSML_API_URL``/``NSML_TOKEN``
-    set) it is downloaded from the server; otherwise read from ``./nsml_checkpoints/NAME``.
+    set) it is downloaded from the server (retried while the server is unreachable, for up
+    to ``$NSML_RETRY_TIMEOUT`` seconds), checked against its SHA-256 and unpacked (regular
+    files and folders only); otherwise read from ``./nsml_checkpoints/NAME``.
+
+    Raises:
+        CheckpointError: no such checkpoint, a damaged or unsafe archive, a folder that
+            cannot be written, or a server that did not answer in time.
+        FileNotFoundError: off the platform, no local checkpoint of that name.
     """
     global _loaded
     fn = _bound.get("load")
@@ -409,8 +842,6 @@ def load(checkpoint: Any, session: str | None = None, **kwargs: Any) -> None:
         fn(str(folder), **kwargs)
         _loaded = name
         return
-    from .snapshot import safe_extract
-
     session = session or SESSION_NAME
     assert session is not None
     if sender is None:
@@ -418,24 +849,82 @@ def load(checkpoint: Any, session: str | None = None, **kwargs: Any) -> None:
 
         cfg = resolve()
         sender = _Sender(cfg.api_url, cfg.token, session)
+    where = f"nsml.load({name!r}, session={session!r})"
+    with tempfile.TemporaryDirectory(prefix="nsml-load-") as tmp:
+        archive = Path(tmp) / "checkpoint.tar"
+        r, digest = _download(sender, session, name, archive)
+        if r.status_code >= 400:
+            raise CheckpointError(
+                f"{where}: {_server_message(r)}", r.status_code, _server_reason(r, "refused")
+            )
+        expected = r.headers.get("X-Checkpoint-SHA256")
+        if expected and expected.lower() != digest:
+            raise CheckpointError(
+                f"{where}: the checkpoint is damaged (its SHA-256 is {digest}, the server "
+                f"recorded {expected}); save it again",
+                0,
+                "damaged",
+            )
+        folder = Path(tmp) / "checkpoint"
+        try:
+            extract(archive, folder)
+        except ArchiveError as e:
+            raise CheckpointError(
+                f"{where}: the checkpoint is damaged or unsafe: {e}", 0, "damaged"
+            ) from None
+        except OSError as e:
+            raise CheckpointError(
+                f"{where}: cannot unpack it into {tmp} ({e.strerror or e})", 0, "io"
+            ) from None
+        fn(str(folder), **kwargs)
+    _loaded = f"{session}/{name}"
+
+
+def _download(sender: _Sender, session: str, name: str, archive: Path) -> tuple[Any, str]:
+    """GET the checkpoint into *archive* (retried as a whole while the server is
+    unreachable or the transfer breaks): the response and the SHA-256 of what arrived."""
     url = sender.url("")
     prefix = url[: url.rfind("/sessions/") + len("/sessions/")]
     target = prefix + "/".join(quote(p, safe="") for p in session.split("/"))
-    r = sender.http.get(f"{target}/checkpoints/{quote(name, safe='')}", stream=True, timeout=3600)
-    if r.status_code >= 400:
-        raise RuntimeError(
-            f"nsml.load({name!r}, session={session!r}): {r.status_code} {r.text[:300]}"
-        )
-    with tempfile.TemporaryDirectory(prefix="nsml-load-") as tmp:
-        archive = Path(tmp) / "checkpoint.tar"
-        with archive.open("wb") as f:
-            for chunk in r.iter_content(1 << 20):
-                f.write(chunk)
-        folder = Path(tmp) / "checkpoint"
-        with tarfile.open(archive) as tar:
-            safe_extract(tar, folder)
-        fn(str(folder), **kwargs)
-    _loaded = f"{session}/{name}"
+    url = f"{target}/checkpoints/{quote(name, safe='')}"
+    rq = sender.requests
+
+    def attempt() -> tuple[Any, str]:
+        r = sender.call("GET", url, stream=True, timeout=(10, 600))
+        h = hashlib.sha256()
+        if r.status_code >= 400:
+            return r, ""
+        where = f"nsml.load({name!r}, session={session!r})"
+        try:
+            with archive.open("wb") as f:
+                for chunk in r.iter_content(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+        except (rq.ConnectionError, rq.Timeout, rq.exceptions.ChunkedEncodingError) as e:
+            raise Transient(f"the download broke: {_why(e)}") from e
+        except rq.RequestException as e:
+            raise CheckpointError(f"{where}: the download failed: {e}", 0, "damaged") from None
+        except OSError as e:  # after requests' errors, which are OSErrors too
+            raise CheckpointError(
+                f"{where}: cannot write {archive} ({e.strerror or e})", 0, "io"
+            ) from None
+        finally:
+            r.close()
+        return r, h.hexdigest()
+
+    what = f"the download of checkpoint {name}" + (
+        f" of {session}" if session != SESSION_NAME else ""
+    )
+    try:
+        return Retrier(retry_timeout()).call(what, attempt)
+    except ServerUnreachable as e:
+        raise CheckpointError(
+            f"nsml.load({name!r}, session={session!r}): {e}", 0, "unreachable"
+        ) from None
+    except rq.RequestException as e:
+        raise CheckpointError(
+            f"nsml.load({name!r}, session={session!r}): the download failed: {e}", 0
+        ) from None
 
 
 def _install_sigterm() -> None:
@@ -461,5 +950,5 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
             print(f"[nsml] saved checkpoint {where}", file=sys.stderr, flush=True)
         except Exception as e:
             print(f"[nsml] could not save a checkpoint at stop: {e}", file=sys.stderr, flush=True)
-    flush()
+    flush(10.0)  # the server kills the session after its grace period anyway
     raise SystemExit(128 + signal.SIGTERM)

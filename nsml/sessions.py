@@ -12,18 +12,26 @@ Sessions are named ``USER/DATASET/N``; every function also accepts the short for
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
-from .client import Client, NSMLError
-from .snapshot import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, build_archive, collect, safe_extract
+from ._checkpoint import ArchiveError, extract
+from .client import Client, NSMLError, encode_json
+from .snapshot import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_FILES,
+    Entry,
+    SnapshotError,
+    build_archive,
+    collect,
+)
 
 __all__ = [
     "ACTIVE_STATES",
@@ -54,6 +62,11 @@ __all__ = [
 
 ACTIVE_STATES = ("queued", "preparing", "running")
 FINAL_STATES = ("completed", "failed", "oom_killed", "stopped", "lost")
+#: Bounds of the API's arguments (the server clamps or refuses beyond them).
+MAX_LIST = 10_000
+MAX_TAIL_LINES = 10_000_000
+MAX_EXEC_S = 600.0
+MAX_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -64,13 +77,23 @@ class CodeUpload:
         digest: what ``run`` passes as ``code``.
         files: how many files it holds.
         bytes: their total size.
-        skipped: paths left out (links that leave the folder, special files).
+        skipped: paths left out and why (virtual environments, links that leave the folder,
+            special files, files that vanished or kept changing while read).
+        folder: the folder it was taken from.
+        max_bytes, max_files: the limits it was taken under.
+        near_limit: it used most of a limit (files or bytes).
+        biggest: then, its biggest entries (files and folders), to list in ``.nsmlignore``.
     """
 
     digest: str
     files: int
     bytes: int
     skipped: tuple[str, ...] = ()
+    folder: str = ""
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_files: int = DEFAULT_MAX_FILES
+    near_limit: bool = False
+    biggest: tuple[Entry, ...] = ()
 
 
 # ---- names -----------------------------------------------------------------------------------
@@ -91,13 +114,19 @@ def full_name(client: Client, ref: str) -> str:
         ValueError: *ref* is neither form.
     """
     parts = ref.strip("/").split("/")
-    if len(parts) == 3 and parts[2].isdigit():
+    if len(parts) == 3 and _number(parts[2]):
         return "/".join(parts)
-    if len(parts) == 2 and parts[1].isdigit():
+    if len(parts) == 2 and _number(parts[1]):
         return f"{_me(client)}/{parts[0]}/{parts[1]}"
     raise ValueError(
         f"{ref!r} is not a session name: use USER/DATASET/N or DATASET/N (e.g. alice/mnist/3)"
+        + (f"; N is a whole number from 1 to {MAX_ID}" if parts[-1].isdigit() else "")
     )
+
+
+def _number(text: str) -> bool:
+    """A session number: ASCII digits, 1 to :data:`MAX_ID`."""
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_ID
 
 
 def split_checkpoint(client: Client, ref: str) -> tuple[str, str | None]:
@@ -107,11 +136,11 @@ def split_checkpoint(client: Client, ref: str) -> tuple[str, str | None]:
         ValueError: *ref* names no session.
     """
     parts = ref.strip("/").split("/")
-    if len(parts) == 4 and parts[2].isdigit():
+    if len(parts) == 4 and _number(parts[2]):
         return full_name(client, "/".join(parts[:3])), parts[3]
-    if len(parts) == 3 and parts[1].isdigit() and not parts[2].isdigit():
+    if len(parts) == 3 and _number(parts[1]) and not _number(parts[2]):
         return full_name(client, "/".join(parts[:2])), parts[2]
-    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+    if len(parts) == 3 and _number(parts[1]) and _number(parts[2]):
         # DATASET/N/CHECKPOINT with a numeric checkpoint, or USER/DATASET/N with a numeric
         # dataset: a session name wins when such a session exists.
         try:
@@ -138,17 +167,30 @@ def upload_code(
     extra: dict[str, bytes] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_files: int = DEFAULT_MAX_FILES,
+    require: str | None = None,
 ) -> CodeUpload:
-    """Snapshot *folder* (honouring ``.nsmlignore`` and the limits) and upload it.
+    """Snapshot *folder* (the default ignores, ``.nsmlignore``, the limits) and upload it.
 
     *extra* adds files that are not on disk (path -> content), replacing same-named ones.
+    *require* names a file the snapshot must hold (the entry point).
 
     Raises:
-        SnapshotError: the folder is too large or missing.
+        SnapshotError: the folder is too large or missing, or *require* could not be read.
         NSMLError: the server refused it.
     """
     snap = collect(folder, extra=extra, max_bytes=max_bytes, max_files=max_files)
     archive = build_archive(snap)
+    if require is not None and require not in snap.paths:
+        archive.unlink(missing_ok=True)
+        why = next((s for s in snap.skipped if s.startswith(f"{require} (")), None)
+        raise SnapshotError(
+            f"{require} is not in the code snapshot of {snap.root}"
+            + (
+                f": {why}"
+                if why
+                else " (is it in a folder left out by default, or listed in .nsmlignore?)"
+            )
+        )
     try:
         with archive.open("rb") as f:
             r = client.raw(
@@ -161,11 +203,17 @@ def upload_code(
         body = r.json()
     finally:
         archive.unlink(missing_ok=True)
+    near = snap.near_limit
     return CodeUpload(
         digest=str(body["digest"]),
         files=int(body["files"]),
         bytes=int(body["bytes"]),
         skipped=tuple(snap.skipped),
+        folder=str(snap.root),
+        max_bytes=max_bytes,
+        max_files=max_files,
+        near_limit=near,
+        biggest=tuple(snap.biggest()) if near else (),
     )
 
 
@@ -185,6 +233,7 @@ def run(
     memo: str = "",
     public: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    on_upload: Callable[[CodeUpload], None] | None = None,
 ) -> dict[str, Any]:
     """Start a session: upload *folder* and run *entry* with *args* in the background.
 
@@ -201,6 +250,7 @@ def run(
         image: container image (default: the server's).
         memo: a note kept with the session.
         public: let every user read and fork it.
+        on_upload: told what the code snapshot held once the server stored it.
 
     Returns:
         The new session (``name``, ``state`` ``queued``, ...).
@@ -208,9 +258,7 @@ def run(
     extra = {entry: cell.encode()} if cell is not None else None
     if cell is None and not (Path(folder) / entry).is_file():
         raise ValueError(f"{entry} is not a file in {Path(folder).resolve()}")
-    code = upload_code(client, folder, extra=extra, max_bytes=max_bytes)
     body: dict[str, Any] = {
-        "code": code.digest,
         "entry": entry,
         "args": list(args),
         "gpus": gpus,
@@ -225,6 +273,17 @@ def run(
         body["memory"] = memory
     if image:
         body["image"] = image
+    encode_json(body)  # a value JSON cannot carry is refused before the code is uploaded
+    code = upload_code(
+        client,
+        folder,
+        extra=extra,
+        max_bytes=max_bytes,
+        require=entry if cell is not None else os.path.normpath(entry),
+    )
+    if on_upload is not None:
+        on_upload(code)
+    body["code"] = code.digest
     result: dict[str, Any] = client.request("POST", "sessions", body)
     return result
 
@@ -478,7 +537,17 @@ def pull(
     checkpoint: str | None = None,
 ) -> Path:
     """Download a checkpoint (``SESSION/CHECKPOINT``, or the session's newest) and unpack it
-    into ``DEST/USER_DATASET_N/CHECKPOINT``; return that folder."""
+    into ``DEST/USER_DATASET_N/CHECKPOINT``, which must not exist; return that folder.
+
+    The download is checked against the SHA-256 the server recorded, and the archive against
+    the checkpoint rules (regular files and folders only, no path leaving the folder); it is
+    unpacked into a hidden sibling folder renamed into place at the end. On any failure
+    nothing is left at the destination (not even the folders this call created).
+
+    Raises:
+        NSMLError: one sentence for each failure (reason ``exists``, ``damaged``, ``io``,
+            ``unreachable``, or the API's).
+    """
     name, ckpt = split_checkpoint(client, ref)
     ckpt = checkpoint or ckpt
     if ckpt is None:
@@ -487,12 +556,99 @@ def pull(
             raise NSMLError(f"Session {name} has no checkpoint.", 404, "not_found")
         ckpt = str(saved[-1]["name"])
     target = Path(dest) / name.replace("/", "_") / ckpt
-    r = client.raw("GET", _path(name, f"/checkpoints/{quote(ckpt, safe='')}"), stream=True)
-    with tempfile.TemporaryFile() as tmp:
-        for chunk in r.iter_content(1 << 20):
-            tmp.write(chunk)
-        tmp.seek(0)
-        target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=tmp, mode="r:*") as tar:
-            safe_extract(tar, target)
+    what = f"checkpoint {name}/{ckpt}"
+    if target.exists() or target.is_symlink():
+        raise NSMLError(
+            f"{target} already exists; remove it or pull into another folder.", 0, "exists"
+        )
+    created = _make_folders(target.parent)
+    try:
+        r = client.raw("GET", _path(name, f"/checkpoints/{quote(ckpt, safe='')}"), stream=True)
+        with tempfile.TemporaryFile(dir=target.parent, prefix=".nsml-pull-") as tmp:
+            digest = _receive(r, tmp, what)
+            expected = r.headers.get("X-Checkpoint-SHA256", "").lower()
+            if expected and expected != digest:
+                raise NSMLError(
+                    f"The download of {what} is damaged (SHA-256 {digest[:12]}..., the server "
+                    f"recorded {expected[:12]}...); nothing was written. Try again; if it "
+                    "persists the server's copy is damaged.",
+                    0,
+                    "damaged",
+                )
+            tmp.seek(0)
+            extract(tmp, target)
+    except ArchiveError as e:
+        _remove_folders(created)
+        raise NSMLError(
+            f"{what.capitalize()} cannot be unpacked: {e}; nothing was written.", 0, "damaged"
+        ) from None
+    except FileExistsError:
+        _remove_folders(created)
+        raise NSMLError(
+            f"{target} already exists; remove it or pull into another folder.", 0, "exists"
+        ) from None
+    except OSError as e:
+        _remove_folders(created)
+        raise NSMLError(
+            f"Cannot write {what} into {target.parent}: {e.strerror or e}; nothing was written.",
+            0,
+            "io",
+        ) from None
+    except BaseException:
+        _remove_folders(created)
+        raise
     return target
+
+
+def _receive(r: Any, out: IO[bytes], what: str) -> str:
+    """Copy a streamed download into *out*; its SHA-256."""
+    import requests
+
+    h = hashlib.sha256()
+    try:
+        for chunk in r.iter_content(1 << 20):
+            out.write(chunk)
+            h.update(chunk)
+    except requests.RequestException as e:  # before OSError: requests' errors are OSErrors
+        raise NSMLError(
+            f"The download of {what} broke ({e.__class__.__name__}); nothing was written. "
+            "Try again.",
+            0,
+            "unreachable",
+        ) from None
+    finally:
+        r.close()
+    return h.hexdigest()
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create *folder* and its missing parents; the ones created, outermost first.
+
+    Raises:
+        NSMLError: a folder cannot be created (nothing created is left).
+    """
+    missing: list[Path] = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except OSError as e:
+            _remove_folders(created)
+            raise NSMLError(f"Cannot create {d}: {e.strerror or e}.", 0, "io") from None
+        created.append(d)
+    if not folder.is_dir():
+        raise NSMLError(f"Cannot write into {folder}: it is not a folder.", 0, "io")
+    return created
+
+
+def _remove_folders(created: list[Path]) -> None:
+    """Remove the folders :func:`_make_folders` created, innermost first, if still empty."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            return

@@ -1,35 +1,35 @@
 """The ``%nsml`` line magic and ``%%nsml`` cell magic.
 
-One verb per NSML command. Each verb is a function whose arguments are declared with
-IPython's ``magic_arguments`` (so ``%nsml VERB -h``-style help comes from the same place as the
-parsing); an argument mistake is a :class:`UsageError` naming the valid choices. The verbs
-call the client library (:mod:`nsml.sessions`, :mod:`nsml.datasets`, :class:`nsml.Client`)
-and only format what it returns.
+The verbs are the ``nsml`` command line's, declared once (:func:`nsml.cli.build_parser`): each
+magic verb parses with the CLI verb's own parser (the same converters, so the same values are
+refused, with the same one-line reasons) and calls the same function. A mistake or an error
+from the server is a :class:`UsageError` (one line, no traceback). Some verbs are shown richer
+in a notebook (:data:`SHOWN`): ``run``, ``fork`` and ``resume`` add a live status line,
+``status`` and ``gpustat`` an HTML table. Results and notes are the cell's output (standard
+output), so that JupyterLab never shows a summary as an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import (
-    MagicArgumentParser,
-    argument,
-    magic_arguments,
-    parse_argstring,
-)
 from IPython.display import HTML, display
 from IPython.utils.process import arg_split
 
-from nsml._fmt import print_json
+from nsml._args import Parser, UsageProblem
+from nsml._fmt import gpu_rows, print_json
+from nsml.cli import one_line
 from nsml.client import Client, NSMLError
 from nsml.config import ConfigError
-
-Verb = Callable[["NSMLMagics", str, list[str], str | None], Any]
+from nsml.snapshot import SnapshotError
 
 
 def split_dashdash(line: str) -> tuple[str, list[str]]:
@@ -48,33 +48,22 @@ def split_dashdash(line: str) -> tuple[str, list[str]]:
 
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> HTML:
+    """*rows* as an HTML table; a missing or ``None`` cell is ``-`` (``0`` stays ``0``)."""
     import html
 
     head = "".join(f"<th style='text-align:left'>{html.escape(t)}</th>" for _, t in columns)
     body = "".join(
         "<tr>"
         + "".join(
-            f"<td style='text-align:left'>{html.escape(str(r.get(k, '') or ''))}</td>"
+            "<td style='text-align:left'>"
+            + html.escape("-" if r.get(k) is None else str(r.get(k)))
+            + "</td>"
             for k, _ in columns
         )
         + "</tr>"
         for r in rows
     )
     return HTML(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-
-
-# ---- verbs -----------------------------------------------------------------------------
-#
-# Every verb of the `nsml` command line is a verb here, parsed by an IPython
-# MagicArgumentParser built on the CLI's own sub-parser (one declaration of each verb's
-# arguments; mistakes raise UsageError). `run`, `fork`, `resume` and `status` add a live status
-# line; `gpustat` exists only here.
-
-
-@magic_arguments()
-@argument("--json", action="store_true", help="print the raw JSON")
-def _gpustat_args(line: str) -> None:
-    """%nsml gpustat [--json]: the cluster's GPUs, node by node (allocation and use)."""
 
 
 def cli_verbs() -> dict[str, argparse.ArgumentParser]:
@@ -87,11 +76,18 @@ def cli_verbs() -> dict[str, argparse.ArgumentParser]:
     return {}
 
 
-def magic_parser(verb: str, cli: argparse.ArgumentParser) -> MagicArgumentParser:
-    """``%nsml VERB``'s parser: the CLI verb's arguments, IPython's error handling."""
-    return MagicArgumentParser(
-        prog=f"%nsml {verb}", description=cli.description, parents=[cli], add_help=False
-    )
+def magic_parser(verb: str, cli: argparse.ArgumentParser) -> Parser:
+    """``%nsml VERB``'s parser: the CLI verb's arguments and converters under another name."""
+    return Parser(prog=f"%nsml {verb}", description=cli.description, parents=[cli], add_help=False)
+
+
+def _usage(verb: str, problem: object) -> UsageError:
+    text = one_line(problem)
+    if text.startswith("nsml "):
+        return UsageError("%" + text)
+    if text.startswith("%nsml "):
+        return UsageError(text)
+    return UsageError(f"%nsml {verb}: {text}")
 
 
 @magics_class
@@ -99,7 +95,7 @@ class NSMLMagics(Magics):
     """``%nsml VERB ...`` and ``%%nsml run ...``."""
 
     _client: Client | None = None
-    _parsers: dict[str, MagicArgumentParser] | None = None
+    _parsers: dict[str, Parser] | None = None
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)
@@ -117,13 +113,14 @@ class NSMLMagics(Magics):
         return self._client
 
     @property
-    def parsers(self) -> dict[str, MagicArgumentParser]:
+    def parsers(self) -> dict[str, Parser]:
         if self._parsers is None:
             self._parsers = {v: magic_parser(v, p) for v, p in cli_verbs().items()}
         return self._parsers
 
     def verbs(self) -> list[str]:
-        return sorted({*self.parsers, *MAGIC_ONLY})
+        """The magic's verbs: the CLI's, no more and no fewer."""
+        return sorted(self.parsers)
 
     @line_cell_magic
     def nsml(self, line: str, cell: str | None = None) -> Any:
@@ -135,21 +132,31 @@ class NSMLMagics(Magics):
         if verb in ("help", "-h", "--help"):
             print(self.help())
             return None
-        if verb not in self.parsers and verb not in MAGIC_ONLY:
+        if verb not in self.parsers:
             raise UsageError(f"%nsml {verb}: unknown verb; choose from {', '.join(self.verbs())}")
         if cell is not None and verb != "run":
             raise UsageError(f"%%nsml {verb}: only '%%nsml run' takes a cell (the script)")
         argline, extra = split_dashdash(rest)
         try:
-            if verb in MAGIC_ONLY:
-                return MAGIC_ONLY[verb](self, argline, extra, cell)
             return self.dispatch(verb, argline, extra, cell)
+        except UsageError:
+            raise
         except NSMLError as e:
-            raise UsageError(f"%nsml {verb}: {e.message}") from None
+            raise _usage(verb, e.message) from None
+        except (UsageProblem, ConfigError, SnapshotError, ValueError) as e:
+            raise _usage(verb, e) from None
         except SystemExit:  # -h printed the verb's help
             return None
         except KeyboardInterrupt:
             return None
+        except Exception as e:
+            if os.environ.get("NSML_DEBUG"):
+                traceback.print_exc()
+            raise _usage(
+                verb,
+                f"unexpected error: {e.__class__.__name__}: {e} (NSML_DEBUG=1 shows the "
+                "traceback; please report it)",
+            ) from None
 
     def parse(self, verb: str, argline: str, cell: str | None) -> argparse.Namespace:
         parser = self.parsers[verb]
@@ -158,7 +165,7 @@ class NSMLMagics(Magics):
             # %%nsml run [OPTIONS] [SCRIPT]: the cell is the script; name it if not named.
             try:
                 return parser.parse_args(argv)
-            except UsageError as e:
+            except UsageProblem as e:
                 if "required" not in str(e):
                     raise
                 return parser.parse_args([*argv, CELL_SCRIPT])
@@ -167,22 +174,28 @@ class NSMLMagics(Magics):
     def dispatch(self, verb: str, argline: str, extra: list[str], cell: str | None) -> Any:
         ns = self.parse(verb, argline, cell)
         ns.rest = extra
-        special = FOLLOWED.get(verb)
-        if special is not None:
-            return special(self, ns, cell)
+        ns.notes = sys.stdout
+        if getattr(ns, "no_progress", True) is False:
+            ns.progress = True  # a kernel's stderr is no terminal: show the widget bar anyway
+        shown = SHOWN.get(verb)
+        if shown is not None:
+            return shown(self, ns, cell)
         rc = ns.fn(self.client, ns)
         if rc:
             raise UsageError(f"%nsml {verb} failed (exit status {rc}); see the message above")
         return None
 
-    def follow(self, session: dict[str, Any]) -> None:
-        """Print the session's name and show its live status line (it never blocks)."""
+    def follow(self, session: dict[str, Any], note: str = "") -> None:
+        """Print the session's name (and *note*) and show its live status line (it never
+        blocks)."""
         from nsml import sessions
 
         from .status import StatusLine
 
         name = str(session["name"])
         print(name)
+        if note:
+            print(note)
         line = StatusLine(lambda: sessions.status(self.client, name))
         line.widget.value = line.render(session)
         display(line.widget)
@@ -192,10 +205,7 @@ class NSMLMagics(Magics):
     def help(self) -> str:
         lines = ["%nsml VERB [ARGS]   (%%nsml run ... takes the cell as the script)", ""]
         for name in self.verbs():
-            if name in MAGIC_ONLY:
-                doc = (MAGIC_ONLY[name].__doc__ or "").strip().splitlines()[0]
-            else:
-                doc = (self.parsers[name].description or "").split(". ")[0]
+            doc = (self.parsers[name].description or "").split(". ")[0]
             lines.append(f"  {name:<8} {doc}")
         lines.append("")
         lines.append("%nsml VERB -h shows a verb's options.")
@@ -206,9 +216,11 @@ CELL_SCRIPT = "nsml_cell.py"
 
 
 def _run(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
-    from nsml.cli_session import start_run
+    from nsml.cli_session import start_run, upload_note
 
-    m.follow(start_run(m.client, ns, cell))
+    uploads: list[Any] = []
+    session = start_run(m.client, ns, cell, on_upload=uploads.append)
+    m.follow(session, "\n".join(upload_note(u) for u in uploads))
 
 
 def _fork(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
@@ -237,50 +249,21 @@ def _status(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
     print(status_text(st))
 
 
-FOLLOWED: dict[str, Callable[[NSMLMagics, argparse.Namespace, str | None], Any]] = {
+def _gpustat(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
+    from nsml.cli import GPUSTAT_COLUMNS
+
+    nodes = m.client.nodes(state=ns.state)
+    if ns.json:
+        print_json(nodes)
+        return
+    display(_table(list(gpu_rows(nodes)), GPUSTAT_COLUMNS))
+
+
+#: CLI verbs that a notebook shows its own way (the arguments are still the CLI verb's).
+SHOWN: dict[str, Callable[[NSMLMagics, argparse.Namespace, str | None], Any]] = {
     "run": _run,
     "fork": _fork,
     "resume": _resume,
     "status": _status,
-}
-
-
-def _gpustat(self: NSMLMagics, line: str, extra: list[str], cell: str | None) -> None:
-    """the cluster's GPUs: per node, allocation and utilization."""
-    args = parse_argstring(_gpustat_args, line)
-    nodes = self.client.nodes()
-    if args.json:
-        print_json(nodes)
-        return
-    rows = []
-    for n in nodes:
-        for g in n.get("gpus") or []:
-            used = g.get("allocated_milli", 0) / 1000
-            rows.append(
-                {
-                    "node": n["name"],
-                    "state": n["state"],
-                    "gpu": g["index"],
-                    "model": g["model"],
-                    "allocated": f"{used:g}",
-                    "memory": f"{g.get('memory_used_mib', 0)}/{g['memory_total_mib']} MiB",
-                    "util": "" if g.get("utilization_pct") is None else f"{g['utilization_pct']}%",
-                }
-            )
-        if not n.get("gpus"):
-            rows.append({"node": n["name"], "state": n["state"], "model": "no GPUs"})
-    cols = [
-        ("node", "NODE"),
-        ("state", "STATE"),
-        ("gpu", "GPU"),
-        ("model", "MODEL"),
-        ("allocated", "ALLOCATED"),
-        ("memory", "MEMORY"),
-        ("util", "UTIL"),
-    ]
-    display(_table(rows, cols))
-
-
-MAGIC_ONLY: dict[str, Verb] = {
     "gpustat": _gpustat,
 }

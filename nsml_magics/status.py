@@ -38,8 +38,9 @@ def render_status(s: Mapping[str, Any]) -> str:
     """The status line's HTML for a session as the API describes it.
 
     Shows the name, the state (with the queue position or the reason when there is one),
-    progress from the last report (epoch, step), up to four last metrics, the node and GPUs,
-    and the exit code of a finished session.
+    progress from the last report (epoch, step), up to four last metrics, the node and the
+    session's GPUs (a share of one GPU as such), their use while running when the node
+    reports it (NVML; virtual GPUs report none), and the exit code of a finished session.
     """
     state = str(s.get("state", "?"))
     color = _COLORS.get(state, "#6c757d")
@@ -59,10 +60,9 @@ def render_status(s: Mapping[str, Any]) -> str:
     if values:
         shown = list(values.items())[:4]
         parts.append(", ".join(f"{html.escape(str(k))} {_fmt(v)}" for k, v in shown))
-    if s.get("node"):
-        gpus = s.get("gpu_ids") or []
-        where = html.escape(str(s["node"]))
-        parts.append(f"{where} GPU {','.join(map(str, gpus))}" if gpus else where)
+    where = _where(s)
+    if where:
+        parts.append(where)
     use = [g for g in s.get("gpu_use") or () if g.get("utilization_pct") is not None]
     if use:
         pct = sum(int(g["utilization_pct"]) for g in use) / len(use)
@@ -74,6 +74,19 @@ def render_status(s: Mapping[str, Any]) -> str:
     if why and state not in ("running", "completed"):
         parts.append(f"<i>{html.escape(str(why))[:200]}</i>")
     return "<span style='font-family:monospace'>" + " · ".join(parts) + "</span>"
+
+
+def _where(s: Mapping[str, Any]) -> str:
+    """``node-a GPU 0,1``, ``node-a 0.5 of GPU 2``, ``node-a``; empty before placement."""
+    if not s.get("node"):
+        return ""
+    where = html.escape(str(s["node"]))
+    ids = [str(g) for g in s.get("gpu_ids") or []]
+    if not ids:
+        return where
+    asked = (s.get("resources") or {}).get("gpus") or 0
+    share = f"{float(asked):g} of " if 0 < float(asked) < 1 else ""
+    return f"{where} {share}GPU {html.escape(','.join(ids))}"
 
 
 class StatusLine:

@@ -371,7 +371,16 @@ class NSMLServer(DBSettings):
     )
 
     checkpoint_max_bytes = Integer(
-        20 * 1024**3, help="Largest checkpoint (a tar archive), in bytes."
+        20 * 1024**3,
+        help="""Largest checkpoint, in bytes: the uploaded tar archive, and the sum of its
+        files' sizes (a compressed archive may not unpack past it either).""",
+    ).tag(config=True)
+
+    checkpoint_max_members = Integer(
+        100_000,
+        help="""Most files and folders in one checkpoint archive (default 100,000); a larger
+        one is refused at upload with 413. Checkpoints hold regular files and folders only:
+        links, devices and paths that leave the folder are refused whatever the limits.""",
     ).tag(config=True)
 
     @validate("session_stop_grace")
@@ -381,7 +390,12 @@ class NSMLServer(DBSettings):
             raise ValueError(f"session_stop_grace must be >= 0 seconds, not {v}")
         return v
 
-    @validate("session_code_max_bytes", "session_code_max_files", "checkpoint_max_bytes")
+    @validate(
+        "session_code_max_bytes",
+        "session_code_max_files",
+        "checkpoint_max_bytes",
+        "checkpoint_max_members",
+    )
     def _limit_positive(self, proposal: Any) -> int:
         v = int(proposal["value"])
         if v <= 0:
@@ -764,6 +778,7 @@ class NSMLServer(DBSettings):
             code_max_bytes=self.session_code_max_bytes,
             code_max_files=self.session_code_max_files,
             checkpoint_max_bytes=self.checkpoint_max_bytes,
+            checkpoint_max_members=self.checkpoint_max_members,
         )
         return session_handlers(api, self.ctx, service)
 

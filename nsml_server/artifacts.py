@@ -8,32 +8,52 @@ One folder (``<state_dir>/artifacts``) holds:
   "executable"}]}`` sorted by path; its digest is the SHA-256 of that canonical JSON, so the
   same folder uploaded twice is one snapshot and two snapshots share unchanged files.
 
-Checkpoints are blobs too (a tar archive each); the database names them. Nothing here knows
-about users or sessions: the server checks who may read what before calling in.
+Checkpoints are blobs too (a tar archive each, checked by :func:`validate_checkpoint_archive`
+before it is stored: regular files and folders only); the database names them. The store
+knows nothing about users or sessions: the server checks who may read what before calling in.
+
+A digest names content; it never grants it. :func:`may_run_code` is the one rule for naming a
+code snapshot by digest (a session runs it, so its user could read it): its user uploaded it
+(:func:`record_code_upload`, table ``code_uploads``), can read a session that runs it, or is
+an admin. Anyone else is answered as for a snapshot that does not exist.
 """
 
 from __future__ import annotations
 
 import difflib
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .models import CodeUpload, TrainingSession
 
 __all__ = [
     "ArtifactError",
     "ArtifactStore",
     "BlobWriter",
+    "CheckpointContents",
     "CodeFile",
     "CodeSnapshot",
     "FileChange",
+    "may_run_code",
+    "record_code_upload",
+    "validate_checkpoint_archive",
     "validate_code_path",
 ]
 
@@ -187,6 +207,17 @@ class BlobWriter:
             self._file = None
         self._tmp.unlink(missing_ok=True)
 
+    def received(self) -> Path:
+        """The bytes received so far, flushed to their temporary file, for checks before
+        :meth:`commit` (which still stores them)."""
+        if self._file is not None:
+            self._file.flush()
+        return self._tmp
+
+    def digest(self) -> str:
+        """SHA-256 of the bytes received so far."""
+        return self._hash.hexdigest()
+
     def spool(self) -> Path:
         """Stop writing and return the received bytes as a temporary file, without storing
         them as a blob (for uploads that are parsed, not kept). :meth:`abort` deletes it."""
@@ -194,6 +225,147 @@ class BlobWriter:
             self._file.close()
             self._file = None
         return self._tmp
+
+
+#: Most members (files and folders) of one checkpoint archive by default.
+CHECKPOINT_MAX_MEMBERS = 100_000
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+_DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
+
+
+@dataclass(frozen=True)
+class CheckpointContents:
+    """What a valid checkpoint archive holds."""
+
+    files: int
+    folders: int
+    bytes: int
+
+
+def checkpoint_member_path(name: str) -> str:
+    """A checkpoint member's path, normalised (``./a/b`` -> ``a/b``; the root is ``""``).
+
+    Raises:
+        ArtifactError: absolute paths, ``..``, control characters, overlong paths (400).
+    """
+    if len(name) > MAX_PATH or any(ord(c) < 32 for c in name) or "\\" in name:
+        raise ArtifactError(f"checkpoint member {name[:200]!r} has an invalid path")
+    p = PurePosixPath(name)
+    if p.is_absolute():
+        raise ArtifactError(
+            f"checkpoint member {name!r} has an absolute path; archive the folder's contents "
+            "with relative paths"
+        )
+    parts = [x for x in p.parts if x != "."]
+    if ".." in parts:
+        raise ArtifactError(f"checkpoint member {name!r} leaves the checkpoint folder")
+    return "/".join(parts)
+
+
+def _member_kind(m: tarfile.TarInfo) -> str | None:
+    if m.issym():
+        return f"a symbolic link (to {m.linkname!r})"
+    if m.islnk():
+        return f"a hard link (to {m.linkname!r})"
+    if m.ischr() or m.isblk():
+        return "a device"
+    if m.isfifo():
+        return "a FIFO"
+    if not (m.isreg() or m.isdir()):
+        return "not a regular file or folder"
+    return None
+
+
+def validate_checkpoint_archive(
+    archive: str | os.PathLike[str], *, max_bytes: int, max_members: int
+) -> CheckpointContents:
+    """Check that *archive* is a checkpoint: a tar archive (gzip, bzip2 or xz compression
+    allowed) of regular files and folders only, with relative paths that stay inside the
+    folder, each path once, the data of every file present, at most *max_members* members and
+    *max_bytes* bytes of file contents.
+
+    Raises:
+        ArtifactError: 400 naming the offending member (or saying the upload is no tar
+            archive, or a damaged one); 413 over a limit.
+    """
+    path = Path(archive)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        compressed = f.read(6).startswith(_COMPRESSED_MAGIC)
+    files: set[str] = set()
+    folders: set[str] = set()
+    total = 0
+    members = 0
+    last = ""
+    try:
+        try:
+            opened = tarfile.open(path, mode="r:*")
+        except tarfile.ReadError:
+            raise ArtifactError(
+                "the checkpoint is not a tar archive (nor a gzip, bzip2 or xz compressed one); "
+                "upload a tar archive of the checkpoint folder"
+            ) from None
+        with opened as tar:
+            for m in tar:
+                members += 1
+                last = m.name
+                if members > max_members:
+                    raise ArtifactError(
+                        f"the checkpoint has more than {max_members} files and folders; save "
+                        "fewer, larger files (e.g. one archive of many small ones)",
+                        "too_large",
+                        413,
+                    )
+                kind = _member_kind(m)
+                if kind is not None:
+                    raise ArtifactError(
+                        f"checkpoint member {m.name!r} is {kind}; a checkpoint holds regular "
+                        "files and folders only"
+                    )
+                rel = checkpoint_member_path(m.name)
+                if not rel:
+                    if m.isdir():
+                        continue
+                    raise ArtifactError(f"checkpoint member {m.name!r} has an empty path")
+                if rel in files or (m.isreg() and rel in folders):
+                    raise ArtifactError(f"checkpoint member {m.name!r} appears twice")
+                parent = rel.rpartition("/")[0]
+                while parent:
+                    if parent in files:
+                        raise ArtifactError(
+                            f"checkpoint member {m.name!r} is inside {parent!r}, which is a file"
+                        )
+                    parent = parent.rpartition("/")[0]
+                if m.isdir():
+                    folders.add(rel)
+                    continue
+                files.add(rel)
+                total += m.size
+                if total > max_bytes:
+                    raise ArtifactError(
+                        f"the checkpoint's files hold more than {max_bytes} bytes (at member "
+                        f"{m.name!r}), over the server's limit",
+                        "too_large",
+                        413,
+                    )
+                if not compressed and m.offset_data + m.size > size:
+                    raise ArtifactError(
+                        f"the checkpoint archive is cut short: member {m.name!r} lacks its data"
+                    )
+            if compressed:  # read to the end: the compressed stream's checksum is checked there
+                assert tar.fileobj is not None
+                while tar.fileobj.read(_CHUNK):
+                    pass
+    except ArtifactError:
+        raise
+    except _DAMAGED as e:
+        where = f" (cut short or damaged after member {last!r})" if last else ""
+        detail = " ".join(str(e).split()) or e.__class__.__name__
+        raise ArtifactError(
+            f"the checkpoint is not a whole tar archive{where}: {detail}; upload a tar archive "
+            "(gzip, bzip2 or xz compression allowed) of the checkpoint folder"
+        ) from e
+    return CheckpointContents(len(files), len(folders), total)
 
 
 class ArtifactStore:
@@ -405,3 +577,33 @@ class ArtifactStore:
 def _newline_terminated(lines: Iterable[str]) -> Iterator[str]:
     for line in lines:
         yield line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+
+
+# ---- who may name a code snapshot ------------------------------------------------------------
+
+
+def record_code_upload(s: Session, user: str, digest: str, now: datetime) -> None:
+    """Note that *user* uploaded the code snapshot *digest* (idempotent)."""
+    if s.get(CodeUpload, (digest, user)) is not None:
+        return
+    try:
+        with s.begin_nested():
+            s.add(CodeUpload(digest=digest, user_name=user, created=now))
+    except IntegrityError:  # the same upload, recorded concurrently
+        pass
+
+
+def may_run_code(s: Session, user: str, is_admin: bool, digest: str) -> bool:
+    """Whether a session of *user* may run the code snapshot *digest*: *user* uploaded it, can
+    read a session that runs it (their own, or a public one), or is an admin."""
+    if is_admin or s.get(CodeUpload, (digest, user)) is not None:
+        return True
+    used = s.scalar(
+        select(TrainingSession.id)
+        .where(
+            TrainingSession.code_digest == digest,
+            or_(TrainingSession.user_name == user, TrainingSession.visibility == "public"),
+        )
+        .limit(1)
+    )
+    return used is not None

@@ -17,6 +17,13 @@ Access rules (one place: :func:`can_read`):
   409 ``name_taken``.
 - The hidden test split of a version is never mounted into a container and only admins (and
   the server itself) may read it: 403 for everyone else.
+- A content hash is a name, never a capability. A pull by hash answers only blobs of the
+  version asked for, which the caller may read (404 otherwise, as for a blob that exists
+  nowhere). A push may skip a blob only when a version the caller may read lists it or the
+  caller has just handed it over (the local transport); every other blob's bytes must
+  arrive and hash right, even when the store holds them. Nothing a push answers (missing
+  blobs, offsets, errors, the version's ``new_bytes``) depends on what the store holds for
+  others. The store still keeps one copy of each blob.
 """
 
 from __future__ import annotations
@@ -28,13 +35,13 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -91,6 +98,10 @@ _ALLOCATION = re.compile(r"allocation:[0-9]{1,18}\Z")
 """Datasets appear read-only under ``/data/NAME`` in containers."""
 
 PUSH_HINT = "push one with `nsml dataset push NAME FOLDER`"
+
+BLOB_SET_BUDGET = 500_000
+"""Blob names of parsed manifests kept in memory to find what an upload may skip (about
+200 bytes each, so about 100 MB at most; the least recently used manifest goes first)."""
 
 
 @dataclass(frozen=True)
@@ -399,6 +410,10 @@ class DatasetService:
         self._uploads: OrderedDict[str, Upload] = OrderedDict()
         self._uploads_lock = threading.Lock()
         self._resume_lock = threading.Lock()
+        # Parsed manifests' blobs by digest (immutable), least recently used first.
+        self._blob_sets: OrderedDict[str, Mapping[str, int]] = OrderedDict()
+        self._blob_set_entries = 0
+        self._blob_sets_lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking store/cache/database work in the service's threads."""
@@ -581,15 +596,19 @@ class DatasetService:
     ) -> UploadOut:
         """Start pushing a new version, or resume the upload of the same manifest(s).
 
-        With *local_key*, the blobs of the manifest(s) that the caller's local-transport key
-        added to the store count as new bytes, as if they were uploaded now.
+        The answer lists as missing every blob the caller must send: all but those a version
+        the caller may read already lists (:meth:`readable_blobs`) and, with *local_key*,
+        those the caller just handed over as files through the local transport. Whether the
+        store holds a blob the caller cannot read changes nothing in it. The version's
+        ``new_bytes`` are the bytes of the blobs that no version readable by the caller
+        listed when the push began (less what became readable before a resume).
         """
         check_name(name)
         m = self._parse_manifest(manifest, "manifest")
         tm = self._parse_manifest(test_manifest, "test_manifest") if test_manifest else None
         if tm is not None and tm.file_count == 0:
             raise APIError(400, "The test split holds no file.", "bad_request")
-        stored_locally = self._placed_locally(c, local_key, m, tm)
+        proven = self._proven_locally(c, local_key)
         with self.db.session() as s:
             self._check_pushable(s, c, name)
             row = s.scalar(
@@ -612,11 +631,16 @@ class DatasetService:
                 with self.db.session() as s:
                     s.execute(delete(DatasetUpload).where(DatasetUpload.id == existing[0]))
             else:
+                # What became readable since the push began need not be brought any more.
+                known = self._credit(c, name, (up, tup), proven)
                 with self.db.session() as s:
                     s.execute(
                         update(DatasetUpload)
                         .where(DatasetUpload.id == up.id)
-                        .values(updated=self.now())
+                        .values(
+                            updated=self.now(),
+                            missing_bytes=DatasetUpload.missing_bytes - sum(known.values()),
+                        )
                     )
                 log.info("%s/%s: upload %s resumed", c.name, name, up.id)
                 return self._upload_out(name, up, tup, resumed=True)
@@ -628,8 +652,13 @@ class DatasetService:
         self._remember(up)
         if tup is not None:
             self._remember(tup)
-        missing = up.missing_bytes() + (tup.missing_bytes() if tup is not None else 0)
-        missing += stored_locally
+        known = self._credit(c, name, (up, tup), proven)
+        # What the version brings that the pusher could not read before: the same answer
+        # whatever else the store holds (it is shown to the pusher).
+        brought = dict(m.blobs())
+        if tm is not None:
+            brought.update(tm.blobs())
+        new_bytes = sum(size for sha, size in brought.items() if known.get(sha) != size)
         now = self.now()
         with self.db.session() as s:
             s.add(
@@ -640,7 +669,7 @@ class DatasetService:
                     digest=m.digest,
                     bytes=m.total_bytes,
                     files=m.file_count,
-                    missing_bytes=missing,
+                    missing_bytes=new_bytes,
                     test_upload_id=tup.id if tup is not None else None,
                     test_digest=tm.digest if tm is not None else None,
                     created=now,
@@ -648,41 +677,147 @@ class DatasetService:
                 )
             )
         log.info(
-            "%s/%s: upload %s begun (%d files, %d bytes, %d bytes missing)",
+            "%s/%s: upload %s begun (%d files, %d bytes, %d bytes new to the pusher)",
             c.name,
             name,
             up.id,
             m.file_count,
             m.total_bytes,
-            missing,
+            new_bytes,
         )
         return self._upload_out(name, up, tup, resumed=False)
 
-    def _placed_locally(self, c: Caller, key: str | None, m: Manifest, tm: Manifest | None) -> int:
-        """Bytes of *m* and *tm*'s blobs that *c*'s local-transport *key* added to the store."""
+    def _proven_locally(self, c: Caller, key: str | None) -> dict[str, int]:
+        """The blobs *c* handed over as files with their local-transport *key*, BLAKE3 to
+        size (the server hashed them: proof that *c* holds their bytes)."""
         if key is None:
-            return 0
+            return {}
         if self.local is None:
             raise APIError(
                 400, "This server offers no local transport: leave local_key out.", "bad_request"
             )
         try:
-            placed = self.local.grants.placed_by(key, c.name)
+            return self.local.grants.proven_by(key, c.name)
         except LocalError as e:
             raise APIError(
                 403, f"local_key: {e.message}; push again to get a new one.", "forbidden"
             ) from None
-        blobs = set(m.blobs()) | (set(tm.blobs()) if tm is not None else set())
-        return sum(size for sha, size in placed.items() if sha in blobs)
+
+    def _credit(
+        self,
+        c: Caller,
+        name: str,
+        uploads: Sequence[Upload | None],
+        proven: Mapping[str, int],
+    ) -> dict[str, int]:
+        """Credit to *uploads* the blobs *c* need not send: those a version *c* may read
+        lists, and those *c* has just proven to hold (*proven*), each with the size the
+        upload's manifest gives it. Every other blob stays missing, whatever the store holds.
+
+        Returns:
+            The blobs a readable version lists, BLAKE3 to size (of those the uploads name and
+            had not been credited yet).
+        """
+        live = [u for u in uploads if u is not None]
+        wanted: dict[str, int] = {}
+        for u in live:
+            credited = u.credited()
+            for sha, size in u.manifest.blobs().items():
+                if sha not in credited:
+                    wanted.setdefault(sha, size)
+        known = self.readable_blobs(c, name, wanted)
+        for u in live:
+            u.credit(
+                sha
+                for sha, size in u.manifest.blobs().items()
+                if known.get(sha) == size or proven.get(sha) == size
+            )
+        return known
+
+    # -- which blobs a caller may read -------------------------------------------------------
+
+    def readable_blobs(self, c: Caller, name: str, wanted: Mapping[str, int]) -> dict[str, int]:
+        """The blobs of *wanted* (BLAKE3 to size) that a version *c* may read lists with that
+        size: a dataset version's files where :func:`can_read` allows, a hidden test split
+        only for admins.
+
+        Fast in the common cases: a blob the store lacks is listed by no version, so only
+        stored blobs are looked for; the versions of *name* (the dataset being pushed) come
+        first, then *c*'s own datasets, then the rest *c* may read, newest version first; the
+        search stops once every blob is found; each manifest's blobs are parsed once and
+        kept (manifests are immutable).
+        """
+        left = {sha: size for sha, size in wanted.items() if self.store.has(sha)}
+        found: dict[str, int] = {}
+        if not left:
+            return found
+        for digest in self._readable_digests(c, name):
+            blobs = self._blobs_of(digest)
+            if blobs is None:
+                continue
+            if len(left) <= len(blobs):
+                hits = [sha for sha, size in left.items() if blobs.get(sha) == size]
+            else:
+                hits = [sha for sha, size in blobs.items() if left.get(sha) == size]
+            for sha in hits:
+                found[sha] = left.pop(sha)
+            if not left:
+                break
+        return found
+
+    def _readable_digests(self, c: Caller, name: str) -> tuple[str, ...]:
+        """Manifest digests of every version *c* may read, in the order to search them."""
+        q = select(Dataset).options(selectinload(Dataset.versions))
+        if not c.is_admin:
+            q = q.where(
+                or_(
+                    Dataset.owner == c.name,
+                    Dataset.visibility == "public",
+                    and_(Dataset.visibility == "team", Dataset.team.in_(sorted(c.groups))),
+                )
+            )
+        with self.db.session() as s:
+            rows = sorted(
+                (ds for ds in s.scalars(q) if can_read(ds, c)),
+                key=lambda ds: (ds.name != name, ds.owner != c.name, ds.name),
+            )
+            return tuple(
+                digest
+                for ds in rows
+                for v in reversed(ds.versions)
+                for digest in (v.digest, v.test_digest if c.is_admin else None)
+                if digest
+            )
+
+    def _blobs_of(self, digest: str) -> Mapping[str, int] | None:
+        """The blobs a committed manifest lists (kept while the budget allows); ``None`` when
+        the store lacks it or it is damaged (logged)."""
+        with self._blob_sets_lock:
+            blobs = self._blob_sets.get(digest)
+            if blobs is not None:
+                self._blob_sets.move_to_end(digest)
+                return blobs
+        try:
+            blobs = self.store.load_manifest(digest).blobs()
+        except DatasetError as e:
+            log.error("manifest %s of a version cannot be read: %s", digest, e)
+            return None
+        with self._blob_sets_lock:
+            if digest not in self._blob_sets:
+                self._blob_sets[digest] = blobs
+                self._blob_set_entries += len(blobs)
+            while self._blob_set_entries > BLOB_SET_BUDGET and len(self._blob_sets) > 1:
+                _, gone = self._blob_sets.popitem(last=False)
+                self._blob_set_entries -= len(gone)
+        return blobs
 
     def _upload_out(self, name: str, up: Upload, tup: Upload | None, *, resumed: bool) -> UploadOut:
         missing = []
         for u in (up, tup):
             if u is None:
                 continue
-            sizes = u.manifest.blobs()
-            for sha in u.missing():
-                missing.append(MissingBlob(blake3=sha, size=sizes[sha], offset=u.offset(sha)))
+            for sha, size, offset in u.missing_offsets():
+                missing.append(MissingBlob(blake3=sha, size=size, offset=offset))
         return UploadOut(
             upload_id=up.id,
             name=name,

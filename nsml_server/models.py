@@ -322,6 +322,22 @@ class SessionCheckpoint(Base):
     created: Mapped[datetime] = mapped_column(DateTime)
 
 
+class CodeUpload(Base):
+    """Who uploaded which code snapshot (``POST api/code``).
+
+    A snapshot's digest names its content; it does not grant it. A session may run a
+    snapshot only when its user uploaded it (a row here), can read a session that runs it,
+    or is an admin: a user who learns another user's digest cannot run (and so read) that
+    code.
+    """
+
+    __tablename__ = "code_uploads"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    created: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Dataset(Base):
     """A named dataset: its owner, who may read it, and its leaderboard settings.
 
@@ -360,7 +376,8 @@ class DatasetVersion(Base):
 
     ``test_digest`` names the hidden test split, a manifest stored apart that is never
     mounted into a user's container nor pulled by users. ``new_bytes`` is what the push of
-    this version added to the store (blobs it did not hold yet).
+    this version brought: the bytes of the blobs that no version its pusher could read
+    listed (not what was new to the store: that would tell the pusher what others stored).
     """
 
     __tablename__ = "dataset_versions"

@@ -179,12 +179,14 @@ def user_usage(s: Session) -> dict[str, UserUsage]:
     return usage
 
 
-def detail(reasons: Sequence[Reason], most: int = 5) -> str:
+def detail(reasons: Sequence[Reason], most: int = 5, said: str = "") -> str:
     """Per-node reasons as a tail for a summary: `` Insufficient gpu: ... on node-a; ...``.
 
     The nodes short of resources come first, then down or draining ones, and last those
-    without an allowed GPU model (the ones a user can do least about).
+    without an allowed GPU model (the ones a user can do least about). Reasons the summary
+    *said* already are not repeated.
     """
+    reasons = tuple(r for r in reasons if str(r) not in said)
     if not reasons:
         return ""
     rank = {"node-state": 1, "gpu-model": 2}
@@ -452,7 +454,7 @@ class Scheduler:
             for w in plan.waiting:
                 row = by_id[w.job.id]
                 code = w.code.value if w.code is not None else w.kind
-                msg = w.reason + detail(w.reasons)
+                msg = w.reason + detail(w.reasons, said=w.reason)
                 if w.kind == "infeasible":
                     changes.append(self._change(row, "failed", None, None, code, msg, now))
                     self._remember(row, "failed", None, None, None, msg, now, code)

@@ -323,6 +323,14 @@ class QueueOut(BaseModel):
     reason: str | None = Field(description="why it waits, for a person")
 
 
+#: NaN and infinities in JSON bodies (JSON has no token for them; ``JSON.parse`` refuses
+#: ``NaN``): these strings, in report bodies and in every answer.
+NonFinite = Literal["nan", "inf", "-inf"]
+#: A metric value as answered: a finite number or a :data:`NonFinite` string (null only in
+#: sessions recorded before non-finite values were kept).
+MetricValueOut = float | NonFinite | None
+
+
 class SessionOut(BaseModel):
     name: str = Field(description="user/dataset/N (dataset '_' when none was mounted)")
     id: int
@@ -356,7 +364,9 @@ class SessionOut(BaseModel):
     attempt: int = Field(description="1, plus one per resume")
     memo: str
     last_step: int | None
-    last_metrics: dict[str, float | None]
+    last_metrics: dict[str, MetricValueOut] = Field(
+        description='the last value of every metric (NaN and infinities as "nan", "inf", "-inf")'
+    )
     points: int = Field(description="report points received")
     created: str
     started: str | None
@@ -394,28 +404,39 @@ class EventList(BaseModel):
 class MetricsIn(BaseModel):
     """``nsml.report`` points, as columns (what the SDK sends: ``steps``, ``walls``,
     ``values`` with one entry per step; null = not reported) or as rows (``points``:
-    ``[[step|null, wall_time, {"name": value}], ...]``; a null step continues the last)."""
+    ``[[step|null, wall_time, {"name": value}], ...]``; a null step continues the last).
 
+    Values are numbers or ``"nan"``, ``"inf"``, ``"-inf"``. ``batch`` is the sender's id for
+    the batch: a batch repeated with the same id (a retry after a lost answer) is stored once.
+    A session that has ended takes only points whose ``walls`` are before its end (409
+    otherwise)."""
+
+    batch: str | None = Field(default=None, min_length=1, max_length=128)
     steps: list[int] | None = None
     walls: list[float] | None = None
-    values: dict[str, list[float | None]] | None = None
+    values: dict[str, list[float | NonFinite | None]] | None = None
     points: list[list[object]] | None = None
 
 
 class MetricsAccepted(BaseModel):
-    accepted: int
+    accepted: int = Field(description="points in the batch")
+    duplicate: bool = Field(
+        default=False, description="the batch was stored before (same id): not stored again"
+    )
 
 
 class MetricSeries(BaseModel):
     steps: list[int]
-    values: list[float | None]
+    values: list[float | NonFinite] = Field(
+        description='one per step; NaN and infinities as "nan", "inf", "-inf"'
+    )
     walls: list[float]
 
 
 class MetricsOut(BaseModel):
     session: str
     last_step: int | None
-    last_metrics: dict[str, float | None]
+    last_metrics: dict[str, MetricValueOut]
     points: int
     series: dict[str, MetricSeries]
 
@@ -495,7 +516,10 @@ class UploadOut(BaseModel):
     test_digest: str | None
     files: int
     bytes: int
-    missing: list[MissingBlob] = Field(description="blobs the server still needs")
+    missing: list[MissingBlob] = Field(
+        description="blobs the caller must still send: every blob not received yet that no "
+        "version the caller may read lists, whatever the store holds"
+    )
     missing_bytes: int
     resumed: bool = Field(description="an upload of the same manifest was resumed")
 
@@ -509,7 +533,7 @@ class BlobOut(BaseModel):
 
 class PackOut(BaseModel):
     blobs: int = Field(description="blobs in the pack")
-    stored: int = Field(description="blobs new to the store")
+    stored: int = Field(description="blobs received and verified (stored once)")
     bytes: int
 
 
@@ -530,7 +554,9 @@ class VersionOut(BaseModel):
     digest: str
     files: int
     bytes: int
-    new_bytes: int = Field(description="bytes this version added to the store when pushed")
+    new_bytes: int = Field(
+        description="bytes of the files that no version its pusher could read held"
+    )
     created: str
     created_by: str
     last_access: str | None

@@ -30,7 +30,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -650,7 +650,14 @@ class SessionRunner:
             error=st.error,
             log_tail=self._log_tail(row.id),
         )
-        await self._finish(row, outcome.state, outcome.reason, outcome.message, st.exit_code)
+        await self._finish(
+            row,
+            outcome.state,
+            outcome.reason,
+            outcome.message,
+            st.exit_code,
+            finished=st.finished_at,
+        )
         if not self.settings.keep_containers:
             try:
                 await backend.remove(row.handle)
@@ -673,9 +680,20 @@ class SessionRunner:
         reason: str,
         message: str,
         exit_code: int | None,
+        finished: datetime | None = None,
     ) -> None:
-        """End the session: record, release its placement, revoke its token, tell the user."""
+        """End the session: record, release its placement, revoke its token, tell the user.
+
+        *finished* is when the run ended as its engine saw it (aware), if known: a session
+        that ended while no server followed it (a restart) keeps its true end time, not the
+        time the new leader noticed.
+        """
         now = self.now()
+        end = now
+        if finished is not None:
+            end = min(now, finished.astimezone(UTC).replace(tzinfo=None))
+            if row.started is not None:
+                end = max(end, row.started)
         with self.db.session() as s:
             moved = transition(
                 s,
@@ -685,7 +703,7 @@ class SessionRunner:
                 reason=reason,
                 message=message,
                 exit_code=exit_code,
-                finished=now,
+                finished=end,
                 token_hash=None,
             )
             if not moved:

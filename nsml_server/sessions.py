@@ -26,7 +26,7 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .models import (
+    SESSION_ACTIVE_STATES,
     Gpu,
     Node,
     PlacementRequestRow,
@@ -46,6 +47,7 @@ from .schemas import (
     CheckpointOut,
     EventOut,
     MetricSeries,
+    NonFinite,
     QueueOut,
     SessionOut,
     SessionResources,
@@ -284,6 +286,37 @@ def validate_checkpoint(name: str) -> str:
 
 
 Point = tuple[int, float, dict[str, float | None]]
+#: How NaN and infinities travel in JSON (which has no token for them): as these strings, in
+#: request bodies (Python's ``NaN``/``Infinity`` tokens are accepted too) and in every answer.
+NON_FINITE_IN: dict[str, float] = {
+    "nan": math.nan,
+    "NaN": math.nan,
+    "inf": math.inf,
+    "Infinity": math.inf,
+    "-inf": -math.inf,
+    "-Infinity": -math.inf,
+}
+MAX_BATCH_ID = 128
+
+
+def metric_out(v: float) -> float | NonFinite:
+    """A metric value as the API answers it: a finite number, or ``"nan"``, ``"inf"``,
+    ``"-inf"`` (valid JSON, unlike the ``NaN`` token)."""
+    if math.isfinite(v):
+        return v
+    return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
+
+
+def metric_in(v: object) -> float | None:
+    """A reported value (number, null, or one of the strings of :data:`NON_FINITE_IN`) as a
+    float (None: not reported). Raises ``ValueError`` for anything else."""
+    if v is None:
+        return None
+    if type(v) is float or type(v) is int:
+        return float(v)
+    if isinstance(v, str) and v in NON_FINITE_IN:
+        return NON_FINITE_IN[v]
+    raise ValueError(v)
 
 
 def parse_points(raw: object, next_step: int) -> list[Point]:
@@ -329,12 +362,12 @@ def parse_points(raw: object, next_step: int) -> list[Point]:
             if k not in known:
                 _check_metric_name(k, f"point {i}")
                 known.add(k)
-            if v is None:
-                clean[k] = None
-            elif isinstance(v, bool) or not isinstance(v, int | float):
-                raise SessionError(400, f"point {i}: {k}={v!r:.40} is not a number", "bad_request")
-            else:
-                clean[k] = float(v)
+            try:
+                clean[k] = metric_in(v)
+            except ValueError:
+                raise SessionError(
+                    400, f"point {i}: {k}={v!r:.40} is not a number", "bad_request"
+                ) from None
         out.append((s, float(wall), clean))
         step = s + 1
     return out
@@ -353,16 +386,23 @@ def _check_metric_name(name: object, where: str) -> None:
 @dataclass(frozen=True)
 class Columns:
     """One batch of report points in columns: ``steps[i]``, ``walls[i]`` and, per metric,
-    ``values[name][i]`` (None: not reported at that step; NaN and infinities are kept)."""
+    ``values[name][i]`` (None: not reported at that step; NaN and infinities are kept).
+    ``batch`` is the sender's id for the batch (a retry carries the same), or None."""
 
     steps: list[int]
     walls: list[float]
     values: dict[str, list[float | None]]
+    batch: str | None = None
 
     def to_json(self) -> str:
+        head = {"batch": self.batch} if self.batch is not None else {}
+        values = {
+            k: [None if v is None else metric_out(v) for v in col] for k, col in self.values.items()
+        }
         return json.dumps(
-            {"steps": self.steps, "walls": self.walls, "values": self.values},
+            {**head, "steps": self.steps, "walls": self.walls, "values": values},
             separators=(",", ":"),
+            allow_nan=False,
         )
 
 
@@ -370,7 +410,7 @@ _NUMBER_TYPES = frozenset({int, float})
 _VALUE_TYPES = frozenset({int, float, type(None)})
 
 
-def columns_of_rows(points: list[Point]) -> Columns:
+def columns_of_rows(points: list[Point], batch: str | None = None) -> Columns:
     steps = [p[0] for p in points]
     walls = [p[1] for p in points]
     values: dict[str, list[float | None]] = {}
@@ -380,17 +420,40 @@ def columns_of_rows(points: list[Point]) -> Columns:
             if col is None:
                 col = values[k] = [None] * len(points)
             col[i] = v
-    return Columns(steps, walls, values)
+    return Columns(steps, walls, values, batch)
+
+
+def parse_batch_id(raw: object) -> str | None:
+    """The optional ``batch`` id of a report batch (1-128 printable characters).
+
+    Raises:
+        SessionError: 400 for anything else.
+    """
+    if raw is None:
+        return None
+    if (
+        not isinstance(raw, str)
+        or not 0 < len(raw) <= MAX_BATCH_ID
+        or not raw.isprintable()
+        or raw != raw.strip()
+    ):
+        raise SessionError(
+            400,
+            f"batch must be an id of 1-{MAX_BATCH_ID} printable characters, not {raw!r:.60}",
+            "bad_request",
+        )
+    return raw
 
 
 def parse_columns(data: Mapping[str, object]) -> Columns:
-    """Validate a batch sent as columns: ``{"steps": [int], "walls": [number], "values":
-    {"name": [number|null]}}`` with every list as long as ``steps``.
+    """Validate a batch sent as columns: ``{"batch": id (optional), "steps": [int], "walls":
+    [number], "values": {"name": [number|null|"nan"|"inf"|"-inf"]}}`` with every list as long
+    as ``steps``.
 
     Raises:
         SessionError: 400 naming what is wrong (413 over the batch limit).
     """
-    extra = set(data) - {"steps", "walls", "values"}
+    extra = set(data) - {"batch", "steps", "walls", "values"}
     if extra:
         raise SessionError(400, f"unknown field(s): {', '.join(sorted(extra))}", "bad_request")
     steps, walls, values = data.get("steps"), data.get("walls"), data.get("values")
@@ -422,12 +485,16 @@ def parse_columns(data: Mapping[str, object]) -> Columns:
                 400, f"values[{name!r}] must be a list of {n} numbers or nulls", "bad_request"
             )
         if not set(map(type, col)) <= _VALUE_TYPES:
-            raise SessionError(400, f"values[{name!r}] holds something not a number", "bad_request")
-    return Columns(steps, walls, values)  # type: ignore[arg-type]
-
-
-def _finite_or_none(v: float | None) -> float | None:
-    return v if v is None or math.isfinite(v) else None
+            try:
+                values[name] = col = [metric_in(v) for v in col]
+            except ValueError:
+                raise SessionError(
+                    400,
+                    f"values[{name!r}] holds something not a number (numbers, null, or "
+                    '"nan", "inf", "-inf")',
+                    "bad_request",
+                ) from None
+    return Columns(steps, walls, values, parse_batch_id(data.get("batch")))
 
 
 def iso(t: datetime | None) -> str | None:
@@ -594,35 +661,69 @@ def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
     )
 
 
+@dataclass(frozen=True)
+class Ingested:
+    """What :func:`ingest_points` did: points stored now, or a repeat of a stored batch."""
+
+    accepted: int
+    duplicate: bool = False
+
+
 def ingest_points(
     s: Session, row: TrainingSession, data: Mapping[str, object], now: datetime, raw: str = ""
-) -> int:
+) -> Ingested:
     """Store one batch of report points (rows or columns) as one chunk and update the
     session's last metrics. *raw* is the request body: a valid column batch is stored as sent.
+
+    - A batch with an id (``batch``) that this session already stored is not stored again
+      (a sender retried it because the answer was lost): ``duplicate`` is True.
+    - A session that has ended takes only points measured before its end (every ``walls``
+      time at or before ``finished``: sent late because the server was unreachable); others
+      are refused.
+
+    Raises:
+        SessionError: 400 for a bad batch; 409 (``session_ended``) for points of an ended
+            session measured after its end.
     """
     if "points" in data:
-        if set(data) != {"points"}:
+        if set(data) - {"batch"} != {"points"}:
             raise SessionError(400, "send either points or columns, not both", "bad_request")
         next_step = 0 if row.last_step is None else row.last_step + 1
-        cols = columns_of_rows(parse_points(data["points"], next_step))
+        cols = columns_of_rows(
+            parse_points(data["points"], next_step), parse_batch_id(data.get("batch"))
+        )
         text = cols.to_json()
     else:
         cols = parse_columns(data)
         text = raw or cols.to_json()
     n = len(cols.steps)
     if not n:
-        return 0
+        return Ingested(0)
+    first, top = min(cols.steps), max(cols.steps)
+    # Rows with null steps get their steps here, so a repeat may get others: match on size.
+    steps = None if "points" in data else (first, top)
+    if cols.batch is not None and _stored_batch(s, row.id, cols.batch, n, steps):
+        return Ingested(n, duplicate=True)
+    if row.state not in SESSION_ACTIVE_STATES:
+        end = row.finished.replace(tzinfo=UTC).timestamp() if row.finished else None
+        if end is None or max(cols.walls) > end:
+            raise SessionError(
+                409,
+                f"Session {row.name} has ended ({row.state}); it takes no more report points "
+                f"(only points measured before its end, {iso(row.finished) or 'unknown'}, "
+                "that arrive late).",
+                "session_ended",
+            )
     last = dict(row.last_metrics or {})
     for name, col in cols.values.items():
         for v in reversed(col):
             if v is not None:
-                last[name] = _finite_or_none(float(v))
+                last[name] = metric_out(float(v))
                 break
-    top = max(cols.steps)
     s.add(
         SessionMetricChunk(
             session_id=row.id,
-            first_step=min(cols.steps),
+            first_step=first,
             last_step=top,
             count=n,
             payload=text,
@@ -639,7 +740,34 @@ def ingest_points(
         )
         .execution_options(synchronize_session=False)
     )
-    return n
+    return Ingested(n)
+
+
+def _stored_batch(
+    s: Session, session_id: int, batch: str, n: int, steps: tuple[int, int] | None
+) -> bool:
+    """Whether the session holds a chunk with batch id *batch*: looked up among its chunks of
+    *n* points with the same first and last *steps* (else among the newest 100 of *n*
+    points): a retry repeats its batch, points and steps included."""
+    q = select(SessionMetricChunk.payload).where(
+        SessionMetricChunk.session_id == session_id, SessionMetricChunk.count == n
+    )
+    if steps is not None:
+        q = q.where(
+            SessionMetricChunk.first_step == steps[0], SessionMetricChunk.last_step == steps[1]
+        )
+    else:
+        q = q.order_by(SessionMetricChunk.id.desc()).limit(100)
+    needle = json.dumps(batch)[1:-1]
+    for payload in s.scalars(q):
+        if needle not in payload:
+            continue
+        try:
+            if json.loads(payload).get("batch") == batch:
+                return True
+        except (ValueError, AttributeError):
+            continue
+    return False
 
 
 def metric_series(
@@ -648,8 +776,8 @@ def metric_series(
     names: Sequence[str] | None = None,
     since_step: int | None = None,
 ) -> dict[str, MetricSeries]:
-    """Per-metric series (steps, values, times) in report order; a non-finite value is
-    None."""
+    """Per-metric series (steps, values, times) in report order; NaN and infinities are the
+    strings ``"nan"``, ``"inf"``, ``"-inf"`` (see :func:`metric_out`)."""
     q = select(SessionMetricChunk.payload).where(SessionMetricChunk.session_id == row.id)
     if since_step is not None:
         q = q.where(SessionMetricChunk.last_step >= since_step)
@@ -668,7 +796,8 @@ def metric_series(
                 if v is None or (since_step is not None and step < since_step):
                     continue
                 ser.steps.append(step)
-                ser.values.append(_finite_or_none(float(v)))
+                x = NON_FINITE_IN.get(v, math.nan) if type(v) is str else float(v)
+                ser.values.append(metric_out(x))
                 ser.walls.append(wall)
     return out
 
@@ -711,11 +840,23 @@ def record_checkpoint(
     step: int | None,
     now: datetime,
 ) -> SessionCheckpoint:
-    """Save (or replace) checkpoint *name* of the session."""
-    c = find_checkpoint(s, row.id, name)
-    if c is None:
-        c = SessionCheckpoint(session_id=row.id, name=name)
-        s.add(c)
+    """Save (or replace) checkpoint *name* of the session. Two uploads of one name at once
+    (a retry while the first is still being stored) leave one checkpoint: the later wins."""
+    for _ in range(3):
+        c = find_checkpoint(s, row.id, name)
+        if c is not None:
+            break
+        try:
+            with s.begin_nested():
+                c = SessionCheckpoint(
+                    session_id=row.id, name=name, sha256=sha, size=size, step=step, created=now
+                )
+                s.add(c)
+                s.flush()
+            return c
+        except IntegrityError:
+            continue
+    assert c is not None
     c.sha256, c.size, c.step, c.created = sha, size, step, now
     s.flush()
     return c

@@ -105,6 +105,12 @@ UNUSED_PATHS = (
     "usr/share/locale",
 )
 LABEL_PREFIX = "org.jupyter-nsml.image"
+#: JupyterLab's default settings in the image (``overrides.json`` in the application
+#: directory): no "Would you like to get notified about official Jupyter news?" prompt on
+#: every new server, and no requests to the news feed or for update checks (a cluster's
+#: notebook servers often cannot reach them). Users can still turn them on in Settings.
+LAB_OVERRIDES = Path(__file__).with_name("jupyterlab-overrides.json")
+LAB_SETTINGS_DIR = f"{VENV}/share/jupyter/lab/settings"
 
 
 class BuildError(Exception):
@@ -679,6 +685,7 @@ def dockerfile(base_ref: str, labels: dict[str, str]) -> str:
     return (
         f"FROM {base_ref}\n"
         "ADD project.tar /\n"
+        f"COPY {LAB_OVERRIDES.name} {LAB_SETTINGS_DIR}/overrides.json\n"
         f"ENV {env}\n"
         f"LABEL {label}\n"
         f"USER {NB_UID}:{NB_GID}\n"
@@ -941,6 +948,7 @@ def build(args: argparse.Namespace) -> str:
                 "base": base_key,
                 "wheels": [w.digest for w in wheels],
                 "recipe": dockerfile(base_ref, labels),
+                "lab_settings": file_digest(LAB_OVERRIDES),
             }
         )
         labels[f"{LABEL_PREFIX}.inputs"] = input_hash
@@ -981,6 +989,7 @@ def build(args: argparse.Namespace) -> str:
         context.mkdir()
         count = project_layer(root, work, wheels, context / "project.tar", cache / "trash")
         (context / "Dockerfile").write_text(dockerfile(base_ref, labels))
+        shutil.copy2(LAB_OVERRIDES, context / LAB_OVERRIDES.name)
         log("adding the project layer (%d paths) to %s", count, base_ref)
         run(
             [

@@ -437,7 +437,7 @@ class BlobPutHandler(GatheredBody):
     async def put(self, name: str, upload_id: str, sha: str) -> None:
         writer = self.writer
         self._raise_error()
-        if writer is None:  # the store already had it
+        if writer is None:  # already credited to this upload: received, or readable anyway
             self.write_json(BlobOut(blake3=sha, size=self.size, received=self.size, complete=True))
             return
         if self.chunks:

@@ -163,7 +163,8 @@ def dataset_paths() -> dict[str, Any]:
         },
         "/datasets/{name}/versions/{version}/blobs/{blake3}": {
             "get": {
-                "summary": "One file's bytes by content hash, from byte offset",
+                "summary": "One file's bytes by content hash, from byte offset (only a file "
+                "of this version: 404 for any other hash)",
                 "parameters": [name, version, sha, offset, split],
                 "responses": {"200": {"description": "The bytes", "content": RAW}, **e},
             }
@@ -193,7 +194,7 @@ def dataset_paths() -> dict[str, Any]:
         "/datasets/{name}/uploads": {
             "post": {
                 "summary": "Begin pushing a new version (the same manifest resumes its upload); "
-                "answers the blobs the server lacks",
+                "answers the blobs to send: all but those of versions the caller may read",
                 "parameters": [name],
                 "requestBody": _body(UploadIn),
                 "responses": {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,15 @@ from tornado import web
 
 from gpu_scheduler.model import GPU_MILLI
 
-from ..artifacts import ArtifactError, ArtifactStore, BlobWriter
+from ..artifacts import (
+    CHECKPOINT_MAX_MEMBERS,
+    ArtifactError,
+    ArtifactStore,
+    BlobWriter,
+    may_run_code,
+    record_code_upload,
+    validate_checkpoint_archive,
+)
 from ..backends import BackendError
 from ..datasets import resolve_refs
 from ..models import SESSION_ACTIVE_STATES, SESSION_STATES, SessionEvent, TrainingSession
@@ -86,6 +95,7 @@ class SessionService:
     code_max_bytes: int = 100 * 1024 * 1024
     code_max_files: int = 10_000
     checkpoint_max_bytes: int = 20 * 1024**3
+    checkpoint_max_members: int = CHECKPOINT_MAX_MEMBERS
 
 
 def resolve_datasets(
@@ -279,6 +289,8 @@ class CodeHandler(StreamedBody, SessionHandler):
             )
         finally:
             w.abort()
+        with self.ctx.db.session() as s:
+            record_code_upload(s, self.user_name, snap.digest, self.ctx.now())
         self.write_json(CodeOut(digest=snap.digest, files=len(snap.files), bytes=snap.bytes), 201)
 
 
@@ -289,7 +301,11 @@ class SessionsHandler(SessionHandler):
         body = self.body_as(SessionIn)
         entry = validate_entry(body.entry)
         store = self.service.store
-        if not store.has_code(body.code):
+        # A digest is a name, not a capability: another user's snapshot is answered exactly
+        # as one that does not exist.
+        with self.ctx.db.session() as s:
+            allowed = may_run_code(s, self.user_name, self.is_admin, body.code)
+        if not allowed or not store.has_code(body.code):
             raise APIError(
                 400,
                 f"No code snapshot {body.code}; upload it first (POST api/code).",
@@ -672,7 +688,12 @@ class EventsHandler(SessionHandler):
 
 
 class MetricsHandler(SessionHandler):
-    """``POST api/sessions/NAME/metrics`` (report); ``GET`` (last values and series)."""
+    """``POST api/sessions/NAME/metrics`` (report); ``GET`` (last values and series).
+
+    A batch with an id already stored is answered ``duplicate`` and not stored again; a
+    session that has ended refuses points measured after its end (409 ``session_ended``).
+    NaN and infinities travel as ``"nan"``, ``"inf"``, ``"-inf"``.
+    """
 
     accepts_session_token = True
 
@@ -691,8 +712,8 @@ class MetricsHandler(SessionHandler):
             )
         with self.ctx.db.session() as s:
             row = self.owned(s, self.name_of(*name))
-            n = ingest_points(s, row, data, self.ctx.now(), raw)
-        self.write_json(MetricsAccepted(accepted=n))
+            done = ingest_points(s, row, data, self.ctx.now(), raw)
+        self.write_json(MetricsAccepted(accepted=done.accepted, duplicate=done.duplicate))
 
     def get(self, *name: str) -> None:
         names_arg = self.get_query_argument("names", None)
@@ -728,8 +749,9 @@ class CheckpointsHandler(SessionHandler):
 
 @web.stream_request_body
 class CheckpointHandler(StreamedBody, SessionHandler):
-    """``PUT api/sessions/NAME/checkpoints/CKPT[?step=N]`` (a tar archive);
-    ``GET`` streams it back."""
+    """``PUT api/sessions/NAME/checkpoints/CKPT[?step=N]`` (a tar archive of regular files and
+    folders, gzip allowed; ``X-Checkpoint-SHA256`` optional); ``GET`` streams it back with
+    that header."""
 
     accepts_session_token = True
 
@@ -751,14 +773,37 @@ class CheckpointHandler(StreamedBody, SessionHandler):
         self.writer = self.service.store.writer(limit, "checkpoint")
 
     async def put(self, user: str, key: str, number: str, ckpt: str) -> None:
+        """Store the archive as checkpoint *ckpt* (replacing one of that name: a retried
+        upload is idempotent). Refused unless it is a checkpoint archive (see
+        :func:`validate_checkpoint_archive`) and, when the client sends
+        ``X-Checkpoint-SHA256``, has that digest."""
         w = self.take_writer()
-        step_arg = self.get_query_argument("step", None)
         try:
-            step = int(step_arg) if step_arg not in (None, "") else None
-        except ValueError:
+            step_arg = self.get_query_argument("step", None)
+            try:
+                step = int(step_arg) if step_arg not in (None, "") else None
+            except ValueError:
+                raise APIError(400, "step must be an integer.", "bad_request") from None
+            if step is not None and abs(step) >= 2**62:
+                raise APIError(400, f"step {step} is out of range.", "bad_request")
+            await asyncio.to_thread(
+                validate_checkpoint_archive,
+                w.received(),
+                max_bytes=self.service.checkpoint_max_bytes,
+                max_members=self.service.checkpoint_max_members,
+            )
+            expected = self.request.headers.get("X-Checkpoint-SHA256", "").strip().lower()
+            if expected and expected != w.digest():
+                raise APIError(
+                    400,
+                    f"The checkpoint arrived damaged: its SHA-256 is {w.digest()}, the client "
+                    f"sent {expected}; upload it again.",
+                    "digest_mismatch",
+                )
+            sha, size = await asyncio.to_thread(w.commit)
+        except BaseException:
             w.abort()
-            raise APIError(400, "step must be an integer.", "bad_request") from None
-        sha, size = await asyncio.to_thread(w.commit)
+            raise
         with self.ctx.db.session() as s:
             row = self.owned(s, self.name_of(user, key, number))
             c = record_checkpoint(s, row, ckpt, sha, size, step, self.ctx.now())
@@ -766,11 +811,15 @@ class CheckpointHandler(StreamedBody, SessionHandler):
         self.write_json(out, 201)
 
     def _loadable(self, s: Session, name: str, ckpt: str) -> TrainingSession:
-        """A session token may load its own checkpoints and the one it was started from."""
+        """A session token may load its own checkpoints and the one it was started from: of
+        its parent, the very session it was forked from (a name is reused once a session is
+        removed; the new session's checkpoints are not the parent's)."""
         if self.token_session_id is not None:
             me = s.get(TrainingSession, self.token_session_id)
             if me is not None and me.load_from == f"{name}/{ckpt}":
-                return self._get(s, name)
+                row = self._get(s, name)
+                if row.id in (me.id, me.parent_id):
+                    return row
         return self.readable(s, name)
 
     async def get(self, user: str, key: str, number: str, ckpt: str) -> None:
@@ -788,6 +837,16 @@ class CheckpointHandler(StreamedBody, SessionHandler):
                 )
             sha, size = c.sha256, c.size
         f = self.service.store.open(sha)
+        stored = os.fstat(f.fileno()).st_size
+        if stored != size:
+            f.close()
+            raise APIError(
+                409,
+                f"Checkpoint {ckpt!r} of {name} is damaged in the server's store ({stored} "
+                f"bytes instead of {size}); it cannot be downloaded. Tell the operator; save it "
+                "again if the session still runs.",
+                "damaged",
+            )
         self.set_header("Content-Type", "application/x-tar")
         self.set_header("Content-Length", str(size))
         self.set_header("X-Checkpoint-SHA256", sha)

@@ -94,9 +94,14 @@ def container_args(spec: RunSpec, *, nvidia_runtime: bool, init: bool = True) ->
         spec: the run.
         nvidia_runtime: the engine has the ``nvidia`` runtime; only then are GPU device
             requests added (engines without it fail at container start otherwise).
-        init: run Docker's init as PID 1.
+        init: run Docker's init as PID 1. An image whose entrypoint is tini (the notebook
+            image, Jupyter's docker-stacks) then runs its tini as PID 2, which warns on every
+            start unless it may adopt orphans as a child subreaper: ``TINI_SUBREAPER`` lets
+            it (the image's own setting wins).
     """
     env = dict(spec.env)
+    if init:
+        env.setdefault("TINI_SUBREAPER", "1")
     env.update(gpu_env(spec.gpu_ids, container_local=True))
     create: dict[str, Any] = {
         "image": spec.image,

@@ -441,6 +441,7 @@ def test_container_args_without_nvidia_runtime() -> None:
         "name": "alice-mnist-3",
         "environment": {
             "NSML_SESSION": "alice/mnist/3",
+            "TINI_SUBREAPER": "1",
             "CUDA_VISIBLE_DEVICES": "0,1",
             "NVIDIA_VISIBLE_DEVICES": "2,5",
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
@@ -472,6 +473,7 @@ def test_container_args_cpu_only_run() -> None:
     args = container_args(spec, nvidia_runtime=True)
     assert "device_requests" not in args.host_config
     assert args.create["environment"] == {
+        "TINI_SUBREAPER": "1",
         "NVIDIA_VISIBLE_DEVICES": "void",
         "CUDA_VISIBLE_DEVICES": "",
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",

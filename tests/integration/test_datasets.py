@@ -132,6 +132,16 @@ def manifest_of(files: dict[str, bytes]) -> dict[str, Any]:
     }
 
 
+def readable_blobs(u: User) -> set[str]:
+    """Every blob of every version *u* may read (what a push of theirs need not send)."""
+    blobs: set[str] = set()
+    for d in u.json("dataset", "ls"):
+        for v in u.json("dataset", "info", d["name"])["version_list"]:
+            m = u.api("GET", f"datasets/{d['name']}/versions/{v['version']}/manifest").json()
+            blobs.update(e["blake3"] for e in m["entries"])
+    return blobs
+
+
 def gc_now(hub: HubProcess) -> dict[str, Any]:
     r = hub.nsml("POST", "dataset-store/gc", hub.user_token("admin"), json={"older_than_s": 0})
     assert r.status_code == 200, r.text
@@ -252,12 +262,16 @@ def test_the_local_transport_pushes_and_pulls_on_the_servers_machine(
     folder = make_folder(work / "v", n_small=300, large=(5 << 20,))
     blobs = store_dir(hub) / "blobs"
     stored = {p.parent.name + p.name for p in blobs.rglob("*") if p.is_file()}
-    before = blob_bytes(hub)
+    before, readable = blob_bytes(hub), readable_blobs(alice)
     out = alice.json("dataset", "push", "local-data", str(folder))
     assert out["ref"] == "local-data@1" and out["transport"] == "local"
     assert out["sent_bytes"] == 0, "no byte went through HTTP"
     new = {sha(c): len(c) for c, _ in tree(folder).values() if sha(c) not in stored}
-    assert blob_bytes(hub) - before == out["new_bytes"] == sum(new.values())
+    assert blob_bytes(hub) - before == sum(new.values()), "the store keeps one copy of each"
+    unread = {sha(c): len(c) for c, _ in tree(folder).values()}
+    for blob in readable:
+        unread.pop(blob, None)
+    assert out["new_bytes"] == sum(unread.values()), "what alice could not read before"
 
     # One file changed: the store grows by exactly its bytes; unchanged files are not copied.
     (folder / "part2" / "f006.txt").write_bytes(os.urandom(4321))

@@ -7,8 +7,10 @@ image's IPython configuration, which loads the magics without ``%load_ext``.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
+import re
 import tarfile
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +30,9 @@ DRIVER = r"""
 import json, sys
 from jupyter_client.manager import start_new_kernel
 
-cells = json.load(sys.stdin)
-km, kc = start_new_kernel(cwd="/home/jovyan/proj")
+given = json.load(sys.stdin)
+cells, cwd = given["cells"], given["cwd"]
+km, kc = start_new_kernel(cwd=cwd)
 results = []
 try:
     for code in cells:
@@ -79,13 +82,16 @@ def demultiplex(stream: bytes) -> bytes:
     return b"".join(out)
 
 
-def run_cells(container: Any, cells: list[str]) -> list[dict[str, Any]]:
+def run_cells(
+    container: Any, cells: list[str], cwd: str = "/home/jovyan/proj"
+) -> list[dict[str, Any]]:
+    """Run *cells* one by one in a new kernel started in *cwd* inside *container*."""
     exec_id = container.client.api.exec_create(
         container.id, ["python", "-c", DRIVER], user="1000", stdin=True, workdir="/home/jovyan"
     )
     sock = container.client.api.exec_start(exec_id, socket=True)
     raw = sock._sock
-    raw.sendall(json.dumps(cells).encode())
+    raw.sendall(json.dumps({"cells": cells, "cwd": cwd}).encode())
     raw.shutdown(1)  # end of stdin
     chunks = []
     while data := raw.recv(65536):
@@ -140,11 +146,14 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
 
     # dataset push from the notebook: NAME@k, with a progress widget.
     assert push["status"] == "ok" and "nbdata@1" in push["text"], push
+    assert "application/vnd.jupyter.widget-view+json" in push["mimes"], push
 
-    # run: prints the name and shows a live status widget; the kernel is not blocked.
+    # run: prints the name, what the code upload took, and shows a live status widget; the
+    # kernel is not blocked.
     assert run["status"] == "ok", run
-    name = run["text"].strip().splitlines()[0]
+    name, note = run["text"].strip().splitlines()[:2]
     assert name == f"{user}/nbdata/1", run
+    assert note.startswith("code: 2 files, ") and note.endswith(" from /home/jovyan/proj"), run
     assert "application/vnd.jupyter.widget-view+json" in run["mimes"], run
     assert waited["text"].split() == ["completed", "9"], waited
 
@@ -155,7 +164,10 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
     assert fork["status"] == "ok" and fork["text"].strip().splitlines()[0] == f"{user}/nbdata/2"
     assert child_wait["text"].strip() == "completed", child_wait
     assert "loaded" in child_logs["text"] and "lr 0.01" in child_logs["text"], child_logs
-    assert "---lr 0.1" in diff["text"] and "+--lr 0.01" in diff["text"], diff
+    # diff: the arguments as a table of name, A and B (the code is the same).
+    table = [line.split() for line in diff["text"].splitlines()]
+    assert table[0] == ["NAME", name, f"{user}/nbdata/2"], diff
+    assert ["--lr", "0.1", "0.01"] in table and ["--epochs", "-", "1"] in table, diff
 
     # %%nsml run: the cell is the script; the dataset is mounted read-only at DATASET_PATH.
     assert cell_run["text"].strip().splitlines()[0] == f"{user}/nbdata/3", cell_run
@@ -163,10 +175,131 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
     assert "hi from the dataset" in cell_out["text"], cell_out
     assert "write refused: Read-only file system" in cell_out["text"], cell_out
 
-    # gpustat: the cluster's GPUs (the test hub's node has 4 virtual ones).
+    # gpustat: the cluster's GPUs (the test hub's node has 4 virtual ones), index 0 included.
     assert gpustat["html"].count("local-test") == 4 and "ALLOCATED" in gpustat["html"], gpustat
+    assert "<td style='text-align:left'>0</td>" in gpustat["html"], gpustat
+    assert gpustat["html"].count("(virtual)") == 4, gpustat
 
     # A mistake is one line (UsageError), not a traceback.
     said = (bogus["error"] or "") + bogus["text"]
     assert bogus["status"] == "error" and "UsageError" in said, bogus
     assert "choose from" in said and "Traceback" not in said, bogus
+
+
+# Cells that make a home folder look as it does after a while in JupyterLab and keep it busy,
+# as a newcomer's is: a kernel writing its history (IPython's SQLite database, whose journal
+# file comes and goes with every transaction), tool state with some MB in .local and .cache,
+# a virtual environment, and a run folder where files appear, grow and vanish.
+BUSY_HOME = r"""
+import os, pathlib, sqlite3, subprocess, sys, threading, time
+home = pathlib.Path.home()
+for rel, mb in ((".local/share/pkgs/wheels.bin", 6), (".cache/pip/http/blob.bin", 6),
+                (".cache/matplotlib/fontlist.bin", 1), (".jupyter/lab/workspaces/w.bin", 1)):
+    p = home / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(os.urandom(mb << 20))
+subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home / "myenv")], check=True)
+(home / "train.py").write_text("import os\nprint('ENTRIES', sorted(os.listdir('.')), flush=True)\n")
+hm = get_ipython().history_manager
+stop = threading.Event()
+written = {"history": 0, "runs": 0}
+
+def write_history():
+    db = sqlite3.connect(str(hm.hist_file), timeout=10, isolation_level=None)
+    line = 1_000_000
+    while not stop.is_set():
+        line += 1
+        db.execute("BEGIN")
+        db.execute("INSERT OR IGNORE INTO history VALUES (?, ?, ?, ?)",
+                   (hm.session_number, line, "x = 1", "x = 1"))
+        db.execute("COMMIT")
+        written["history"] += 1
+        time.sleep(0.001)
+    db.close()
+
+def churn_runs():
+    runs = home / "runs"
+    runs.mkdir(exist_ok=True)
+    (runs / "config.yaml").write_text("lr: 0.1\n")
+    n = 0
+    while not stop.is_set():
+        n += 1
+        (runs / f"step-{n}.log").write_text("loss 0.1\n" * 50)
+        with open(runs / "train.log", "a") as f:
+            f.write(f"step {n}\n")
+        old = runs / f"step-{n - 3}.log"
+        if old.exists():
+            old.unlink()
+        written["runs"] += 1
+        time.sleep(0.001)
+
+threads = [threading.Thread(target=f, daemon=True) for f in (write_history, churn_runs)]
+for t in threads:
+    t.start()
+time.sleep(0.5)
+print("busy", written["history"] > 0, written["runs"] > 0)
+"""
+
+RUNS = 20
+
+
+def test_run_from_a_busy_home_folder_succeeds_every_time_and_takes_only_code(
+    hub: HubProcess,
+    servers: list[str],  # noqa: F811
+    containers: Callable[[str], Any],  # noqa: F811
+) -> None:
+    user = "nb-newcomer"
+    servers.append(user)
+    r = spawn(hub, user, gpus=0)
+    assert r.status_code in (201, 202), r.text
+    wait_for(lambda: ready(hub, user), timeout=120, what=f"{user}'s server ready")
+    container = containers(user)
+
+    cells = [
+        BUSY_HOME,
+        *["%nsml run --gpus 0 --cpu 0.1 --memory 128M train.py"] * RUNS,
+        "stop.set()\nfor t in threads: t.join()\nprint('written', written)",
+        "from nsml import Client, sessions\nc = Client()\n"
+        "first = sessions.wait(c, sessions.full_name(c, '_/1'), timeout=150)\n"
+        "print(first['state'])\nprint(sessions.logs(c, first['name'])['text'])",
+        # Every session started (left the queue); those still going are stopped.
+        "import time\nstarted, deadline = set(), time.monotonic() + 150\n"
+        f"while len(started) < {RUNS} and time.monotonic() < deadline:\n"
+        "    started |= {s['name'] for s in sessions.ps(c) if s['state'] != 'queued'}\n"
+        "    time.sleep(1)\n"
+        "print('started', len(started))\n"
+        "for s in sessions.ps(c, state='active'):\n    sessions.stop(c, s['name'])",
+    ]
+    res = run_cells(container, cells, cwd="/home/jovyan")
+    assert len(res) == len(cells), res[-1]
+    busy, runs, stopped, first, started = res[0], res[1:-3], res[-3], res[-2], res[-1]
+    assert busy["status"] == "ok" and busy["text"].split() == ["busy", "True", "True"], busy
+
+    for i, run in enumerate(runs, start=1):
+        said = run["text"] + (run["error"] or "")
+        assert run["status"] == "ok" and run["error"] is None, (i, run)
+        assert "Traceback" not in said, (i, said)
+        lines = run["text"].strip().splitlines()
+        assert lines[0] == f"{user}/_/{i}", (i, run)
+        # Only code: train.py and the run folder (what of it held still), never the
+        # dot-folders' 14 MiB or the virtual environment.
+        took = re.fullmatch(
+            r"code: \d+ files?, [\d.]+ (B|KiB) uploaded from /home/jovyan", lines[1]
+        )
+        assert took, (i, lines)
+        assert "myenv/ (a virtual environment)" in run["text"], (i, run)
+    assert stopped["status"] == "ok", stopped
+
+    # What the first session got in its working folder: no dot-folder, no environment. Its
+    # log starts with the runner's line and then the program's own output (no warning from
+    # the image's tini).
+    said = first["text"].splitlines()
+    assert said[0] == "completed", first
+    assert said[1].startswith(f"[nsml] {user}/_/1 attempt 1 on ") and said[2].startswith("ENTRIES")
+    assert "tini" not in first["text"].lower(), first
+    entries_line = next(ln for ln in first["text"].splitlines() if ln.startswith("ENTRIES"))
+    entries = ast.literal_eval(entries_line.removeprefix("ENTRIES "))
+    assert "train.py" in entries and "runs" in entries, entries
+    assert not [e for e in entries if e.startswith(".") or e == "myenv"], entries
+
+    assert started["text"].splitlines()[0] == f"started {RUNS}", started

@@ -181,8 +181,11 @@ def test_run_reports_checkpoints_logs_fork_and_diff(hub: HubProcess, project: Pa
     assert '"epoch": 2' in cout and "loaded" in cout and "lr 0.01" in cout, cout
     assert [c["name"] for c in json.loads(nsml("model", child, "--json").stdout)] == ["2"]
 
-    d = nsml("diff", name, child).stdout
-    assert "---lr 0.1" in d and "+--lr 0.01" in d, d
+    # diff: arguments and settings as a table of name, A and B.
+    table = [line.split() for line in nsml("diff", name, child).stdout.splitlines()]
+    assert table[0] == ["NAME", name, child], table
+    assert ["--lr", "0.1", "0.01"] in table and ["--epochs", "-", "1"] in table, table
+    assert ["load_from", "-", f"{name}/1"] in table, table
     dj = json.loads(nsml("diff", name, child, "--json").stdout)
     assert dj["args"] == {"a": ["--lr", "0.1"], "b": ["--lr", "0.01", "--epochs", "1"]}
     assert dj["code"] == [] and dj["fields"]["load_from"] == {"a": None, "b": f"{name}/1"}
@@ -327,7 +330,7 @@ def test_the_session_token_only_reports_saves_and_loads_for_its_session(
         )
 
     ok = call("POST", f"sessions/{name}/metrics", json={"points": [[None, time.time(), {"x": 1}]]})
-    assert ok.status_code == 200 and ok.json() == {"accepted": 1}, ok.text
+    assert ok.status_code == 200 and ok.json() == {"accepted": 1, "duplicate": False}, ok.text
     assert_json_error(call("GET", "sessions"), 403, "forbidden")
     assert_json_error(call("GET", f"sessions/{name}"), 403, "forbidden")
     assert_json_error(call("POST", f"sessions/{name}/stop"), 403, "forbidden")

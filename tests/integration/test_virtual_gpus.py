@@ -86,4 +86,4 @@ def test_nsml_nodes_says_the_gpus_are_not_real(newcomer_hub: HubProcess) -> None
     nsml = str(Path(sys.executable).parent / "nsml")
     r = subprocess.run([nsml, "nodes"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "4x NVIDIA Virtual GPU (virtual: no real GPU)" in r.stdout
+    assert "4x NVIDIA Virtual GPU (virtual)" in r.stdout

@@ -9,6 +9,7 @@ import blake3
 import pytest
 
 from nsml import datasets as ds
+from nsml._args import UsageProblem
 from nsml.cli import build_parser
 from nsml.cli_dataset import human
 from nsml.client import NSMLError
@@ -105,8 +106,8 @@ def test_the_cli_has_the_dataset_verbs(capsys: pytest.CaptureFixture[str]) -> No
         ["dataset", "push", "mnist", "dir", "--metric", "acc", "--lower-is-better"]
     )
     assert args.higher_is_better is False and args.metric == "acc"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["dataset", "share", "mnist"])  # --team, --public or --private
+    with pytest.raises(UsageProblem, match="one of the arguments --team --public --private"):
+        parser.parse_args(["dataset", "share", "mnist"])
 
 
 def test_batches_keep_order_and_end_at_the_item_or_byte_bound() -> None:

@@ -67,17 +67,35 @@ def test_files_handed_over_are_stored_under_their_hash_once_placed(
     assert blobs_in(store) == {b3(v) for v in data.values()}
     assert store.open(b3(data["c"])).read() == data["c"]
     assert leftovers(store) == []
-    # The key remembers what its holder added, for the upload that names it; for its own
-    # user only.
-    added = {b3(v): len(v) for v in data.values()}
-    assert grants.placed_by(key, "ann") == added
+    # The key remembers what its holder handed over (proof that they hold those bytes), for
+    # the upload that names it; for its own user only.
+    handed = {b3(v): len(v) for v in data.values()}
+    assert grants.proven_by(key, "ann") == handed
     with pytest.raises(LocalError, match="another user"):
-        grants.placed_by(key, "bob")
-    # The same files again add nothing new, and the record is not double-counted.
+        grants.proven_by(key, "bob")
+    # The same files again: the same answer (what was handed over, not what was new), and
+    # the record is not double-counted.
     with LocalChannel(server.name, key, os.geteuid()) as ch:
         ingest(ch, [src / n for n in data])
-        assert ch.place() == (0, 0)
-    assert grants.placed_by(key, "ann") == added
+        assert ch.place() == (4, 3000 + (5 << 20) + 4)
+    assert grants.proven_by(key, "ann") == handed
+
+
+def test_handing_over_a_file_the_store_holds_proves_it_and_tells_nothing_more(
+    served: tuple[BlobStore, Grants, LocalServer], work: Path
+) -> None:
+    store, grants, server = served
+    theirs, mine = os.urandom(9000), os.urandom(9000)
+    store.put_stream(io.BytesIO(theirs), b3(theirs), len(theirs))  # another user's file
+    src = write(work / "src", {"theirs": theirs, "mine": mine})
+    answers = []
+    for name in ("theirs", "mine"):
+        key = grants.issue("ann", max_file_bytes=1 << 20)
+        with LocalChannel(server.name, key, os.geteuid()) as ch:
+            answers.append((ingest(ch, [src / name])[0][1], ch.place()))
+        assert list(grants.proven_by(key, "ann")) == [b3(src.joinpath(name).read_bytes())]
+    assert answers[0] == answers[1] == (9000, (1, 9000))
+    assert leftovers(store) == []
 
 
 def test_an_unchanged_file_is_hashed_in_place_and_not_copied_again(
@@ -86,15 +104,49 @@ def test_an_unchanged_file_is_hashed_in_place_and_not_copied_again(
     store, grants, server = served
     old, new = os.urandom(10_000), os.urandom(10_000)
     src = write(work / "src", {"same": old, "changed": old})
-    key = grants.issue("ann", max_file_bytes=1 << 30)
-    with LocalChannel(server.name, key, os.geteuid()) as ch:
+    with LocalChannel(server.name, grants.issue("ann", max_file_bytes=1 << 30)) as ch:
         ingest(ch, [src / "same"])
         ch.place()
+    copies = count_copies(store)
+    # The key reads the previous version (which holds `old`): its hints are taken.
+    key = grants.issue("ann", max_file_bytes=1 << 30, readable={b3(old): len(old)})
+    with LocalChannel(server.name, key, os.geteuid()) as ch:
         (src / "changed").write_bytes(new)
         got = ingest(ch, [src / "same", src / "changed"], [b3(old), b3(old)])
         assert got == [(b3(old), 10_000), (b3(new), 10_000)], "a stale hint is not trusted"
         ch.place()
+    assert copies == ["changed"], "the unchanged file was hashed in place, not copied"
     assert blobs_in(store) == {b3(old), b3(new)}
+    assert grants.proven_by(key, "ann") == {b3(old): 10_000, b3(new): 10_000}
+
+
+def test_a_hint_naming_a_blob_the_key_cannot_read_is_not_taken(
+    served: tuple[BlobStore, Grants, LocalServer], work: Path
+) -> None:
+    """Whether the in-place shortcut is taken shows in the time it takes: it must not tell
+    whether the store holds a blob the holder cannot read."""
+    store, grants, server = served
+    theirs = os.urandom(10_000)
+    store.put_stream(io.BytesIO(theirs), b3(theirs), len(theirs))
+    src = write(work / "src", {"guess": theirs})
+    copies = count_copies(store)
+    with LocalChannel(server.name, grants.issue("ann", max_file_bytes=1 << 20)) as ch:
+        assert ingest(ch, [src / "guess"], [b3(theirs)]) == [(b3(theirs), 10_000)]
+        ch.place()
+    assert copies == ["guess"], "copied and hashed as any file whose hint is not readable"
+
+
+def count_copies(store: BlobStore) -> list[str]:
+    """The names of the files the store copies from now on (the hint was not taken)."""
+    names: list[str] = []
+    real = store._ingest_fd
+
+    def spy(fd: int, st: os.stat_result, source: str, name: str, **kw: object) -> object:
+        names.append(name)
+        return real(fd, st, source, name, **kw)  # type: ignore[arg-type]
+
+    store._ingest_fd = spy  # type: ignore[method-assign]
+    return names
 
 
 def test_a_bad_key_is_refused_and_the_connection_stays_usable(

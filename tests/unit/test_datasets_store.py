@@ -24,6 +24,7 @@ from nsml_datasets import (
     Manifest,
     NotFound,
     ProgressEvent,
+    StoreUsage,
     UnsafePath,
     UploadIncomplete,
     download,
@@ -203,12 +204,14 @@ def test_push_progress_reaches_the_totals(work: Path, store: BlobStore) -> None:
 # -- uploads -------------------------------------------------------------------------------------
 
 
-def test_an_upload_lists_only_missing_blobs_and_commits_when_all_are_present(
+def test_an_upload_lists_every_blob_not_credited_and_commits_when_all_are_in(
     work: Path, store: BlobStore
 ) -> None:
     store.put_stream(io.BytesIO(b"old"), sha(b"old"), 3)
     m = Manifest([Entry("old", 3, sha(b"old")), Entry("new", 3, sha(b"new"))])
     upload = store.begin(m)
+    assert upload.missing() == [sha(b"new"), sha(b"old")], "a stored blob is not a present one"
+    assert upload.credit([sha(b"old"), sha(b"stranger")]) == [sha(b"old")]
     assert upload.missing() == [sha(b"new")]
     assert upload.missing_bytes() == 3
 
@@ -225,6 +228,90 @@ def test_an_upload_lists_only_missing_blobs_and_commits_when_all_are_present(
     assert store.upload_ids() == []
 
 
+def _answers(store: BlobStore, files: dict[str, bytes], held: bytes) -> list[object]:
+    """Everything an uploader is told while pushing *files* without sending *held*'s bytes
+    in full (upload ids left out): what must not depend on whether the store holds *held*."""
+    m = Manifest(Entry(p, len(d), sha(d)) for p, d in files.items())
+    upload = store.begin(m)
+    out: list[object] = [upload.missing(), upload.missing_bytes()]
+    out.append(upload.put(io.BytesIO(held[:1000]), sha(held)))  # a partial send
+    out.append([upload.offset(s) for s in upload.missing()])
+    again = store.resume(upload.id)
+    out.append([again.offset(s) for s in again.missing()])
+    for bad in (b"\0" * len(held), held[:-1] + b"!"):
+        try:
+            again.put(io.BytesIO(bad), sha(held))
+        except IntegrityError as e:
+            out.append(str(e))
+    try:
+        again.put_blobs([(sha(held), b"x" * len(held))])
+    except IntegrityError as e:
+        out.append(str(e))
+    for sha_, data in ((s, d) for d in files.values() if (s := sha(d)) != sha(held)):
+        out.append(again.put(io.BytesIO(data), sha_))
+    try:
+        again.commit()
+    except UploadIncomplete as e:
+        out.append(str(e).replace(upload.id, "ID"))
+    out.append(again.missing())
+    return out
+
+
+def test_what_an_upload_answers_does_not_depend_on_what_the_store_holds(work: Path) -> None:
+    """A hash is a name, not a capability: an uploader who names a blob someone else stored
+    is told exactly what they would be told if it existed nowhere."""
+    secret = os.urandom(5000)
+    files = {"mine.txt": b"my own bytes", "guessed.bin": secret}
+    holding, empty = BlobStore(work / "holding"), BlobStore(work / "empty")
+    holding.put_stream(io.BytesIO(secret), sha(secret), len(secret))
+    assert _answers(holding, files, secret) == _answers(empty, files, secret)
+    assert holding.verify(sha(secret)) is None, "the stored blob is untouched"
+
+
+def test_a_blob_the_store_holds_is_verified_when_sent_and_stored_once(store: BlobStore) -> None:
+    data = os.urandom(200_000)
+    store.put_stream(io.BytesIO(data), sha(data), len(data))
+    inode = store.blob_path(sha(data)).stat().st_ino
+    upload = store.begin(Manifest([Entry("x", len(data), sha(data)), Entry("y", 1, sha(b"y"))]))
+    with pytest.raises(IntegrityError, match="corrupt"):
+        upload.put(io.BytesIO(os.urandom(len(data))), sha(data))
+    with pytest.raises(UploadIncomplete):
+        upload.commit()
+    assert upload.put(io.BytesIO(data), sha(data)) == len(data)
+    assert upload.open_part(sha(data)) is None, "a received blob needs no writer"
+    assert upload.put_blobs([(sha(b"y"), b"y")]) == 1
+    assert upload.commit()
+    assert store.blob_path(sha(data)).stat().st_ino == inode, "the blob was not replaced"
+    assert store.usage() == StoreUsage(2, len(data) + 1)
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_blob_with_the_wrong_size_is_missing_not_told_apart(store: BlobStore) -> None:
+    data = b"abc" * 100
+    store.put_stream(io.BytesIO(data), sha(data), len(data))
+    upload = store.begin(Manifest([Entry("x", 17, sha(data))]))
+    with pytest.raises(UploadIncomplete, match="1 of 1 blobs are not uploaded yet"):
+        upload.commit()
+
+
+def test_credits_are_kept_on_disk_and_seen_by_every_process(store: BlobStore) -> None:
+    m = Manifest([Entry(f"f{i}", 1, sha(bytes([i]))) for i in range(3)])
+    for i in range(3):
+        store.put_stream(io.BytesIO(bytes([i])), sha(bytes([i])), 1)
+    upload = store.begin(m)
+    other = store.resume(upload.id)  # as another server process would
+    upload.credit([sha(b"\0")])
+    assert other.missing() == [sha(b"\1"), sha(b"\2")]
+    with open(store.uploads_dir / upload.id / "credited", "ab") as f:
+        f.write(sha(b"\1")[:20].encode())  # a line still being written elsewhere
+    assert other.credited() == {sha(b"\0")}
+    with open(store.uploads_dir / upload.id / "credited", "ab") as f:
+        f.write(sha(b"\1")[20:].encode() + b"\n")
+    assert store.resume(upload.id).missing() == [sha(b"\2")]
+    other.put_blobs([(sha(b"\2"), b"\2")])
+    assert upload.commit() == m.digest
+
+
 def test_an_upload_refuses_blobs_it_does_not_list(store: BlobStore) -> None:
     upload = store.begin(Manifest([Entry("a", 1, sha(b"a"))]))
     with pytest.raises(NotFound, match="not part of upload"):
@@ -237,6 +324,7 @@ def test_a_blob_resumes_at_the_byte_where_the_stream_broke(store: BlobStore) -> 
     assert upload.put(io.BytesIO(data[:100_000]), sha(data)) == 100_000
     again = store.resume(upload.id)
     assert again.offset(sha(data)) == 100_000
+    assert again.missing_offsets() == [(sha(data), len(data), 100_000)]
     with pytest.raises(DatasetError, match="stands at byte 100000"):
         again.put(io.BytesIO(data[50_000:]), sha(data), offset=50_000)
     assert again.put(io.BytesIO(data[100_000:]), sha(data), offset=100_000) == len(data)
@@ -299,7 +387,7 @@ def test_a_blob_received_in_pieces_is_stored_when_its_last_piece_arrives(
     finally:
         again.close()
     assert store.blob_path(sha(data)).read_bytes() == data
-    assert upload.open_part(sha(data)) is None, "a stored blob needs no writer"
+    assert upload.open_part(sha(data)) is None, "a received blob needs no writer"
 
 
 def test_a_resumed_piece_without_hash_state_is_verified_from_the_file(store: BlobStore) -> None:
@@ -341,7 +429,7 @@ def test_small_blobs_are_stored_in_one_batch_and_a_bad_one_stores_nothing(
         upload.put_blobs(bad)
     assert not any(store.has(s) for s, _ in items), "nothing of a bad batch is stored"
     assert upload.put_blobs(items[:10]) == 10
-    assert upload.put_blobs(items) == 10, "blobs already stored are skipped"
+    assert upload.put_blobs(items) == 10, "blobs already received are skipped"
     for s, data in items:
         assert store.blob_path(s).read_bytes() == data
         assert stat.S_IMODE(store.blob_path(s).stat().st_mode) == 0o444

@@ -30,6 +30,8 @@ class Recorder:
     checkpoints: dict[str, bytes] = field(default_factory=dict)
     auth: set[str] = field(default_factory=set)
     fail_first: int = 0
+    put_fail_first: int = 0
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 @pytest.fixture()
@@ -61,7 +63,13 @@ def api() -> Iterator[tuple[str, Recorder]]:
 
         def do_PUT(self) -> None:
             name = self.path.split("?")[0].rsplit("/", 1)[-1]
-            rec.checkpoints[name] = self._body()
+            body = self._body()
+            if rec.put_fail_first > 0:
+                rec.put_fail_first -= 1
+                self._json(503, {"message": "restarting", "reason": "unavailable"})
+                return
+            rec.checkpoints[name] = body
+            rec.digests[name] = self.headers.get("X-Checkpoint-SHA256", "")
             self._json(201, {"name": name})
 
         def do_GET(self) -> None:
@@ -247,3 +255,89 @@ def test_bind_loads_the_checkpoint_a_fork_starts_from(
     out = proc.stdout.read() if proc.stdout else ""
     assert proc.returncode == 0, out
     assert "loaded epoch=7" in out and "from parent/_/3/7" in out, out
+
+
+def test_save_waits_out_a_restarting_server_and_says_so(
+    tmp_path: Path, api: tuple[str, Recorder]
+) -> None:
+    url, rec = api
+    rec.put_fail_first = 2  # answered 503 twice, as a proxy does while the service restarts
+    proc = run_script(
+        tmp_path,
+        """
+        import os, nsml
+        nsml.bind(save=lambda d: open(os.path.join(d, "w"), "w").write("1"), load=print)
+        print("saved", nsml.save(3))
+        """,
+        session_env(url),
+    )
+    out = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 0, out
+    assert "saved u/_/1/3" in out
+    assert (
+        "[nsml] the NSML server is unreachable (it answered 503); retrying the upload of "
+        "checkpoint 3 for up to 10 min" in out
+    ), out
+    assert "answered again after" in out and "the upload of checkpoint 3 went through" in out
+    import hashlib
+
+    assert rec.digests["3"] == hashlib.sha256(rec.checkpoints["3"]).hexdigest()
+
+
+def test_an_unreachable_server_fails_save_with_one_clear_exception_after_the_timeout(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = run_script(
+        tmp_path,
+        """
+        import os, nsml
+        nsml.bind(save=lambda d: None, load=print)
+        nsml.report(step=0, loss=1.0)
+        try:
+            nsml.save(1)
+        except nsml.CheckpointError as e:
+            print("refused:", e.reason, "|", e)
+        """,
+        {**session_env(f"http://127.0.0.1:{port}/api/"), "NSML_RETRY_TIMEOUT": "1"},
+    )
+    out = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 0, out
+    assert "refused: unreachable | nsml.save('1'): the NSML server did not answer for 1 s" in out
+    assert "[nsml] 1 report points were not sent (connection refused)" in out, out
+    assert "Traceback" not in out
+
+
+def test_a_damaged_or_malicious_checkpoint_fails_load_with_one_clear_exception(
+    tmp_path: Path, api: tuple[str, Recorder]
+) -> None:
+    url, rec = api
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as tar:
+        info = tarfile.TarInfo("shadow")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/shadow"
+        tar.addfile(info)
+    rec.checkpoints["evil"] = evil.getvalue()
+    rec.checkpoints["garbage"] = b"not an archive" * 100
+    proc = run_script(
+        tmp_path,
+        """
+        import nsml
+        nsml.bind(save=lambda d: None, load=lambda d: print("LOADED", d))
+        for name in ("evil", "garbage", "missing"):
+            try:
+                nsml.load(name)
+            except nsml.CheckpointError as e:
+                print(name, "->", e.reason, "|", e)
+        """,
+        session_env(url),
+    )
+    out = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 0 and "LOADED" not in out and "Traceback" not in out, out
+    assert "evil -> damaged |" in out and "'shadow' is a symbolic link" in out, out
+    assert "garbage -> damaged |" in out, out
+    assert "missing -> not_found |" in out, out

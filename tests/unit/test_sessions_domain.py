@@ -257,21 +257,19 @@ def test_reports_are_stored_per_batch_and_read_back_as_series(tmp_path: Path) ->
         )
         cols = {"steps": [0, 1], "walls": [1.0, 2.0], "values": {"loss": [0.5, None]}}
         raw = json.dumps(cols)
-        assert ingest_points(s, row, json.loads(raw), now, raw) == 2
+        assert ingest_points(s, row, json.loads(raw), now, raw).accepted == 2
         s.refresh(row)
-        assert (
-            ingest_points(s, row, {"points": [[None, 3.0, {"loss": float("nan"), "acc": 1}]]}, now)
-            == 1
-        )
+        nan_point = {"points": [[None, 3.0, {"loss": float("nan"), "acc": 1}]]}
+        assert ingest_points(s, row, nan_point, now).accepted == 1
         s.refresh(row)
         assert row.last_step == 2 and row.points == 3
-        assert row.last_metrics == {"loss": None, "acc": 1.0}
+        assert row.last_metrics == {"loss": "nan", "acc": 1.0}
         series = metric_series(s, row)
-        assert series["loss"].steps == [0, 2] and series["loss"].values == [0.5, None]
+        assert series["loss"].steps == [0, 2] and series["loss"].values == [0.5, "nan"]
         assert series["acc"].steps == [2] and series["acc"].walls == [3.0]
         assert list(metric_series(s, row, names=["acc"])) == ["acc"]
         assert metric_series(s, row, since_step=1)["loss"].steps == [2]
-        assert ingest_points(s, row, {"steps": [], "walls": [], "values": {}}, now) == 0
+        assert ingest_points(s, row, {"steps": [], "walls": [], "values": {}}, now).accepted == 0
     db.dispose()
 
 

@@ -95,6 +95,7 @@ def env(**overrides: str) -> dict[str, str]:
         "NSML_DATASETS": "",
         "NSML_API_URL": "http://127.0.0.1:8090/services/nsml/api/",
         "NSML_TOKEN": "tok",
+        "TINI_SUBREAPER": "1",
         "NVIDIA_VISIBLE_DEVICES": "2,3",
         "CUDA_VISIBLE_DEVICES": "0,1",
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
