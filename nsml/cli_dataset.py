@@ -27,7 +27,7 @@ def push_note(result: ds.PushResult) -> str:
     files = int(v["files"])
     text = f"{result.ref}: {files} file{'s' if files != 1 else ''}, {human(total)}"
     if new < total:
-        text += f" ({human(new)} of it new; the rest was already stored)"
+        text += f" ({human(new)} of it new; the rest was in versions you can read)"
     if result.transport == "local":
         text += "; the server read the files from this machine's disk (nothing was sent over "
         text += "the network)"
@@ -117,7 +117,7 @@ def _print_version(v: dict[str, Any]) -> None:
     split = " + hidden test split" if v.get("test_split") else ""
     print(
         f"  {v['ref']:<24} {v['files']:>7} files {human(v['bytes']):>10}  "
-        f"(+{human(v['new_bytes'])} stored)  by {v['created_by']} {ago(v['created'])}{split}"
+        f"(+{human(v['new_bytes'])} new)  by {v['created_by']} {ago(v['created'])}{split}"
     )
 
 
@@ -185,8 +185,9 @@ def add_dataset_verb(sub: Any) -> None:
     p = sub.add_parser(
         "dataset",
         help="push, list, pull and share versioned datasets",
-        description="Datasets: push a folder once as NAME@k (only new content is stored), "
-        "mount it in sessions and notebook servers read-only under /data/NAME, share it.",
+        description="Datasets: push a folder once as NAME@k (only what you cannot already read "
+        "is sent; one copy of each file is stored), mount it in sessions and notebook servers "
+        "read-only under /data/NAME, share it.",
     )
     verbs = p.add_subparsers(dest="dataset_verb", metavar="ACTION")
     verbs.required = True

@@ -138,10 +138,11 @@ def result(transport: str, new: int = 1024, sent: int = 1024) -> ds.PushResult:
 @pytest.mark.parametrize(
     ("transport", "said"),
     [
-        ("local", "mnist@1: 3 files, 2.0 KiB (1.0 KiB of it new; the rest was already stored); "
+        ("local", "mnist@1: 3 files, 2.0 KiB (1.0 KiB of it new; "
+         "the rest was in versions you can read); "
          "the server read the files from this machine's disk (nothing was sent over the network)"),
-        ("http", "mnist@1: 3 files, 2.0 KiB (1.0 KiB of it new; the rest was already stored); "
-         "1.0 KiB sent over the network"),
+        ("http", "mnist@1: 3 files, 2.0 KiB (1.0 KiB of it new; "
+         "the rest was in versions you can read); 1.0 KiB sent over the network"),
     ],
 )  # fmt: skip
 def test_the_push_summary_is_plain_words(transport: str, said: str) -> None:
