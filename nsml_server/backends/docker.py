@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import difflib
 import functools
 import io
 import logging
@@ -416,17 +417,14 @@ class DockerBackend(ExecutionBackend):
     async def _image_missing(self, image: str) -> ImageNotFound:
         try:
             images = await self._call("images", lambda api: api.images())
-            tags = sorted(
-                t for i in images for t in (i.get("RepoTags") or []) if t != "<none>:<none>"
-            )
+            tags = [t for i in images for t in (i.get("RepoTags") or []) if t != "<none>:<none>"]
         except Exception:
             tags = []
-        present = ", ".join(tags[:10]) + (" …" if len(tags) > 10 else "") if tags else "none"
         return ImageNotFound(
             f"image {image!r} is not on the Docker engine at {self.endpoint}, and images are "
             "never pulled (there is no registry). Build or load it on this node first, e.g. "
             f"`hub_config/images/build.sh --image {image}` or `docker load -i IMAGE.tar`. "
-            f"Images present: {present}."
+            f"Images present: {closest_first(image, tags)}."
         )
 
     async def start(self, spec: RunSpec) -> str:
@@ -745,3 +743,13 @@ class DockerBackend(ExecutionBackend):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def closest_first(image: str, tags: list[str], shown: int = 10) -> str:
+    """*tags* as a list for a person, the names closest to *image* first (a typo, another
+    tag of the same repository), at most *shown* of them and how many more there are."""
+    if not tags:
+        return "none"
+    ranked = sorted(set(tags), key=lambda t: (-difflib.SequenceMatcher(None, image, t).ratio(), t))
+    more = len(ranked) - shown
+    return ", ".join(ranked[:shown]) + (f" and {more} more" if more > 0 else "")

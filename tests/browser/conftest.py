@@ -54,9 +54,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     return report
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(chromium_path: str) -> Iterator[Any]:
-    """One headless Chromium for the whole test session."""
+    """One headless Chromium for the whole test session: every browser test lives in this
+    package, and the browser stops when the package's last test has run. (Playwright's sync
+    API runs an event loop on the main thread while it is started; left running, it would
+    break every later test that calls ``asyncio.run``.)"""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as e:
