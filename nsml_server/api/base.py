@@ -1,13 +1,26 @@
-"""The API's base handler: HubAuth token check, JSON bodies, JSON errors.
+"""The API's base handler: HubAuth token check, parameter rules, JSON bodies, JSON errors.
 
 Every error leaves as ``{"message": ..., "reason": ...}`` with the right status; a traceback
-only ever reaches the operator's log.
+only ever reaches the operator's log. What every route gets from here, before its handler
+runs:
+
+- its path and query parameters checked against the OpenAPI document's rules
+  (:mod:`nsml_server.api.routes`);
+- a JSON body nested deeper than :data:`MAX_JSON_DEPTH` refused with a 400 (a parser would
+  otherwise recurse until it fails);
+- an answer given before a streamed body was read (a refused upload) still reaches the
+  client: the body is read and dropped after the answer (up to :data:`LINGER_MAX_BYTES` and
+  :data:`LINGER_TIMEOUT_S`), as a web server's *lingering close* does, instead of closing the
+  connection under a client that is still sending (a proxy in front then answers 503);
+- a 405 names the allowed methods in an ``Allow`` header.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,14 +28,69 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from tornado import web
+from tornado import httputil, iostream, web
+from tornado.http1connection import HTTP1Connection
 from tornado.httpclient import HTTPClientError
 
 from ..db import Database
+from .routes import ParamError, RouteRules, decode_query, implemented_methods
 
 log = logging.getLogger("nsml_server.api")
 
 M = TypeVar("M", bound=BaseModel)
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects accepted in a JSON body (requests nest 4 or 5 deep)."""
+
+LINGER_MAX_BYTES = 256 << 20
+"""Most bytes of a refused request's body read (and dropped) after the answer. A larger
+body gets the answer with ``Connection: close``; a client that keeps sending then may see
+the connection reset (send ``Expect: 100-continue`` to be refused before sending)."""
+
+LINGER_TIMEOUT_S = 30.0
+"""Most seconds spent reading a refused request's body after the answer."""
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def json_too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text *raw* nests arrays and objects deeper than *limit* levels.
+
+    Works on the text, without parsing it (parsing is what recurses): strings are removed,
+    then innermost ``[]`` / ``{}`` pairs, one level per pass. Brackets that are left after
+    *limit* passes are deeper than *limit*, or do not match; the latter also counts when
+    so many are left that a parser would recurse that deep before it noticed.
+    """
+    skeleton = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not skeleton:
+            return False
+        skeleton, n = _INNERMOST.subn(b"", skeleton)
+        if n == 0:
+            break
+    return len(skeleton) > limit or (bool(skeleton) and _INNERMOST.search(skeleton) is not None)
+
+
+def parse_json(raw: bytes | str, limit: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that refuses nesting deeper than *limit* with a 400 (never a 500)."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    if json_too_deep(data, limit):
+        raise APIError(400, _too_deep(limit), "bad_request")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise APIError(400, _too_deep(limit), "bad_request") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}", "bad_request") from e
+
+
+def _too_deep(limit: int) -> str:
+    return (
+        f"The request body nests arrays and objects more than {limit} levels deep (or its "
+        "brackets do not match); send a flatter document."
+    )
 
 
 class APIError(web.HTTPError):
@@ -57,6 +125,15 @@ class APIHandler(web.RequestHandler):
 
     auth_required = True
 
+    route: RouteRules | None = None
+    """The parameter rules of the route this handler answers (see :mod:`.routes`)."""
+
+    def __init__(
+        self, application: web.Application, request: httputil.HTTPServerRequest, **kwargs: Any
+    ) -> None:
+        self.route = kwargs.pop("route", None)
+        super().__init__(application, request, **kwargs)
+
     def initialize(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.hub_user: dict[str, Any] | None = None
@@ -71,6 +148,29 @@ class APIHandler(web.RequestHandler):
     async def prepare(self) -> None:
         if self.auth_required:
             await self.authenticate()
+        self.check_params()
+        self.check_json_body()
+
+    def check_params(self) -> None:
+        """Refuse a path or query parameter that breaks the document's rule for it."""
+        if self.route is None or self.request.method is None:
+            return
+        try:
+            self.route.check(
+                self.request.method, self.path_args, decode_query(self.request.query_arguments)
+            )
+        except ParamError as e:
+            raise APIError(
+                e.status, e.message, "not_found" if e.status == 404 else "bad_request"
+            ) from None
+
+    def check_json_body(self) -> None:
+        """Refuse a JSON body nested too deep, before any handler parses it."""
+        if web._has_stream_request_body(type(self)):
+            return
+        body = self.request.body
+        if body and body.lstrip()[:1] in (b"{", b"[") and json_too_deep(body):
+            raise APIError(400, _too_deep(MAX_JSON_DEPTH), "bad_request")
 
     async def authenticate(self) -> None:
         hub_auth = self.ctx.hub_auth
@@ -136,10 +236,7 @@ class APIHandler(web.RequestHandler):
         raw = self.request.body or b""
         if not raw.strip():
             raise APIError(400, "The request needs a JSON body.", "bad_request")
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"The request body is not valid JSON: {e}", "bad_request") from e
+        data = parse_json(raw)
         if not isinstance(data, dict):
             raise APIError(
                 400,
@@ -158,8 +255,26 @@ class APIHandler(web.RequestHandler):
         else:
             self.finish(json.dumps(obj))
 
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ValidationError):
+            status_code = 400
+        super().send_error(status_code, **kwargs)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ValidationError):
+            exc = APIError(400, describe_validation_error(exc), "bad_request")
+        if status_code == 405:
+            allowed = implemented_methods(type(self))
+            self.set_header("Allow", ", ".join(allowed))
+            if not isinstance(exc, APIError):
+                exc = APIError(
+                    405,
+                    f"{self.request.method} is not allowed on {self.request.path}; "
+                    f"allowed: {', '.join(allowed) or 'none'}.",
+                    "method_not_allowed",
+                )
         if isinstance(exc, APIError):
             message, reason = exc.message, exc.error_reason
         elif isinstance(exc, web.HTTPError):
@@ -174,6 +289,77 @@ class APIHandler(web.RequestHandler):
             reason = "internal_error"
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps({"message": message, "reason": reason}))
+
+    # ---- answering before the body has arrived ---------------------------------------------
+
+    def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> asyncio.Future[None]:
+        """Finish the answer; when a streamed body is still arriving, linger for it.
+
+        Tornado ends a connection whose request body was not read when the answer is
+        finished (the only way it knows to skip the body). A client, or the hub's proxy,
+        that is still sending then gets a reset instead of the answer, and a proxy that
+        pools connections may even send the next request into the closed one: both come
+        out as "503 socket hang up". So the answer is written at once, and the exchange
+        ends (keeping the connection) only once the rest of the body has been read and
+        dropped, within :data:`LINGER_MAX_BYTES` and :data:`LINGER_TIMEOUT_S`.
+        """
+        body_future = getattr(self.request, "_body_future", None)
+        conn = self.request.connection
+        if (
+            self._finished
+            or body_future is None
+            or body_future.done()
+            or not isinstance(conn, HTTP1Connection)
+        ):
+            return super().finish(chunk)
+        headers = self.request.headers
+        try:
+            length = int(headers.get("Content-Length", "0"))
+        except ValueError:
+            length = LINGER_MAX_BYTES + 1
+        if headers.get("Expect", "").lower() == "100-continue" or length > LINGER_MAX_BYTES:
+            # The client waits for a go-ahead that never comes, or the body is too big to
+            # read for nothing: answer and close, and say so.
+            self.set_header("Connection", "close")
+            return super().finish(chunk)
+        conn.set_max_body_size(1 << 62)  # what is read is counted (and bounded) below
+        real_finish = conn.finish
+        conn.finish = _later  # type: ignore[method-assign]
+        try:
+            done = super().finish(chunk)
+        finally:
+            del conn.finish
+        self._dropped = 0
+        self.data_received = self._drop  # type: ignore[method-assign]
+        self._linger = asyncio.ensure_future(self._end_after_body(body_future, real_finish))
+        return done
+
+    def _drop(self, chunk: bytes) -> None:
+        self._dropped += len(chunk)
+        if self._dropped > LINGER_MAX_BYTES and self.request.connection is not None:
+            self.request.connection.close()  # type: ignore[attr-defined]
+
+    async def _end_after_body(
+        self, body_future: asyncio.Future[None], real_finish: Callable[[], None]
+    ) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(body_future), LINGER_TIMEOUT_S)
+        except iostream.StreamClosedError:
+            return
+        except TimeoutError:
+            log.info(
+                "%s %s: the rest of a refused body did not arrive in %.0fs; closing",
+                self.request.method,
+                self.request.path,
+                LINGER_TIMEOUT_S,
+            )
+            self.request.connection.close()  # type: ignore[union-attr]
+            return
+        real_finish()
+
+
+def _later() -> None:
+    """Stands in for the connection's ``finish`` until a refused body has been read."""
 
 
 class NotFoundHandler(APIHandler):

@@ -84,7 +84,10 @@ class MeHandler(APIHandler):
 
 
 class NodesHandler(APIHandler):
-    """``GET api/nodes[?state=up|draining|down]`` — nodes and their GPUs."""
+    """``GET api/nodes[?state=up|draining|down]`` — nodes and their GPUs.
+
+    Node internals (how the server reaches a node's engine) are shown to admins and trusted
+    services only (:meth:`NodeOut.for_caller`)."""
 
     def get(self) -> None:
         state = self.get_query_argument("state", None)
@@ -96,7 +99,12 @@ class NodesHandler(APIHandler):
             )
         now = self.ctx.now()
         with self.ctx.db.session() as s:
-            out = NodeList(nodes=[nodes.node_out(n, now) for n in nodes.list_nodes(s, state)])
+            out = NodeList(
+                nodes=[
+                    nodes.node_out(n, now).for_caller(self.is_admin)
+                    for n in nodes.list_nodes(s, state)
+                ]
+            )
         self.write_json(out)
 
 
@@ -109,7 +117,7 @@ class NodeHandler(APIHandler):
             node = nodes.get_node(s, name)
             if node is None:
                 raise APIError(404, f"No node named {name!r}.", "not_found")
-            out = nodes.node_out(node, self.ctx.now())
+            out = nodes.node_out(node, self.ctx.now()).for_caller(self.is_admin)
         self.write_json(out)
 
     def patch(self, name: str) -> None:
