@@ -8,10 +8,10 @@ runs:
   (:mod:`nsml_server.api.routes`);
 - a JSON body nested deeper than :data:`MAX_JSON_DEPTH` refused with a 400 (a parser would
   otherwise recurse until it fails);
-- an answer given before a streamed body was read (a refused upload) still reaches the
-  client: the body is read and dropped after the answer (up to :data:`LINGER_MAX_BYTES` and
-  :data:`LINGER_TIMEOUT_S`), as a web server's *lingering close* does, instead of closing the
-  connection under a client that is still sending (a proxy in front then answers 503);
+- a refusal decided before a streamed body was read (a refused upload) still reaches the
+  client: the rest of the body is read and dropped first (up to :data:`LINGER_MAX_BYTES` and
+  :data:`LINGER_TIMEOUT_S`), instead of closing the connection under a client that is still
+  sending (the hub's proxy in front then answers 503);
 - a 405 names the allowed methods in an ``Allow`` header.
 """
 
@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from tornado import httputil, iostream, web
+from tornado import httputil, web
 from tornado.http1connection import HTTP1Connection
 from tornado.httpclient import HTTPClientError
 
@@ -43,12 +43,12 @@ MAX_JSON_DEPTH = 32
 """Deepest nesting of arrays and objects accepted in a JSON body (requests nest 4 or 5 deep)."""
 
 LINGER_MAX_BYTES = 256 << 20
-"""Most bytes of a refused request's body read (and dropped) after the answer. A larger
-body gets the answer with ``Connection: close``; a client that keeps sending then may see
-the connection reset (send ``Expect: 100-continue`` to be refused before sending)."""
+"""Most bytes of a refused request's body read (and dropped) before the answer. A larger
+body gets the answer at once with ``Connection: close``; a client that keeps sending then may
+see the connection reset (send ``Expect: 100-continue`` to be refused before sending)."""
 
 LINGER_TIMEOUT_S = 30.0
-"""Most seconds spent reading a refused request's body after the answer."""
+"""Most seconds spent reading a refused request's body before the answer."""
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
@@ -293,24 +293,20 @@ class APIHandler(web.RequestHandler):
     # ---- answering before the body has arrived ---------------------------------------------
 
     def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> asyncio.Future[None]:
-        """Finish the answer; when a streamed body is still arriving, linger for it.
+        """Finish the answer; when a streamed body is still arriving, first read the rest.
 
-        Tornado ends a connection whose request body was not read when the answer is
-        finished (the only way it knows to skip the body). A client, or the hub's proxy,
-        that is still sending then gets a reset instead of the answer, and a proxy that
-        pools connections may even send the next request into the closed one: both come
-        out as "503 socket hang up". So the answer is written at once, and the exchange
-        ends (keeping the connection) only once the rest of the body has been read and
-        dropped, within :data:`LINGER_MAX_BYTES` and :data:`LINGER_TIMEOUT_S`.
+        A streamed upload may be refused before its body is read (a bad token, a size over
+        the limit). Tornado would then end the connection under a client that is still
+        sending, and the hub's proxy, still forwarding that body, resets the client's
+        connection: "503 socket hang up", or a reset on the client's next request. Answering
+        while the body still arrives does not help either (the proxy gives up on a request
+        whose answer came first). So the rest of the body is read and dropped, within
+        :data:`LINGER_MAX_BYTES` and :data:`LINGER_TIMEOUT_S`, and the answer follows on a
+        connection that stays usable. Past either bound, or when the client waits for
+        ``100 Continue``, the answer goes at once with ``Connection: close``.
         """
         body_future = getattr(self.request, "_body_future", None)
-        conn = self.request.connection
-        if (
-            self._finished
-            or body_future is None
-            or body_future.done()
-            or not isinstance(conn, HTTP1Connection)
-        ):
+        if self._finished or body_future is None or body_future.done():
             return super().finish(chunk)
         headers = self.request.headers
         try:
@@ -318,48 +314,51 @@ class APIHandler(web.RequestHandler):
         except ValueError:
             length = LINGER_MAX_BYTES + 1
         if headers.get("Expect", "").lower() == "100-continue" or length > LINGER_MAX_BYTES:
-            # The client waits for a go-ahead that never comes, or the body is too big to
-            # read for nothing: answer and close, and say so.
             self.set_header("Connection", "close")
             return super().finish(chunk)
-        conn.set_max_body_size(1 << 62)  # what is read is counted (and bounded) below
-        real_finish = conn.finish
-        conn.finish = _later  # type: ignore[method-assign]
-        try:
-            done = super().finish(chunk)
-        finally:
-            del conn.finish
+        conn = self.request.connection
+        if isinstance(conn, HTTP1Connection):
+            conn.set_max_body_size(1 << 62)  # what arrives is counted (and bounded) below
         self._dropped = 0
+        self._too_much = asyncio.Event()
         self.data_received = self._drop  # type: ignore[method-assign]
-        self._linger = asyncio.ensure_future(self._end_after_body(body_future, real_finish))
-        return done
+        # The answer is decided: nothing else may write it, nor run the handler's method.
+        self._finished = True
+        return asyncio.ensure_future(self._finish_after_body(body_future, chunk))
 
     def _drop(self, chunk: bytes) -> None:
         self._dropped += len(chunk)
-        if self._dropped > LINGER_MAX_BYTES and self.request.connection is not None:
-            self.request.connection.close()  # type: ignore[attr-defined]
+        if self._dropped > LINGER_MAX_BYTES:
+            self._too_much.set()
 
-    async def _end_after_body(
-        self, body_future: asyncio.Future[None], real_finish: Callable[[], None]
+    async def _finish_after_body(
+        self, body_future: asyncio.Future[None], chunk: str | bytes | dict[str, Any] | None
     ) -> None:
+        arrived: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(body_future))
+        too_much: asyncio.Future[Any] = asyncio.ensure_future(self._too_much.wait())
         try:
-            await asyncio.wait_for(asyncio.shield(body_future), LINGER_TIMEOUT_S)
-        except iostream.StreamClosedError:
+            await asyncio.wait(
+                [arrived, too_much],
+                timeout=LINGER_TIMEOUT_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            too_much.cancel()
+        if arrived.done() and arrived.exception() is not None:  # the client went away
+            self.on_finish()
             return
-        except TimeoutError:
+        if not arrived.done():
+            arrived.cancel()
             log.info(
-                "%s %s: the rest of a refused body did not arrive in %.0fs; closing",
+                "%s %s: the rest of a refused body did not arrive (%d bytes in %.0fs); closing",
                 self.request.method,
                 self.request.path,
+                self._dropped,
                 LINGER_TIMEOUT_S,
             )
-            self.request.connection.close()  # type: ignore[union-attr]
-            return
-        real_finish()
-
-
-def _later() -> None:
-    """Stands in for the connection's ``finish`` until a refused body has been read."""
+            self.set_header("Connection", "close")
+        self._finished = False
+        await super().finish(chunk)
 
 
 class NotFoundHandler(APIHandler):

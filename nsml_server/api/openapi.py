@@ -229,6 +229,9 @@ VERSION = _path(
     type="string",
     pattern=r"^(latest|[1-9][0-9]{0,8})$",
 )
+VERSION_K = _path(
+    "version", f"a version k (1 to {VERSION_MAX})", type="string", pattern=r"^[1-9][0-9]{0,8}$"
+)
 UPLOAD = _path("upload_id", "an upload id", type="string", pattern="^[0-9a-f]{32}$")
 BLAKE3 = _path("blake3", "a file's BLAKE3 hash", type="string", pattern="^[0-9a-f]{64}$")
 OFFSET = _query("offset", "byte offset to start from", type="integer", minimum=0, maximum=INT64_MAX)
@@ -390,7 +393,7 @@ def dataset_paths() -> dict[str, Any]:
             "delete": _op(
                 "Remove one version (owner; 409 while in use); k is never reused",
                 {"200": _json(DeletedOut, "What was removed")},
-                [DATASET, VERSION],
+                [DATASET, VERSION_K],
                 errors=c,
             ),
         },
