@@ -109,7 +109,11 @@ GpuModel = Annotated[str, Field(min_length=1, max_length=255)]
 
 
 class Strict(BaseModel):
-    """Base for request bodies: unknown fields are an error, not silently ignored."""
+    """Base for request bodies: unknown fields are an error, not silently ignored.
+
+    The API also checks each body against the model's JSON schema before the model reads it
+    (:meth:`nsml_server.api.base.APIHandler.body_as`), so a value of another JSON type is
+    refused as the OpenAPI document says (``false`` is not the number 0)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -301,7 +305,10 @@ class PlacementIn(Strict):
     cpu: float = Field(default=1.0, ge=0, le=4096, description="CPU cores")
     memory: MemoryAsk = "1G"
     datasets: list[DatasetRef] = Field(
-        default_factory=list, max_length=16, description="'name' or 'name@version'"
+        default_factory=list,
+        max_length=16,
+        description="'name' or 'name@version', each dataset once",
+        json_schema_extra={"uniqueItems": True},
     )
     image: str | None = Field(default=None, max_length=512)
     priority: int = Field(
@@ -383,7 +390,10 @@ class SessionIn(Strict):
     cpu: float = Field(default=1.0, gt=0, le=4096, description="CPU cores")
     memory: MemoryAsk = "1G"
     datasets: list[DatasetRef] = Field(
-        default_factory=list, max_length=16, description="'name' or 'name@version'"
+        default_factory=list,
+        max_length=16,
+        description="'name' or 'name@version', each dataset once",
+        json_schema_extra={"uniqueItems": True},
     )
     image: str | None = Field(
         default=None, max_length=512, description="container image; default: the server's"

@@ -18,6 +18,7 @@ runs:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+import jsonschema
 from pydantic import BaseModel, ValidationError
 from tornado import httputil, web
 from tornado.http1connection import HTTP1Connection
@@ -243,6 +245,9 @@ class APIHandler(web.RequestHandler):
                 f"The request body must be a JSON object, not {type(data).__name__}.",
                 "bad_request",
             )
+        problems = schema_problems(model, data)
+        if problems:
+            raise APIError(400, "Invalid request: " + "; ".join(problems), "bad_request")
         try:
             return model.model_validate(data)
         except ValidationError as e:
@@ -373,6 +378,26 @@ class NotFoundHandler(APIHandler):
             "see api/openapi.json for the list.",
             "not_found",
         )
+
+
+@functools.cache
+def _validator(model: type[BaseModel]) -> jsonschema.protocols.Validator:
+    schema = model.model_json_schema(mode="validation")
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema)  # type: ignore[no-any-return]
+
+
+def schema_problems(model: type[BaseModel], data: Any, most: int = 5) -> list[str]:
+    """Where *data* breaks the JSON schema of *model* (the one the OpenAPI document shows),
+    one ``field: problem`` line each, at most *most*."""
+    problems = []
+    for err in sorted(_validator(model).iter_errors(data), key=lambda e: list(e.absolute_path)):
+        where = ".".join(str(p) for p in err.absolute_path) or "body"
+        message = err.message if len(err.message) <= 200 else err.message[:197] + "..."
+        problems.append(f"{where}: {message}")
+        if len(problems) >= most:
+            break
+    return problems
 
 
 def describe_validation_error(e: ValidationError) -> str:

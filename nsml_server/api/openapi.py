@@ -127,6 +127,11 @@ MODELS: list[type[BaseModel]] = [
     SessionPatch,
 ]
 
+REQUEST_MODELS = {
+    m for m in MODELS if m.__name__.endswith(("In", "Patch", "Request")) or m in (Heartbeat,)
+}
+"""Request bodies: described as the server validates them."""
+
 ERROR_TEXT = {
     "400": "A parameter or the body breaks its rule; the message names it",
     "401": "Missing or invalid token",
@@ -160,7 +165,7 @@ def _path(name: str, description: str, **schema: Any) -> dict[str, Any]:
         "in": "path",
         "required": True,
         "description": description,
-        "schema": schema or {"type": "string"},
+        "schema": {"type": "string", **schema},
     }
 
 
@@ -170,7 +175,7 @@ def _query(name: str, description: str, required: bool = False, **schema: Any) -
         "in": "query",
         "required": required,
         "description": description,
-        "schema": schema or {"type": "string"},
+        "schema": {"type": "string", **schema},
     }
 
 
@@ -673,7 +678,7 @@ def session_paths() -> dict[str, Any]:
                 {"200": _json(MetricsOut, "The metrics")},
                 [
                     *name,
-                    _query("names", "comma-separated metric names", maxLength=10_000),
+                    _query("names", "comma-separated metric names", maxLength=500),
                     _query(
                         "since_step",
                         "only points from this step on",
@@ -758,7 +763,8 @@ def session_paths() -> dict[str, Any]:
 def openapi_document(version: str, base_url: str) -> dict[str, Any]:
     """The API description served at ``api/openapi.json``."""
     _, defs = models_json_schema(
-        [(m, "serialization") for m in MODELS], ref_template="#/components/schemas/{model}"
+        [(m, "validation" if m in REQUEST_MODELS else "serialization") for m in MODELS],
+        ref_template="#/components/schemas/{model}",
     )
     paths: dict[str, Any] = {}
     paths.update(core_paths())

@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 INT32_MAX = 2**31 - 1
@@ -33,6 +34,32 @@ HTTP_METHODS = ("get", "post", "put", "patch", "delete")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _INTEGER = re.compile(r"-?[0-9]{1,40}\Z")
 _NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+_DATETIME = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})?\Z"
+)
+
+
+def parse_datetime(raw: str) -> datetime | None:
+    """An RFC 3339 date-time (the OpenAPI ``date-time`` format) as naive UTC; None if it is
+    not one. No offset means UTC; a leap second counts as :59; year 0 as year 1."""
+    m = _DATETIME.match(raw)
+    if not m:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    micro = int((m.group(7) or ".")[1:7].ljust(6, "0"))
+    try:
+        t = datetime(max(year, 1), month, day, hour, minute, min(second, 59), micro)
+    except ValueError:
+        return None  # no such day (2026-02-30) or hour
+    offset = (m.group(8) or "Z").upper()
+    if offset != "Z":
+        sign = 1 if offset[0] == "+" else -1
+        try:
+            t -= sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6]))
+        except OverflowError:
+            t = datetime.min if sign > 0 else datetime.max
+    return t
 
 
 @dataclass(frozen=True)
@@ -129,7 +156,9 @@ class ParamRule:
         if kind == "boolean":
             return "true or false"
         words = []
-        if s.get("description"):
+        if s.get("format") == "date-time":
+            words.append("a date and time such as 2026-11-01T00:00:00Z (RFC 3339)")
+        elif s.get("description"):
             words.append(str(s["description"]))
         elif "pattern" in s:
             words.append(f"text matching {s['pattern']}")
@@ -166,6 +195,8 @@ class ParamRule:
             return math.isfinite(value) and _in_range(value, s)
         if kind == "boolean":
             return raw in ("true", "false")
+        if s.get("format") == "date-time" and parse_datetime(raw) is None:
+            return False
         if len(raw) < int(s.get("minLength", 0)):
             return False
         if "maxLength" in s and len(raw) > int(s["maxLength"]):

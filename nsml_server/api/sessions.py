@@ -291,9 +291,9 @@ class SessionsHandler(SessionHandler):
         store = self.service.store
         if not store.has_code(body.code):
             raise APIError(
-                400,
+                404,
                 f"No code snapshot {body.code}; upload it first (POST api/code).",
-                "bad_request",
+                "not_found",
             )
         if entry not in {f.path for f in store.code(body.code).files}:
             raise APIError(
