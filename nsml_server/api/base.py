@@ -245,13 +245,15 @@ class APIHandler(web.RequestHandler):
                 f"The request body must be a JSON object, not {type(data).__name__}.",
                 "bad_request",
             )
+        try:
+            parsed = model.model_validate(data)
+        except ValidationError as e:
+            raise APIError(400, describe_validation_error(e), "bad_request") from e
+        # The model converts what the document does not allow (``false`` as 0, "3" as 3).
         problems = schema_problems(model, data)
         if problems:
             raise APIError(400, "Invalid request: " + "; ".join(problems), "bad_request")
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            raise APIError(400, describe_validation_error(e), "bad_request") from e
+        return parsed
 
     def write_json(self, obj: Any, status: int = 200) -> None:
         self.set_status(status)

@@ -157,7 +157,7 @@ class ParamRule:
             return "true or false"
         words = []
         if s.get("format") == "date-time":
-            words.append("a date and time such as 2026-11-01T00:00:00Z (RFC 3339)")
+            words.append("a date and time in ISO 8601 (RFC 3339) form, e.g. 2026-11-01T00:00:00Z")
         elif s.get("description"):
             words.append(str(s["description"]))
         elif "pattern" in s:
