@@ -410,5 +410,8 @@ def describe_validation_error(e: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif isinstance(err.get("input"), str | int | float) and err["type"] != "missing":
+            shown = repr(err["input"])
+            msg += f", not {shown if len(shown) <= 60 else shown[:57] + '...'}"
         parts.append(f"{loc}: {msg}")
     return "Invalid request: " + "; ".join(parts)
