@@ -35,8 +35,9 @@ from .api.handlers import (
     NodesHandler,
     UsageHandler,
 )
-from .api.openapi import openapi_document
+from .api.openapi import OpenAPIHandler, openapi_document
 from .api.placements import PlacementHandler, PlacementsHandler, placement_out
+from .api.routes import Route
 from .db import Database, SchemaError, check_schema, redact_url, upgrade
 from .scheduler import SubmitQueue
 from .schemas import Heartbeat
@@ -45,17 +46,6 @@ from .schemas import Heartbeat
 def utcnow() -> datetime:
     """Naive UTC now; the database stores naive UTC timestamps."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-class OpenAPIHandler(web.RequestHandler):
-    """``GET api/openapi.json`` (no authentication)."""
-
-    def initialize(self, document: dict[str, Any]) -> None:
-        self.document = document
-
-    def get(self) -> None:
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(self.document)
 
 
 class IndexHandler(web.RequestHandler):
@@ -73,6 +63,41 @@ class IndexHandler(web.RequestHandler):
                 "openapi": self.base_url + "api/openapi.json",
             }
         )
+
+
+def api_routes(ctx: ServerContext | None, document: dict[str, Any]) -> list[Route]:
+    """The API's routes but the session ones (:func:`nsml_server.api.sessions.session_routes`),
+    as the OpenAPI document writes their paths. A route here that the document lacks, or the
+    other way round, fails ``tests/unit/test_openapi.py``."""
+    k = {"ctx": ctx}
+    return [
+        Route("/health", HealthHandler, k),
+        Route("/openapi.json", OpenAPIHandler, {**k, "document": document}),
+        Route("/me", MeHandler, k),
+        Route("/usage", UsageHandler, k),
+        Route("/nodes", NodesHandler, k),
+        Route("/nodes/{name}", NodeHandler, k),
+        Route("/nodes/{name}/heartbeat", HeartbeatHandler, k),
+        Route("/placements", PlacementsHandler, k),
+        Route("/placements/{id}", PlacementHandler, k),
+        Route("/placements/{id}/mounts", ds.MountsHandler, k),
+        Route("/nodes/{name}/dataset-holds", ds.NodeHoldsHandler, k),
+        Route("/nodes/{name}/dataset-holds/{id}", ds.NodeHoldHandler, k),
+        Route("/datasets", ds.DatasetsHandler, k),
+        Route("/dataset-store", ds.StoreHandler, k),
+        Route("/dataset-store/gc", ds.GcHandler, k),
+        Route("/dataset-store/local", ds.LocalGrantHandler, k),
+        Route("/datasets/{name}", ds.DatasetHandler, k),
+        Route("/datasets/{name}/uploads", ds.UploadsHandler, k),
+        Route("/datasets/{name}/uploads/{upload_id}", ds.UploadHandler, k),
+        Route("/datasets/{name}/uploads/{upload_id}/commit", ds.CommitHandler, k),
+        Route("/datasets/{name}/uploads/{upload_id}/blobs/{blake3}", ds.BlobPutHandler, k),
+        Route("/datasets/{name}/uploads/{upload_id}/pack", ds.PackInHandler, k),
+        Route("/datasets/{name}/versions/{version}", ds.VersionHandler, k),
+        Route("/datasets/{name}/versions/{version}/manifest", ds.ManifestHandler, k),
+        Route("/datasets/{name}/versions/{version}/blobs/{blake3}", ds.BlobHandler, k),
+        Route("/datasets/{name}/versions/{version}/pack", ds.PackOutHandler, k),
+    ]
 
 
 class DBSettings(Application):
@@ -642,41 +667,11 @@ class NSMLServer(DBSettings):
             allowed_images=tuple(self.allowed_images),
         )
         api = self.base_url + "api/"
+        document = openapi_document(__version__, self.base_url)
         k = {"ctx": self.ctx}
-        handlers: list[Any] = [
-            (self.base_url, IndexHandler, {"base_url": self.base_url}),
-            (api + "health", HealthHandler, k),
-            (
-                api + "openapi.json",
-                OpenAPIHandler,
-                {"document": openapi_document(__version__, self.base_url)},
-            ),
-            (api + "me", MeHandler, k),
-            (api + "usage", UsageHandler, k),
-            (api + "nodes", NodesHandler, k),
-            (api + r"nodes/([^/]+)", NodeHandler, k),
-            (api + r"nodes/([^/]+)/heartbeat", HeartbeatHandler, k),
-            (api + "placements", PlacementsHandler, k),
-            (api + r"placements/(\d+)", PlacementHandler, k),
-            (api + r"placements/(\d+)/mounts", ds.MountsHandler, k),
-            (api + r"nodes/([^/]+)/dataset-holds", ds.NodeHoldsHandler, k),
-            (api + r"nodes/([^/]+)/dataset-holds/(\d+)", ds.NodeHoldHandler, k),
-            (api + "datasets", ds.DatasetsHandler, k),
-            (api + "dataset-store", ds.StoreHandler, k),
-            (api + "dataset-store/gc", ds.GcHandler, k),
-            (api + "dataset-store/local", ds.LocalGrantHandler, k),
-            (api + r"datasets/([^/]+)", ds.DatasetHandler, k),
-            (api + r"datasets/([^/]+)/uploads", ds.UploadsHandler, k),
-            (api + r"datasets/([^/]+)/uploads/([^/]+)", ds.UploadHandler, k),
-            (api + r"datasets/([^/]+)/uploads/([^/]+)/commit", ds.CommitHandler, k),
-            (api + r"datasets/([^/]+)/uploads/([^/]+)/blobs/([^/]+)", ds.BlobPutHandler, k),
-            (api + r"datasets/([^/]+)/uploads/([^/]+)/pack", ds.PackInHandler, k),
-            (api + r"datasets/([^/]+)/versions/([^/]+)", ds.VersionHandler, k),
-            (api + r"datasets/([^/]+)/versions/([^/]+)/manifest", ds.ManifestHandler, k),
-            (api + r"datasets/([^/]+)/versions/([^/]+)/blobs/([^/]+)", ds.BlobHandler, k),
-            (api + r"datasets/([^/]+)/versions/([^/]+)/pack", ds.PackOutHandler, k),
-        ]
-        handlers += self.session_handlers(api)
+        routes = api_routes(self.ctx, document) + self.session_routes()
+        handlers: list[Any] = [(self.base_url, IndexHandler, {"base_url": self.base_url})]
+        handlers += [route.spec(api, document) for route in routes]
         handlers.append((api + ".*", NotFoundHandler, k))
         return web.Application(
             handlers, default_handler_class=NotFoundHandler, default_handler_args=k
@@ -768,8 +763,8 @@ class NSMLServer(DBSettings):
             "sessions: image %s, API for containers %s", self.session_image, self.session_api_url
         )
 
-    def session_handlers(self, api: str) -> list[Any]:
-        from .api.sessions import SessionService, session_handlers
+    def session_routes(self) -> list[Route]:
+        from .api.sessions import SessionService, session_routes
 
         service = SessionService(
             runner=self.runner,
@@ -780,7 +775,7 @@ class NSMLServer(DBSettings):
             checkpoint_max_bytes=self.checkpoint_max_bytes,
             checkpoint_max_members=self.checkpoint_max_members,
         )
-        return session_handlers(api, self.ctx, service)
+        return session_routes(self.ctx, service)
 
     async def serve(self) -> None:
         self.init_db()

@@ -6,18 +6,114 @@ a 400 whose message names each offending field.
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 NodeState = Literal["up", "draining", "down"]
 Visibility = Literal["private", "team", "public"]
 DATASET_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*\Z")
 
+INT32_MAX = 2**31 - 1
+"""Largest value the database's INTEGER columns hold."""
+INT64_MAX = 2**63 - 1
+"""Largest value the database's BIGINT columns hold."""
+
+NODE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DATASET_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@([1-9][0-9]{0,8}|latest))?$"
+MEMORY_PATTERN = r"^\s*[0-9]{1,15}(\.[0-9]{1,6})?\s*([kKmMgGtT]([iI]?[bB])?)?\s*$"
+BLAKE3_PATTERN = r"^[0-9a-f]{64}$"
+
+
+def _check_gpus(value: float) -> float:
+    if 0 < value < 0.001 or (value > 1 and value != int(value)):
+        raise ValueError(
+            f"gpus={value} is not valid: ask for 0, a share of one GPU from 0.001 to 1 "
+            "(e.g. 0.5), or a whole number of GPUs (e.g. 2)"
+        )
+    return value
+
+
+Gpus = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=256,
+        description="0 (CPU only), a share of one GPU from 0.001 to 1 (e.g. 0.25), or a whole "
+        "number of GPUs on one node",
+        json_schema_extra={"anyOf": [{"minimum": 0.001, "maximum": 1}, {"multipleOf": 1}]},
+    ),
+    AfterValidator(_check_gpus),
+]
+"""A GPU ask; the rule is in the schema (``anyOf``) and checked by the validator."""
+
+
+def memory_schema_fix(schema: dict[str, object]) -> None:
+    """Give the string and integer forms of a memory ask their rules in the schema."""
+    for alt in schema.get("anyOf", []):  # type: ignore[attr-defined]
+        if alt.get("type") == "string":
+            alt["pattern"] = MEMORY_PATTERN
+        elif alt.get("type") == "integer":
+            alt.update(minimum=0, maximum=2**50)
+
+
+_MEMORY_RE = re.compile(MEMORY_PATTERN)
+
+
+def check_memory(value: str | int | None) -> str | int | None:
+    """Refuse a memory ask the schema does not allow (the same rule as the schema's)."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        if not 0 <= value <= 2**50:
+            raise ValueError(f"memory={value} MiB must be from 0 to {2**50}")
+        return value
+    if not _MEMORY_RE.match(value):
+        raise ValueError(
+            f"memory={value!r} is not a memory size: use e.g. '8G', '512M' or '16GiB' "
+            "(units K, M, G, T are binary), or a number of MiB"
+        )
+    return value
+
+
+def memory_mib(value: str | int) -> int:
+    """A memory ask (already checked by :func:`check_memory`) in MiB, rounded down."""
+    if isinstance(value, int):
+        return value
+    m = re.match(r"\s*([0-9.]+)\s*([kKmMgGtT]?)", value)
+    assert m is not None
+    factor = {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024 * 1024}[m.group(2).lower()]
+    return math.floor(float(m.group(1)) * factor)
+
+
+def _check_memory(value: str | int) -> str | int:
+    check_memory(value)
+    return value
+
+
+MemoryAsk = Annotated[
+    str | int,
+    Field(
+        union_mode="left_to_right",
+        description="memory: '8G', '512M', '16GiB' (units K, M, G, T are binary) or a whole "
+        "number of MiB",
+        json_schema_extra=memory_schema_fix,
+    ),
+    AfterValidator(_check_memory),
+]
+DatasetRef = Annotated[str, Field(pattern=DATASET_REF_PATTERN, max_length=74)]
+GpuModel = Annotated[str, Field(min_length=1, max_length=255)]
+
 
 class Strict(BaseModel):
-    """Base for request bodies: unknown fields are an error, not silently ignored."""
+    """Base for request bodies: unknown fields are an error, not silently ignored.
+
+    The API also checks each body against the model's JSON schema before the model reads it
+    (:meth:`nsml_server.api.base.APIHandler.body_as`), so a value of another JSON type is
+    refused as the OpenAPI document says (``false`` is not the number 0)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -28,12 +124,17 @@ class GpuReport(Strict):
     index: int = Field(ge=0, le=255)
     uuid: str = Field(min_length=1, max_length=128)
     model: str = Field(min_length=1, max_length=255)
-    memory_total_mib: int = Field(ge=0)
-    memory_used_mib: int = Field(default=0, ge=0)
+    memory_total_mib: int = Field(ge=0, le=INT32_MAX)
+    memory_used_mib: int = Field(default=0, ge=0, le=INT32_MAX)
     utilization_pct: int | None = Field(default=None, ge=0, le=100)
-    nvlink_peers: list[int] = Field(default_factory=list)
+    nvlink_peers: list[Annotated[int, Field(ge=0, le=255)]] = Field(
+        default_factory=list, max_length=256
+    )
     pcie_group: int | None = Field(
-        default=None, description="GPUs under one PCIe switch share this id (lowest GPU index)"
+        default=None,
+        ge=0,
+        le=255,
+        description="GPUs under one PCIe switch share this id (lowest GPU index)",
     )
 
 
@@ -42,9 +143,11 @@ class ProbeReport(Strict):
 
     kind: Literal["nvml", "virtual", "none"]
     enabled: bool
-    reason: str | None = None
-    driver_version: str | None = None
-    warnings: list[str] = Field(default_factory=list)
+    reason: str | None = Field(default=None, max_length=4000)
+    driver_version: str | None = Field(default=None, max_length=255)
+    warnings: list[Annotated[str, Field(max_length=4000)]] = Field(
+        default_factory=list, max_length=100
+    )
 
 
 class Heartbeat(Strict):
@@ -52,13 +155,20 @@ class Heartbeat(Strict):
 
     backend: Literal["docker", "local"] = "docker"
     docker_url: str | None = Field(default=None, max_length=1024)
-    cpu_milli: int = Field(ge=0)
-    memory_mib: int = Field(ge=0)
+    cpu_milli: int = Field(ge=0, le=INT32_MAX)
+    memory_mib: int = Field(ge=0, le=INT64_MAX)
     gpu_probe: ProbeReport
     gpus: list[GpuReport] = Field(default_factory=list, max_length=256)
-    images: list[str] = Field(default_factory=list, max_length=10_000)
-    labels: dict[str, str] = Field(default_factory=dict)
-    datasets: dict[str, int] = Field(
+    images: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=10_000
+    )
+    labels: dict[Annotated[str, Field(max_length=255)], Annotated[str, Field(max_length=4000)]] = (
+        Field(default_factory=dict, max_length=1000)
+    )
+    datasets: dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")],
+        Annotated[int, Field(ge=0, le=INT64_MAX)],
+    ] = Field(
         default_factory=dict,
         max_length=100_000,
         description="dataset versions in the node's cache, {'name@k': bytes}: the scheduler's "
@@ -103,11 +213,17 @@ class GpuOut(BaseModel):
     )
 
 
+ADMIN_ONLY = "admins and trusted services only; null for other users"
+
+
 class NodeOut(BaseModel):
     name: str
     state: NodeState
     backend: str
-    docker_url: str | None
+    docker_url: str | None = Field(
+        description=f"how the server reaches the node's Docker engine ({ADMIN_ONLY})",
+        json_schema_extra={"x-admin-only": True},
+    )
     cpu_milli: int
     memory_mib: int
     gpu_probe: dict[str, object]
@@ -119,6 +235,17 @@ class NodeOut(BaseModel):
     )
     last_heartbeat: str | None = Field(description="ISO 8601, UTC")
     heartbeat_age_s: float | None
+
+    def for_caller(self, admin: bool) -> NodeOut:
+        """The node as the caller may see it: node internals blanked for non-admins."""
+        if admin:
+            return self
+        hidden = {
+            name: None
+            for name, f in type(self).model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("x-admin-only")
+        }
+        return self.model_copy(update=hidden)
 
 
 class NodeList(BaseModel):
@@ -177,19 +304,18 @@ class PlacementIn(Strict):
         description="what will hold the resources, unique per user, e.g. 'notebook' or "
         "'mnist/3'; asking again for the same holder returns the same placement",
     )
-    gpus: float = Field(
-        default=0,
-        ge=0,
-        le=256,
-        description="0 (CPU only), a fraction below 1 (a share of one GPU, e.g. 0.25), or a "
-        "whole number of GPUs on one node",
+    gpus: Gpus = 0
+    gpu_models: list[GpuModel] = Field(
+        default_factory=list, max_length=64, description="acceptable GPU models"
     )
-    gpu_models: list[str] = Field(default_factory=list, description="acceptable GPU models")
     cpu: float = Field(default=1.0, ge=0, le=4096, description="CPU cores")
-    memory: str | int = Field(
-        default="1G", description="memory: '8G', '512M' (binary units) or a number of MiB"
+    memory: MemoryAsk = "1G"
+    datasets: list[DatasetRef] = Field(
+        default_factory=list,
+        max_length=16,
+        description="'name' or 'name@version', each dataset once",
+        json_schema_extra={"uniqueItems": True},
     )
-    datasets: list[str] = Field(default_factory=list, description="'name' or 'name@version'")
     image: str | None = Field(default=None, max_length=512)
     home_node: str | None = Field(
         default=None,
@@ -203,7 +329,12 @@ class PlacementIn(Strict):
     wait_s: float = Field(
         default=0, ge=0, le=300, description="seconds to wait for a decision before answering"
     )
-    user: str | None = Field(default=None, description="place on behalf of this user (admin)")
+    user: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="place on behalf of this user (admin)",
+    )
 
 
 class AllocationOut(BaseModel):
@@ -264,16 +395,17 @@ class SessionIn(Strict):
         "'run.sh' (run with bash)",
     )
     args: list[str] = Field(default_factory=list, max_length=1000, description="its arguments")
-    gpus: float = Field(
-        default=0, ge=0, le=256, description="0, a fraction below 1, or a whole number"
+    gpus: Gpus = 0
+    gpu_models: list[GpuModel] = Field(
+        default_factory=list, max_length=64, description="acceptable GPU models"
     )
-    gpu_models: list[str] = Field(default_factory=list, description="acceptable GPU models")
     cpu: float = Field(default=1.0, gt=0, le=4096, description="CPU cores")
-    memory: str | int = Field(
-        default="1G", description="memory limit: '8G', '512M' (binary units) or MiB"
-    )
-    datasets: list[str] = Field(
-        default_factory=list, max_length=16, description="'name' or 'name@version'"
+    memory: MemoryAsk = "1G"
+    datasets: list[DatasetRef] = Field(
+        default_factory=list,
+        max_length=16,
+        description="'name' or 'name@version', each dataset once",
+        json_schema_extra={"uniqueItems": True},
     )
     image: str | None = Field(
         default=None, max_length=512, description="container image; default: the server's"
@@ -295,10 +427,10 @@ class ForkIn(Strict):
     args: list[str] | None = Field(
         default=None, max_length=1000, description="replace the arguments (None: keep them)"
     )
-    gpus: float | None = Field(default=None, ge=0, le=256)
-    gpu_models: list[str] | None = None
+    gpus: Gpus | None = None
+    gpu_models: list[GpuModel] | None = Field(default=None, max_length=64)
     cpu: float | None = Field(default=None, gt=0, le=4096)
-    memory: str | int | None = None
+    memory: MemoryAsk | None = None
     image: str | None = Field(default=None, max_length=512)
     memo: str | None = Field(default=None, max_length=10_000)
 
@@ -452,6 +584,13 @@ class CheckpointOut(BaseModel):
 
 class CheckpointList(BaseModel):
     checkpoints: list[CheckpointOut]
+
+
+class PackRequest(BaseModel):
+    """Ask for many small files of a version at once."""
+
+    blobs: list[Annotated[str, Field(pattern=BLAKE3_PATTERN)]] = Field(max_length=20_000)
+    split: Literal["", "test"] = Field(default="", description="'test': the hidden split (admins)")
 
 
 class ExecIn(Strict):
@@ -628,8 +767,12 @@ class StoreOut(BaseModel):
 class LocalGrantIn(Strict):
     """Ask for a key of the local transport: to push, or to pull one version."""
 
-    dataset: str | None = Field(default=None, description="the dataset to pull, if any")
-    version: int | None = Field(default=None, ge=1, description="its version (default latest)")
+    dataset: str | None = Field(
+        default=None, pattern=DATASET_NAME_PATTERN, description="the dataset to pull, if any"
+    )
+    version: int | None = Field(
+        default=None, ge=1, le=999_999_999, description="its version (default latest)"
+    )
     split: Literal["", "test"] = ""
 
 
@@ -645,6 +788,7 @@ class GcIn(Strict):
     older_than_s: float = Field(
         default=24 * 3600,
         ge=0,
+        le=100 * 365 * 24 * 3600,
         description="grace period: uploads idle and blobs unreferenced for less are kept",
     )
 

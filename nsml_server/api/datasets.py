@@ -37,6 +37,7 @@ from ..schemas import (
     LocalGrantIn,
     LocalGrantOut,
     PackOut,
+    PackRequest,
     StoreOut,
     UploadIn,
 )
@@ -228,18 +229,8 @@ class PackOutHandler(DatasetsBase):
     """``POST api/datasets/NAME/versions/K/pack`` ``{"blobs": [SHA...], "split": ""}``."""
 
     async def post(self, name: str, k: str) -> None:
-        try:
-            body = json.loads(self.request.body or b"{}")
-            shas = [self.sha_arg(s) for s in body["blobs"]]
-            split = str(body.get("split") or "")
-        except (ValueError, KeyError, TypeError):
-            raise APIError(
-                400,
-                'Send {"blobs": ["<blake3>", ...]} (and "split": "test" for admins).',
-                "bad_request",
-            ) from None
-        if len(shas) > PACK_MAX_BLOBS:
-            raise APIError(400, f"At most {PACK_MAX_BLOBS} blobs per pack.", "bad_request")
+        body = self.body_as(PackRequest)  # at most PACK_MAX_BLOBS hashes, "split": "" or "test"
+        shas, split = list(body.blobs), body.split
         digest, _ = await self.call(
             self.svc.digest_for, self.caller, name, self.version_arg(k), split=split
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -12,6 +12,7 @@ from .. import nodes
 from ..models import NODE_STATES, Allocation, Node, User
 from ..schemas import Health, Heartbeat, MeOut, NodeList, NodePatch, UsageItem, UsageOut
 from .base import APIError, APIHandler
+from .routes import parse_datetime
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -84,7 +85,10 @@ class MeHandler(APIHandler):
 
 
 class NodesHandler(APIHandler):
-    """``GET api/nodes[?state=up|draining|down]`` — nodes and their GPUs."""
+    """``GET api/nodes[?state=up|draining|down]`` — nodes and their GPUs.
+
+    Node internals (how the server reaches a node's engine) are shown to admins and trusted
+    services only (:meth:`NodeOut.for_caller`)."""
 
     def get(self) -> None:
         state = self.get_query_argument("state", None)
@@ -96,7 +100,12 @@ class NodesHandler(APIHandler):
             )
         now = self.ctx.now()
         with self.ctx.db.session() as s:
-            out = NodeList(nodes=[nodes.node_out(n, now) for n in nodes.list_nodes(s, state)])
+            out = NodeList(
+                nodes=[
+                    nodes.node_out(n, now).for_caller(self.is_admin)
+                    for n in nodes.list_nodes(s, state)
+                ]
+            )
         self.write_json(out)
 
 
@@ -109,7 +118,7 @@ class NodeHandler(APIHandler):
             node = nodes.get_node(s, name)
             if node is None:
                 raise APIError(404, f"No node named {name!r}.", "not_found")
-            out = nodes.node_out(node, self.ctx.now())
+            out = nodes.node_out(node, self.ctx.now()).for_caller(self.is_admin)
         self.write_json(out)
 
     def patch(self, name: str) -> None:
@@ -164,18 +173,13 @@ class UsageHandler(APIHandler):
         if user != self.user_name:
             self.require_admin()
         raw = self.get_query_argument("since", None)
-        since = None
-        if raw:
-            try:
-                since = datetime.fromisoformat(raw.rstrip("Z"))
-            except ValueError:
-                raise APIError(
-                    400,
-                    f"since={raw!r} is not a date; use ISO 8601, e.g. 2026-11-01T00:00:00Z.",
-                    "bad_request",
-                ) from None
-            if since.tzinfo is not None:
-                since = since.astimezone(UTC).replace(tzinfo=None)
+        since = parse_datetime(raw) if raw else None
+        if raw and since is None:
+            raise APIError(
+                400,
+                f"since={raw!r} is not a date; use ISO 8601, e.g. 2026-11-01T00:00:00Z.",
+                "bad_request",
+            )
         now = self.ctx.now()
         with self.ctx.db.session() as s:
             q = (

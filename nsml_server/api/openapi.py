@@ -1,4 +1,16 @@
-"""The OpenAPI 3.1 document, built from the pydantic schemas the handlers use."""
+"""The OpenAPI 3.1 document: every route the server answers, with the rules it enforces.
+
+Request and response bodies are the pydantic schemas the handlers use (their patterns and
+bounds come with them). Path and query parameters are written here once, and the server
+checks every request against these very rules (:mod:`nsml_server.api.routes`): the two
+cannot disagree. ``tests/unit/test_openapi.py`` compares the document with the app's route
+table, so a route cannot be added without its description.
+
+Error answers are listed per operation from what the operation can refuse: 400 (a parameter
+or body breaks its rule), 401/403 (token, permission), 404 (a named object that does not
+exist), 503 (the hub cannot check the token), plus what the operation itself adds (409,
+413, 422).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +19,28 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from nsml_datasets.names import NAME_MAX, VERSION_MAX
+
+from ..models import NODE_STATES, SESSION_STATES
 from ..schemas import (
+    CHECKPOINT_PATTERN,
+    DATASET_NAME_PATTERN,
+    NODE_NAME_PATTERN,
+    AllocationOut,
     BlobOut,
+    CheckpointList,
+    CheckpointOut,
+    CodeOut,
     DatasetInfo,
     DatasetList,
     DatasetPatch,
     DeletedOut,
+    DiffOut,
     Error,
+    EventList,
+    ExecIn,
+    ExecOut,
+    ForkIn,
     GcIn,
     GcOut,
     Health,
@@ -23,18 +50,32 @@ from ..schemas import (
     HoldPatch,
     LocalGrantIn,
     LocalGrantOut,
+    LogChunk,
     MeOut,
+    MetricsAccepted,
+    MetricsIn,
+    MetricsOut,
     MountsOut,
     NodeList,
     NodeOut,
     NodePatch,
     PackOut,
+    PackRequest,
+    PlacementIn,
+    PlacementList,
+    PlacementOut,
+    SessionIn,
+    SessionList,
+    SessionOut,
+    SessionPatch,
     StoreOut,
     UploadIn,
     UploadOut,
     UsageOut,
     VersionOut,
 )
+from .base import APIHandler, ServerContext
+from .routes import INT32_MAX, INT64_MAX, INT64_MIN
 
 MODELS: list[type[BaseModel]] = [
     Error,
@@ -45,6 +86,10 @@ MODELS: list[type[BaseModel]] = [
     NodeList,
     NodeOut,
     NodePatch,
+    PlacementIn,
+    PlacementOut,
+    PlacementList,
+    AllocationOut,
     BlobOut,
     DatasetInfo,
     DatasetList,
@@ -59,11 +104,47 @@ MODELS: list[type[BaseModel]] = [
     HoldPatch,
     MountsOut,
     PackOut,
+    PackRequest,
     StoreOut,
     UploadIn,
     UploadOut,
     VersionOut,
+    CheckpointList,
+    CheckpointOut,
+    CodeOut,
+    DiffOut,
+    EventList,
+    ExecIn,
+    ExecOut,
+    ForkIn,
+    LogChunk,
+    MetricsAccepted,
+    MetricsIn,
+    MetricsOut,
+    SessionIn,
+    SessionList,
+    SessionOut,
+    SessionPatch,
 ]
+
+REQUEST_MODELS = {
+    m for m in MODELS if m.__name__.endswith(("In", "Patch", "Request")) or m in (Heartbeat,)
+}
+"""Request bodies: described as the server validates them."""
+
+ERROR_TEXT = {
+    "400": "A parameter or the body breaks its rule; the message names it",
+    "401": "Missing or invalid token",
+    "403": "The token lacks the scope, or the caller the permission",
+    "404": "No such object (or one the caller may not see)",
+    "409": "Not possible in the object's present state",
+    "413": "The body is over the size limit",
+    "422": "Valid, but can never be satisfied",
+    "503": "The hub could not be reached to check the token; try again",
+}
+
+
+# ---- building blocks ---------------------------------------------------------------------------
 
 
 def _ref(model: type[BaseModel]) -> dict[str, Any]:
@@ -74,222 +155,608 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
 
 
-ERRORS = {
-    "400": _json(Error, "Malformed request; the message names each bad field"),
-    "401": _json(Error, "Missing or invalid token"),
-    "403": _json(Error, "Token lacks the scope or the caller lacks the permission"),
-    "404": _json(Error, "No such object"),
-}
-
-DATASET_ERRORS = {
-    **ERRORS,
-    "403": _json(Error, "The caller may read the dataset but not change it (not its owner)"),
-    "404": _json(Error, "No such dataset, version, upload or blob, or one the caller may not read"),
-    "409": _json(Error, "In use, incomplete, name taken, or not where the upload stands"),
-}
-
-RAW = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
-
-
-def _param(name: str, where: str = "path", **schema: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": where,
-        "required": where == "path",
-        "schema": schema or {"type": "string"},
-    }
-
-
 def _body(model: type[BaseModel]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(model)}}}
 
 
+def _path(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
+
+
+def _query(name: str, description: str, required: bool = False, **schema: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
+
+
+def _op(
+    summary: str,
+    responses: dict[str, Any],
+    params: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    errors: tuple[str, ...] = (),
+    public: bool = False,
+    description: str | None = None,
+) -> dict[str, Any]:
+    """One operation, with the errors every operation of its shape can answer added."""
+    params = params or []
+    codes = set(errors)
+    if params or body:
+        codes.add("400")
+    if any(p["in"] == "path" for p in params):
+        codes.add("404")
+    if not public:
+        codes |= {"401", "403", "503"}
+    op: dict[str, Any] = {"summary": summary}
+    if description:
+        op["description"] = description
+    if public:
+        op["security"] = []
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = body
+    op["responses"] = {
+        **responses,
+        **{c: _json(Error, ERROR_TEXT[c]) for c in sorted(codes) if c not in responses},
+    }
+    return op
+
+
+RAW = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+TAR = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
+FLAG: dict[str, Any] = {"type": "string", "enum": ["0", "1", "true", "false"]}
+
+# ---- parameters (the server checks each request against these) ---------------------------------
+
+NODE = _path("name", "a node name", type="string", pattern=NODE_NAME_PATTERN)
+PLACEMENT_ID = _path("id", "a placement request id", type="integer", minimum=1, maximum=INT32_MAX)
+HOLD_ID = _path("id", "a dataset hold id", type="integer", minimum=1, maximum=INT32_MAX)
+DATASET = _path(
+    "name",
+    f"a dataset name: 1 to {NAME_MAX} letters, digits, '.', '_' or '-'",
+    type="string",
+    pattern=DATASET_NAME_PATTERN,
+)
+VERSION = _path(
+    "version",
+    f"a version k (1 to {VERSION_MAX}), or 'latest'",
+    type="string",
+    pattern=r"^(latest|[1-9][0-9]{0,8})$",
+)
+VERSION_K = _path(
+    "version", f"a version k (1 to {VERSION_MAX})", type="string", pattern=r"^[1-9][0-9]{0,8}$"
+)
+UPLOAD = _path("upload_id", "an upload id", type="string", pattern="^[0-9a-f]{32}$")
+BLAKE3 = _path("blake3", "a file's BLAKE3 hash", type="string", pattern="^[0-9a-f]{64}$")
+OFFSET = _query("offset", "byte offset to start from", type="integer", minimum=0, maximum=INT64_MAX)
+SPLIT = _query("split", "'test': the hidden test split (admins)", type="string", enum=["", "test"])
+SESSION_NAME = [
+    _path("user", "the session's owner", type="string", minLength=1, maxLength=255),
+    _path(
+        "dataset",
+        "the session's first dataset, or '_' for none",
+        type="string",
+        pattern=rf"^(_|{DATASET_NAME_PATTERN.strip('^$')})$",
+    ),
+    _path("n", "the session's number", type="integer", minimum=1, maximum=INT32_MAX),
+]
+SESSION_REF = {
+    "type": "string",
+    "maxLength": 400,
+    "pattern": rf"^[^/]+/(_|{DATASET_NAME_PATTERN.strip('^$')})/[1-9][0-9]{{0,9}}$",
+}
+CHECKPOINT = _path("checkpoint", "a checkpoint name", type="string", pattern=CHECKPOINT_PATTERN)
+
+
+# ---- the document ------------------------------------------------------------------------------
+
+
+def core_paths() -> dict[str, Any]:
+    """Health, the document itself, the caller, usage, nodes and placements."""
+    return {
+        "/health": {
+            "get": _op(
+                "Liveness and database state (no authentication)",
+                {"200": _json(Health, "Healthy"), "503": _json(Health, "Degraded")},
+                public=True,
+            )
+        },
+        "/openapi.json": {
+            "get": _op(
+                "This document (no authentication)",
+                {
+                    "200": {
+                        "description": "The OpenAPI document",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+                public=True,
+            )
+        },
+        "/me": {
+            "get": _op("The caller: name, permission level, credits", {"200": _json(MeOut, "Me")})
+        },
+        "/usage": {
+            "get": _op(
+                "GPU time held by a user's notebook servers and sessions",
+                {"200": _json(UsageOut, "GPU time per kind and allocation")},
+                params=[
+                    _query("user", "another user (admin); default: the caller", maxLength=255),
+                    _query(
+                        "since",
+                        "count only time after this instant (ISO 8601)",
+                        type="string",
+                        format="date-time",
+                    ),
+                ],
+            )
+        },
+        "/nodes": {
+            "get": _op(
+                "Nodes and their GPUs (docker_url: admins only)",
+                {"200": _json(NodeList, "Nodes")},
+                params=[_query("state", "only nodes in this state", enum=list(NODE_STATES))],
+            )
+        },
+        "/nodes/{name}": {
+            "get": _op("One node", {"200": _json(NodeOut, "The node")}, params=[NODE]),
+            "patch": _op(
+                "Drain, undrain or mark a node down (admin)",
+                {"200": _json(NodeOut, "The node")},
+                params=[NODE],
+                body=_body(NodePatch),
+            ),
+        },
+        "/nodes/{name}/heartbeat": {
+            "put": _op(
+                "A node agent's report (admin token); registers the node when new",
+                {"200": _json(NodeOut, "The node as registered")},
+                params=[NODE],
+                body=_body(Heartbeat),
+            )
+        },
+        "/placements": {
+            "get": _op(
+                "The caller's placement requests (admin: all=1)",
+                {"200": _json(PlacementList, "Oldest first")},
+                params=[
+                    _query(
+                        "state",
+                        "only requests in this state",
+                        enum=["waiting", "placed", "released", "failed", "cancelled"],
+                    ),
+                    _query("all", "1: every user's (admin)", **FLAG),
+                ],
+            ),
+            "post": _op(
+                "Ask the scheduler for resources on one node (the same holder again returns "
+                "the same request)",
+                {
+                    "201": _json(PlacementOut, "Placed"),
+                    "202": _json(PlacementOut, "Waiting in the queue"),
+                    "200": _json(PlacementOut, "The holder's existing request"),
+                },
+                body=_body(PlacementIn),
+                errors=("404", "422"),
+            ),
+        },
+        "/placements/{id}": {
+            "get": _op(
+                "One placement request", {"200": _json(PlacementOut, "The request")}, [PLACEMENT_ID]
+            ),
+            "delete": _op(
+                "Cancel a waiting request or release its resources (idempotent)",
+                {"200": _json(PlacementOut, "The request, cancelled or released")},
+                [PLACEMENT_ID],
+            ),
+        },
+    }
+
+
 def dataset_paths() -> dict[str, Any]:
-    """The ``datasets``, ``dataset-store`` and mounts endpoints."""
-    name = _param("name", pattern="^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    version = _param("version", description="k, or 'latest'")
-    upload = _param("upload_id", pattern="^[0-9a-f]{32}$")
-    sha = _param("blake3", pattern="^[0-9a-f]{64}$")
-    offset = _param("offset", "query", type="integer", minimum=0)
-    split = _param("split", "query", type="string", enum=["test"])
-    e = DATASET_ERRORS
+    """The ``datasets``, ``dataset-store``, mounts and dataset-hold endpoints."""
+    c = ("409",)
     return {
         "/datasets": {
-            "get": {
-                "summary": "Datasets the caller can read: theirs, their teams', public ones",
-                "parameters": [
-                    _param("scope", "query", type="string", enum=["mine", "team", "public", "all"])
-                ],
-                "responses": {"200": _json(DatasetList, "Datasets"), **e},
-            }
+            "get": _op(
+                "Datasets the caller can read: theirs, their teams', public ones",
+                {"200": _json(DatasetList, "Datasets")},
+                params=[_query("scope", "which ones", enum=["mine", "team", "public", "all"])],
+            )
         },
         "/datasets/{name}": {
-            "get": {
-                "summary": "A dataset and its versions",
-                "parameters": [name],
-                "responses": {"200": _json(DatasetInfo, "The dataset"), **e},
-            },
-            "patch": {
-                "summary": "Share it (private, team, public) or set its leaderboard (owner)",
-                "parameters": [name],
-                "requestBody": _body(DatasetPatch),
-                "responses": {"200": _json(DatasetInfo, "The dataset"), **e},
-            },
-            "delete": {
-                "summary": "Remove the dataset and every version (owner; 409 while in use)",
-                "parameters": [name],
-                "responses": {"200": _json(DeletedOut, "What was removed"), **e},
-            },
+            "get": _op("A dataset and its versions", {"200": _json(DatasetInfo, "It")}, [DATASET]),
+            "patch": _op(
+                "Share it (private, team, public) or set its leaderboard (owner)",
+                {"200": _json(DatasetInfo, "The dataset")},
+                [DATASET],
+                _body(DatasetPatch),
+                errors=c,
+            ),
+            "delete": _op(
+                "Remove the dataset and every version (owner; 409 while in use)",
+                {"200": _json(DeletedOut, "What was removed")},
+                [DATASET],
+                errors=c,
+            ),
         },
         "/datasets/{name}/versions/{version}": {
-            "get": {
-                "summary": "One version",
-                "parameters": [name, version],
-                "responses": {"200": _json(VersionOut, "The version"), **e},
-            },
-            "delete": {
-                "summary": "Remove one version (owner; 409 while in use); k is never reused",
-                "parameters": [name, version],
-                "responses": {"200": _json(DeletedOut, "What was removed"), **e},
-            },
+            "get": _op(
+                "One version", {"200": _json(VersionOut, "The version")}, [DATASET, VERSION]
+            ),
+            "delete": _op(
+                "Remove one version (owner; 409 while in use); k is never reused",
+                {"200": _json(DeletedOut, "What was removed")},
+                [DATASET, VERSION_K],
+                errors=c,
+            ),
         },
         "/datasets/{name}/versions/{version}/manifest": {
-            "get": {
-                "summary": "The version's canonical manifest (X-Manifest-Digest is its BLAKE3); "
+            "get": _op(
+                "The version's canonical manifest (X-Manifest-Digest is its BLAKE3); "
                 "split=test: the hidden test split (admins)",
-                "parameters": [name, version, split],
-                "responses": {"200": {"description": "The manifest (JSON)"}, **e},
-            }
+                {
+                    "200": {
+                        "description": "The manifest",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+                [DATASET, VERSION, SPLIT],
+            )
         },
         "/datasets/{name}/versions/{version}/blobs/{blake3}": {
-            "get": {
-                "summary": "One file's bytes by content hash, from byte offset (only a file "
-                "of this version: 404 for any other hash)",
-                "parameters": [name, version, sha, offset, split],
-                "responses": {"200": {"description": "The bytes", "content": RAW}, **e},
-            }
+            "get": _op(
+                "One file's bytes by content hash, from byte offset (only a file of this "
+                "version: 404 for any other hash)",
+                {"200": {"description": "The bytes", "content": RAW}},
+                [DATASET, VERSION, BLAKE3, OFFSET, SPLIT],
+            )
         },
         "/datasets/{name}/versions/{version}/pack": {
-            "post": {
-                "summary": "Many small files at once: each as '<blake3> <size>\\n' and its bytes",
-                "parameters": [name, version],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "blobs": {"type": "array", "items": {"type": "string"}},
-                                    "split": {"type": "string", "enum": ["", "test"]},
-                                },
-                                "required": ["blobs"],
-                            }
-                        }
-                    },
-                },
-                "responses": {"200": {"description": "The pack", "content": RAW}, **e},
-            }
+            "post": _op(
+                "Many small files at once: each as '<blake3> <size>\\n' and its bytes",
+                {"200": {"description": "The pack", "content": RAW}},
+                [DATASET, VERSION],
+                _body(PackRequest),
+            )
         },
         "/datasets/{name}/uploads": {
-            "post": {
-                "summary": "Begin pushing a new version (the same manifest resumes its upload); "
+            "post": _op(
+                "Begin pushing a new version (the same manifest resumes its upload); "
                 "answers the blobs to send: all but those of versions the caller may read",
-                "parameters": [name],
-                "requestBody": _body(UploadIn),
-                "responses": {
+                {
                     "201": _json(UploadOut, "A new upload"),
                     "200": _json(UploadOut, "The upload of the same manifest, resumed"),
-                    **e,
                 },
-            }
+                [DATASET],
+                _body(UploadIn),
+                errors=c,
+            )
         },
         "/datasets/{name}/uploads/{upload_id}": {
-            "get": {
-                "summary": "What the upload still lacks",
-                "parameters": [name, upload],
-                "responses": {"200": _json(UploadOut, "The upload"), **e},
-            },
-            "delete": {
-                "summary": "Abort the upload",
-                "parameters": [name, upload],
-                "responses": {"204": {"description": "Aborted"}, **e},
-            },
+            "get": _op(
+                "What the upload still lacks", {"200": _json(UploadOut, "It")}, [DATASET, UPLOAD]
+            ),
+            "delete": _op(
+                "Abort the upload", {"204": {"description": "Aborted"}}, [DATASET, UPLOAD], errors=c
+            ),
         },
         "/datasets/{name}/uploads/{upload_id}/blobs/{blake3}": {
-            "put": {
-                "summary": "A file's bytes (streamed; from offset to resume), checked by hash",
-                "parameters": [name, upload, sha, offset],
-                "requestBody": {"required": True, "content": RAW},
-                "responses": {"200": _json(BlobOut, "Bytes received so far"), **e},
-            }
+            "put": _op(
+                "A file's bytes (streamed; from offset to resume), checked by hash",
+                {"200": _json(BlobOut, "Bytes received so far")},
+                [DATASET, UPLOAD, BLAKE3, OFFSET],
+                {"required": True, "content": RAW},
+                errors=c,
+            )
         },
         "/datasets/{name}/uploads/{upload_id}/pack": {
-            "post": {
-                "summary": "Many small files at once: each as '<blake3> <size>\\n' and its bytes",
-                "parameters": [name, upload],
-                "requestBody": {"required": True, "content": RAW},
-                "responses": {"200": _json(PackOut, "Stored"), **e},
-            }
+            "post": _op(
+                "Many small files at once: each as '<blake3> <size>\\n' and its bytes",
+                {"200": _json(PackOut, "Stored")},
+                [DATASET, UPLOAD],
+                {"required": True, "content": RAW},
+                errors=c,
+            )
         },
         "/datasets/{name}/uploads/{upload_id}/commit": {
-            "post": {
-                "summary": "Make the upload the next version NAME@k (immutable)",
-                "parameters": [name, upload],
-                "responses": {"201": _json(VersionOut, "The new version"), **e},
-            }
+            "post": _op(
+                "Make the upload the next version NAME@k (immutable)",
+                {"201": _json(VersionOut, "The new version")},
+                [DATASET, UPLOAD],
+                errors=c,
+            )
         },
         "/dataset-store": {
-            "get": {
-                "summary": "Limits of a version; store usage and the local cache (admins)",
-                "responses": {"200": _json(StoreOut, "The store"), **ERRORS},
-            }
+            "get": _op(
+                "Limits of a version; store usage and the local cache (admins)",
+                {"200": _json(StoreOut, "The store")},
+            )
         },
         "/dataset-store/local": {
-            "post": {
-                "summary": "A key of the local transport (clients on the server's machine hand "
-                "files over as descriptors); with a dataset, it opens that version's blobs",
-                "requestBody": _body(LocalGrantIn),
-                "responses": {"200": _json(LocalGrantOut, "The key"), **e},
-            }
+            "post": _op(
+                "A key of the local transport (clients on the server's machine hand files "
+                "over as descriptors); with a dataset, it opens that version's blobs",
+                {"200": _json(LocalGrantOut, "The key")},
+                body=_body(LocalGrantIn),
+                errors=("404",),
+            )
         },
         "/dataset-store/gc": {
-            "post": {
-                "summary": "Remove stale uploads and blobs no version needs (admin)",
-                "requestBody": _body(GcIn),
-                "responses": {"200": _json(GcOut, "What was removed"), **ERRORS},
-            }
+            "post": _op(
+                "Remove stale uploads and blobs no version needs (admin)",
+                {"200": _json(GcOut, "What was removed")},
+                body=_body(GcIn),
+                errors=c,
+            )
         },
         "/placements/{id}/mounts": {
-            "post": {
-                "summary": "Make the placement's datasets present on its node, held for it; "
-                "the read-only mounts (/data/NAME)",
-                "parameters": [
-                    _param("id", type="integer"),
-                    _param("wait_s", "query", type="number", minimum=0, maximum=300),
-                ],
-                "responses": {
+            "post": _op(
+                "Make the placement's datasets present on its node, held for it; the "
+                "read-only mounts (/data/NAME)",
+                {
                     "200": _json(MountsOut, "Ready: mount these"),
                     "202": _json(MountsOut, "Still being cached on the node; ask again"),
-                    "409": _json(Error, "Not placed, or the node's cache cannot hold it"),
-                    **ERRORS,
                 },
-            }
+                [
+                    PLACEMENT_ID,
+                    _query(
+                        "wait_s",
+                        "seconds to wait until ready",
+                        type="number",
+                        minimum=0,
+                        maximum=300,
+                    ),
+                ],
+                errors=c,
+            )
         },
         "/nodes/{name}/dataset-holds": {
-            "get": {
-                "summary": "Dataset versions a node's agent must keep cached (admin, agents)",
-                "parameters": [_param("name")],
-                "responses": {"200": _json(HoldList, "The node's holds"), **ERRORS},
-            }
+            "get": _op(
+                "Dataset versions a node's agent must keep cached (admin, agents)",
+                {"200": _json(HoldList, "The node's holds")},
+                [NODE],
+            )
         },
         "/nodes/{name}/dataset-holds/{id}": {
-            "put": {
-                "summary": "A node agent reports a hold ready (with its path) or failed",
-                "parameters": [_param("name"), _param("id", type="integer")],
-                "requestBody": _body(HoldPatch),
-                "responses": {"200": _json(HoldOut, "The hold"), **ERRORS},
-            }
+            "put": _op(
+                "A node agent reports a hold ready (with its path) or failed",
+                {"200": _json(HoldOut, "The hold")},
+                [NODE, HOLD_ID],
+                _body(HoldPatch),
+                errors=c,
+            )
+        },
+    }
+
+
+def session_paths() -> dict[str, Any]:
+    """The session endpoints (``{user}/{dataset}/{n}`` is the session's name)."""
+    s = "/sessions/{user}/{dataset}/{n}"
+    name = SESSION_NAME
+    c = ("409",)
+    return {
+        "/code": {
+            "post": _op(
+                "Upload a code snapshot (tar, gzip allowed) -> its digest",
+                {"201": _json(CodeOut, "Stored")},
+                body={"required": True, "content": TAR},
+                errors=("413",),
+            )
+        },
+        "/sessions": {
+            "get": _op(
+                "The caller's sessions (admin: all=1 or user=NAME)",
+                {"200": _json(SessionList, "Oldest first")},
+                params=[
+                    _query("state", "a state, or 'active'", enum=["active", *SESSION_STATES]),
+                    _query("all", "1: every user's (admin)", **FLAG),
+                    _query("user", "another user's (admin)", minLength=1, maxLength=255),
+                    _query(
+                        "dataset",
+                        "only sessions named USER/DATASET/N",
+                        pattern=rf"^(_|{DATASET_NAME_PATTERN.strip('^$')})$",
+                    ),
+                    _query(
+                        "limit",
+                        "the newest N (default 200)",
+                        type="integer",
+                        minimum=1,
+                        maximum=10_000,
+                    ),
+                ],
+            ),
+            "post": _op(
+                "Start a session",
+                {"201": _json(SessionOut, "Queued")},
+                body=_body(SessionIn),
+                errors=("404",),
+            ),
+        },
+        "/sessions/diff": {
+            "get": _op(
+                "Differences between two sessions: arguments, settings, code",
+                {"200": _json(DiffOut, "The differences")},
+                params=[
+                    _query("a", "a session name USER/DATASET/N", True, **SESSION_REF),
+                    _query("b", "a session name USER/DATASET/N", True, **SESSION_REF),
+                ],
+                errors=("404",),
+            )
+        },
+        s: {
+            "get": _op("One session", {"200": _json(SessionOut, "The session")}, name),
+            "patch": _op(
+                "Change its memo or visibility",
+                {"200": _json(SessionOut, "The session")},
+                name,
+                _body(SessionPatch),
+            ),
+            "delete": _op(
+                "Remove an ended session with its logs, metrics and checkpoints",
+                {"204": {"description": "Removed"}},
+                name,
+                errors=c,
+            ),
+        },
+        s + "/stop": {
+            "post": _op(
+                "Stop: SIGTERM, the grace period, then SIGKILL",
+                {
+                    "202": _json(SessionOut, "Stopping"),
+                    "200": _json(SessionOut, "Had already ended"),
+                },
+                name,
+            )
+        },
+        s + "/resume": {
+            "post": _op(
+                "Run an ended session again from its last checkpoint",
+                {"202": _json(SessionOut, "Queued")},
+                name,
+                errors=c,
+            )
+        },
+        s + "/fork": {
+            "post": _op(
+                "A new session from this one (and a checkpoint), with edits",
+                {"201": _json(SessionOut, "The child, queued")},
+                name,
+                _body(ForkIn),
+            )
+        },
+        s + "/logs": {
+            "get": _op(
+                "The stored output (stdout and stderr)",
+                {"200": _json(LogChunk, "A piece of the log")},
+                [
+                    *name,
+                    _query(
+                        "offset",
+                        "byte offset to read from",
+                        type="integer",
+                        minimum=0,
+                        maximum=INT64_MAX,
+                    ),
+                    _query(
+                        "limit",
+                        "most bytes (default and maximum 4 MiB)",
+                        type="integer",
+                        minimum=0,
+                        maximum=4 * 1024 * 1024,
+                    ),
+                    _query(
+                        "tail",
+                        "the last N lines instead",
+                        type="integer",
+                        minimum=0,
+                        maximum=INT32_MAX,
+                    ),
+                ],
+            )
+        },
+        s + "/events": {
+            "get": _op(
+                "The session's state changes and failures",
+                {"200": _json(EventList, "Oldest first")},
+                name,
+            )
+        },
+        s + "/metrics": {
+            "get": _op(
+                "Last values and per-step series of the reported metrics",
+                {"200": _json(MetricsOut, "The metrics")},
+                [
+                    *name,
+                    _query("names", "comma-separated metric names", maxLength=500),
+                    _query(
+                        "since_step",
+                        "only points from this step on",
+                        type="integer",
+                        minimum=INT64_MIN,
+                        maximum=INT64_MAX,
+                    ),
+                ],
+            ),
+            "post": _op(
+                "Report points (session token or owner)",
+                {"200": _json(MetricsAccepted, "Stored")},
+                name,
+                _body(MetricsIn),
+                errors=c,
+            ),
+        },
+        s + "/checkpoints": {
+            "get": _op(
+                "The saved checkpoints", {"200": _json(CheckpointList, "Oldest first")}, name
+            )
+        },
+        s + "/checkpoints/{checkpoint}": {
+            "put": _op(
+                "Save a checkpoint (a tar archive; session token or owner)",
+                {"201": _json(CheckpointOut, "Saved")},
+                [
+                    *name,
+                    CHECKPOINT,
+                    _query(
+                        "step",
+                        "the step it was saved at",
+                        type="integer",
+                        minimum=INT64_MIN,
+                        maximum=INT64_MAX,
+                    ),
+                ],
+                {"required": True, "content": TAR},
+                errors=("409", "413"),
+            ),
+            "get": _op(
+                "Download a checkpoint (the tar archive)",
+                {"200": {"description": "The archive", "content": TAR}},
+                [*name, CHECKPOINT],
+            ),
+        },
+        s + "/exec": {
+            "post": _op(
+                "Run a command inside the running session's container",
+                {"200": _json(ExecOut, "Its exit code and output")},
+                name,
+                _body(ExecIn),
+                errors=c,
+            )
+        },
+        "/events": {
+            "get": _op(
+                "The caller's event feed: state changes and failures of sessions",
+                {"200": _json(EventList, "Oldest first")},
+                params=[
+                    _query(
+                        "since",
+                        "only events after this id",
+                        type="integer",
+                        minimum=0,
+                        maximum=INT32_MAX,
+                    ),
+                    _query(
+                        "limit",
+                        "at most this many (default 100)",
+                        type="integer",
+                        minimum=1,
+                        maximum=1000,
+                    ),
+                    _query("all", "1: every user's (admin)", **FLAG),
+                ],
+            )
         },
     }
 
@@ -297,85 +764,11 @@ def dataset_paths() -> dict[str, Any]:
 def openapi_document(version: str, base_url: str) -> dict[str, Any]:
     """The API description served at ``api/openapi.json``."""
     _, defs = models_json_schema(
-        [(m, "serialization") for m in MODELS], ref_template="#/components/schemas/{model}"
+        [(m, "validation" if m in REQUEST_MODELS else "serialization") for m in MODELS],
+        ref_template="#/components/schemas/{model}",
     )
-    node_name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-    paths: dict[str, Any] = {
-        "/health": {
-            "get": {
-                "summary": "Liveness and database state (no authentication)",
-                "security": [],
-                "responses": {"200": _json(Health, "Healthy"), "503": _json(Health, "Degraded")},
-            }
-        },
-        "/me": {
-            "get": {
-                "summary": "The caller: name, permission level, credits",
-                "responses": {"200": _json(MeOut, "The caller"), **ERRORS},
-            }
-        },
-        "/usage": {
-            "get": {
-                "summary": "GPU time held by a user's notebook servers and sessions",
-                "parameters": [
-                    {
-                        "name": "user",
-                        "in": "query",
-                        "schema": {"type": "string"},
-                        "description": "another user (admin); default: the caller",
-                    },
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "schema": {"type": "string", "format": "date-time"},
-                        "description": "count only time after this instant",
-                    },
-                ],
-                "responses": {"200": _json(UsageOut, "GPU time per kind and allocation"), **ERRORS},
-            }
-        },
-        "/nodes": {
-            "get": {
-                "summary": "Nodes and their GPUs",
-                "parameters": [
-                    {
-                        "name": "state",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string", "enum": ["up", "draining", "down"]},
-                    }
-                ],
-                "responses": {"200": _json(NodeList, "Nodes"), **ERRORS},
-            }
-        },
-        "/nodes/{name}": {
-            "get": {
-                "summary": "One node",
-                "parameters": [node_name],
-                "responses": {"200": _json(NodeOut, "The node"), **ERRORS},
-            },
-            "patch": {
-                "summary": "Drain, undrain or mark a node down (admin)",
-                "parameters": [node_name],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref(NodePatch)}},
-                },
-                "responses": {"200": _json(NodeOut, "The node"), **ERRORS},
-            },
-        },
-        "/nodes/{name}/heartbeat": {
-            "put": {
-                "summary": "A node agent's report (admin token)",
-                "parameters": [node_name],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref(Heartbeat)}},
-                },
-                "responses": {"200": _json(NodeOut, "The node as registered"), **ERRORS},
-            }
-        },
-    }
+    paths: dict[str, Any] = {}
+    paths.update(core_paths())
     paths.update(session_paths())
     paths.update(dataset_paths())
     return {
@@ -398,225 +791,14 @@ def openapi_document(version: str, base_url: str) -> dict[str, Any]:
     }
 
 
-# ---- training sessions ------------------------------------------------------------------------
+class OpenAPIHandler(APIHandler):
+    """``GET api/openapi.json`` (no authentication)."""
 
-from ..schemas import (  # noqa: E402
-    CheckpointList,
-    CheckpointOut,
-    CodeOut,
-    DiffOut,
-    EventList,
-    ExecIn,
-    ExecOut,
-    ForkIn,
-    LogChunk,
-    MetricsAccepted,
-    MetricsIn,
-    MetricsOut,
-    SessionIn,
-    SessionList,
-    SessionOut,
-    SessionPatch,
-)
+    auth_required = False
 
-MODELS += [
-    CheckpointList,
-    CheckpointOut,
-    CodeOut,
-    DiffOut,
-    EventList,
-    ExecIn,
-    ExecOut,
-    ForkIn,
-    LogChunk,
-    MetricsAccepted,
-    MetricsIn,
-    MetricsOut,
-    SessionIn,
-    SessionList,
-    SessionOut,
-    SessionPatch,
-]
+    def initialize(self, ctx: ServerContext, document: dict[str, Any]) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        self.document = document
 
-
-def _body(model: type[BaseModel]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": _ref(model)}}}
-
-
-def _query(name: str, description: str, type_: str = "string") -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": {"type": type_},
-    }
-
-
-def session_paths() -> dict[str, Any]:
-    """The session endpoints (``{user}/{dataset}/{n}`` is the session's name)."""
-    name = [
-        {"name": p, "in": "path", "required": True, "schema": {"type": t}}
-        for p, t in (("user", "string"), ("dataset", "string"), ("n", "integer"))
-    ]
-    s = "/sessions/{user}/{dataset}/{n}"
-    ckpt = {"name": "checkpoint", "in": "path", "required": True, "schema": {"type": "string"}}
-    conflict = {"409": _json(Error, "Not possible in the session's state")}
-    tar = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
-    return {
-        "/code": {
-            "post": {
-                "summary": "Upload a code snapshot (tar, gzip allowed) -> its digest",
-                "requestBody": {"required": True, "content": tar},
-                "responses": {
-                    "201": _json(CodeOut, "Stored"),
-                    "413": _json(Error, "Over the size limit"),
-                    **ERRORS,
-                },
-            }
-        },
-        "/sessions": {
-            "get": {
-                "summary": "The caller's sessions (admin: all=1 or user=NAME)",
-                "parameters": [
-                    _query("state", "a state, or 'active'"),
-                    _query("all", "1: every user's (admin)"),
-                    _query("user", "another user's (admin)"),
-                    _query("dataset", "only sessions named USER/DATASET/N"),
-                    _query("limit", "the newest N (default 200)", "integer"),
-                ],
-                "responses": {"200": _json(SessionList, "Oldest first"), **ERRORS},
-            },
-            "post": {
-                "summary": "Start a session",
-                "requestBody": _body(SessionIn),
-                "responses": {"201": _json(SessionOut, "Queued"), **ERRORS},
-            },
-        },
-        "/sessions/diff": {
-            "get": {
-                "summary": "Differences between two sessions: arguments, settings, code",
-                "parameters": [_query("a", "a session name"), _query("b", "a session name")],
-                "responses": {"200": _json(DiffOut, "The differences"), **ERRORS},
-            }
-        },
-        s: {
-            "get": {
-                "summary": "One session",
-                "parameters": name,
-                "responses": {"200": _json(SessionOut, "The session"), **ERRORS},
-            },
-            "patch": {
-                "summary": "Change its memo or visibility",
-                "parameters": name,
-                "requestBody": _body(SessionPatch),
-                "responses": {"200": _json(SessionOut, "The session"), **ERRORS},
-            },
-            "delete": {
-                "summary": "Remove an ended session with its logs, metrics and checkpoints",
-                "parameters": name,
-                "responses": {"204": {"description": "Removed"}, **conflict, **ERRORS},
-            },
-        },
-        s + "/stop": {
-            "post": {
-                "summary": "Stop: SIGTERM, the grace period, then SIGKILL",
-                "parameters": name,
-                "responses": {"202": _json(SessionOut, "Stopping"), **ERRORS},
-            }
-        },
-        s + "/resume": {
-            "post": {
-                "summary": "Run an ended session again from its last checkpoint",
-                "parameters": name,
-                "responses": {"202": _json(SessionOut, "Queued"), **conflict, **ERRORS},
-            }
-        },
-        s + "/fork": {
-            "post": {
-                "summary": "A new session from this one (and a checkpoint), with edits",
-                "parameters": name,
-                "requestBody": _body(ForkIn),
-                "responses": {"201": _json(SessionOut, "The child, queued"), **ERRORS},
-            }
-        },
-        s + "/logs": {
-            "get": {
-                "summary": "The stored output (stdout and stderr)",
-                "parameters": [
-                    *name,
-                    _query("offset", "byte offset to read from", "integer"),
-                    _query("limit", "most bytes (default and maximum 4 MiB)", "integer"),
-                    _query("tail", "the last N lines instead", "integer"),
-                ],
-                "responses": {"200": _json(LogChunk, "A piece of the log"), **ERRORS},
-            }
-        },
-        s + "/events": {
-            "get": {
-                "summary": "The session's state changes and failures",
-                "parameters": name,
-                "responses": {"200": _json(EventList, "Oldest first"), **ERRORS},
-            }
-        },
-        s + "/metrics": {
-            "get": {
-                "summary": "Last values and per-step series of the reported metrics",
-                "parameters": [
-                    *name,
-                    _query("names", "comma-separated metric names"),
-                    _query("since_step", "only points from this step on", "integer"),
-                ],
-                "responses": {"200": _json(MetricsOut, "The metrics"), **ERRORS},
-            },
-            "post": {
-                "summary": "Report points (session token or owner)",
-                "parameters": name,
-                "requestBody": _body(MetricsIn),
-                "responses": {"200": _json(MetricsAccepted, "Stored"), **ERRORS},
-            },
-        },
-        s + "/checkpoints": {
-            "get": {
-                "summary": "The saved checkpoints",
-                "parameters": name,
-                "responses": {"200": _json(CheckpointList, "Oldest first"), **ERRORS},
-            }
-        },
-        s + "/checkpoints/{checkpoint}": {
-            "put": {
-                "summary": "Save a checkpoint (a tar archive; session token or owner)",
-                "parameters": [*name, ckpt, _query("step", "the step it was saved at", "integer")],
-                "requestBody": {"required": True, "content": tar},
-                "responses": {"201": _json(CheckpointOut, "Saved"), **ERRORS},
-            },
-            "get": {
-                "summary": "Download a checkpoint (the tar archive)",
-                "parameters": [*name, ckpt],
-                "responses": {"200": {"description": "The archive", "content": tar}, **ERRORS},
-            },
-        },
-        s + "/exec": {
-            "post": {
-                "summary": "Run a command inside the running session's container",
-                "parameters": name,
-                "requestBody": _body(ExecIn),
-                "responses": {
-                    "200": _json(ExecOut, "Its exit code and output"),
-                    **conflict,
-                    **ERRORS,
-                },
-            }
-        },
-        "/events": {
-            "get": {
-                "summary": "The caller's event feed: state changes and failures of sessions",
-                "parameters": [
-                    _query("since", "only events after this id", "integer"),
-                    _query("limit", "at most this many (default 100)", "integer"),
-                    _query("all", "1: every user's (admin)"),
-                ],
-                "responses": {"200": _json(EventList, "Oldest first"), **ERRORS},
-            }
-        },
-    }
+    def get(self) -> None:
+        self.write_json(self.document)

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gpu_scheduler.model import GPU_MILLI, PlacementRequest
-from gpu_scheduler.probe import parse_memory_mib
 
+from .. import schemas
 from ..datasets import Resolved
 from ..images import ImageNotAllowed, InvalidImage, check_image
 from ..models import Allocation, Node, PlacementRequestRow
@@ -47,28 +47,9 @@ def spec_of(body: PlacementIn, resolve: Callable[[list[str]], list[Resolved]]) -
     *resolve* turns the dataset references into versions the user may read (``name@k``, real
     bytes): a missing or unreadable dataset is a 4xx and nothing is queued.
     """
-    g = body.gpus
-    if 0 < g < 1:
-        gpu_milli = round(g * GPU_MILLI)
-        if gpu_milli < 1:
-            raise APIError(400, f"gpus={g} is below 0.001 GPU.", "bad_request")
-    elif g != int(g):
-        raise APIError(
-            400,
-            f"gpus={g} is not valid: ask for 0, a fraction below 1 (e.g. 0.5), or a whole "
-            "number of GPUs (e.g. 2).",
-            "bad_request",
-        )
-    else:
-        gpu_milli = int(g) * GPU_MILLI
-    try:
-        memory_mib = (
-            body.memory if isinstance(body.memory, int) else parse_memory_mib(body.memory, "memory")
-        )
-    except ValueError as e:
-        raise APIError(400, str(e), "bad_request") from e
-    if memory_mib < 0:
-        raise APIError(400, f"memory={body.memory!r} must not be negative.", "bad_request")
+    g = body.gpus  # checked by the schema: 0, 0.001 to 1, or a whole number
+    gpu_milli = round(g * GPU_MILLI) if 0 < g < 1 else int(g) * GPU_MILLI
+    memory_mib = schemas.memory_mib(body.memory)  # checked by the schema
     datasets = [
         {"ref": d.key, "bytes": d.bytes, "digest": d.digest}
         for d in (resolve(list(body.datasets)) if body.datasets else [])

@@ -80,8 +80,8 @@ from ..sessions import (
 )
 from .base import APIError, APIHandler, ServerContext
 from .placements import allowed_image, spec_of
+from .routes import Route
 
-NAME = r"([^/]+)/([^/]+)/(\d+)"
 LOG_CHUNK_MAX = 4 * 1024 * 1024
 
 
@@ -307,9 +307,9 @@ class SessionsHandler(SessionHandler):
             allowed = may_run_code(s, self.user_name, self.is_admin, body.code)
         if not allowed or not store.has_code(body.code):
             raise APIError(
-                400,
+                404,
                 f"No code snapshot {body.code}; upload it first (POST api/code).",
-                "bad_request",
+                "not_found",
             )
         if entry not in {f.path for f in store.code(body.code).files}:
             raise APIError(
@@ -927,23 +927,23 @@ def _public_resources(res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def session_handlers(api: str, ctx: ServerContext, service: SessionService) -> list[Any]:
-    """The routes of this module, to insert before the API's catch-all."""
+def session_routes(ctx: ServerContext | None, service: SessionService | None) -> list[Route]:
+    """The routes of this module (paths as the OpenAPI document writes them)."""
     k = {"ctx": ctx, "service": service}
-    n = api + "sessions/" + NAME
+    n = "/sessions/{user}/{dataset}/{n}"
     return [
-        (api + "code", CodeHandler, k),
-        (api + "events", EventsHandler, k),
-        (api + "sessions", SessionsHandler, k),
-        (api + "sessions/diff", DiffHandler, k),
-        (n, SessionItemHandler, k),
-        (n + "/stop", StopHandler, k),
-        (n + "/resume", ResumeHandler, k),
-        (n + "/fork", ForkHandler, k),
-        (n + "/logs", LogsHandler, k),
-        (n + "/events", SessionEventsHandler, k),
-        (n + "/metrics", MetricsHandler, k),
-        (n + "/checkpoints", CheckpointsHandler, k),
-        (n + r"/checkpoints/([^/]+)", CheckpointHandler, k),
-        (n + "/exec", ExecHandler, k),
+        Route("/code", CodeHandler, k),
+        Route("/events", EventsHandler, k),
+        Route("/sessions", SessionsHandler, k),
+        Route("/sessions/diff", DiffHandler, k),
+        Route(n, SessionItemHandler, k),
+        Route(n + "/stop", StopHandler, k),
+        Route(n + "/resume", ResumeHandler, k),
+        Route(n + "/fork", ForkHandler, k),
+        Route(n + "/logs", LogsHandler, k),
+        Route(n + "/events", SessionEventsHandler, k),
+        Route(n + "/metrics", MetricsHandler, k),
+        Route(n + "/checkpoints", CheckpointsHandler, k),
+        Route(n + "/checkpoints/{checkpoint}", CheckpointHandler, k),
+        Route(n + "/exec", ExecHandler, k),
     ]

@@ -364,8 +364,12 @@ def test_bad_requests_are_4xx_json_that_say_what_to_do(hub: HubProcess, project:
     assert r.status_code == 201, r.text
     code = r.json()["digest"]
     base = {"code": code, "entry": "train.py"}
+    # A snapshot that was never uploaded: 404 that says what to do.
+    err = assert_json_error(
+        hub.nsml("POST", "sessions", token, json={"code": "0" * 64, "entry": "train.py"}), 404
+    )
+    assert "upload it first" in err["message"], err
     cases = [
-        ({"code": "0" * 64, "entry": "train.py"}, "upload it first"),
         ({**base, "entry": "missing.py"}, "not in the code snapshot"),
         ({**base, "entry": "../etc/passwd"}, "inside the code snapshot"),
         ({**base, "gpus": 1.5}, "whole number"),
