@@ -667,7 +667,7 @@ class NSMLServer(DBSettings):
             allowed_images=tuple(self.allowed_images),
         )
         api = self.base_url + "api/"
-        document = openapi_document(__version__, self.base_url)
+        document = openapi_document(__version__, self.base_url, self.allowed_images)
         k = {"ctx": self.ctx}
         routes = api_routes(self.ctx, document) + self.session_routes()
         handlers: list[Any] = [(self.base_url, IndexHandler, {"base_url": self.base_url})]

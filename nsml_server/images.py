@@ -34,6 +34,7 @@ __all__ = [
     "InvalidImage",
     "allowed_images_from_env",
     "check_image",
+    "document_pattern",
     "is_allowed",
     "parse_reference",
 ]
@@ -51,7 +52,7 @@ _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN_NAME = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
 _IPV6 = r"\[(?:[a-fA-F0-9:]+)\]"
 _DOMAIN = rf"(?:{_DOMAIN_NAME}|{_IPV6})(?::[0-9]+)?"
-_TAG = r"[\w][\w.-]{0,127}"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"  # ASCII, as Docker's \w
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 _REFERENCE = re.compile(
     rf"(?P<name>(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
@@ -204,3 +205,52 @@ def allowed_images_from_env(env: Mapping[str, str]) -> list[str]:
     if session and session not in own:
         own.append(session)
     return own
+
+
+def _escape(c: str) -> str:
+    """*c* for a regular expression, escaped only where it is special (``re.escape`` also
+    escapes ``-``, which ECMA-262's unicode mode refuses outside a class)."""
+    return "\\" + c if c in ".^$*+?()[]{}|\\" else c
+
+
+def _wild(text: str, many: str, one: str) -> str:
+    """*text* as a regular expression where ``*`` is *many* and ``?`` is *one*."""
+    return "".join(many if c == "*" else one if c == "?" else _escape(c) for c in text)
+
+
+def document_pattern(patterns: Sequence[str]) -> str:
+    """A regular expression (ECMA-262 and Python alike) of the references *patterns* allow,
+    for the API document: a client (or a fuzzer) reading it knows which images are accepted.
+
+    Exact for references and for patterns whose wildcards are whole path segments or tags
+    (``team/*``, ``repo:1.*``); a wildcard inside a path segment (``team/py*``) is
+    approximated by Docker's path-component grammar. A pattern cannot bound the repository
+    name's length: the document also gives the field a ``maxLength`` of :data:`NAME_MAX`.
+    """
+    any_tag = rf"(?::{_TAG})?(?:@{_DIGEST})?"
+    alternatives = []
+    for pattern in (p.strip() for p in patterns):
+        if not pattern:
+            continue
+        if pattern == "*":
+            return f"^{_REFERENCE.pattern}$"
+        name, tag, digest = _split_pattern(pattern)
+        segments = []
+        for segment in name.split("/"):
+            if segment == "*":
+                segments.append(f"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
+            else:
+                segments.append(_wild(segment, rf"(?:{_SEPARATOR}?{_ALNUM})*", "[a-z0-9]"))
+        text = "/".join(segments)
+        if tag is None:
+            text += any_tag if digest is None else ""
+        elif tag == "latest" and digest is None:
+            text += "(?::latest)?"
+        else:
+            text += ":" + _wild(tag, r"[A-Za-z0-9_.-]*", r"[A-Za-z0-9_.-]")
+        if digest is not None:
+            text += "@" + "".join(_escape(c) for c in digest)
+        alternatives.append(text)
+    if not alternatives:
+        return "^(?!)$"
+    return "^(?:" + "|".join(alternatives) + ")$"

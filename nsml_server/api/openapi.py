@@ -14,6 +14,7 @@ exist), 503 (the hub cannot check the token), plus what the operation itself add
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -21,6 +22,8 @@ from pydantic.json_schema import models_json_schema
 
 from nsml_datasets.names import NAME_MAX, VERSION_MAX
 
+from ..images import NAME_MAX as IMAGE_NAME_MAX
+from ..images import document_pattern
 from ..models import NODE_STATES, SESSION_STATES
 from ..schemas import (
     CHECKPOINT_PATTERN,
@@ -761,12 +764,23 @@ def session_paths() -> dict[str, Any]:
     }
 
 
-def openapi_document(version: str, base_url: str) -> dict[str, Any]:
-    """The API description served at ``api/openapi.json``."""
+def openapi_document(
+    version: str, base_url: str, allowed_images: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The API description served at ``api/openapi.json``.
+
+    With *allowed_images* (the server's ``allowed_images``), every request field ``image``
+    carries the pattern of the images this server runs, so that a request the document
+    accepts is not refused for its image.
+    """
     _, defs = models_json_schema(
         [(m, "validation" if m in REQUEST_MODELS else "serialization") for m in MODELS],
         ref_template="#/components/schemas/{model}",
     )
+    if allowed_images is not None:
+        pattern = document_pattern(allowed_images)
+        for model in REQUEST_MODELS:
+            _constrain_image(defs["$defs"].get(model.__name__, {}), pattern, allowed_images)
     paths: dict[str, Any] = {}
     paths.update(core_paths())
     paths.update(session_paths())
@@ -789,6 +803,22 @@ def openapi_document(version: str, base_url: str) -> dict[str, Any]:
             },
         },
     }
+
+
+def _constrain_image(schema: dict[str, Any], pattern: str, allowed: Sequence[str]) -> None:
+    """Give the string form of *schema*'s ``image`` property the allowed images' *pattern*."""
+    field = schema.get("properties", {}).get("image")
+    if field is None:
+        return
+    for branch in field.get("anyOf", [field]):
+        if branch.get("type") == "string":
+            branch["pattern"] = pattern
+            branch["maxLength"] = min(branch.get("maxLength", IMAGE_NAME_MAX), IMAGE_NAME_MAX)
+    field["description"] = (
+        (field.get("description", "") + "; " if field.get("description") else "")
+        + "one of the images this server allows: "
+        + ", ".join(allowed)
+    )
 
 
 class OpenAPIHandler(APIHandler):

@@ -319,8 +319,8 @@ def test_another_users_code_digest_is_answered_as_an_unknown_one_and_never_runs(
         return hub.nsml("POST", "sessions", token, json=body)
 
     for entry in ("job.py", "no-such-file.py"):
-        got = assert_json_error(start(bob, digest, entry=entry), 400, "bad_request")
-        ghost = assert_json_error(start(bob, unknown, entry=entry), 400, "bad_request")
+        got = assert_json_error(start(bob, digest, entry=entry), 404, "not_found")
+        ghost = assert_json_error(start(bob, unknown, entry=entry), 404, "not_found")
         assert got["message"].replace(digest, "X") == ghost["message"].replace(unknown, "X")
     assert hub.nsml("GET", "sessions", bob).json()["sessions"] == [], "nothing ran"
 
@@ -338,7 +338,7 @@ def test_another_users_code_digest_is_answered_as_an_unknown_one_and_never_runs(
     assert hub.nsml("PATCH", f"sessions/{name}", alice, json={"visibility": "private"}).ok
     # Whoever uploads the same files (holds the code) gets the same digest and runs it.
     carol = hub.user_token("ca-code-twin")
-    assert start(carol, digest).status_code == 400
+    assert start(carol, digest).status_code == 404
     again = hub.nsml("POST", "code", carol, data=code_archive({"job.py": JOB_PY}))
     assert again.json()["digest"] == digest
     assert start(carol, digest).status_code == 201

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nsml_server.images import (
+    NAME_MAX,
     ImageNotAllowed,
     InvalidImage,
     allowed_images_from_env,
     check_image,
+    document_pattern,
     is_allowed,
     parse_reference,
 )
@@ -119,3 +125,43 @@ def test_a_refused_image_lists_the_allowed_ones() -> None:
 )
 def test_the_default_list(env: dict[str, str], allowed: list[str]) -> None:
     assert allowed_images_from_env(env) == allowed
+
+
+# The API document states the allowed images as a pattern: whatever matches it is accepted
+# (a client, or the fuzzer, that follows the document is never refused for its image), and
+# the names the operator did not allow do not match it.
+DOCUMENT_CASES = [
+    (
+        ["jupyter-nsml/singleuser:latest"],
+        ["jupyter-nsml/singleuser:latest", "jupyter-nsml/singleuser"],
+        ["jupyter-nsml/singleuser:1", "evil;rm -rf /", "jupyter-nsml/other"],
+    ),
+    (["jupyter-nsml/*"], ["jupyter-nsml/a:1", "jupyter-nsml/a/b"], ["other/a", "jupyter-nsml/"]),
+    (["python"], ["python", "python:3.11", "python@sha256:" + "a" * 64], ["pythonx", "py"]),
+    (["repo:1.*"], ["repo:1.2", "repo:1."], ["repo:2", "repo"]),
+    (["*"], ["a/b:c", "registry.example.org:5000/x/y:1"], ["A;b", ""]),
+    ([], [], ["a", "jupyter-nsml/singleuser"]),
+]
+
+
+@pytest.mark.parametrize(("patterns", "matching", "not_matching"), DOCUMENT_CASES)
+def test_the_documents_pattern_matches_exactly_the_allowed_names(
+    patterns: list[str], matching: list[str], not_matching: list[str]
+) -> None:
+    rx = re.compile(document_pattern(patterns))
+    for name in matching:
+        assert rx.match(name) and check_image(name, patterns) == name
+    for name in not_matching:
+        assert not rx.match(name), name
+
+
+@pytest.mark.parametrize("patterns", [c[0] for c in DOCUMENT_CASES if c[0]])
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_every_name_the_documents_pattern_admits_is_allowed(
+    patterns: list[str], data: st.DataObject
+) -> None:
+    """As the document states it: the pattern, and at most NAME_MAX characters."""
+    names = st.from_regex(document_pattern(patterns), fullmatch=True)
+    name = data.draw(names.filter(lambda n: len(n) <= NAME_MAX))
+    assert check_image(name, patterns) == name
