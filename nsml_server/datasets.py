@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import CursorResult, and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -937,7 +937,7 @@ class DatasetService:
                         .values(next_version=k + 1)
                         .execution_options(synchronize_session=False)
                     )
-                    if moved.rowcount != 1:
+                    if cast(CursorResult[Any], moved).rowcount != 1:
                         raise _Retry
                     v = DatasetVersion(
                         dataset_id=ds.id,
