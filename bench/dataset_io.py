@@ -39,6 +39,7 @@ Writes ``bench/results/dataset_io.json`` and refreshes its own section of ``benc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -345,19 +346,19 @@ def one_run(
         return sample
 
     for where in where_list:
-        paired(f"push ({where})", durable(where), lambda where=where: push_into(where))
+        paired(f"push ({where})", durable(where), functools.partial(push_into, where))
         assert pushed["out"]["new_bytes"] > 0
         paired(
             f"pull ({where})",
             False,
-            lambda where=where: pull(rig, where, "bench", work / "pulled"),
+            functools.partial(pull, rig, where, "bench", work / "pulled"),
         )
         if where in ("direct", "local"):
             changed = change_one_percent(src)
             paired(
                 f"push v2, 1 % changed ({where})",
                 durable(where),
-                lambda where=where: push_into(where),
+                functools.partial(push_into, where),
             )
             out = pushed["out"]
             extra.setdefault("v2", []).append(

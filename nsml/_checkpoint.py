@@ -188,9 +188,9 @@ def extract(archive: str | os.PathLike[str] | IO[bytes], dest: str | os.PathLike
         try:
             try:
                 opened = (
-                    tarfile.open(fileobj=archive, mode="r:*")
-                    if hasattr(archive, "read")
-                    else tarfile.open(archive, "r:*")  # type: ignore[arg-type]
+                    tarfile.open(archive, "r:*")
+                    if isinstance(archive, (str, os.PathLike))
+                    else tarfile.open(fileobj=archive, mode="r:*")
                 )
             except tarfile.ReadError:
                 raise ArchiveError(

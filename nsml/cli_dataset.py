@@ -180,7 +180,7 @@ def cmd_gc(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_dataset_verb(sub: Any) -> None:
+def add_dataset_verb(sub: argparse._SubParsersAction[_args.Parser]) -> None:
     """Add ``nsml dataset ...`` to the CLI's verbs."""
     p = sub.add_parser(
         "dataset",

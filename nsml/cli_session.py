@@ -363,7 +363,7 @@ def _resources(sp: argparse.ArgumentParser, defaults: bool) -> None:
     sp.add_argument("--memo", help="a note kept with the session")
 
 
-def add_session_verbs(sub: Any) -> None:
+def add_session_verbs(sub: argparse._SubParsersAction[_args.Parser]) -> None:
     """Add the session verbs to the ``nsml`` parser's subcommands."""
 
     def verb(name: str, fn: Verb, help: str, json_flag: bool = True) -> argparse.ArgumentParser:

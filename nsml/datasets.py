@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -293,7 +294,7 @@ def _ingest_local(
         progress.add(sum(f.size for f in batch), files=len(batch), path=batch[-1].path)
 
     batches = _batches(files, lambda f: f.size, MAX_FDS, LOCAL_BATCH_BYTES)
-    _run_all([lambda b=b: one(b) for b in batches], max(1, workers), progress)
+    _run_all([partial(one, b) for b in batches], max(1, workers), progress)
     for ch in local.channels:
         try:
             ch.place()
@@ -548,8 +549,8 @@ def push(
     base = _path(name, "uploads", up["upload_id"])
     sources: dict[str, tuple[str, str]] = {}
     for split, m in manifests.items():
-        for e in m:
-            sources.setdefault(e.blake3, (os.path.join(roots[split], e.path), e.path))
+        for entry in m:
+            sources.setdefault(entry.blake3, (os.path.join(roots[split], entry.path), entry.path))
     missing = up["missing"]
     progress = Tracker(
         "upload",
@@ -566,6 +567,12 @@ def push(
         with lock:
             sent[0] += n
 
+    def send_blob(sha: str, path: str, rel: str, size: int, offset: int) -> None:
+        count(_send_blob(http, base, path, rel, sha, size, offset, progress))
+
+    def send_pack(items: list[tuple[str, str, int, str]]) -> None:
+        count(_send_pack(http, base, items, progress))
+
     small: list[tuple[str, str, int, str]] = []
     for b in missing:
         sha, size, offset = b["blake3"], int(b["size"]), int(b["offset"])
@@ -573,13 +580,9 @@ def push(
         if size <= PACK_MAX and offset == 0:
             small.append((sha, path, size, rel))
         else:
-            jobs.append(
-                lambda sha=sha, path=path, rel=rel, size=size, offset=offset: count(
-                    _send_blob(http, base, path, rel, sha, size, offset, progress)
-                )
-            )
+            jobs.append(partial(send_blob, sha, path, rel, size, offset))
     for items in _batches(small, lambda i: i[2], PACK_FILES, PACK_BYTES):
-        packs.append(lambda items=items: count(_send_pack(http, base, items, progress)))
+        packs.append(partial(send_pack, items))
     try:
         _run_all(jobs + packs, max(1, workers), progress)
     except NSMLError as e:
@@ -812,12 +815,12 @@ def pull(
         jobs: list[Callable[[], None]] = []
         if local is not None:
             for b in _batches(groups, size_of, MAX_FDS, LOCAL_BATCH_BYTES):
-                jobs.append(lambda b=b: fetch_local(b))
+                jobs.append(partial(fetch_local, b))
         else:
-            jobs += [lambda sha=sha: fetch_one(sha) for sha in groups if size_of(sha) > PACK_MAX]
+            jobs += [partial(fetch_one, sha) for sha in groups if size_of(sha) > PACK_MAX]
             small = [sha for sha in groups if size_of(sha) <= PACK_MAX]
             for b in _batches(small, size_of, PACK_FILES, PACK_BYTES):
-                jobs.append(lambda b=b: fetch_pack(b))
+                jobs.append(partial(fetch_pack, b))
         _run_all(jobs, max(1, workers), progress)
         # The other paths of a content that appears several times (files are created with
         # their final permissions, umask applied, as cp does).

@@ -557,7 +557,7 @@ class NSMLServer(DBSettings):
             self.load_config_file(self.config_file)
         self.log.setLevel(self.log_level)
         for name in ("nsml_server", "nsml_agent", "nsml_datasets"):
-            logging.getLogger(name).parent = self.log  # type: ignore[assignment]
+            logging.getLogger(name).parent = self.log
 
     # ---- start-up -------------------------------------------------------------------------
 

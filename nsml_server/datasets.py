@@ -29,6 +29,8 @@ Access rules (one place: :func:`can_read`):
 from __future__ import annotations
 
 import asyncio
+import builtins
+import functools
 import logging
 import os
 import re
@@ -39,9 +41,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import CursorResult, and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -457,11 +459,11 @@ class DatasetService:
                 f"{self.max_files} per version.",
                 "too_large",
             )
-        for e in m:
-            if e.size > self.max_file_bytes:
+        for entry in m:
+            if entry.size > self.max_file_bytes:
                 raise APIError(
                     400,
-                    f"{e.path!r} is {e.size} bytes, over this server's limit of "
+                    f"{entry.path!r} is {entry.size} bytes, over this server's limit of "
                     f"{self.max_file_bytes} bytes per file; leave it out or split it.",
                     "too_large",
                 )
@@ -937,7 +939,7 @@ class DatasetService:
                         .values(next_version=k + 1)
                         .execution_options(synchronize_session=False)
                     )
-                    if moved.rowcount != 1:
+                    if cast(CursorResult[Any], moved).rowcount != 1:
                         raise _Retry
                     v = DatasetVersion(
                         dataset_id=ds.id,
@@ -1053,7 +1055,7 @@ class DatasetService:
                 version_list=[version_out(ds, v, c) for v in ds.versions],
             )
 
-    def users_of(self, s: Session, name: str, version: int | None) -> list[str]:
+    def users_of(self, s: Session, name: str, version: int | None) -> builtins.list[str]:
         """What uses ``name`` (or ``name@version``): waiting or placed requests, active holds."""
         keys: set[str] | None = None if version is None else {format_ref(name, version)}
 
@@ -1180,7 +1182,7 @@ class DatasetService:
         """The node-cache holder name of an allocation."""
         return f"allocation:{allocation_id}"
 
-    def prepare_mounts(self, c: Caller, placement_id: int) -> tuple[MountsOut, list[int]]:
+    def prepare_mounts(self, c: Caller, placement_id: int) -> tuple[MountsOut, builtins.list[int]]:
         """Record holds for a placed request's datasets; answer their state.
 
         Returns:
@@ -1270,7 +1272,7 @@ class DatasetService:
             return self._mounts_out(placement_id, node.name if node else "?", holds)
 
     @staticmethod
-    def _mounts_out(placement_id: int, node: str, holds: list[DatasetHold]) -> MountsOut:
+    def _mounts_out(placement_id: int, node: str, holds: builtins.list[DatasetHold]) -> MountsOut:
         mounts = [
             MountOut(
                 ref=h.key,
@@ -1336,7 +1338,7 @@ class DatasetService:
                 .values(datasets=self.cache.present())
             )
 
-    async def ensure_filling(self, hold_ids: Sequence[int]) -> list[asyncio.Future[None]]:
+    async def ensure_filling(self, hold_ids: Sequence[int]) -> builtins.list[asyncio.Future[None]]:
         """Start (once per hold) filling local holds in the background; their futures."""
         loop = asyncio.get_running_loop()
         futures = []
@@ -1345,7 +1347,7 @@ class DatasetService:
             if fut is None or fut.done():
                 fut = loop.run_in_executor(self.pool, self.fill_local, hid)
                 self._fills[hid] = fut
-                fut.add_done_callback(lambda f, hid=hid: self._forget_fill(hid, f))
+                fut.add_done_callback(functools.partial(self._forget_fill, hid))
             futures.append(fut)
         return futures
 
@@ -1416,7 +1418,7 @@ class DatasetService:
 
     # -- remote node agents ------------------------------------------------------------------
 
-    def holds_of_node(self, node_name: str) -> list[HoldOut]:
+    def holds_of_node(self, node_name: str) -> builtins.list[HoldOut]:
         """Holds a remote node's agent must keep: active allocations' holds on that node."""
         with self.db.session() as s:
             rows = s.execute(

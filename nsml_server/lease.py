@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -87,7 +88,7 @@ class LeaderLease:
                     )
                     .values(expires_at=expires, renewed_at=now)
                 )
-                if r.rowcount == 1:
+                if cast(CursorResult[Any], r).rowcount == 1:
                     return True
             log.warning("lost the %s lease (epoch %s)", self.name, self.epoch)
             self.epoch = None
@@ -100,7 +101,7 @@ class LeaderLease:
                     holder=self.holder, epoch=Lease.epoch + 1, expires_at=expires, renewed_at=now
                 )
             )
-            if r.rowcount != 1:
+            if cast(CursorResult[Any], r).rowcount != 1:
                 return False
             epoch = s.scalar(select(Lease.epoch).where(Lease.name == self.name))
         self.epoch = int(epoch or 0)
@@ -125,7 +126,7 @@ class LeaderLease:
             )
             .values(renewed_at=now)
         )
-        if r.rowcount != 1:
+        if cast(CursorResult[Any], r).rowcount != 1:
             self.epoch = None
             raise LostLease(f"{self.holder} lost the {self.name} lease")
         return self.epoch

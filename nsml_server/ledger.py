@@ -14,9 +14,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import CursorResult, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from .models import Allocation, Gpu, Node
@@ -124,7 +124,7 @@ def release(s: Session, allocation_id: int, now: datetime) -> bool:
         .values(state="released", released=now)
         .execution_options(synchronize_session=False)
     )
-    if r.rowcount != 1:
+    if cast(CursorResult[Any], r).rowcount != 1:
         return False
     alloc = s.get(Allocation, allocation_id)
     assert alloc is not None

@@ -32,9 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 
 from .api.base import APIError
 from .artifacts import ArtifactError, ArtifactStore
@@ -364,7 +364,8 @@ class SessionRunner:
                 )
                 pid = p.id
                 s.execute(
-                    TrainingSession.__table__.update()
+                    cast(Table, TrainingSession.__table__)
+                    .update()
                     .where(TrainingSession.id == row.id)
                     .values(placement_id=pid)
                 )
@@ -520,7 +521,8 @@ class SessionRunner:
         token, token_hash = mint_token(row.id)
         with self.db.session() as s:
             s.execute(
-                TrainingSession.__table__.update()
+                cast(Table, TrainingSession.__table__)
+                .update()
                 .where(TrainingSession.id == row.id)
                 .values(token_hash=token_hash)
             )

@@ -388,7 +388,7 @@ class NotFoundHandler(APIHandler):
 def _validator(model: type[BaseModel]) -> jsonschema.protocols.Validator:
     schema = model.model_json_schema(mode="validation")
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    return cls(schema)  # type: ignore[no-any-return]
+    return cls(schema)
 
 
 def schema_problems(model: type[BaseModel], data: Any, most: int = 5) -> list[str]:

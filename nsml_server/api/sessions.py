@@ -616,7 +616,7 @@ def _utf8_boundary(data: bytes) -> int:
     return len(data)
 
 
-def _tail_offset(path: Any, size: int, lines: int) -> int:
+def _tail_offset(path: Path, size: int, lines: int) -> int:
     """Byte offset where the last *lines* lines of the file begin."""
     if size == 0 or lines == 0:
         return size
