@@ -727,10 +727,12 @@ class SessionRunner:
         line = f"[nsml] {row.name} ended {state}" + (
             f" (exit code {exit_code})" if exit_code is not None else ""
         )
+        # A completion's message only repeats the state and exit code; others explain.
+        line += "." if state == "completed" else f": {message}"
         path = self.log_path(row.id)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with path.open("ab") as f:
-            f.write(f"{line}: {message}\n".encode())
+            f.write(f"{line}\n".encode())
         log.info("%s: %s (%s)", row.name, state, message)
         await asyncio.to_thread(shutil.rmtree, self.session_dir(row.id) / "work", True)
         if state in FAILURE_STATES and self.notify is not None:
