@@ -22,17 +22,30 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-__all__ = ["ArchiveError", "check_members", "extract", "pack", "sha256_of"]
+__all__ = [
+    "ArchiveError",
+    "check_members",
+    "extract",
+    "is_compressed",
+    "open_archive",
+    "pack",
+    "sha256_of",
+]
 
 _CHUNK = 1 << 20
 _MAX_PATH = 1024
 #: Errors the decompressors and tarfile raise for bytes that are not a whole archive.
 _DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
 class ArchiveError(Exception):
     """The archive is not a checkpoint that may be unpacked (the message names the member),
-    or a folder cannot be packed as one."""
+    or a folder cannot be packed as one. ``too_large``: it passed a size or member limit."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
 def member_path(name: str) -> str:
@@ -67,18 +80,40 @@ def _kind(m: tarfile.TarInfo) -> str | None:
     return None
 
 
-def check_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    """Every member of *tar*, checked (reads the whole member list).
+def check_members(
+    tar: tarfile.TarFile,
+    *,
+    max_members: int | None = None,
+    max_bytes: int | None = None,
+    archive_size: int | None = None,
+) -> list[tarfile.TarInfo]:
+    """Every member of *tar*, checked (reads the whole member list, and a compressed stream
+    to its end, where its checksum is). The one rule for checkpoints, on the server at upload
+    and on the client before unpacking.
+
+    Args:
+        max_members: most members (files and folders); None: no limit.
+        max_bytes: most bytes of file contents; None: no limit.
+        archive_size: the archive's size when it is an uncompressed file: a member whose data
+            lies past its end is reported (an uncompressed archive cut short).
 
     Raises:
         ArchiveError: naming the first member that is a link, a device, has a bad path,
-            appears twice or sits inside a file; or the archive is damaged.
+            appears twice or sits inside a file; or the archive is damaged; ``too_large``
+            is set when a limit was passed.
     """
     files: set[str] = set()
     folders: set[str] = set()
     out: list[tarfile.TarInfo] = []
+    total = 0
     try:
         for m in tar:
+            if max_members is not None and len(out) >= max_members:
+                raise ArchiveError(
+                    f"it has more than {max_members} files and folders; save fewer, larger "
+                    "files (e.g. one archive of many small ones)",
+                    too_large=True,
+                )
             kind = _kind(m)
             if kind is not None:
                 raise ArchiveError(
@@ -97,16 +132,51 @@ def check_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
                 if parent in files:
                     raise ArchiveError(f"member {m.name!r} is inside {parent!r}, which is a file")
                 parent = parent.rpartition("/")[0]
-            (folders if m.isdir() else files).add(path)
             out.append(m)
+            if m.isdir():
+                folders.add(path)
+                continue
+            files.add(path)
+            total += m.size
+            if max_bytes is not None and total > max_bytes:
+                raise ArchiveError(
+                    f"its files hold more than {max_bytes} bytes (at member {m.name!r})",
+                    too_large=True,
+                )
+            if archive_size is not None and m.offset_data + m.size > archive_size:
+                raise ArchiveError(f"it is cut short: member {m.name!r} lacks its data")
         # Read to the end: a compressed stream's checksum is checked there.
         assert tar.fileobj is not None
         while tar.fileobj.read(_CHUNK):
             pass
     except _DAMAGED as e:
         after = f" after member {out[-1].name!r}" if out else ""
-        raise ArchiveError(f"the archive is cut short or damaged{after} ({_one_line(e)})") from e
+        raise ArchiveError(
+            f"it is not a whole tar archive: cut short or damaged{after} ({_one_line(e)})"
+        ) from e
     return out
+
+
+def open_archive(archive: str | os.PathLike[str] | IO[bytes]) -> tarfile.TarFile:
+    """*archive* (a path, or a binary file open at its start) opened as a tar archive, plain
+    or compressed.
+
+    Raises:
+        ArchiveError: it is not one.
+    """
+    try:
+        if isinstance(archive, (str, os.PathLike)):
+            return tarfile.open(archive, "r:*")
+        return tarfile.open(fileobj=archive, mode="r:*")
+    except tarfile.ReadError:
+        raise ArchiveError(
+            "it is not a tar archive (nor a gzip, bzip2 or xz compressed one)"
+        ) from None
+
+
+def is_compressed(head: bytes) -> bool:
+    """Whether an archive starting with *head* (its first 6 bytes) is compressed."""
+    return head.startswith(_COMPRESSED_MAGIC)
 
 
 def _one_line(e: BaseException) -> str:
@@ -186,17 +256,7 @@ def extract(archive: str | os.PathLike[str] | IO[bytes], dest: str | os.PathLike
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         try:
-            try:
-                opened = (
-                    tarfile.open(archive, "r:*")
-                    if isinstance(archive, (str, os.PathLike))
-                    else tarfile.open(fileobj=archive, mode="r:*")
-                )
-            except tarfile.ReadError:
-                raise ArchiveError(
-                    "it is not a tar archive (nor a gzip, bzip2 or xz compressed one)"
-                ) from None
-            with opened as tar:
+            with open_archive(archive) as tar:
                 members = check_members(tar)
                 if hasattr(tarfile, "data_filter"):
                     tar.extractall(tmp, members=members, filter="data")

@@ -21,16 +21,13 @@ an admin. Anyone else is answered as for a snapshot that does not exist.
 from __future__ import annotations
 
 import difflib
-import gzip
 import hashlib
 import json
-import lzma
 import os
 import re
 import shutil
 import tarfile
 import tempfile
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +37,8 @@ from typing import IO, Any
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+
+from nsml._checkpoint import ArchiveError, check_members, is_compressed, member_path, open_archive
 
 from .models import CodeUpload, TrainingSession
 
@@ -229,8 +228,6 @@ class BlobWriter:
 
 #: Most members (files and folders) of one checkpoint archive by default.
 CHECKPOINT_MAX_MEMBERS = 100_000
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-_DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
 @dataclass(frozen=True)
@@ -240,40 +237,6 @@ class CheckpointContents:
     files: int
     folders: int
     bytes: int
-
-
-def checkpoint_member_path(name: str) -> str:
-    """A checkpoint member's path, normalised (``./a/b`` -> ``a/b``; the root is ``""``).
-
-    Raises:
-        ArtifactError: absolute paths, ``..``, control characters, overlong paths (400).
-    """
-    if len(name) > MAX_PATH or any(ord(c) < 32 for c in name) or "\\" in name:
-        raise ArtifactError(f"checkpoint member {name[:200]!r} has an invalid path")
-    p = PurePosixPath(name)
-    if p.is_absolute():
-        raise ArtifactError(
-            f"checkpoint member {name!r} has an absolute path; archive the folder's contents "
-            "with relative paths"
-        )
-    parts = [x for x in p.parts if x != "."]
-    if ".." in parts:
-        raise ArtifactError(f"checkpoint member {name!r} leaves the checkpoint folder")
-    return "/".join(parts)
-
-
-def _member_kind(m: tarfile.TarInfo) -> str | None:
-    if m.issym():
-        return f"a symbolic link (to {m.linkname!r})"
-    if m.islnk():
-        return f"a hard link (to {m.linkname!r})"
-    if m.ischr() or m.isblk():
-        return "a device"
-    if m.isfifo():
-        return "a FIFO"
-    if not (m.isreg() or m.isdir()):
-        return "not a regular file or folder"
-    return None
 
 
 def validate_checkpoint_archive(
@@ -291,81 +254,29 @@ def validate_checkpoint_archive(
     path = Path(archive)
     size = path.stat().st_size
     with path.open("rb") as f:
-        compressed = f.read(6).startswith(_COMPRESSED_MAGIC)
-    files: set[str] = set()
-    folders: set[str] = set()
-    total = 0
-    members = 0
-    last = ""
+        compressed = is_compressed(f.read(6))
     try:
-        try:
-            opened = tarfile.open(path, mode="r:*")
-        except tarfile.ReadError:
+        with open_archive(path) as tar:
+            members = check_members(
+                tar,
+                max_members=max_members,
+                max_bytes=max_bytes,
+                archive_size=None if compressed else size,
+            )
+    except ArchiveError as e:
+        if e.too_large:
             raise ArtifactError(
-                "the checkpoint is not a tar archive (nor a gzip, bzip2 or xz compressed one); "
-                "upload a tar archive of the checkpoint folder"
+                f"the checkpoint is over the server's limit: {e}", "too_large", 413
             ) from None
-        with opened as tar:
-            for m in tar:
-                members += 1
-                last = m.name
-                if members > max_members:
-                    raise ArtifactError(
-                        f"the checkpoint has more than {max_members} files and folders; save "
-                        "fewer, larger files (e.g. one archive of many small ones)",
-                        "too_large",
-                        413,
-                    )
-                kind = _member_kind(m)
-                if kind is not None:
-                    raise ArtifactError(
-                        f"checkpoint member {m.name!r} is {kind}; a checkpoint holds regular "
-                        "files and folders only"
-                    )
-                rel = checkpoint_member_path(m.name)
-                if not rel:
-                    if m.isdir():
-                        continue
-                    raise ArtifactError(f"checkpoint member {m.name!r} has an empty path")
-                if rel in files or (m.isreg() and rel in folders):
-                    raise ArtifactError(f"checkpoint member {m.name!r} appears twice")
-                parent = rel.rpartition("/")[0]
-                while parent:
-                    if parent in files:
-                        raise ArtifactError(
-                            f"checkpoint member {m.name!r} is inside {parent!r}, which is a file"
-                        )
-                    parent = parent.rpartition("/")[0]
-                if m.isdir():
-                    folders.add(rel)
-                    continue
-                files.add(rel)
-                total += m.size
-                if total > max_bytes:
-                    raise ArtifactError(
-                        f"the checkpoint's files hold more than {max_bytes} bytes (at member "
-                        f"{m.name!r}), over the server's limit",
-                        "too_large",
-                        413,
-                    )
-                if not compressed and m.offset_data + m.size > size:
-                    raise ArtifactError(
-                        f"the checkpoint archive is cut short: member {m.name!r} lacks its data"
-                    )
-            if compressed:  # read to the end: the compressed stream's checksum is checked there
-                assert tar.fileobj is not None
-                while tar.fileobj.read(_CHUNK):
-                    pass
-    except ArtifactError:
-        raise
-    except _DAMAGED as e:
-        where = f" (cut short or damaged after member {last!r})" if last else ""
-        detail = " ".join(str(e).split()) or e.__class__.__name__
         raise ArtifactError(
-            f"the checkpoint is not a whole tar archive{where}: {detail}; upload a tar archive "
-            "(gzip, bzip2 or xz compression allowed) of the checkpoint folder"
-        ) from e
-    return CheckpointContents(len(files), len(folders), total)
+            f"the checkpoint is refused: {e}; upload a tar archive (gzip, bzip2 or xz "
+            "compression allowed) of the checkpoint folder's regular files and folders"
+        ) from None
+    return CheckpointContents(
+        files=sum(1 for m in members if m.isreg()),
+        folders=len({member_path(m.name) for m in members if m.isdir()}),
+        bytes=sum(m.size for m in members if m.isreg()),
+    )
 
 
 class ArtifactStore:
