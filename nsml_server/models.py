@@ -286,11 +286,14 @@ class SessionEvent(Base):
 class SessionMetricChunk(Base):
     """A batch of ``nsml.report`` points of one session, stored as received (compact JSON).
 
-    ``payload`` is ``[[step, wall_time, {"name": value, ...}], ...]`` in report order; a
-    batch is one row, so ingestion costs one insert per batch, not per point.
+    ``payload`` is the batch as received (columns) in report order; a batch is one row, so
+    ingestion costs one insert per batch, not per point.
     """
 
     __tablename__ = "session_metric_chunks"
+    __table_args__ = (
+        UniqueConstraint("session_id", "batch", name="uq_session_metric_chunks_session_id_batch"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[int] = mapped_column(
@@ -301,6 +304,8 @@ class SessionMetricChunk(Base):
     count: Mapped[int] = mapped_column(Integer)
     payload: Mapped[str] = mapped_column(Text)
     created: Mapped[datetime] = mapped_column(DateTime)
+    #: The sender's id of the batch (a retry carries the same), unique per session; or None.
+    batch: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class SessionCheckpoint(Base):

@@ -700,9 +700,7 @@ def ingest_points(
     if not n:
         return Ingested(0)
     first, top = min(cols.steps), max(cols.steps)
-    # Rows with null steps get their steps here, so a repeat may get others: match on size.
-    steps = None if "points" in data else (first, top)
-    if cols.batch is not None and _stored_batch(s, row.id, cols.batch, n, steps):
+    if cols.batch is not None and _stored_batch(s, row.id, cols.batch):
         return Ingested(n, duplicate=True)
     if row.state not in SESSION_ACTIVE_STATES:
         end = row.finished.replace(tzinfo=UTC).timestamp() if row.finished else None
@@ -720,16 +718,22 @@ def ingest_points(
             if v is not None:
                 last[name] = metric_out(float(v))
                 break
-    s.add(
-        SessionMetricChunk(
-            session_id=row.id,
-            first_step=first,
-            last_step=top,
-            count=n,
-            payload=text,
-            created=now,
-        )
-    )
+    try:
+        with s.begin_nested():  # a retry of the batch stored by another server meanwhile
+            s.add(
+                SessionMetricChunk(
+                    session_id=row.id,
+                    first_step=first,
+                    last_step=top,
+                    count=n,
+                    payload=text,
+                    created=now,
+                    batch=cols.batch,
+                )
+            )
+            s.flush()
+    except IntegrityError:
+        return Ingested(n, duplicate=True)
     s.execute(
         update(TrainingSession)
         .where(TrainingSession.id == row.id)
@@ -743,31 +747,12 @@ def ingest_points(
     return Ingested(n)
 
 
-def _stored_batch(
-    s: Session, session_id: int, batch: str, n: int, steps: tuple[int, int] | None
-) -> bool:
-    """Whether the session holds a chunk with batch id *batch*: looked up among its chunks of
-    *n* points with the same first and last *steps* (else among the newest 100 of *n*
-    points): a retry repeats its batch, points and steps included."""
-    q = select(SessionMetricChunk.payload).where(
-        SessionMetricChunk.session_id == session_id, SessionMetricChunk.count == n
+def _stored_batch(s: Session, session_id: int, batch: str) -> bool:
+    """Whether the session holds the chunk with batch id *batch* (a retry repeats its id)."""
+    q = select(SessionMetricChunk.id).where(
+        SessionMetricChunk.session_id == session_id, SessionMetricChunk.batch == batch
     )
-    if steps is not None:
-        q = q.where(
-            SessionMetricChunk.first_step == steps[0], SessionMetricChunk.last_step == steps[1]
-        )
-    else:
-        q = q.order_by(SessionMetricChunk.id.desc()).limit(100)
-    needle = json.dumps(batch)[1:-1]
-    for payload in s.scalars(q):
-        if needle not in payload:
-            continue
-        try:
-            if json.loads(payload).get("batch") == batch:
-                return True
-        except (ValueError, AttributeError):
-            continue
-    return False
+    return s.scalar(q) is not None
 
 
 def metric_series(

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
+from nsml_server import sessions as sessions_module
 from nsml_server.db import Database, check_schema
 from nsml_server.models import TrainingSession
 from nsml_server.schemas import MetricsOut
@@ -120,6 +121,23 @@ def test_a_batch_retried_after_its_answer_was_lost_is_stored_once(db: Database) 
         s.refresh(row)
         assert row.points == 6
         assert metric_series(s, row)["l"].steps == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_batch_that_two_servers_take_at_once_is_stored_once(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both look before either has written: the database's unique batch id decides."""
+    body = '{"batch":"race-1","steps":[0,1],"walls":[1.0,2.0],"values":{"l":[2,1]}}'
+    with db.session() as s:
+        row = new_session(s)
+        assert not post(s, row, body).duplicate
+    monkeypatch.setattr(sessions_module, "_stored_batch", lambda *a: False)
+    with db.session() as s:
+        row = s.get(TrainingSession, row.id)
+        assert row is not None
+        assert post(s, row, body).duplicate
+        s.refresh(row)
+        assert row.points == 2 and metric_series(s, row)["l"].steps == [0, 1]
 
 
 @pytest.mark.parametrize(
