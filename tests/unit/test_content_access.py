@@ -106,7 +106,7 @@ def missing_of(svc: DatasetService, c: Caller, name: str, files: dict[str, bytes
         pytest.param("team", MEMBER, "", True, id="a team dataset's files, by a member"),
         pytest.param("team", OUTSIDER, "", False, id="a team dataset's files, by an outsider"),
         pytest.param("public", OUTSIDER, "", True, id="a public dataset's files, by anyone"),
-        pytest.param("public", OWNER, "test", False, id="a hidden test split, by its owner"),
+        pytest.param("public", OWNER, "test", True, id="a hidden test split, by who pushed it"),
         pytest.param("public", OUTSIDER, "test", False, id="a hidden test split, by a user"),
         pytest.param("private", ADMIN, "test", True, id="a hidden test split, by an admin"),
         pytest.param("private", ADMIN, "", True, id="a private dataset's files, by an admin"),
