@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -165,6 +166,12 @@ def cmd_board(client: Client, args: argparse.Namespace) -> int:
         body["eval_gpus"] = args.gpus
     if args.closed is not None:
         body["closed"] = args.closed
+    if args.scorer is not None:
+        try:
+            body["scorer"] = Path(args.scorer).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise _args.UsageProblem(f"cannot read --scorer {args.scorer!r}: {e}") from None
+        body.setdefault("metric", "custom")
     name = quote(args.name, safe="")
     if body:
         client.request("PATCH", f"datasets/{name}", body)
@@ -246,6 +253,13 @@ def add_board_action(dataset_sub: argparse._SubParsersAction[_args.Parser]) -> N
         default=_UNSET,
         metavar="N",
         help="GPUs of an evaluation ('session': as the submitted session had)",
+    )
+    sp.add_argument(
+        "--scorer",
+        metavar="FILE.py",
+        help="a custom scoring script (metric 'custom'; say --higher-is-better or "
+        "--lower-is-better): run as `python score.py PREDICTIONS LABELS` without network, "
+        "with only those files, it prints the score of LABELS' ids on its last line",
     )
     state = sp.add_mutually_exclusive_group()
     state.add_argument(

@@ -789,6 +789,22 @@ def prediction_rows(predictions: Any) -> list[tuple[str, str]]:
     return rows
 
 
+#: The exit status of an evaluation whose program went on to train without binding infer.
+EXIT_NO_INFER = 86
+
+
+def _no_infer(where: str) -> NoReturn:
+    """In an evaluation, the program reached *where* (training) with no infer bound: end."""
+    print(
+        f"nsml: the evaluation reached {where} before nsml.bind(load=..., infer=...) bound "
+        "both functions; bind them before training starts",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(EXIT_NO_INFER)
+
+
 def _evaluate() -> NoReturn:
     """Load the submitted checkpoint, run the bound infer, write the predictions, exit 0."""
     checkpoint = os.environ.get("NSML_CHECKPOINT", "/nsml/checkpoint")
@@ -847,6 +863,8 @@ def save(checkpoint: Any, **kwargs: Any) -> str:
         CheckpointError: the folder holds something a checkpoint cannot (a link to a folder,
             a device), the server refused it, or did not answer in time.
     """
+    if IS_EVALUATION:
+        _no_infer("nsml.save")
     fn = _bound.get("save")
     if fn is None:
         raise RuntimeError("nsml.save: call nsml.bind(save=..., load=...) first")

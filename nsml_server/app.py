@@ -780,6 +780,7 @@ class NSMLServer(DBSettings):
                 container_prefix=self.session_container_prefix,
                 server_label=server_label_for(self.db_url),
                 keep_containers=self.session_keep_containers,
+                scorer_image=self.session_image,
             ),
             utcnow,
         )

@@ -16,6 +16,10 @@ the leading server as sessions are by :mod:`nsml_server.session_runner`:
    that cannot be scored end ``failed`` with one line saying why (and the last lines of the
    program's output for a crash).
 
+With the metric ``custom`` the owner's scoring script does the comparison, in a container of
+its own on the server's node (the platform's image, no network), given only the predictions
+and one part's labels; it prints the score on its last line, and its output is never shown.
+
 Whatever happens, the placement is released, the container removed and the evaluation's
 folder deleted.
 """
@@ -37,12 +41,13 @@ from typing import Any, cast
 from sqlalchemy import Table, select, update
 
 from nsml._checkpoint import ArchiveError, extract
+from nsml.sdk import EXIT_NO_INFER
 
 from .artifacts import ArtifactStore
 from .backends import BackendError, ExecutionBackend, Mount, RunSpec, RunState
 from .db import Database
 from .models import Dataset, PlacementRequestRow, Submission
-from .scoring import ScoringError, score_parts
+from .scoring import ScoringError, check_coverage, parse_score, score_parts
 from .session_runner import BackendPool
 from .sessions import CODE_MOUNT, session_command
 
@@ -73,6 +78,10 @@ LABEL_SERVER = "org.jupyter-nsml.server"
 ACTIVE = ("queued", "running")
 #: The most bytes of predictions (and of one labels file) read.
 MAX_PREDICTION_BYTES = 256 * 1024 * 1024
+NO_INFER = (
+    "the program ended without predictions: call nsml.bind(load=..., infer=...) before "
+    "training starts (the evaluation runs your entry point up to that call)"
+)
 #: Lines of a failed program's output shown with its reason.
 TAIL_LINES = 8
 
@@ -86,6 +95,9 @@ class EvaluationSettings:
     poll_s: float = 1.0
     stop_grace_s: float = 5.0
     keep_containers: bool = False
+    #: The image a dataset's custom scoring script runs in (the platform's own).
+    scorer_image: str = "jupyter-nsml/singleuser:latest"
+    scorer_timeout_s: float = 300.0
 
 
 def failure_reason(exit_code: int | None, oom: bool, output: str) -> str:
@@ -372,6 +384,9 @@ class EvaluationRunner:
         if st.state is RunState.MISSING:
             await self._finish(row, "failed", "the evaluation's container vanished", backend)
             return
+        if st.exit_code == EXIT_NO_INFER and not st.oom_killed:
+            await self._finish(row, "failed", NO_INFER, backend)
+            return
         if st.exit_code != 0 or st.oom_killed:
             output = await backend.logs(row.handle, tail=200)
             await self._finish(
@@ -380,16 +395,10 @@ class EvaluationRunner:
             return
         data = await backend.read_file(row.handle, PREDICTIONS_PATH, MAX_PREDICTION_BYTES)
         if data is None:
-            await self._finish(
-                row,
-                "failed",
-                "the program ended without predictions: call nsml.bind(load=..., infer=...) "
-                "before training starts (the evaluation runs your entry point up to that call)",
-                backend,
-            )
+            await self._finish(row, "failed", NO_INFER, backend)
             return
         try:
-            public, private = await asyncio.to_thread(self._score, row, data)
+            public, private = await self._score_any(row, data)
         except ScoringError as e:
             await self._finish(row, "failed", f"the predictions cannot be scored: {e}", backend)
             return
@@ -404,6 +413,86 @@ class EvaluationRunner:
                 with self.dataset_store.open(e.blake3) as f:
                     return cast(bytes, f.read()).decode("utf-8", errors="replace")
         return None
+
+    async def _score_any(self, row: Submission, data: bytes) -> tuple[float, float | None]:
+        with self.db.session() as s:
+            ds = s.get(Dataset, row.dataset_id)
+            metric, scorer = (ds.metric, ds.scorer) if ds is not None else (None, None)
+        if metric == "custom":
+            if not scorer:
+                raise ScoringError("the dataset has no scoring script any more")
+            return await self._score_custom(row, data, scorer)
+        return await asyncio.to_thread(self._score, row, data)
+
+    async def _score_custom(
+        self, row: Submission, data: bytes, scorer: str
+    ) -> tuple[float, float | None]:
+        """Run the owner's script in a container of its own: no network, only the
+        predictions, one part's labels and the script, on the server's own node."""
+        backend = self.backends.local_backend
+        if backend is None or backend.kind != "docker":
+            raise ScoringError(
+                "a custom scoring script needs a Docker engine on the NSML server's node"
+            )
+        labels = self._read_split_file(row, LABELS_FILE)
+        if labels is None:
+            raise ScoringError(f"the dataset's hidden split has no {LABELS_FILE}")
+        private = self._read_split_file(row, PRIVATE_LABELS_FILE)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ScoringError("the predictions file is not UTF-8 text") from None
+        check_coverage(text, labels, private)
+        scores: list[float] = []
+        for part, content in (("public", labels), ("private", private)):
+            if content is None:
+                continue
+            folder = self.folder(row.id) / f"score-{part}"
+            await asyncio.to_thread(self._write_score_folder, folder, data, content, scorer)
+            spec = RunSpec(
+                name=f"{self.settings.container_prefix}-score-{row.id}-{part}",
+                image=self.settings.scorer_image,
+                command=[
+                    "python",
+                    "-I",
+                    "/nsml/score/score.py",
+                    "/nsml/score/predictions.csv",
+                    "/nsml/score/labels.csv",
+                ],
+                workdir="/nsml/score",
+                mounts=[Mount(str(folder), "/nsml/score", read_only=True)],
+                cpu_limit=1.0,
+                mem_limit_bytes=2 * 1024**3,
+                labels={**self._labels(row), "org.jupyter-nsml.scorer": part},
+                network="none",
+            )
+            handle = await backend.start(spec)
+            try:
+                st = await backend.wait(handle, timeout_s=self.settings.scorer_timeout_s)
+                if st.state is not RunState.EXITED:
+                    raise ScoringError("the dataset's scoring script did not finish in time")
+                if st.exit_code != 0:
+                    # Its output is not shown: it read the labels.
+                    raise ScoringError(
+                        f"the dataset's scoring script failed (exit code {st.exit_code}); "
+                        "its owner must fix it"
+                    )
+                scores.append(parse_score(await backend.logs(handle)))
+            finally:
+                with contextlib.suppress(BackendError):
+                    await backend.remove(handle)
+        return scores[0], scores[1] if len(scores) > 1 else None
+
+    @staticmethod
+    def _write_score_folder(folder: Path, predictions: bytes, labels: str, scorer: str) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "predictions.csv").write_bytes(predictions)
+        (folder / "labels.csv").write_text(labels, encoding="utf-8")
+        (folder / "score.py").write_text(scorer, encoding="utf-8")
+        folder.chmod(0o755)
+        for f in folder.iterdir():
+            f.chmod(0o444)
 
     def _score(self, row: Submission, data: bytes) -> tuple[float, float | None]:
         with self.db.session() as s:

@@ -372,6 +372,8 @@ class Dataset(Base):
     eval_timeout_s: Mapped[int] = mapped_column(Integer, default=3600)
     eval_gpus: Mapped[int | None] = mapped_column(Integer)
     closed: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The owner's scoring script, for metric "custom" (run apart from user code).
+    scorer: Mapped[str | None] = mapped_column(Text)
     next_version: Mapped[int] = mapped_column(Integer, default=1)
     created: Mapped[datetime] = mapped_column(DateTime)
     last_access: Mapped[datetime | None] = mapped_column(DateTime)

@@ -760,6 +760,14 @@ class DatasetPatch(Strict):
         description="close the leaderboard (no more submissions; private scores shown), or "
         "open it again",
     )
+    scorer: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256 * 1024,
+        description="a Python scoring script, for metric 'custom': run as `python score.py "
+        "PREDICTIONS LABELS` without network and with only those two files, it prints the "
+        "score of the ids in LABELS on its last line",
+    )
 
 
 class DeletedOut(BaseModel):

@@ -29,7 +29,9 @@ __all__ = [
     "Metric",
     "ScoringError",
     "align",
+    "check_coverage",
     "get_metric",
+    "parse_score",
     "parse_table",
     "score",
     "score_parts",
@@ -305,6 +307,47 @@ def score(metric: str, labels_csv: str, predictions_csv: str) -> float:
     predictions = parse_table(predictions_csv, "prediction", "predictions")
     y_true, y_pred = align(labels, predictions)
     return m.compute(y_true, y_pred)
+
+
+def parse_score(stdout: str) -> float:
+    """The score a custom scoring script printed: the last non-empty line, a finite number.
+
+    Raises:
+        ScoringError: no such line (the message never quotes the output: it may hold labels).
+    """
+    lines = [ln.strip() for ln in stdout.splitlines() if ln.strip()]
+    try:
+        value = float(lines[-1]) if lines else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ScoringError(
+            "the dataset's scoring script did not print a finite number on its last line; "
+            "its owner must fix it"
+        )
+    return value
+
+
+def check_coverage(
+    predictions_csv: str, labels_csv: str, private_labels_csv: str | None = None
+) -> None:
+    """Check that the predictions name exactly the ids of both parts (as :func:`score_parts`).
+
+    Raises:
+        ScoringError: a malformed file, missing or extra ids, ids in both parts.
+    """
+    predictions = parse_table(predictions_csv, "prediction", "predictions")
+    public = parse_table(labels_csv, "label", "labels")
+    private = (
+        parse_table(private_labels_csv, "label", "private labels")
+        if private_labels_csv is not None
+        else {}
+    )
+    if public.keys() & private.keys():
+        raise ScoringError(
+            "the public and private labels name the same ids; the owner must fix them"
+        )
+    align(public | private, predictions)
 
 
 def score_parts(

@@ -151,7 +151,7 @@ class DatasetHandler(DatasetsBase):
             higher_is_better=body.higher_is_better,
             rules={
                 k: getattr(body, k)
-                for k in ("daily_limit", "eval_timeout_s", "eval_gpus", "closed")
+                for k in ("daily_limit", "eval_timeout_s", "eval_gpus", "closed", "scorer")
                 if k in body.model_fields_set
             },
         )

@@ -183,11 +183,19 @@ class SubmissionsHandler(_Handler):
                 f"(`nsml dataset board {ds.name} --metric accuracy`).",
                 "conflict",
             )
-        if ds.metric not in METRICS:
+        if ds.metric == "custom" and not ds.scorer:
+            raise APIError(
+                409,
+                f"Dataset {ds.name}'s metric is 'custom' but it has no scoring script; its "
+                f"owner registers one (`nsml dataset board {ds.name} --scorer score.py`).",
+                "conflict",
+            )
+        if ds.metric not in METRICS and ds.metric != "custom":
             raise APIError(
                 409,
                 f"Dataset {ds.name}'s metric {ds.metric!r} is not one this server computes "
-                f"({', '.join(sorted(METRICS))}); its owner must choose one.",
+                f"({', '.join(sorted(METRICS))}, or 'custom' with a scoring script); its "
+                "owner must choose one.",
                 "conflict",
             )
         versions = s.scalars(

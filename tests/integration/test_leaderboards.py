@@ -70,6 +70,9 @@ def scan(marker):
     return hits, nets
 
 def infer(path):
+    if state["mode"] == "slow":
+        import time
+        time.sleep(600)
     if state["mode"] == "crash":
         raise ValueError("the model exploded on input x3")
     if state["mode"] == "scan":
@@ -81,7 +84,10 @@ def infer(path):
         out[name] = 1 - y if name in state["flip"] else y
     return out
 
-nsml.bind(save=save, load=load, infer=infer)
+if a.mode == "noinfer":
+    nsml.bind(save=save, load=load)
+else:
+    nsml.bind(save=save, load=load, infer=infer)
 state.update(flip=[x for x in a.flip.split(",") if x], mode=a.mode, port=a.port)
 nsml.save("final")
 print("trained")
@@ -279,3 +285,54 @@ def test_who_cannot_read_the_dataset_cannot_see_or_submit(
         assert hub.nsml("GET", f"datasets/{ds}/leaderboard", hub.user_token("lb-owner")).ok
     finally:
         owner("dataset", "share", ds, "--public")
+
+
+SCORER = r"""
+import csv, sys
+pred = {r["id"]: r["prediction"] for r in csv.DictReader(open(sys.argv[1]))}
+gold = {r["id"]: r["label"] for r in csv.DictReader(open(sys.argv[2]))}
+print("scoring", len(gold), "ids")
+print(100 * sum(pred[k] == v for k, v in gold.items()) / len(gold))
+"""
+
+
+def test_a_custom_scorer_a_missing_infer_and_the_time_limit(
+    hub: HubProcess, board: dict[str, Any]
+) -> None:
+    work, project, owner = board["work"], board["project"], board["owner"]
+    name = f"lbc{secrets.token_hex(3)}"
+    (work / "score.py").write_text(SCORER)
+    owner(
+        "dataset",
+        "push",
+        name,
+        str(work / "train"),
+        "--test-inputs",
+        str(work / "inputs"),
+        "--test-labels",
+        str(work / "labels.csv"),
+        "--private-labels",
+        str(work / "private.csv"),
+    )
+    shown = owner(
+        "dataset", "board", name, "--scorer", str(work / "score.py"), "--higher-is-better"
+    ).stdout
+    assert f"{name}: custom (higher is better)" in shown
+    owner("dataset", "share", name, "--public")
+    dora = cli_for(hub, hub.user_token("lb-dora"), project)
+    s = trained(dora, name, "--flip", "x0,x6")
+    sub = submit(dora, s)
+    # One of the six public ids wrong; one of the four private ones (hidden while open).
+    assert (sub["state"], sub["score"]) == ("scored", pytest.approx(500 / 6)), sub
+    assert "scoring" not in json.dumps(sub), "the scorer's output is never shown"
+
+    noinfer = trained(dora, name, "--mode", "noinfer")
+    sub = submit(dora, noinfer, check=False)
+    assert sub["state"] == "failed"
+    assert sub["message"].startswith("the program ended without predictions: call nsml.bind(")
+
+    owner("dataset", "board", name, "--timeout", "10")
+    slow = trained(dora, name, "--mode", "slow")
+    sub = submit(dora, slow, check=False)
+    assert sub["state"] == "failed"
+    assert sub["message"] == "the evaluation took longer than the dataset's limit of 10 s"

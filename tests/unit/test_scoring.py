@@ -12,7 +12,9 @@ from nsml_server.scoring import (
     METRICS,
     ScoringError,
     align,
+    check_coverage,
     get_metric,
+    parse_score,
     parse_table,
     score,
     score_parts,
@@ -183,3 +185,24 @@ def test_the_clients_list_of_built_in_metrics_is_the_servers() -> None:
     from nsml.datasets import BUILTIN_METRIC_ORDER
 
     assert BUILTIN_METRIC_ORDER == {n: m.higher_is_better for n, m in METRICS.items()}
+
+
+@pytest.mark.parametrize(
+    ("out", "expected"),
+    [("0.75\n", 0.75), ("loading\nscore:\n  12  \n\n", 12.0), ("-1e-3", -0.001)],
+)
+def test_a_custom_scorers_last_line_is_its_score(out: str, expected: float) -> None:
+    assert parse_score(out) == expected
+
+
+@pytest.mark.parametrize("out", ["", "cat,dog\n", "nan\n", "0.5\ninf\n", "score 0.5"])
+def test_a_custom_scorer_without_a_number_fails_without_quoting_it(out: str) -> None:
+    with pytest.raises(ScoringError) as e:
+        parse_score(out)
+    assert "cat" not in str(e.value) and "did not print a finite number" in str(e.value)
+
+
+def test_coverage_is_checked_before_a_custom_scorer_runs() -> None:
+    check_coverage("id,prediction\na,1\nb,2\n", "id,label\na,0\n", "id,label\nb,0\n")
+    with pytest.raises(ScoringError, match="missing ids: b"):
+        check_coverage("id,prediction\na,1\n", "id,label\na,0\n", "id,label\nb,0\n")

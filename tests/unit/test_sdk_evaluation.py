@@ -111,3 +111,22 @@ def test_prediction_rows(returned: object, rows: list[tuple[str, str]]) -> None:
 def test_prediction_rows_refuse_what_is_not_a_prediction(returned: object, message: str) -> None:
     with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         prediction_rows(returned)
+
+
+def test_training_without_infer_bound_ends_with_its_own_status(tmp_path: Path) -> None:
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import nsml\n"
+        "nsml.bind(save=lambda f: None, load=lambda f: None)\n"
+        "nsml.save('final')\n"
+        "print('TRAINING STARTED')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSML_")} | {
+        "NSML_EVALUATION": "1"
+    }
+    r = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 86
+    assert "reached nsml.save before nsml.bind(load=..., infer=...)" in r.stderr
+    assert "TRAINING STARTED" not in r.stdout

@@ -26,6 +26,7 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("closed", sa.Boolean(), nullable=False, server_default=sa.false())
         )
+        batch.add_column(sa.Column("scorer", sa.Text(), nullable=True))
     op.create_table(
         "submissions",
         sa.Column("id", sa.Integer(), primary_key=True),
@@ -71,5 +72,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("submissions")
     with op.batch_alter_table("datasets") as batch:
-        for column in ("closed", "eval_gpus", "eval_timeout_s", "daily_limit"):
+        for column in ("scorer", "closed", "eval_gpus", "eval_timeout_s", "daily_limit"):
             batch.drop_column(column)
