@@ -224,6 +224,9 @@ class SubmissionsHandler(_Handler):
                 f"The leaderboard of {ds.name} is closed: it takes no more submissions.",
                 "closed",
             )
+        # One submission at a time per dataset past this point (PostgreSQL locks the row), so
+        # that two at once cannot both pass the limit.
+        s.execute(select(Dataset.id).where(Dataset.id == ds.id).with_for_update())
         times = s.scalars(
             select(Submission.submitted).where(
                 Submission.dataset_id == ds.id, Submission.user_name == user
