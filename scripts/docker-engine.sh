@@ -52,7 +52,8 @@ TCP with TLS (ensure, certs):
                    Also serve the engine on tcp://ADDR:PORT with --tlsverify: only clients
                    with a certificate signed by DIR/ca.pem get in (ADDR defaults to
                    127.0.0.1 when only a port is given; 0.0.0.0 serves every interface).
-                   The server certificate DIR/NAME/ is made first when missing (see certs).
+                   Uses DIR/NAME/{ca,server-cert,server-key}.pem, made first (see certs)
+                   only when one of them is missing.
   --tls-dir DIR    Folder of the TLS files (see certs). Needed with --tls-listen.
   --san LIST       Names the server certificate is valid for, openssl subjectAltName
                    syntax (default IP:127.0.0.1,DNS:localhost,DNS:NAME). Add the address the
@@ -360,7 +361,10 @@ cmd_ensure() {
         fi
         command -v dockerd >/dev/null 2>&1 || install_dockerd
         if [[ -n $TLS_LISTEN ]]; then
-            make_certs
+            # A node keeps only its own server certificate (made elsewhere, where the CA key
+            # lives); make one here only when it is missing.
+            [[ -s $TLS_DIR/$NAME/ca.pem && -s $TLS_DIR/$NAME/server-cert.pem &&
+                -s $TLS_DIR/$NAME/server-key.pem ]] || make_certs
             DOCKERD_ARGS+=(
                 --host "tcp://$TLS_LISTEN"
                 --tlsverify

@@ -519,6 +519,8 @@ def cluster(
             stack.callback(e.stop)
             remote.append(e)
             tb_engines[node] = e
+        for e in remote:  # where the CA key lives: each engine's server certificate
+            e.script("certs", "--tls-dir", str(tls_dir))
         _in_parallel([e.start for e in remote])
         for e in remote:
             e.remove_all()
