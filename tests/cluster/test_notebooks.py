@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.cluster.testbed import Testbed
 from tests.integration.conftest import wait_for
+from tests.integration.test_datasets import user as ds_user
 from tests.integration.test_spawner import (
     active_placement,
     container_env,
@@ -38,7 +41,7 @@ def servers(testbed: Testbed) -> Iterator[list[str]]:
                     hub.nsml("DELETE", f"placements/{p['id']}", token)
 
 
-def notebook(testbed: Testbed, node: str, user: str) -> list[object]:
+def notebook(testbed: Testbed, node: str, user: str) -> list[Any]:
     """*user*'s notebook containers on *node* (found by the spawner's label)."""
     return [
         c
@@ -49,13 +52,18 @@ def notebook(testbed: Testbed, node: str, user: str) -> list[object]:
     ]
 
 
-def test_a_notebook_server_starts_on_node_b_with_its_gpus_and_limits(
-    testbed: Testbed, servers: list[str]
+def test_a_notebook_server_starts_on_node_b_with_its_gpus_limits_and_dataset(
+    testbed: Testbed, servers: list[str], tmp_path: Path
 ) -> None:
     hub, user = testbed.hub, "cl-nb-alice"
     servers.append(user)
+    data = tmp_path / "nb-data"
+    data.mkdir()
+    (data / "hello.txt").write_text("from the store\n")
+    alice = ds_user(hub, user)
+    assert alice.nsml("dataset", "push", "cl-nb-data", str(data)).stdout.strip() == "cl-nb-data@1"
     with testbed.only("node-b"):
-        r = spawn(hub, user, gpus=2, **SMALL)
+        r = spawn(hub, user, gpus=2, datasets=["cl-nb-data"], **SMALL)
         assert r.status_code in (201, 202), r.text
         wait_for(lambda: ready(hub, user), timeout=120, what=f"{user} ready\n{testbed.logs()}")
     placed = active_placement(hub, user)
@@ -69,9 +77,17 @@ def test_a_notebook_server_starts_on_node_b_with_its_gpus_and_limits(
     assert env["NVIDIA_VISIBLE_DEVICES"].split(",") == gpus
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert env["NSML_NODE"] == "node-b"
-    host = c.attrs["HostConfig"]  # type: ignore[attr-defined]
+    host = c.attrs["HostConfig"]
     assert host["NetworkMode"] == "host"
     assert host["Memory"] == 512 * 1024 * 1024 and host["NanoCpus"] == 500_000_000
+    # The dataset: fetched by node B's agent into its cache, mounted read-only under /data.
+    (mount,) = [m for m in c.attrs["Mounts"] if m["Destination"] == "/data/cl-nb-data"]
+    assert mount["RW"] is False
+    assert Path(mount["Source"]).is_relative_to(testbed.agents["node-b"].cache_dir), mount
+    got = c.exec_run(["cat", "/data/cl-nb-data/hello.txt"], user="1000")
+    assert got.exit_code == 0 and got.output == b"from the store\n", got
+    denied = c.exec_run(["sh", "-c", "echo x > /data/cl-nb-data/new.txt"], user="root")
+    assert denied.exit_code != 0 and b"Read-only file system" in denied.output
     # The hub reaches the server it started on node B.
     assert hub.admin("GET", f"/users/{user}").json()["servers"][""]["ready"] is True
 

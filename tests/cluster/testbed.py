@@ -48,6 +48,7 @@ from typing import IO, Any
 
 import docker
 import requests
+from docker import DockerClient
 from sqlalchemy import create_engine, text
 
 from nsml_server.backends.docker import remote_tls
@@ -96,10 +97,10 @@ class Engine:
     tls_dir: Path | None = None
     tls_port: int | None = None
     lock: IO[bytes] | None = None
-    _client: docker.DockerClient | None = None
+    _client: DockerClient | None = None
 
     @property
-    def client(self) -> docker.DockerClient:
+    def client(self) -> DockerClient:
         """A docker-py client over the engine's local socket."""
         if self._client is None:
             self._client = docker.DockerClient(base_url=self.docker_host, timeout=60)
@@ -266,11 +267,11 @@ class Testbed:
     def admin_token(self) -> str:
         return self.hub.user_token("admin")
 
-    def docker(self, node: str) -> docker.DockerClient:
+    def docker(self, node: str) -> DockerClient:
         """A docker-py client of *node*'s engine (over its local socket)."""
         return self.engines[node].client
 
-    def tls_client(self, node: str) -> docker.DockerClient:
+    def tls_client(self, node: str) -> DockerClient:
         """A client of *node*'s engine over TCP+TLS, as the NSML server reaches it."""
         engine = self.engines[node]
         assert engine.tls_url is not None, f"{node} serves no TCP"
@@ -365,7 +366,7 @@ def _take_slot(slots_dir: Path, node: str) -> tuple[str, IO[bytes]]:
     raise TestbedUnavailable(f"all engine folders for {node} under {slots_dir} are in use")
 
 
-def load_image(image: str, source: docker.DockerClient, targets: Sequence[Engine]) -> None:
+def load_image(image: str, source: DockerClient, targets: Sequence[Engine]) -> None:
     """Copy *image* from the *source* engine into each target that lacks that exact image.
 
     One ``docker save`` stream is fed to every ``docker load`` at once.
