@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 import urllib.parse
 
 import docker
@@ -40,8 +39,8 @@ def test_a_remote_engine_answers_over_tls_only_to_a_client_with_a_certificate(
         assert c.info()["ID"] == testbed.docker(node).info()["ID"]
     https = "https://" + urllib.parse.urlsplit(url).netloc
     ca = str(testbed.cert_path / "ca.pem")
-    # No client certificate: the TLS handshake is refused.
-    with pytest.raises(requests.exceptions.SSLError):
+    # No client certificate: refused (in the handshake, or at the first read with TLS 1.3).
+    with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(f"{https}/version", verify=ca, timeout=10)
     # Not our CA: the client does not trust the engine either.
     with pytest.raises(requests.exceptions.SSLError):
@@ -49,6 +48,5 @@ def test_a_remote_engine_answers_over_tls_only_to_a_client_with_a_certificate(
     # Plain HTTP is refused.
     r = requests.get(f"http://{urllib.parse.urlsplit(url).netloc}/version", timeout=10)
     assert r.status_code == 400 and "HTTPS" in r.text
-    assert isinstance(ssl.OPENSSL_VERSION, str)
     with pytest.raises(docker.errors.DockerException):
         docker.DockerClient(base_url=url, timeout=10).info()
