@@ -24,9 +24,9 @@ def test_three_nodes_report_up_each_with_its_own_engine_gpus_and_the_image(
     for name in testbed.remote_nodes:
         assert by_name[name]["docker_url"] == testbed.engines[name].tls_url
         assert by_name[name]["docker_url"].startswith("tcp://127.0.0.1:")
-    # Three different engines: each has its own ID.
-    ids = {testbed.docker(n).info()["ID"] for n in testbed.nodes}
-    assert len(ids) == 3
+    # Three different engines: each has its own data root.
+    roots = {testbed.docker(n).info()["DockerRootDir"] for n in testbed.nodes}
+    assert len(roots) == 3, roots
 
 
 @pytest.mark.parametrize("node", ["node-b", "node-c"])
@@ -36,7 +36,8 @@ def test_a_remote_engine_answers_over_tls_only_to_a_client_with_a_certificate(
     url = testbed.engines[node].tls_url
     assert url is not None
     with testbed.tls_client(node) as c:
-        assert c.info()["ID"] == testbed.docker(node).info()["ID"]
+        root = c.info()["DockerRootDir"]
+        assert root == testbed.docker(node).info()["DockerRootDir"]
     https = "https://" + urllib.parse.urlsplit(url).netloc
     ca = str(testbed.cert_path / "ca.pem")
     # No client certificate: refused (in the handshake, or at the first read with TLS 1.3).
