@@ -35,9 +35,11 @@ def test_a_remote_engine_answers_over_tls_only_to_a_client_with_a_certificate(
 ) -> None:
     url = testbed.engines[node].tls_url
     assert url is not None
-    with testbed.tls_client(node) as c:
-        root = c.info()["DockerRootDir"]
-        assert root == testbed.docker(node).info()["DockerRootDir"]
+    c = testbed.tls_client(node)
+    try:
+        assert c.info()["DockerRootDir"] == testbed.docker(node).info()["DockerRootDir"]
+    finally:
+        c.close()
     https = "https://" + urllib.parse.urlsplit(url).netloc
     ca = str(testbed.cert_path / "ca.pem")
     # No client certificate: refused (in the handshake, or at the first read with TLS 1.3).
