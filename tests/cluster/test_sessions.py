@@ -39,6 +39,10 @@ def test_a_session_runs_on_node_b_and_ps_logs_exec_stop_and_the_status_line_work
     tb = testbed
     token = tb.hub.user_token("cl-se-alice")
     nsml = cli_for(tb.hub, token, project)
+    data = project.parent / "se-data"
+    data.mkdir()
+    (data / "rows.csv").write_text("a,b\n1,2\n")
+    assert nsml("dataset", "push", "cl-se-data", str(data)).stdout.strip() == "cl-se-data@1"
     with tb.only("node-b"):
         name = nsml(
             "run",
@@ -48,6 +52,8 @@ def test_a_session_runs_on_node_b_and_ps_logs_exec_stop_and_the_status_line_work
             "256M",
             "--cpu",
             "0.5",
+            "-d",
+            "cl-se-data",
             "train.py",
             "--",
             "--epochs",
@@ -72,6 +78,11 @@ def test_a_session_runs_on_node_b_and_ps_logs_exec_stop_and_the_status_line_work
     host = c.attrs["HostConfig"]
     assert host["Memory"] == 256 * 1024 * 1024 and host["NanoCpus"] == 500_000_000
     assert host["NetworkMode"] == "host"
+    # Its dataset: in node B's agent cache, mounted read-only.
+    (mount,) = [m for m in c.attrs["Mounts"] if m["Destination"].startswith("/data")]
+    assert mount["RW"] is False
+    assert Path(mount["Source"]).is_relative_to(tb.agents["node-b"].cache_dir), mount
+    assert env["NSML_DATASET_PATH"] == mount["Destination"]
 
     # ps lists it; the live status line names node B and its GPUs.
     listed = json.loads(nsml("ps", "--json").stdout)
@@ -81,8 +92,16 @@ def test_a_session_runs_on_node_b_and_ps_logs_exec_stop_and_the_status_line_work
     assert ">running<" in line
 
     # exec runs inside the container on node B.
-    out = nsml("exec", name, "--", "sh", "-c", 'echo "$NSML_NODE:$CUDA_VISIBLE_DEVICES"; ls')
+    out = nsml(
+        "exec",
+        name,
+        "--",
+        "sh",
+        "-c",
+        'echo "$NSML_NODE:$CUDA_VISIBLE_DEVICES"; ls; cat "$NSML_DATASET_PATH/rows.csv"',
+    )
     assert "node-b:0,1" in out.stdout and "train.py" in out.stdout, out.stdout
+    assert "1,2" in out.stdout, out.stdout
 
     # logs -f follows the output from node B until the session ends; stop ends it.
     follow = subprocess.Popen(
