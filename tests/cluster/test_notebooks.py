@@ -96,3 +96,19 @@ def test_a_notebook_server_starts_on_node_b_with_its_gpus_limits_and_dataset(
     assert notebook(testbed, "node-b", user) == []
     released = hub.nsml("GET", f"placements/{placed['id']}", hub.user_token(user)).json()
     assert released["state"] == "released", released
+
+
+def test_a_notebook_server_on_node_a_uses_the_hubs_own_engine_beside_tls_nodes(
+    testbed: Testbed, servers: list[str]
+) -> None:
+    """DOCKER_CERT_PATH (the client certificate for the nodes) leaves the local socket alone."""
+    hub, user = testbed.hub, "cl-nb-local"
+    servers.append(user)
+    with testbed.only("node-a"):
+        r = spawn(hub, user, gpus=1, **SMALL)
+        assert r.status_code in (201, 202), r.text
+        wait_for(lambda: ready(hub, user), timeout=120, what=f"{user} ready\n{testbed.logs()}")
+    assert active_placement(hub, user)["allocation"]["node"] == "node-a"
+    (c,) = notebook(testbed, "node-a", user)
+    assert container_env(c)["NSML_NODE"] == "node-a"
+    assert notebook(testbed, "node-b", user) == [] and notebook(testbed, "node-c", user) == []
