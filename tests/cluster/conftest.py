@@ -2,7 +2,8 @@
 
 Three nodes: ``node-a`` (the default Docker engine, the hub's own node), ``node-b`` and
 ``node-c`` (Docker engines of their own, reached over TCP+TLS, each with an ``nsml-agent``),
-a real PostgreSQL and a real hub. Torn down at the end of the session, also after failures.
+a real PostgreSQL, a real hub and a standby NSML server on the same database. Torn down at
+the end of the session, also after failures.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def testbed(singleuser_image: str, postgres_url: str, docker_client: Any) -> Ite
             gpu_model=GPU_MODEL,
             # node loss is lostnode's part; here a node is down only when a test says so
             server_args=["--NSMLServer.node_timeout=60"],
+            standby=True,
         )
         tb = cm.__enter__()
     except TestbedUnavailable as e:

@@ -53,3 +53,18 @@ def test_a_remote_engine_answers_over_tls_only_to_a_client_with_a_certificate(
     assert r.status_code == 400 and "HTTPS" in r.text
     with pytest.raises(docker.errors.DockerException):
         docker.DockerClient(base_url=url, timeout=10).info()
+
+
+def test_the_standby_shares_the_database_and_does_not_lead(testbed: Testbed) -> None:
+    standby = testbed.standby
+    assert standby is not None
+    assert standby.health()["leader"] is False
+    r = requests.get(
+        f"{standby.api}/nodes",
+        headers={"Authorization": f"token {testbed.admin_token}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert sorted(n["name"] for n in r.json()["nodes"]) == ["node-a", "node-b", "node-c"]
+    leader = testbed.hub.nsml("GET", "health", None).json()
+    assert leader["leader"] is True

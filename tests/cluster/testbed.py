@@ -52,7 +52,7 @@ from docker import DockerClient
 from sqlalchemy import create_engine, text
 
 from nsml_server.backends.docker import remote_tls
-from tests.integration.hubproc import HubProcess, free_port
+from tests.integration.hubproc import HubProcess, ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_SCRIPT = REPO / "scripts" / "docker-engine.sh"
@@ -248,6 +248,8 @@ class Testbed:
     hub: HubProcess
     engines: dict[str, Engine] = field(default_factory=dict)
     agents: dict[str, Agent] = field(default_factory=dict)
+    #: a second NSML server on the same database (``standby=True``), waiting for the lease
+    standby: ServerProcess | None = None
 
     @property
     def nodes(self) -> list[str]:
@@ -463,6 +465,7 @@ def cluster(
     agent_interval: float = 1.0,
     agent_cache_bytes: int = 1 << 30,
     slots_dir: Path | None = None,
+    standby: bool = False,
 ) -> Iterator[Testbed]:
     """Start a cluster of *engines* nodes (1 to 3) and tear it down on exit, even on errors.
 
@@ -479,6 +482,8 @@ def cluster(
         agent_cache_bytes: each remote node's dataset cache budget.
         slots_dir: where named engines keep their data (default ``$NSML_TESTBED_DIR`` or
             ``/var/lib/jupyter-nsml/testbed``).
+        standby: also start a standby NSML server (no local node) on the same database,
+            reaching the nodes' engines with the same client certificate.
 
     ``$NSML_TESTBED_LOGS``, when set, is a folder that receives the run's logs at the end.
     """
@@ -573,6 +578,16 @@ def cluster(
             tb.agents[e.node] = agent
             stack.callback(agent.stop)
             agent.start()
+        if standby:
+            tb.standby = ServerProcess(
+                hub,
+                db_url,
+                "standby",
+                args=list(args),
+                env_overrides={"DOCKER_CERT_PATH": str(tls_dir / "client")},
+            )
+            stack.callback(tb.standby.stop)
+            tb.standby.start()
         tb.wait_nodes_up()
         yield tb
     finally:
