@@ -62,15 +62,19 @@ c.GenericOAuthenticator.manage_groups = True  # hub groups become NSML teams
 
 # ---- nodes: no local node; remote engines over TCP+TLS ------------------------------------------
 # Each node runs `nsml-agent --api-url https://DOMAIN/services/nsml/api --name NODE
-# --docker-url tcp://NODE:2376` and its engine listens with --tlsverify. The NSML server
-# connects with the client certificate in DOCKER_CERT_PATH.
+# --docker-url tcp://NODE:2376` and its engine listens with --tlsverify. The NSML server (and
+# the hub, for notebook servers: set DOCKER_CERT_PATH in its environment too) connects with the
+# client certificate in DOCKER_CERT_PATH, as `scripts/docker-engine.sh certs --tls-dir
+# /etc/nsml/docker-tls` makes it (docs/operators-guide.md, "Adding a node").
 for svc in c.JupyterHub.services:
     if svc["name"] == "nsml":
         svc["command"] = [sys.executable, "-m", "nsml_server.app", "--no-local-node"]
         svc["environment"].update(
             {
                 "NSML_DB_URL": os.environ["NSML_DB_URL"],
-                "DOCKER_CERT_PATH": os.environ.get("DOCKER_CERT_PATH", "/etc/nsml/docker-tls"),
+                "DOCKER_CERT_PATH": os.environ.get(
+                    "DOCKER_CERT_PATH", "/etc/nsml/docker-tls/client"
+                ),
                 "DOCKER_TLS_VERIFY": "1",
             }
         )

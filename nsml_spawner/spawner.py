@@ -88,6 +88,7 @@ from .spec import (
     LastExit,
     MountsNotReady,
     NodeUnreachable,
+    PinnedTLSConfig,
     dataset_mounts,
     describe_exit,
     engine_url_for,
@@ -502,18 +503,25 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
     def _engine_kwargs(self, url: str | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"version": "auto"}
         if url is None:
-            # The hub's own engine, exactly as DockerSpawner reaches it.
+            # The hub's own engine, as DockerSpawner reaches it; but DOCKER_CERT_PATH names
+            # the client certificate for the nodes' TCP engines, and docker-py would also
+            # demand TLS (and a TCP address) for a local socket: none there.
             if self.tls_config:
                 kwargs["tls"] = docker.tls.TLSConfig(**self.tls_config)
-            kwargs.update(docker.utils.kwargs_from_env())
+            env = docker.utils.kwargs_from_env()
+            host = os.environ.get("DOCKER_HOST") or ""
+            if not host.startswith(("tcp://", "https://", "ssh://")):
+                env.pop("tls", None)
+                env["base_url"] = host or "unix:///var/run/docker.sock"
+            kwargs.update(env)
         else:
             kwargs["base_url"] = url
             if url.startswith(("tcp://", "https://")):
                 cert_path = os.environ.get("DOCKER_CERT_PATH")
                 if self.tls_config:
-                    kwargs["tls"] = docker.tls.TLSConfig(**self.tls_config)
+                    kwargs["tls"] = PinnedTLSConfig(**self.tls_config)
                 elif cert_path:
-                    kwargs["tls"] = docker.tls.TLSConfig(**tls_files(cert_path))
+                    kwargs["tls"] = PinnedTLSConfig(**tls_files(cert_path))
         kwargs.update(self.client_kwargs)
         return kwargs
 

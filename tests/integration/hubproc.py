@@ -206,6 +206,8 @@ class ServerProcess:
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     local_node: bool = False
+    #: more environment (e.g. DOCKER_CERT_PATH for the nodes' engines)
+    env_overrides: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -221,6 +223,7 @@ class ServerProcess:
             NSML_DB_URL=self.db_url,
             NSML_STATE_DIR=str(self.hub.state_dir / self.name),
         )
+        env.update(self.env_overrides)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [

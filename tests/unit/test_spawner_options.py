@@ -520,3 +520,36 @@ def test_the_state_keeps_the_allocation_and_the_last_exit(spawner: Any) -> None:
     again.load_state(state)
     assert again.get_state() == state
     assert again.placement_id == 7
+
+
+@pytest.mark.parametrize(
+    ("docker_host", "base_url", "tls"),
+    [
+        (None, "unix:///var/run/docker.sock", False),
+        ("unix:///run/other.sock", "unix:///run/other.sock", False),
+        ("tcp://10.0.0.5:2376", "tcp://10.0.0.5:2376", True),
+    ],
+)
+def test_the_client_certificate_for_the_nodes_puts_no_tls_on_the_hubs_local_socket(
+    spawner: Any,
+    nsml_env: pytest.MonkeyPatch,
+    tmp_path: Any,
+    docker_host: str | None,
+    base_url: str,
+    tls: bool,
+) -> None:
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("x")
+    nsml_env.setenv("DOCKER_CERT_PATH", str(tmp_path))
+    nsml_env.delenv("DOCKER_TLS_VERIFY", raising=False)
+    if docker_host is None:
+        nsml_env.delenv("DOCKER_HOST", raising=False)
+    else:
+        nsml_env.setenv("DOCKER_HOST", docker_host)
+    kwargs = spawner._engine_kwargs(None)
+    assert kwargs["base_url"] == base_url
+    assert ("tls" in kwargs) is tls
+    # A node's TCP engine uses the certificate, trusting only its CA.
+    node = spawner._engine_kwargs("tcp://10.0.0.7:2376")
+    assert node["base_url"] == "tcp://10.0.0.7:2376"
+    assert node["tls"].ca_cert == str(tmp_path / "ca.pem") and node["tls"].verify is True
