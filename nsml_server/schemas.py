@@ -563,6 +563,11 @@ class MetricSeries(BaseModel):
         description='one per step; NaN and infinities as "nan", "inf", "-inf"'
     )
     walls: list[float]
+    total: int = Field(
+        default=0,
+        description="points of the series in the asked step range before downsampling "
+        "(more than len(steps) when max_points thinned it)",
+    )
 
 
 class MetricsOut(BaseModel):

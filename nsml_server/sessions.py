@@ -33,6 +33,8 @@ from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from nsml.downsample import downsample
+
 from .models import (
     SESSION_ACTIVE_STATES,
     Gpu,
@@ -760,12 +762,23 @@ def metric_series(
     row: TrainingSession,
     names: Sequence[str] | None = None,
     since_step: int | None = None,
+    *,
+    to_step: int | None = None,
+    max_points: int | None = None,
 ) -> dict[str, MetricSeries]:
     """Per-metric series (steps, values, times) in report order; NaN and infinities are the
-    strings ``"nan"``, ``"inf"``, ``"-inf"`` (see :func:`metric_out`)."""
+    strings ``"nan"``, ``"inf"``, ``"-inf"`` (see :func:`metric_out`).
+
+    *since_step* / *to_step* keep the points of that step range (a zoomed plot asks for
+    exact points there). *max_points* downsamples each series to at most that many points
+    (:func:`nsml.downsample.downsample`: the curve's shape, its extremes and every NaN or
+    infinity kept); ``total`` says how many points the series had before.
+    """
     q = select(SessionMetricChunk.payload).where(SessionMetricChunk.session_id == row.id)
     if since_step is not None:
         q = q.where(SessionMetricChunk.last_step >= since_step)
+    if to_step is not None:
+        q = q.where(SessionMetricChunk.first_step <= to_step)
     wanted = set(names) if names else None
     out: dict[str, MetricSeries] = {}
     for (payload,) in s.execute(q.order_by(SessionMetricChunk.id)):
@@ -778,13 +791,30 @@ def metric_series(
             if ser is None:
                 ser = out[name] = MetricSeries(steps=[], values=[], walls=[])
             for step, v, wall in zip(steps, col, walls, strict=True):
-                if v is None or (since_step is not None and step < since_step):
+                if (
+                    v is None
+                    or (since_step is not None and step < since_step)
+                    or (to_step is not None and step > to_step)
+                ):
                     continue
                 ser.steps.append(step)
                 x = NON_FINITE_IN.get(v, math.nan) if type(v) is str else float(v)
                 ser.values.append(metric_out(x))
                 ser.walls.append(wall)
+    for ser in out.values():
+        ser.total = len(ser.steps)
+        if max_points is not None and ser.total > max_points:
+            thin_series(ser, max_points)
     return out
+
+
+def thin_series(ser: MetricSeries, max_points: int) -> None:
+    """Keep at most *max_points* points of *ser* (see :func:`nsml.downsample.downsample`)."""
+    ys = [NON_FINITE_IN[v] if type(v) is str else float(v) for v in ser.values]
+    keep = downsample(ser.steps, ys, max_points)
+    ser.steps = [ser.steps[i] for i in keep]
+    ser.values = [ser.values[i] for i in keep]
+    ser.walls = [ser.walls[i] for i in keep]
 
 
 def checkpoint_out(row: TrainingSession, c: SessionCheckpoint) -> CheckpointOut:
