@@ -118,9 +118,9 @@ def add_plot_verb(sub: argparse._SubParsersAction[_args.Parser]) -> None:
     sp.add_argument(
         "--max-points",
         type=_args.integer(2, 100_000, "a number of points"),
-        default=1000,
+        default=600,
         metavar="N",
         help="points per line the server sends (downsampled, extremes and NaN kept; "
-        "default 1000; zooming in a notebook fetches the exact points)",
+        "default 600; zooming in a notebook fetches the exact points)",
     )
     sp.add_argument("--html", metavar="FILE", help="also write the panel as a standalone HTML file")

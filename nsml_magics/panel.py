@@ -143,6 +143,30 @@ def line_data(
     return {"x": xs_of(s, x), "y": ys, "step": [float(v) for v in s.steps]}
 
 
+def columns(data: Mapping[str, Sequence[float]] | None, x: XAxis = "step") -> dict[str, Any]:
+    """A line's columns as compact arrays, which Bokeh sends as binary buffers rather than
+    JSON text: values as float32 (a plot shows 4 digits), steps as int32 when they fit
+    (else float64), seconds as float32. By step the x column is the step: no ``step``
+    column is sent."""
+    import numpy as np
+
+    def steps(v: Sequence[float]) -> Any:
+        a = np.asarray(v, dtype=np.float64)
+        if len(a) and (np.abs(a).max() >= 2**31):
+            return a
+        return a.astype(np.int32)
+
+    if data is None:
+        data = {"x": [], "y": [], "step": []}
+    out = {
+        "x": steps(data["x"]) if x == "step" else np.asarray(data["x"], dtype=np.float32),
+        "y": np.asarray(data["y"], dtype=np.float32),
+    }
+    if x != "step":
+        out["step"] = steps(data["step"])
+    return out
+
+
 def nonfinite_marks(s: Series, x: XAxis) -> dict[str, list[Any]]:
     """Where a series has NaN or ±inf: x, the last finite value before it (0 if none) as y,
     and the value's text."""
@@ -323,9 +347,7 @@ def build_panel(
         own: list[Any] = []
         for k, r in enumerate(runs):
             s = r.series.get(m)
-            src = ColumnDataSource(
-                data=line_data(s, x, weight, log) if s else {"x": [], "y": [], "step": []}
-            )
+            src = ColumnDataSource(data=columns(line_data(s, x, weight, log) if s else None, x))
             line = p.line(
                 "x",
                 "y",
@@ -352,7 +374,11 @@ def build_panel(
         p.add_tools(
             HoverTool(
                 renderers=own,
-                tooltips=[("session", "$name"), ("step", "@step{0,0}"), (m, "@y{0.[0000]}")],
+                tooltips=[
+                    ("session", "$name"),
+                    ("step", "@x{0,0}" if x == "step" else "@step{0,0}"),
+                    (m, "@y{0.[0000]}"),
+                ],
                 line_policy="nearest",
                 callback=CustomJS(args={"hl": hl}, code=_HOVER_JS),
             )

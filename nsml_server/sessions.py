@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import numpy as np
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -780,41 +781,47 @@ def metric_series(
     if to_step is not None:
         q = q.where(SessionMetricChunk.first_step <= to_step)
     wanted = set(names) if names else None
-    out: dict[str, MetricSeries] = {}
+    parts: dict[str, list[tuple[Any, Any, Any]]] = {}
     for (payload,) in s.execute(q.order_by(SessionMetricChunk.id)):
         chunk = json.loads(payload)
-        steps, walls = chunk["steps"], chunk["walls"]
+        steps = np.asarray(chunk["steps"], dtype=np.int64)
+        walls = np.asarray(chunk["walls"], dtype=np.float64)
+        in_range = np.ones(len(steps), dtype=bool)
+        if since_step is not None:
+            in_range &= steps >= since_step
+        if to_step is not None:
+            in_range &= steps <= to_step
         for name, col in chunk["values"].items():
             if wanted is not None and name not in wanted:
                 continue
-            ser = out.get(name)
-            if ser is None:
-                ser = out[name] = MetricSeries(steps=[], values=[], walls=[])
-            for step, v, wall in zip(steps, col, walls, strict=True):
-                if (
-                    v is None
-                    or (since_step is not None and step < since_step)
-                    or (to_step is not None and step > to_step)
-                ):
-                    continue
-                ser.steps.append(step)
-                x = NON_FINITE_IN.get(v, math.nan) if type(v) is str else float(v)
-                ser.values.append(metric_out(x))
-                ser.walls.append(wall)
-    for ser in out.values():
-        ser.total = len(ser.steps)
-        if max_points is not None and ser.total > max_points:
-            thin_series(ser, max_points)
+            keep = in_range
+            if None in col:  # not reported at that step
+                keep = keep & np.fromiter((v is not None for v in col), bool, len(col))
+            # numbers, None (NaN, dropped above) and "nan"/"inf"/"-inf"/"Infinity"... as floats
+            values = np.array(col, dtype=np.float64)
+            parts.setdefault(name, []).append((steps[keep], values[keep], walls[keep]))
+    out: dict[str, MetricSeries] = {}
+    for name, pieces in parts.items():
+        steps = np.concatenate([p[0] for p in pieces])
+        values = np.concatenate([p[1] for p in pieces])
+        walls = np.concatenate([p[2] for p in pieces])
+        total = len(steps)
+        if max_points is not None and total > max_points:
+            idx = np.asarray(downsample(steps, values, max_points), dtype=np.intp)
+            steps, values, walls = steps[idx], values[idx], walls[idx]
+        out[name] = MetricSeries(
+            steps=steps.tolist(), values=values_out(values), walls=walls.tolist(), total=total
+        )
     return out
 
 
-def thin_series(ser: MetricSeries, max_points: int) -> None:
-    """Keep at most *max_points* points of *ser* (see :func:`nsml.downsample.downsample`)."""
-    ys = [NON_FINITE_IN[v] if type(v) is str else float(v) for v in ser.values]
-    keep = downsample(ser.steps, ys, max_points)
-    ser.steps = [ser.steps[i] for i in keep]
-    ser.values = [ser.values[i] for i in keep]
-    ser.walls = [ser.walls[i] for i in keep]
+def values_out(values: Any) -> list[float | NonFinite]:
+    """Metric values (a float array) as the API answers them: NaN and infinities as the
+    strings of :func:`metric_out`."""
+    out: list[float | NonFinite] = values.tolist()
+    for i in np.flatnonzero(~np.isfinite(values)).tolist():
+        out[i] = metric_out(float(values[i]))
+    return out
 
 
 def checkpoint_out(row: TrainingSession, c: SessionCheckpoint) -> CheckpointOut:

@@ -56,8 +56,8 @@ def test_one_plot_per_metric_one_line_per_session_one_colour_per_session() -> No
         assert {panel.lines[(k, m)].name for m in panel.metrics} == {RUNS[k].name}
         assert {panel.lines[(k, m)].tags[0] for m in panel.metrics} == {k}
     assert len({panel.lines[(k, "loss")].glyph.line_color for k in range(3)}) == 3
-    assert panel.sources[(2, "acc")].data["x"] == [], "a metric a session lacks: empty line"
-    assert panel.sources[(0, "loss")].data["y"] == [3.0, 2.0, 1.0]
+    assert len(panel.sources[(2, "acc")].data["x"]) == 0, "a metric a session lacks: empty line"
+    assert list(panel.sources[(0, "loss")].data["y"]) == [3.0, 2.0, 1.0]
 
 
 def test_the_tables_hold_exactly_the_differing_and_the_common_arguments() -> None:

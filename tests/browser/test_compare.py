@@ -1,0 +1,164 @@
+"""``%nsml plot`` in a real JupyterLab, as a researcher uses it: three sessions run with
+different arguments, one notebook cell, and the comparison panel in the cell's output.
+
+Real Chromium, the real hub, the user's notebook container, real training sessions (the
+project's train.py reporting a loss). The panel must render inside the output, its exclusive
+matrix must hold exactly the arguments that differ (a missing one marked), the common table the
+rest, and hovering a session's row must highlight that session's line in every plot: read back
+from BokehJS's own models in the page, not from Python.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.browser.conftest import HubUser
+from tests.browser.test_homes import small_server
+from tests.integration.hubproc import HubProcess
+from tests.integration.test_sessions import TRAIN_PY, cli_for, wait_state
+
+pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
+
+USER = "browser-cmp"
+# Three runs: --lr and --epochs differ, --sleep is given to one only, --steps is common.
+RUNS = [
+    ["--lr", "0.1", "--epochs", "2", "--steps", "5"],
+    ["--lr", "0.01", "--epochs", "2", "--steps", "5"],
+    ["--lr=0.01", "--epochs", "3", "--steps", "5", "--sleep", "0"],
+]
+EXCLUSIVE = [
+    ["--lr", "--epochs", "--sleep"],
+    ["0.1", "2", "—"],
+    ["0.01", "2", "—"],
+    ["0.01", "3", "0"],
+]
+
+# The state of every session line in the page: (session index, line width, alpha), read from
+# the Bokeh document that holds the comparison panel.
+LINES_JS = """() => {
+  if (!window.Bokeh) return null;
+  for (const d of Bokeh.documents) {
+    const models = [...d.all_models];
+    if (!models.some(m => m.name === 'nsml-highlight')) continue;
+    return models
+      .filter(m => m.type === 'GlyphRenderer' && m.glyph.type === 'Line')
+      .map(m => [m.tags[0], m.name, m.glyph.line_width.value ?? m.glyph.line_width,
+                 m.glyph.line_alpha.value ?? m.glyph.line_alpha]);
+  }
+  return null;
+}"""
+
+
+def lines_where(condition: str) -> str:
+    """A page function: true once the panel's lines (``lines``, as :data:`LINES_JS` reads
+    them) meet *condition*."""
+    return f"() => {{ const lines = ({LINES_JS})(); return lines !== null && ({condition}); }}"
+
+
+def run_sessions(hub: HubProcess, tmp_path: Path) -> list[str]:
+    """Start the three sessions through the CLI as the user and wait until they ended."""
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / "train.py").write_text(TRAIN_PY)
+    nsml = cli_for(hub, hub.user_token(USER), folder)
+    names = [nsml("run", "train.py", "--", *args).stdout.strip() for args in RUNS]
+    for name in names:
+        assert wait_state(nsml, name, timeout=180)["state"] == "completed", name
+    return names
+
+
+def run_cell(page: Any, code: str) -> None:
+    """Type *code* into the notebook's last cell and run it (Shift+Enter)."""
+    cell = page.locator(".jp-Notebook .jp-Cell").last
+    cell.locator(".cm-content").click()
+    page.keyboard.type(code)
+    page.keyboard.press("Shift+Enter")
+
+
+def test_a_notebook_cell_compares_three_sessions_and_hover_highlights_one_in_every_plot(
+    hub: HubProcess, hub_user: Callable[[str], HubUser], tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    names = run_sessions(hub, tmp_path)
+    me = hub_user(USER)
+    page = me.page
+    me.log_in()
+    me.start_server(small_server(hub))
+    page.locator(".jp-LauncherCard[data-category='Notebook']").first.click()
+    expect(page.get_by_role("tab", name=re.compile(r"Untitled.*\.ipynb"))).to_be_visible()
+    expect(page.locator(".jp-Notebook .jp-Cell .cm-content").first).to_be_visible()
+    me.shot("notebook-open")
+
+    run_cell(page, f"%nsml plot {USER}/_/* --metric loss --metric epoch")
+    output = page.locator(".jp-OutputArea-output")
+    matrix = output.locator("table.nsml-exclusive")
+    expect(matrix).to_be_visible()
+    expect(output.locator("canvas").first).to_be_visible()
+    me.shot("panel")
+
+    # The exclusive matrix: exactly the differing arguments, one row per session, missing
+    # marked; the common table: the rest.
+    rows = [
+        [c.strip() for c in r.split("\t")]
+        for r in matrix.locator("tr").all_inner_texts()
+        if r.strip() and "exclusive arguments" not in r
+    ]
+    assert rows[0] == ["session", *EXCLUSIVE[0]], rows
+    for name, row, want in zip(names, rows[1:], EXCLUSIVE[1:], strict=True):
+        assert row[0].endswith(name) and row[1:] == want, (name, row)
+    common = output.locator("table.nsml-common")
+    assert [r.split("\t") for r in common.locator("tr").all_inner_texts()[1:]] == [
+        ["argument", "value"],
+        ["--steps", "5"],
+    ], common.inner_text()
+
+    # Before hovering: every line plain. Hover the second session's row: its line is wide
+    # and opaque in both plots, the others faded; leaving the row restores them.
+    page.wait_for_function(lines_where("lines.length > 0"))
+    before = page.evaluate(LINES_JS)
+    assert len(before) == 2 * len(names), before
+    assert {(w, a) for _, _, w, a in before} == {(1.8, 1)}, before
+    matrix.locator("tr.nsml-run").nth(1).hover()
+    page.wait_for_function(lines_where("lines.some(([k, , w]) => k === 1 && w > 4)"))
+    during = page.evaluate(LINES_JS)
+    me.shot("row-hovered")
+    for k, name, width, alpha in during:
+        if k == 1:
+            assert name == names[1] and (width, alpha) == (4.5, 1), during
+        else:
+            assert (width, alpha) == (1.8, 0.15), during
+    assert sum(1 for k, *_ in during if k == 1) == 2, "one highlighted line in each plot"
+    page.locator(".jp-Notebook .jp-Cell").first.locator(".cm-content").hover()
+    page.wait_for_function(lines_where("lines.every(([, , , a]) => a === 1)"))
+    me.shot("row-left")
+
+
+def test_the_same_panel_as_a_standalone_html_file_opens_offline(
+    hub: HubProcess, browser: Any, tmp_path: Path
+) -> None:
+    """``nsml plot --html``: the file opens with no network (BokehJS inline), and hovering a
+    row highlights the session there too."""
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / "train.py").write_text(TRAIN_PY)
+    nsml = cli_for(hub, hub.user_token(USER + "-html"), folder)
+    names = [nsml("run", "train.py", "--", *args).stdout.strip() for args in RUNS[:2]]
+    for name in names:
+        wait_state(nsml, name, timeout=180)
+    out = nsml("plot", *names, "--html", str(tmp_path / "panel.html"))
+    assert "exclusive arguments:" in out.stdout and "--lr" in out.stdout, out.stdout
+    context = browser.new_context(offline=True)
+    try:
+        page = context.new_page()
+        page.goto((tmp_path / "panel.html").as_uri())
+        page.locator("table.nsml-exclusive tr.nsml-run").nth(0).hover()
+        page.wait_for_function(lines_where("lines.some(([k, , w]) => k === 0 && w > 4)"))
+    finally:
+        context.close()
+    assert "cdn.bokeh.org" not in (tmp_path / "panel.html").read_text()
