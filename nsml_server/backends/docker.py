@@ -5,8 +5,9 @@ pool, at most ``max_concurrency`` at a time, and retries transient failures (con
 errors, timeouts, 429/502/503/504) with jittered exponential backoff. Calls that create
 something (create, start) are not retried, so a run is never created twice.
 
-Containers always use ``network_mode="host"`` (no container gets an address of its own),
-run under Docker's ``init`` (so SIGTERM reaches the program and zombies are reaped), and get
+Containers use ``network_mode="host"`` (no container gets an address of its own), or
+``"none"`` when the spec asks for no network (evaluations of submitted models); they run
+under Docker's ``init`` (so SIGTERM reaches the program and zombies are reaped), and get
 ``NVIDIA_VISIBLE_DEVICES``/``CUDA_VISIBLE_DEVICES`` for their GPUs. GPU device requests are
 added only when the engine reports the ``nvidia`` runtime. Images are never pulled.
 """
@@ -115,7 +116,7 @@ def container_args(spec: RunSpec, *, nvidia_runtime: bool, init: bool = True) ->
     if spec.workdir:
         create["working_dir"] = spec.workdir
     host: dict[str, Any] = {
-        "network_mode": "host",
+        "network_mode": spec.network,
         "init": init,
         "mounts": [
             DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
