@@ -65,6 +65,30 @@ def cmd_plot(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpumonitor(client: Client, args: argparse.Namespace) -> int:
+    from . import sessions
+    from ._fmt import print_json
+
+    answer = sessions.gpu_use(client, args.session)
+    if args.json:
+        print_json(answer)
+        return 0
+    from nsml_magics.gpumonitor import summary
+
+    print(summary(answer))
+    if args.html:
+        needs_bokeh()
+        from bokeh.embed import file_html
+        from bokeh.resources import INLINE
+
+        from nsml_magics.gpumonitor import build_gpu_panel
+
+        with open(args.html, "w") as f:
+            f.write(file_html(build_gpu_panel(answer), INLINE, title=f"NSML: {answer['session']}"))
+        print(f"wrote {args.html}")
+    return 0
+
+
 def add_plot_verb(sub: argparse._SubParsersAction[_args.Parser]) -> None:
     """Add ``plot`` to the ``nsml`` parser's subcommands."""
     help = (
@@ -124,3 +148,13 @@ def add_plot_verb(sub: argparse._SubParsersAction[_args.Parser]) -> None:
         "default 600; zooming in a notebook fetches the exact points)",
     )
     sp.add_argument("--html", metavar="FILE", help="also write the panel as a standalone HTML file")
+
+    help = (
+        "a session's GPU use over time: utilisation and memory of each of its GPUs (sampled "
+        "with every node heartbeat; virtual GPUs report none)"
+    )
+    sp = sub.add_parser("gpumonitor", help=help, description=help)
+    sp.set_defaults(fn=cmd_gpumonitor)
+    sp.add_argument("session", help="USER/DATASET/N or DATASET/N")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--html", metavar="FILE", help="also write the plots as a standalone HTML file")

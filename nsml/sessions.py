@@ -440,6 +440,14 @@ def metrics(
     return result
 
 
+def gpu_use(client: Client, ref: str) -> dict[str, Any]:
+    """A session's GPU use over time: ``t`` (sample starts, epoch seconds), ``seconds``
+    (each covers), ``gpus`` (per GPU: ``utilization_pct``, ``memory_used_mib``), ``note``
+    (why there are none: e.g. virtual GPUs report no utilisation)."""
+    result: dict[str, Any] = client.request("GET", _path(full_name(client, ref), "/gpu"))
+    return result
+
+
 def events(client: Client, *, since: int = 0, all_users: bool = False) -> dict[str, Any]:
     """The event feed (state changes and failures of the caller's sessions) after *since*:
     ``{"events": [...], "last_id"}``."""

@@ -279,6 +279,32 @@ def _plot(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
     m.lines["plot:" + ",".join(r.name for r in panel.runs)] = live
 
 
+def _gpumonitor(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
+    from nsml import sessions
+    from nsml.cli_plot import needs_bokeh
+
+    answer = sessions.gpu_use(m.client, ns.session)
+    if ns.json:
+        print_json(answer)
+        return
+    needs_bokeh()
+    from bokeh.io import show
+
+    from .comparison import load_bokehjs
+    from .gpumonitor import build_gpu_panel, summary
+
+    print(summary(answer))
+    load_bokehjs()
+    show(build_gpu_panel(answer))
+    if ns.html:
+        from bokeh.embed import file_html
+        from bokeh.resources import INLINE
+
+        with open(ns.html, "w") as f:
+            f.write(file_html(build_gpu_panel(answer), INLINE, title=answer["session"]))
+        print(f"wrote {ns.html}")
+
+
 #: CLI verbs that a notebook shows its own way (the arguments are still the CLI verb's).
 SHOWN: dict[str, Callable[[NSMLMagics, argparse.Namespace, str | None], Any]] = {
     "run": _run,
@@ -287,4 +313,5 @@ SHOWN: dict[str, Callable[[NSMLMagics, argparse.Namespace, str | None], Any]] = 
     "status": _status,
     "gpustat": _gpustat,
     "plot": _plot,
+    "gpumonitor": _gpumonitor,
 }

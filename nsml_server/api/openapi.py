@@ -47,6 +47,7 @@ from ..schemas import (
     ForkIn,
     GcIn,
     GcOut,
+    GpuUseOut,
     Health,
     Heartbeat,
     HoldList,
@@ -125,6 +126,7 @@ MODELS: list[type[BaseModel]] = [
     MetricsAccepted,
     MetricsIn,
     MetricsOut,
+    GpuUseOut,
     SessionIn,
     SessionList,
     SessionOut,
@@ -668,6 +670,14 @@ def session_paths() -> dict[str, Any]:
                         maximum=INT32_MAX,
                     ),
                 ],
+            )
+        },
+        s + "/gpu": {
+            "get": _op(
+                "The session's GPU use over time: utilisation and memory of each of its GPUs, "
+                "one sample per node heartbeat, older samples merged (bounded)",
+                {"200": _json(GpuUseOut, "The samples, oldest first")},
+                name,
             )
         },
         s + "/events": {

@@ -739,6 +739,21 @@ class MetricsHandler(SessionHandler):
             raise APIError(400, f"{name} must be an integer.", "bad_request") from None
 
 
+class GpuUseHandler(SessionHandler):
+    """``GET api/sessions/NAME/gpu``: the session's GPU use over time (see gpu_use.py)."""
+
+    def get(self, *name: str) -> None:
+        monitor = self.ctx.gpu_use
+        if monitor is None:
+            from ..gpu_use import GpuUseMonitor
+
+            monitor = GpuUseMonitor()
+        with self.ctx.db.session() as s:
+            row = self.readable(s, self.name_of(*name))
+            out = monitor.describe(s, row)
+        self.write_json(out)
+
+
 class CheckpointsHandler(SessionHandler):
     """``GET api/sessions/NAME/checkpoints``: the saved checkpoints, oldest first."""
 
@@ -947,6 +962,7 @@ def session_routes(ctx: ServerContext | None, service: SessionService | None) ->
         Route(n + "/logs", LogsHandler, k),
         Route(n + "/events", SessionEventsHandler, k),
         Route(n + "/metrics", MetricsHandler, k),
+        Route(n + "/gpu", GpuUseHandler, k),
         Route(n + "/checkpoints", CheckpointsHandler, k),
         Route(n + "/checkpoints/{checkpoint}", CheckpointHandler, k),
         Route(n + "/exec", ExecHandler, k),

@@ -91,6 +91,8 @@ BAD = [
     ("dataset rm", "nsml dataset rm: the following arguments are required"),
     ("dataset share mnist", "one of the arguments --team --public --private is required"),
     ("plot", "name the sessions to compare"),
+    ("gpumonitor", "nsml gpumonitor: the following arguments are required: session"),
+    ("gpumonitor alice/_/x", "'alice/_/x' is not a session name"),
     ("plot alice/_/1 --smooth 1", "argument --smooth: 1 is out of range: use 0 (none) to 0.999"),
     ("plot alice/_/1 --smooth x", "--smooth: 'x' is not a number"),
     ("plot --last 0", "argument --last: 0 is out of range; give a number of sessions from 1"),
