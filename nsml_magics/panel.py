@@ -308,6 +308,8 @@ def build_panel(
     from bokeh.layouts import column
     from bokeh.models import ColumnDataSource, CustomJS, HoverTool
     from bokeh.models.annotations import Legend, LegendItem
+    from bokeh.models.glyphs import Line
+    from bokeh.models.renderers import GlyphRenderer
     from bokeh.models.widgets import Div, Select
     from bokeh.plotting import figure
 
@@ -348,14 +350,14 @@ def build_panel(
         for k, r in enumerate(runs):
             s = r.series.get(m)
             src = ColumnDataSource(data=columns(line_data(s, x, weight, log) if s else None, x))
-            line = p.line(
-                "x",
-                "y",
-                source=src,
-                line_color=colours[k],
-                line_width=LINE_WIDTH,
+            # A renderer made directly (not p.line): BokehJS derives the selection, hover
+            # and muted glyphs itself, so a session costs one glyph model, not three.
+            line = GlyphRenderer(
+                data_source=src,
+                glyph=Line(x="x", y="y", line_color=colours[k], line_width=LINE_WIDTH),
                 name=r.name,
             )
+            p.renderers.append(line)
             line.tags = [k]
             sources[(k, m)] = src
             lines[(k, m)] = line
