@@ -207,3 +207,41 @@ def test_lineage_is_the_session_and_its_forks_breadth_first() -> None:
     ]
     assert [s["name"] for s in descendants("u/m/1", listed)] == ["u/m/2", "u/m/4", "u/m/3"]
     assert descendants("u/m/3", listed) == []
+
+
+def test_a_live_panel_streams_new_points_and_stops_following_ended_sessions() -> None:
+    from nsml_magics.comparison import LivePanel
+
+    runs = [
+        run("u/m/1", ["--lr", "1"], loss=[3.0, 2.0]),
+        run("u/m/2", ["--lr", "2"], loss=[5.0]),
+    ]
+    runs[0].state = "running"
+    panel = build_panel(runs)
+    live = LivePanel(
+        None,  # type: ignore[arg-type]  # apply() makes no HTTP call
+        panel,
+        [{"name": "u/m/1", "state": "running"}, {"name": "u/m/2", "state": "completed"}],
+    )
+    assert live.running() == [0]
+    answer = {"series": {"loss": {"steps": [2, 3], "values": [1.5, "nan"], "walls": [9, 10]}}}
+    live.apply([(0, "running", answer)])
+    src = panel.sources[(0, "loss")]
+    assert list(src.data["x"]) == [0, 1, 2, 3]
+    assert list(src.data["y"][:3]) == [3.0, 2.0, 1.5] and math.isnan(src.data["y"][3])
+    assert runs[0].series["loss"].steps == [0, 1, 2, 3]
+    live.apply([(0, "completed", {"series": {}})])
+    assert live.running() == []
+
+
+def test_a_zoomed_range_is_spliced_into_the_overview() -> None:
+    from nsml_magics.comparison import LivePanel
+
+    runs = [run("u/m/1", [], loss=[float(v) for v in range(0, 100, 10)])]
+    runs[0].series["loss"].steps = list(range(0, 100, 10))
+    panel = build_panel(runs)
+    live = LivePanel(None, panel, [{"name": "u/m/1", "state": "completed"}])  # type: ignore[arg-type]
+    exact = Series(list(range(40, 51)), [float(v) for v in range(40, 51)], [0.0] * 11, 11)
+    live.merge_range(35, 55, {(0, "loss"): exact})
+    xs = list(panel.sources[(0, "loss")].data["x"])
+    assert xs == [0, 10, 20, 30, *range(40, 51), 60, 70, 80, 90]
