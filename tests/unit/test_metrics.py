@@ -254,3 +254,18 @@ def test_a_zoomed_range_gets_its_exact_points(db: Database) -> None:
         assert zoom.total == 20
         thin = metric_series(s, row, since_step=0, to_step=299, max_points=10)["l"]
         assert thin.total == 300 and len(thin.steps) <= 10
+
+
+def test_decoded_batches_are_cached_within_a_bound() -> None:
+    from nsml_server.sessions import ChunkCache, chunk_columns, decode_chunk
+
+    body = '{"steps":[0,1,2],"walls":[1,2,3],"values":{"l":[1,null,"nan"]}}'
+    assert chunk_columns(body) is chunk_columns(body), "the second read is the cached one"
+    present, values = chunk_columns(body).values["l"]
+    assert present is not None and list(present) == [True, False, True]
+    assert values[0] == 1 and math.isnan(values[2])
+    cache = ChunkCache(max_values=20)
+    for k in range(5):  # 3 steps x (steps, walls, one metric) = 9 numbers each
+        cache.put((k,), decode_chunk(body))
+    assert cache.get((4,)) is not None and cache.get((3,)) is not None
+    assert cache.get((0,)) is None, "the least recently used left first"
