@@ -113,7 +113,7 @@ def test_a_notebook_cell_compares_three_sessions_and_hover_highlights_one_in_eve
     for name, row, want in zip(names, rows[1:], EXCLUSIVE[1:], strict=True):
         assert row[0].endswith(name) and row[1:] == want, (name, row)
     common = output.locator("table.nsml-common")
-    assert [r.split("\t") for r in common.locator("tr").all_inner_texts()[1:]] == [
+    assert [r.split("\t") for r in common.locator("tr").all_inner_texts()] == [
         ["argument", "value"],
         ["--steps", "5"],
     ], common.inner_text()
