@@ -137,7 +137,10 @@ def add_plot_verb(sub: argparse._SubParsersAction[_args.Parser]) -> None:
         help="x axis: step (default) or time since each session's first report",
     )
     sp.add_argument(
-        "--colour-by", metavar="ARG", help="colour the lines by this argument's value (e.g. --lr)"
+        "--colour-by",
+        metavar="ARG",
+        help="colour the lines by this argument's value (lr for --lr; #1 for the first "
+        "positional one)",
     )
     sp.add_argument(
         "--max-points",

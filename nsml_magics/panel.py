@@ -317,6 +317,11 @@ def build_panel(
         raise ValueError("no sessions to compare")
     split = split_args({r.name: r.args for r in runs})
     if colour_by is not None and colour_by not in split.exclusive:
+        # "lr" names --lr (a command line cannot easily pass "--lr" as an option's value)
+        colour_by = next(
+            (a for a in (f"--{colour_by}", f"-{colour_by}") if a in split.exclusive), colour_by
+        )
+    if colour_by is not None and colour_by not in split.exclusive:
         choices = ", ".join(split.exclusive) or "none differ"
         raise ValueError(
             f"cannot colour by {colour_by!r}: choose an argument that differs ({choices})"

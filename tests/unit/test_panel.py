@@ -105,6 +105,11 @@ def test_colour_by_an_argument(arg: str | None, expected_groups: int) -> None:
     assert [panel.lines[(k, "loss")].glyph.line_color for k in range(3)] == colours
 
 
+def test_colour_by_names_an_option_without_its_dashes() -> None:
+    panel = build_panel(RUNS, colour_by="lr")
+    assert panel.lines[(0, "loss")].glyph.line_color == panel.lines[(2, "loss")].glyph.line_color
+
+
 def test_colour_by_an_argument_that_does_not_differ_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match=r"--bs.*choose an argument that differs \(--lr, --amp\)"):
         build_panel(RUNS, colour_by="--bs")
