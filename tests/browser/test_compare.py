@@ -159,6 +159,20 @@ def test_the_same_panel_as_a_standalone_html_file_opens_offline(
         page.goto((tmp_path / "panel.html").as_uri())
         page.locator("table.nsml-exclusive tr.nsml-run").nth(0).hover()
         page.wait_for_function(lines_where("lines.some(([k, , w]) => k === 0 && w > 4)"))
+        # Hovering a line in a plot highlights its session in every plot: sweep down the
+        # first plot at a fixed x until the pointer is over a line.
+        box = page.locator("canvas").first.bounding_box()
+        assert box is not None
+        hit: list[Any] = []
+        for i in range(2, 98):
+            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * i / 100)
+            lines = page.evaluate(LINES_JS)
+            hit = [(k, w) for k, _, w, _ in lines if w > 4]
+            if hit:
+                break
+        assert hit, "no line found under the pointer"
+        k = hit[0][0]
+        assert hit == [(k, 4.5)] * 2, "the hovered session, wide in both plots"
     finally:
         context.close()
     assert "cdn.bokeh.org" not in (tmp_path / "panel.html").read_text()
