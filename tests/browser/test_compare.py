@@ -73,10 +73,16 @@ def run_sessions(hub: HubProcess, tmp_path: Path) -> list[str]:
 
 
 def run_cell(page: Any, code: str) -> None:
-    """Type *code* into the notebook's last cell and run it (Shift+Enter)."""
-    cell = page.locator(".jp-Notebook .jp-Cell").last
-    cell.locator(".cm-content").click()
+    """Once the kernel is idle, type *code* into the notebook's last cell and run it
+    (Shift+Enter)."""
+    from playwright.sync_api import expect
+
+    status = page.get_by_role("button", name=re.compile(r"Python 3 \(ipykernel\) \| Idle"))
+    expect(status).to_be_visible()
+    editor = page.locator(".jp-Notebook .jp-Cell").last.locator(".cm-content")
+    editor.click()
     page.keyboard.type(code)
+    expect(editor).to_have_text(code)
     page.keyboard.press("Shift+Enter")
 
 
