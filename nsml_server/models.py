@@ -499,6 +499,7 @@ class Submission(Base):
     checkpoint_sha256: Mapped[str] = mapped_column(String(64))
     code_digest: Mapped[str] = mapped_column(String(64))
     entry: Mapped[str] = mapped_column(String(1024))
+    args: Mapped[list[Any]] = mapped_column(default=list)
     image: Mapped[str] = mapped_column(String(512))
     resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)

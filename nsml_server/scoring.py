@@ -32,6 +32,7 @@ __all__ = [
     "get_metric",
     "parse_table",
     "score",
+    "score_parts",
 ]
 
 #: The most ids an error message lists before "and N more".
@@ -120,13 +121,21 @@ def align(labels: Mapping[str, str], predictions: Mapping[str, str]) -> tuple[li
     return [labels[k] for k in order], [predictions[k] for k in order]
 
 
+def _shown(value: object, what: str) -> str:
+    """How a refusal names a value: a prediction's is shown; a label's never is (the
+    submitter reads the message, and labels are secret)."""
+    return repr(value) if what != "label" else "(hidden)"
+
+
 def _number(value: object, what: str, index: int) -> float:
     try:
         x = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ScoringError(f"{what} {index + 1} is {value!r}, not a number") from None
+        raise ScoringError(f"{what} {index + 1} is {_shown(value, what)}, not a number") from None
     if not math.isfinite(x):
-        raise ScoringError(f"{what} {index + 1} is {value!r}; it must be a finite number")
+        raise ScoringError(
+            f"{what} {index + 1} is {_shown(value, what)}; it must be a finite number"
+        )
     return x
 
 
@@ -150,7 +159,7 @@ def _classes(values: Sequence[object], what: str) -> list[str]:
     out = [_class(v) for v in values]
     for i, c in enumerate(out):
         if c == "" or c.lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
-            raise ScoringError(f"{what} {i + 1} is {values[i]!r}; it must name a class")
+            raise ScoringError(f"{what} {i + 1} is {_shown(values[i], what)}; it must name a class")
     return out
 
 
@@ -217,7 +226,9 @@ def _binary(values: Sequence[object]) -> list[bool]:
         elif c in _FALSE:
             out.append(False)
         else:
-            raise ScoringError(f"label {i + 1} is {v!r}; roc_auc needs labels 0 or 1")
+            raise ScoringError(
+                f"label {i + 1} is {_shown(v, 'label')}; roc_auc needs labels 0 or 1"
+            )
     return out
 
 
@@ -294,3 +305,35 @@ def score(metric: str, labels_csv: str, predictions_csv: str) -> float:
     predictions = parse_table(predictions_csv, "prediction", "predictions")
     y_true, y_pred = align(labels, predictions)
     return m.compute(y_true, y_pred)
+
+
+def score_parts(
+    metric: str,
+    predictions_csv: str,
+    labels_csv: str,
+    private_labels_csv: str | None = None,
+) -> tuple[float, float | None]:
+    """The public and private scores of a predictions file (private None without a part).
+
+    The predictions cover every id of both parts, no more; each part is scored on its own ids.
+
+    Raises:
+        ScoringError: as :func:`score`; also when both parts name one id.
+    """
+    m = get_metric(metric)
+    predictions = parse_table(predictions_csv, "prediction", "predictions")
+    public = parse_table(labels_csv, "label", "labels")
+    private = (
+        parse_table(private_labels_csv, "label", "private labels")
+        if private_labels_csv is not None
+        else {}
+    )
+    if public.keys() & private.keys():
+        raise ScoringError(
+            "the public and private labels name the same ids; the owner must fix them"
+        )
+    align(public | private, predictions)
+    public_score = m.compute(*align(public, {k: predictions[k] for k in public}))
+    if not private:
+        return public_score, None
+    return public_score, m.compute(*align(private, {k: predictions[k] for k in private}))

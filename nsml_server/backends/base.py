@@ -316,6 +316,20 @@ class ExecutionBackend(abc.ABC):
             reason="unsupported",
         )
 
+    async def read_file(self, handle: str, path: str, limit: int) -> bytes | None:
+        """The content of the regular file *path* inside the run (running or exited); None
+        when there is no such file.
+
+        Raises:
+            BackendError: reason ``too_large`` when it holds more than *limit* bytes, or
+                ``unsupported`` when the backend cannot read inside a run.
+        """
+        raise BackendError(
+            f"reading a file inside a run needs a Docker engine; the {self.kind} backend "
+            "cannot do it",
+            reason="unsupported",
+        )
+
     async def wait(self, handle: str, timeout_s: float, poll_s: float = 0.1) -> RunStatus:
         """Poll until the run is exited or missing, or *timeout_s* passes; return its status."""
         deadline = time.monotonic() + timeout_s

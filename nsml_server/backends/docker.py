@@ -733,6 +733,41 @@ class DockerBackend(ExecutionBackend):
                     reason="timeout",
                 ) from None
 
+    async def read_file(self, handle: str, path: str, limit: int) -> bytes | None:
+        """``docker cp`` of one regular file out of the container (also once it exited).
+
+        Raises:
+            BackendError: reason ``too_large`` over *limit* bytes, ``not_a_file`` when *path*
+                is a folder, a link or a device; engine errors as elsewhere.
+        """
+
+        def get(api: docker.APIClient) -> bytes | None:
+            try:
+                stream, stat = api.get_archive(handle, path)
+            except docker.errors.NotFound:
+                return None
+            if not stat or int(stat.get("size", 0)) > limit:
+                raise BackendError(
+                    f"{path} in the run holds more than {limit} bytes", reason="too_large"
+                )
+            data = bytearray()
+            for chunk in stream:
+                data += chunk
+                if len(data) > limit + 1024 * 1024:  # the tar headers are small
+                    raise BackendError(
+                        f"{path} in the run holds more than {limit} bytes", reason="too_large"
+                    )
+            with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+                member = tar.next()
+                if member is None or not member.isreg():
+                    raise BackendError(f"{path} in the run is not a file", reason="not_a_file")
+                f = tar.extractfile(member)
+                assert f is not None
+                return f.read(limit + 1)[:limit]
+
+        with self._engine_errors("copy a file out of a container"):
+            return await self._call("copy out", get)
+
     async def close(self) -> None:
         """Close the HTTP connections and the thread pool; containers keep running."""
         client, self._client = self._client, None

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsml_server.scoring import METRICS, ScoringError, align, get_metric, parse_table, score
+from nsml_server.scoring import (
+    METRICS,
+    ScoringError,
+    align,
+    get_metric,
+    parse_table,
+    score,
+    score_parts,
+)
 
 # (metric, labels, predictions, expected) — each worked out by hand in the comment.
 CASES = [
@@ -65,7 +73,8 @@ def test_metric_values(
         ("accuracy", [], [], "the test set is empty"),
         ("roc_auc", ["1", "1"], ["0.2", "0.3"], "undefined when every label is 1"),
         ("roc_auc", ["0", "0"], ["0.2", "0.3"], "undefined when every label is 0"),
-        ("roc_auc", ["0", "2"], ["0.2", "0.3"], "label 2 is '2'; roc_auc needs labels 0 or 1"),
+        ("roc_auc", ["0", "2"], ["0.2", "0.3"], "label 2 is (hidden); roc_auc needs labels 0"),
+        ("mse", ["1", "x"], ["1", "2"], "label 2 is (hidden), not a number"),
     ],
 )
 def test_values_that_cannot_be_scored_say_which(
@@ -156,3 +165,21 @@ def test_roc_auc_is_the_share_of_rightly_ordered_pairs(rows: list[tuple[bool, in
     assert get_metric("roc_auc").compute(labels, scores) == pytest.approx(
         pairs / (len(pos) * len(neg))
     )
+
+
+def test_public_and_private_parts_are_scored_apart_and_both_must_be_predicted() -> None:
+    public = "id,label\na,1\nb,0\n"
+    private = "id,label\nc,1\nd,1\n"
+    predictions = "id,prediction\nd,0\nc,1\nb,0\na,1\n"
+    assert score_parts("accuracy", predictions, public, private) == (1.0, 0.5)
+    assert score_parts("accuracy", "id,prediction\na,1\nb,1\n", public) == (0.5, None)
+    with pytest.raises(ScoringError, match="missing ids: c, d"):
+        score_parts("accuracy", "id,prediction\na,1\nb,1\n", public, private)
+    with pytest.raises(ScoringError, match="name the same ids"):
+        score_parts("accuracy", predictions, public, "id,label\na,1\n")
+
+
+def test_the_clients_list_of_built_in_metrics_is_the_servers() -> None:
+    from nsml.datasets import BUILTIN_METRIC_ORDER
+
+    assert BUILTIN_METRIC_ORDER == {n: m.higher_is_better for n, m in METRICS.items()}

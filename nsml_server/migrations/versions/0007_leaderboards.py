@@ -49,6 +49,7 @@ def upgrade() -> None:
         sa.Column("checkpoint_sha256", sa.String(length=64), nullable=False),
         sa.Column("code_digest", sa.String(length=64), nullable=False),
         sa.Column("entry", sa.String(length=1024), nullable=False),
+        sa.Column("args", sa.JSON(), nullable=False),
         sa.Column("image", sa.String(length=512), nullable=False),
         sa.Column("resources", sa.JSON(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
