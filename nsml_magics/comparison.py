@@ -382,8 +382,9 @@ class LivePanel:
         self.merge_range(lo, hi, exact)
 
     def fetch_range(self, lo: float, hi: float) -> dict[tuple[int, str], Series]:
-        """Exact points (up to the point budget) in steps [lo, hi] of every series that was
-        downsampled (blocking)."""
+        """Exact points in steps [lo, hi] of every series that was downsampled (blocking): up
+        to the overview's budget, at least :data:`DEFAULT_MAX_POINTS` (a zoomed plot is as
+        wide as the whole one)."""
         out: dict[tuple[int, str], Series] = {}
         for k, run in enumerate(self.panel.runs):
             thinned = [m for m, s in run.series.items() if s.total > len(s.steps)]
@@ -395,7 +396,7 @@ class LivePanel:
                 names=thinned,
                 since_step=max(math.floor(lo), -(2**62)),
                 to_step=min(math.ceil(hi), 2**62),
-                max_points=self.max_points,
+                max_points=max(self.max_points, DEFAULT_MAX_POINTS),
             )
             for m, s in run_from_api({"name": run.name}, answer).series.items():
                 out[(k, m)] = s

@@ -19,8 +19,9 @@ import pytest
 
 from tests.browser.conftest import HubUser
 from tests.browser.test_homes import small_server
+from tests.integration.conftest import wait_for
 from tests.integration.hubproc import HubProcess
-from tests.integration.test_sessions import TRAIN_PY, cli_for, wait_state
+from tests.integration.test_sessions import TRAIN_PY, cli_for, status, wait_state
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
 
@@ -143,6 +144,93 @@ def test_a_notebook_cell_compares_three_sessions_and_hover_highlights_one_in_eve
     page.locator(".jp-Notebook .jp-Cell").first.locator(".cm-content").hover()
     page.wait_for_function(lines_where("lines.every(([, , , a]) => a === 1)"))
     me.shot("row-left")
+
+
+# The x values of the line of session NAME in plot METRIC, and the plot's x range, read from
+# the Bokeh document that holds that line.
+LINE_X_JS = """([name, metric]) => {
+  if (!window.Bokeh) return null;
+  for (const d of Bokeh.documents) {
+    const models = [...d.all_models];
+    const line = models.find(m => m.type === 'GlyphRenderer' && m.name === name);
+    if (!line) continue;
+    const plot = models.find(m => m.name === 'nsml-plot-' + metric);
+    return {x: Array.from(line.data_source.data.x), range: [plot.x_range.start, plot.x_range.end]};
+  }
+  return null;
+}"""
+
+
+def test_a_running_session_grows_live_and_a_zoom_fetches_the_exact_points(
+    hub: HubProcess, hub_user: Callable[[str], HubUser], tmp_path: Path
+) -> None:
+    """The panel follows a running session without blocking the kernel (its line grows), and
+    zooming into a range (by step) replaces the downsampled points there by the exact ones."""
+    from playwright.sync_api import expect
+
+    user = USER + "-live"
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / "train.py").write_text(TRAIN_PY)
+    nsml = cli_for(hub, hub.user_token(user), folder)
+    me = hub_user(user)
+    page = me.page
+    me.log_in()
+    me.start_server(small_server(hub))
+    page.locator(".jp-LauncherCard[data-category='Notebook']").first.click()
+    expect(page.get_by_role("tab", name=re.compile(r"Untitled.*\.ipynb"))).to_be_visible()
+    run_cell(page, "warm = 1 + 1; warm")  # the kernel is up before the session starts
+    expect(page.locator(".jp-OutputArea-output").last).to_have_text("2")
+    # 3 epochs x 20 steps, 0.5 s a step: about 30 s of reports, steps 0 to 59
+    name = nsml(
+        "run", "train.py", "--", "--epochs", "3", "--steps", "20", "--sleep", "0.5"
+    ).stdout.strip()
+    wait_for(
+        lambda: (st := status(nsml, name))["state"] == "running" and (st["last_step"] or 0) >= 2,
+        timeout=120,
+        interval=0.3,
+        what=f"{name} running with a few reports",
+    )
+    run_cell(page, f"%nsml plot {name} --metric loss --max-points 3")
+    expect(page.locator(".jp-OutputArea-output table.nsml-exclusive")).to_be_visible()
+    first = page.wait_for_function(f"(a) => ({LINE_X_JS})(a)", arg=[name, "loss"]).json_value()
+    assert 0 < len(first["x"]) <= 3, first
+    me.shot("live-first")
+    # The kernel is free meanwhile: another cell runs.
+    run_cell(page, "answer = 6 * 7; answer")
+    expect(page.locator(".jp-OutputArea-output").last).to_have_text("42")
+    # The line grows while the session runs (new points streamed in, each batch downsampled).
+    page.wait_for_function(
+        f"(a) => {{ const r = ({LINE_X_JS})(a); return r && r.x.length > {len(first['x'])}; }}",
+        arg=[name, "loss"],
+    )
+    assert wait_state(nsml, name, timeout=180)["state"] == "completed"
+    page.wait_for_function(
+        f"(a) => {{ const r = ({LINE_X_JS})(a); return r && Math.max(...r.x) === 59; }}",
+        arg=[name, "loss"],
+    )
+    me.shot("live-ended")
+    before = page.evaluate(LINE_X_JS, [name, "loss"])
+    inside = [x for x in before["x"] if 20 <= x <= 40]
+    assert len(inside) < 21, ("the series is downsampled before the zoom", before)
+    # Zoom to steps 20-40 (as the zoom tool sets the range): the kernel fetches that range's
+    # exact points and splices them in.
+    page.evaluate(
+        """([name]) => { for (const d of Bokeh.documents) {
+             const plot = [...d.all_models].find(m => m.name === 'nsml-plot-loss');
+             const line = [...d.all_models].find(m => m.name === name);
+             if (plot && line) { plot.x_range.start = 20; plot.x_range.end = 40; } } }""",
+        [name],
+    )
+    page.wait_for_function(
+        f"""(a) => {{ const r = ({LINE_X_JS})(a);
+             return r && r.x.filter(x => x >= 20 && x <= 40).length === 21; }}""",
+        arg=[name, "loss"],
+    )
+    after = page.evaluate(LINE_X_JS, [name, "loss"])
+    assert [x for x in after["x"] if 20 <= x <= 40] == list(range(20, 41)), after
+    assert after["x"] == sorted(after["x"]), "the overview outside, the exact points inside"
+    me.shot("zoomed")
 
 
 def test_the_same_panel_as_a_standalone_html_file_opens_offline(
