@@ -373,6 +373,8 @@ class LivePanel:
         lo, hi = self.panel.x_range.start, self.panel.x_range.end
         if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
             return
+        if self.covers_all(lo, hi):
+            return  # the plot fitting its data (first drawing, new points, reset): no zoom
         loop = asyncio.get_running_loop()
         try:
             exact = await loop.run_in_executor(None, self.fetch_range, lo, hi)
@@ -380,6 +382,14 @@ class LivePanel:
             log.warning("compare: zoom refinement failed: %s", e)
             return
         self.merge_range(lo, hi, exact)
+
+    def covers_all(self, lo: float, hi: float) -> bool:
+        """Whether [lo, hi] holds every step of every line (then the overview is what a
+        plot of that width shows)."""
+        steps = [s.steps for r in self.panel.runs for s in r.series.values() if s.steps]
+        if not steps:
+            return True
+        return lo <= min(min(s) for s in steps) and hi >= max(max(s) for s in steps)
 
     def fetch_range(self, lo: float, hi: float) -> dict[tuple[int, str], Series]:
         """Exact points in steps [lo, hi] of every series that was downsampled (blocking): up

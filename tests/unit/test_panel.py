@@ -250,3 +250,12 @@ def test_a_zoomed_range_is_spliced_into_the_overview() -> None:
     live.merge_range(35, 55, {(0, "loss"): exact})
     xs = list(panel.sources[(0, "loss")].data["x"])
     assert xs == [0, 10, 20, 30, *range(40, 51), 60, 70, 80, 90]
+
+
+def test_a_range_that_holds_every_point_is_no_zoom() -> None:
+    from nsml_magics.comparison import LivePanel
+
+    runs = [run("u/m/1", [], loss=[1.0] * 10)]
+    live = LivePanel(None, build_panel(runs), [{"name": "u/m/1", "state": "completed"}])  # type: ignore[arg-type]
+    assert live.covers_all(-0.5, 9.5)
+    assert not live.covers_all(2, 9.5)
