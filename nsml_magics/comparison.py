@@ -271,7 +271,6 @@ class LivePanel:
         self.widget: Any = None
         self.task: asyncio.Task[None] | None = None
         self.zoom_task: asyncio.Task[None] | None = None
-        self.overview = {key: dict(src.data) for key, src in panel.sources.items()}
 
     def running(self) -> list[int]:
         return [
@@ -355,7 +354,6 @@ class LivePanel:
                     src.data = columns(line_data(have, p.x, p.weight, p.log), p.x)
                 else:
                     src.stream(columns(line_data(s, p.x, 0.0, p.log), p.x))
-                self.overview[(k, m)] = dict(src.data)
 
     def _zoomed(self, attr: str, old: Any, new: Any) -> None:
         """The x range changed in the browser: fetch the visible range's exact points once
@@ -413,12 +411,15 @@ class LivePanel:
         return out
 
     def merge_range(self, lo: float, hi: float, exact: dict[tuple[int, str], Series]) -> None:
-        """Each refined line: the overview outside [lo, hi], the exact points inside."""
+        """Each refined line: the overview outside [lo, hi], the exact points inside. The
+        overview is the points fetched so far (kept in the panel's runs), not the data source
+        (which the browser also writes to)."""
         p = self.panel
         for key, s in exact.items():
-            if key not in p.sources:
+            k, m = key
+            if key not in p.sources or m not in p.runs[k].series:
                 continue
-            base = self.overview[key]
+            base = line_data(p.runs[k].series[m], p.x, p.weight, p.log)
             inside = line_data(s, p.x, p.weight, p.log)
             bx = [float(v) for v in base["x"]]
             by = [float(v) for v in base["y"]]
