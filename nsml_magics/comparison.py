@@ -335,7 +335,10 @@ class LivePanel:
 
     def apply(self, fresh: Sequence[tuple[int, str, dict[str, Any]]]) -> None:
         """Stream new points into the lines (on the kernel's loop: Bokeh models are not
-        thread-safe)."""
+        thread-safe). The points fetched so far are kept with the runs: jupyter_bokeh 4.1
+        sends a patch it applied in the browser back to the kernel, so a streamed batch is
+        appended twice to the kernel's copy of a data source (the browser's is right), and
+        nothing here reads that copy."""
         p = self.panel
         for k, state, answer in fresh:
             run = p.runs[k]
