@@ -297,6 +297,8 @@ class FakeNVML:
         self.driver_version = driver_version
         self.calls: list[str] = []
         self.init_count = 0
+        self._programs: dict[int, tuple[list[int], list[int]]] = {}
+        self._samples: dict[int, int] = {}
         self._pci = [_pci(i // 240, 0x10 + i % 240) for i in range(len(self.gpus))]
         self._switch_of: dict[int, int] = {}
         for group_id, group in enumerate(pcie_switches):
@@ -320,6 +322,36 @@ class FakeNVML:
                     self._links[b].append((self._pci[a], NVML_NVLINK_DEVICE_TYPE_GPU))
             for links in self._links:
                 links.extend([None] * max(0, nvlink_links - len(links)))
+
+    def program(
+        self,
+        index: int,
+        utilization_pct: Iterable[int] = (),
+        memory_used_mib: Iterable[int] = (),
+    ) -> None:
+        """Program GPU *index*'s load as curves, one value per sample: the k-th read of its
+        utilisation (``nvmlDeviceGetUtilizationRates``) gives ``utilization_pct[k]``, and its
+        memory in use (``nvmlDeviceGetMemoryInfo``) reads ``memory_used_mib[k]`` until then
+        (a probe reads memory, then utilisation, per sample); past the end the last values
+        stay (the GPU's fields hold them)."""
+        self._programs[index] = (list(utilization_pct), list(memory_used_mib))
+        self._samples[index] = 0
+
+    def _programmed(self, index: int, utilisation_read: bool) -> None:
+        """Set GPU *index*'s fields from its programmed curves, if any; a utilisation read
+        ends the sample."""
+        program = self._programs.get(index)
+        if program is None:
+            return
+        k = self._samples[index]
+        util, mem = program
+        gpu = self.gpus[index]
+        if mem:
+            gpu.memory_used_mib = mem[min(k, len(mem) - 1)]
+        if utilisation_read:
+            if util:
+                gpu.utilization_pct = util[min(k, len(util) - 1)]
+            self._samples[index] = k + 1
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -384,13 +416,17 @@ class FakeNVML:
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> FakeMemory:
         """Memory sizes in bytes."""
-        gpu = self.gpus[self._gpu("nvmlDeviceGetMemoryInfo", handle)]
+        index = self._gpu("nvmlDeviceGetMemoryInfo", handle)
+        self._programmed(index, utilisation_read=False)
+        gpu = self.gpus[index]
         total, used = gpu.memory_total_mib * _MIB, gpu.memory_used_mib * _MIB
         return FakeMemory(total=total, free=total - used, used=used)
 
     def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> FakeUtilization:
         """Utilization percentages."""
-        gpu = self.gpus[self._gpu("nvmlDeviceGetUtilizationRates", handle)]
+        index = self._gpu("nvmlDeviceGetUtilizationRates", handle)
+        self._programmed(index, utilisation_read=True)
+        gpu = self.gpus[index]
         return FakeUtilization(gpu=gpu.utilization_pct, memory=gpu.utilization_pct)
 
     def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> FakePciInfo:

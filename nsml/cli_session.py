@@ -108,6 +108,17 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def gpu_use_text(st: dict[str, Any]) -> str:
+    """A running session's current GPU use, ``gpu 87% 10.2G`` (mean utilisation over its GPUs,
+    memory in use summed); empty when its GPUs report none (virtual ones never do)."""
+    use = [g for g in st.get("gpu_use") or () if g.get("utilization_pct") is not None]
+    if not use:
+        return ""
+    pct = sum(float(g["utilization_pct"]) for g in use) / len(use)
+    mib = sum(int(g.get("memory_used_mib") or 0) for g in use)
+    return f"gpu {pct:.0f}% {mib / 1024:.1f}G"
+
+
 def cmd_ps(client: Client, args: argparse.Namespace) -> int:
     rows = sessions.ps(
         client,
@@ -130,6 +141,9 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
             extra = f"#{q['position']} in queue: {q['reason']}"
         elif st["state"] in ("failed", "oom_killed", "lost") and st.get("message"):
             extra = st["message"]
+        use = gpu_use_text(st)
+        if use:
+            extra = f"{use}  {extra}" if extra else use
         if st.get("memo"):
             extra = f"{extra}  [{st['memo']}]" if extra else f"[{st['memo']}]"
         print(

@@ -422,15 +422,29 @@ def metrics(
     *,
     names: Sequence[str] | None = None,
     since_step: int | None = None,
+    to_step: int | None = None,
+    max_points: int | None = None,
 ) -> dict[str, Any]:
     """Reported metrics: ``last_step``, ``last_metrics`` and ``series`` (per metric:
-    ``steps``, ``values``, ``walls``)."""
+    ``steps``, ``values``, ``walls``, ``total``). *since_step*/*to_step* select a step
+    range; *max_points* has the server downsample each series to at most that many points
+    (shape, extremes and NaN/inf kept; ``total`` is the count before)."""
     result: dict[str, Any] = client.request(
         "GET",
         _path(full_name(client, ref), "/metrics"),
         names=",".join(names) if names else None,
         since_step=since_step,
+        to_step=to_step,
+        max_points=max_points,
     )
+    return result
+
+
+def gpu_use(client: Client, ref: str) -> dict[str, Any]:
+    """A session's GPU use over time: ``t`` (sample starts, epoch seconds), ``seconds``
+    (each covers), ``gpus`` (per GPU: ``utilization_pct``, ``memory_used_mib``), ``note``
+    (why there are none: e.g. virtual GPUs report no utilisation)."""
+    result: dict[str, Any] = client.request("GET", _path(full_name(client, ref), "/gpu"))
     return result
 
 

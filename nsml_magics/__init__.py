@@ -8,6 +8,9 @@
     %nsml ps
     %nsml logs alice/mnist/3 -f
     %nsml dataset push mnist ./data
+    %nsml plot alice/mnist/* --metric loss      # curves side by side, arguments split
+
+``nsml_magics.compare(...)`` returns the same comparison panel as a Bokeh layout.
 
 Mistakes raise :class:`IPython.core.error.UsageError` (a one-line message with the valid
 choices, no traceback); errors from the server are shown the same way.
@@ -17,7 +20,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_ipython_extension", "unload_ipython_extension"]
+__all__ = ["compare", "load_ipython_extension", "unload_ipython_extension"]
+
+
+def compare(*refs: str, **options: Any) -> Any:
+    """The comparison panel of sessions as a Bokeh layout (see
+    :func:`nsml_magics.comparison.compare`; Bokeh is imported only when it is called)."""
+    from .comparison import compare as build
+
+    return build(*refs, **options)
 
 
 def load_ipython_extension(ip: Any) -> None:

@@ -5,9 +5,9 @@ magic verb parses with the CLI verb's own parser (the same converters, so the sa
 refused, with the same one-line reasons) and calls the same function. A mistake or an error
 from the server is a :class:`UsageError` (one line, no traceback). Some verbs are shown richer
 in a notebook (:data:`SHOWN`): ``run``, ``fork`` and ``resume`` add a live status line,
-``status``, ``gpustat`` and ``leaderboard`` an HTML table (the caller's rows marked).
-Results and notes are the cell's output (standard output), so that JupyterLab never shows a
-summary as an error.
+``status``, ``gpustat`` and ``leaderboard`` an HTML table (the caller's rows marked),
+``plot`` the interactive comparison panel. Results and notes are the cell's output
+(standard output), so that JupyterLab never shows a summary as an error.
 """
 
 from __future__ import annotations
@@ -273,6 +273,51 @@ def _gpustat(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
     display(_table(list(gpu_rows(nodes)), GPUSTAT_COLUMNS))
 
 
+def _plot(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
+    from nsml.cli_plot import MAX_SESSIONS, needs_bokeh, plot_kwargs
+
+    needs_bokeh()
+    from .comparison import LivePanel, compare_panel, write_html
+
+    kwargs = plot_kwargs(ns)
+    panel, statuses = compare_panel(*ns.sessions, client=m.client, **kwargs)
+    if len(panel.runs) > MAX_SESSIONS:
+        raise UsageError(
+            f"%nsml plot: {len(panel.runs)} sessions chosen; a panel compares at most "
+            f"{MAX_SESSIONS}"
+        )
+    if ns.html:
+        print(f"wrote {write_html(panel, ns.html)}")
+    live = LivePanel(m.client, panel, statuses, max_points=kwargs["max_points"]).show()
+    m.lines["plot:" + ",".join(r.name for r in panel.runs)] = live
+
+
+def _gpumonitor(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
+    from nsml import sessions
+    from nsml.cli_plot import needs_bokeh
+
+    answer = sessions.gpu_use(m.client, ns.session)
+    if ns.json:
+        print_json(answer)
+        return
+    needs_bokeh()
+    from bokeh.io import show
+
+    from .comparison import load_bokehjs
+    from .gpumonitor import build_gpu_panel, summary
+
+    print(summary(answer))
+    load_bokehjs()
+    show(build_gpu_panel(answer))
+    if ns.html:
+        from bokeh.embed import file_html
+        from bokeh.resources import INLINE
+
+        with open(ns.html, "w") as f:
+            f.write(file_html(build_gpu_panel(answer), INLINE, title=answer["session"]))
+        print(f"wrote {ns.html}")
+
+
 def _leaderboard(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
     from urllib.parse import quote
 
@@ -297,5 +342,7 @@ SHOWN: dict[str, Callable[[NSMLMagics, argparse.Namespace, str | None], Any]] = 
     "resume": _resume,
     "status": _status,
     "gpustat": _gpustat,
+    "plot": _plot,
+    "gpumonitor": _gpumonitor,
     "leaderboard": _leaderboard,
 }

@@ -154,6 +154,7 @@ class NSMLServer(DBSettings):
 
     name = "nsml-server"
     version = __version__
+    gpu_use: Any = None  # gpu_use.GpuUseMonitor, made by init_gpu_use
     description = "The NSML control plane (a JupyterHub managed service)."
     examples = """
     nsml-server                                   # as a hub managed service (the usual way)
@@ -665,6 +666,7 @@ class NSMLServer(DBSettings):
             is_leader=lambda: self.lease.is_leader,
             datasets=self.datasets,
             allowed_images=tuple(self.allowed_images),
+            gpu_use=self.gpu_use,
         )
         api = self.base_url + "api/"
         document = openapi_document(__version__, self.base_url, self.allowed_images)
@@ -698,7 +700,7 @@ class NSMLServer(DBSettings):
         body = await asyncio.get_running_loop().run_in_executor(None, collect)
         hb = Heartbeat.model_validate(body)
         with self.db.session() as s:
-            nodes.apply_heartbeat(s, self.node_name, hb, utcnow())
+            nodes.apply_heartbeat(s, self.node_name, hb, utcnow(), self.gpu_use)
 
     async def loop(self, period: float, fn: Any, what: str, first_after: float = 0) -> None:
         await asyncio.sleep(first_after)
@@ -721,6 +723,14 @@ class NSMLServer(DBSettings):
     async def check_nodes(self) -> None:
         with self.db.session() as s:
             nodes.mark_silent_nodes_down(s, utcnow(), timedelta(seconds=self.node_timeout))
+
+    def init_gpu_use(self) -> None:
+        """Sessions' GPU use over time, sampled on every node heartbeat (see gpu_use.py)."""
+        from .gpu_use import GpuUseMonitor
+
+        self.gpu_use = GpuUseMonitor(parent=self)
+        if "interval_s" not in self.config.get("GpuUseMonitor", {}):
+            self.gpu_use.interval_s = self.heartbeat_interval
 
     def init_sessions(self) -> None:
         from .artifacts import ArtifactStore
@@ -814,6 +824,7 @@ class NSMLServer(DBSettings):
         self.init_scheduler()
         self.init_datasets()
         self.init_sessions()
+        self.init_gpu_use()
         app = self.make_app()
         # Large reads of streamed dataset uploads (1 MiB instead of 64 KiB).
         self.http = HTTPServer(app, xheaders=True, chunk_size=1 << 20)

@@ -515,3 +515,20 @@ class Submission(Base):
     submitted: Mapped[datetime] = mapped_column(DateTime, index=True)
     started: Mapped[datetime | None] = mapped_column(DateTime)
     finished: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class SessionGpuUse(Base):
+    """A running session's GPU use over time (:mod:`nsml_server.gpu_use`): one row per
+    session, its bounded series of samples (``[{"t", "w", "u", "m"}]``: start time, seconds
+    covered, utilisation % and memory MiB per GPU), older samples merged as it grows."""
+
+    __tablename__ = "session_gpu_use"
+
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    gpu_ids: Mapped[list[Any]] = mapped_column(default=list)
+    samples: Mapped[list[Any]] = mapped_column(default=list)
+    #: Start (epoch seconds) of the idle stretch the last "GPUs idle" notice was given for.
+    idle_notified_for: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload
@@ -17,8 +18,11 @@ from .schemas import GpuOut, Heartbeat, NodeOut
 log = logging.getLogger("nsml_server.nodes")
 
 
-def apply_heartbeat(s: Session, name: str, hb: Heartbeat, now: datetime) -> Node:
-    """Create or refresh node *name* from a heartbeat.
+def apply_heartbeat(
+    s: Session, name: str, hb: Heartbeat, now: datetime, gpu_use: Any = None
+) -> Node:
+    """Create or refresh node *name* from a heartbeat (and, given a
+    :class:`~nsml_server.gpu_use.GpuUseMonitor` as *gpu_use*, sample its sessions' GPU use).
 
     A node that was ``down`` comes back ``up``; a ``draining`` node stays draining (only an
     admin undrains it). GPUs are matched by index; a GPU that vanished from the report stays
@@ -61,6 +65,8 @@ def apply_heartbeat(s: Session, name: str, hb: Heartbeat, now: datetime) -> Node
         if index not in seen and gpu.healthy:
             log.warning("node %s:gpu%d no longer reported; marked unhealthy", name, index)
             gpu.healthy = False
+    if gpu_use is not None:
+        gpu_use.record(s, name, hb, now)
     return node
 
 

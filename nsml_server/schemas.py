@@ -563,6 +563,11 @@ class MetricSeries(BaseModel):
         description='one per step; NaN and infinities as "nan", "inf", "-inf"'
     )
     walls: list[float]
+    total: int = Field(
+        default=0,
+        description="points of the series in the asked step range before downsampling "
+        "(more than len(steps) when max_points thinned it)",
+    )
 
 
 class MetricsOut(BaseModel):
@@ -571,6 +576,32 @@ class MetricsOut(BaseModel):
     last_metrics: dict[str, MetricValueOut]
     points: int
     series: dict[str, MetricSeries]
+
+
+class GpuUseSeries(BaseModel):
+    gpu: str = Field(description="the GPU's index on the node")
+    utilization_pct: list[float | None] = Field(description="one per sample, percent")
+    memory_used_mib: list[float | None] = Field(description="one per sample, MiB")
+
+
+class GpuUseOut(BaseModel):
+    """A session's GPU use over time: one sample per node heartbeat while it runs; older
+    samples merged (``seconds`` says how long each covers), so the series stays bounded."""
+
+    session: str
+    state: str
+    node: str | None
+    t: list[float] = Field(description="each sample's start, seconds since the epoch (UTC)")
+    seconds: list[float] = Field(description="the seconds each sample covers")
+    gpus: list[GpuUseSeries]
+    current_utilization_pct: float | None = Field(
+        description="the last sample's mean utilisation over the session's GPUs"
+    )
+    note: str | None = Field(
+        description="why there are no samples (e.g. virtual GPUs report no utilisation)"
+    )
+    idle_after_s: float = Field(description='seconds idle before the "GPUs idle" event')
+    idle_threshold_pct: float = Field(description="utilisation at or below which a GPU is idle")
 
 
 class CheckpointOut(BaseModel):

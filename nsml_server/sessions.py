@@ -24,14 +24,19 @@ import logging
 import math
 import re
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import numpy as np
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+
+from nsml.downsample import downsample
 
 from .models import (
     SESSION_ACTIVE_STATES,
@@ -760,30 +765,139 @@ def metric_series(
     row: TrainingSession,
     names: Sequence[str] | None = None,
     since_step: int | None = None,
+    *,
+    to_step: int | None = None,
+    max_points: int | None = None,
 ) -> dict[str, MetricSeries]:
     """Per-metric series (steps, values, times) in report order; NaN and infinities are the
-    strings ``"nan"``, ``"inf"``, ``"-inf"`` (see :func:`metric_out`)."""
-    q = select(SessionMetricChunk.payload).where(SessionMetricChunk.session_id == row.id)
+    strings ``"nan"``, ``"inf"``, ``"-inf"`` (see :func:`metric_out`).
+
+    *since_step* / *to_step* keep the points of that step range (a zoomed plot asks for
+    exact points there). *max_points* downsamples each series to at most that many points
+    (:func:`nsml.downsample.downsample`: the curve's shape, its extremes and every NaN or
+    infinity kept); ``total`` says how many points the series had before.
+    """
+    c = SessionMetricChunk
+    q = select(c.payload).where(c.session_id == row.id)
     if since_step is not None:
-        q = q.where(SessionMetricChunk.last_step >= since_step)
+        q = q.where(c.last_step >= since_step)
+    if to_step is not None:
+        q = q.where(c.first_step <= to_step)
     wanted = set(names) if names else None
-    out: dict[str, MetricSeries] = {}
-    for (payload,) in s.execute(q.order_by(SessionMetricChunk.id)):
-        chunk = json.loads(payload)
-        steps, walls = chunk["steps"], chunk["walls"]
-        for name, col in chunk["values"].items():
+    parts: dict[str, list[tuple[Any, Any, Any]]] = {}
+    for (payload,) in s.execute(q.order_by(c.id)):
+        chunk = chunk_columns(payload)
+        in_range = np.ones(len(chunk.steps), dtype=bool)
+        if since_step is not None:
+            in_range &= chunk.steps >= since_step
+        if to_step is not None:
+            in_range &= chunk.steps <= to_step
+        for name, (present, values) in chunk.values.items():
             if wanted is not None and name not in wanted:
                 continue
-            ser = out.get(name)
-            if ser is None:
-                ser = out[name] = MetricSeries(steps=[], values=[], walls=[])
-            for step, v, wall in zip(steps, col, walls, strict=True):
-                if v is None or (since_step is not None and step < since_step):
-                    continue
-                ser.steps.append(step)
-                x = NON_FINITE_IN.get(v, math.nan) if type(v) is str else float(v)
-                ser.values.append(metric_out(x))
-                ser.walls.append(wall)
+            keep = in_range if present is None else in_range & present
+            parts.setdefault(name, []).append((chunk.steps[keep], values[keep], chunk.walls[keep]))
+    out: dict[str, MetricSeries] = {}
+    for name, pieces in parts.items():
+        steps = np.concatenate([p[0] for p in pieces])
+        values = np.concatenate([p[1] for p in pieces])
+        walls = np.concatenate([p[2] for p in pieces])
+        total = len(steps)
+        if max_points is not None and total > max_points:
+            idx = np.asarray(downsample(steps, values, max_points), dtype=np.intp)
+            steps, values, walls = steps[idx], values[idx], walls[idx]
+        out[name] = MetricSeries(
+            steps=steps.tolist(), values=values_out(values), walls=walls.tolist(), total=total
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class ChunkColumns:
+    """A stored report batch as arrays: ``values[name] = (present, floats)`` where
+    *present* is None when the metric was reported at every step of the batch."""
+
+    steps: Any
+    walls: Any
+    values: dict[str, tuple[Any, Any]]
+
+    @property
+    def size(self) -> int:
+        return len(self.steps) * (2 + len(self.values))
+
+
+def decode_chunk(payload: str) -> ChunkColumns:
+    """A stored batch (columns, as sent) as arrays; NaN and infinities (as strings or
+    Python's tokens) as floats, a null (not reported) marked absent."""
+    chunk = json.loads(payload)
+    values: dict[str, tuple[Any, Any]] = {}
+    for name, col in chunk["values"].items():
+        present = None
+        if None in col:  # not reported at that step
+            present = np.fromiter((v is not None for v in col), bool, len(col))
+        # numbers, None (NaN, masked above) and "nan"/"inf"/"-inf"/"Infinity"... as floats
+        values[name] = (present, np.array(col, dtype=np.float64))
+    return ChunkColumns(
+        np.asarray(chunk["steps"], dtype=np.int64),
+        np.asarray(chunk["walls"], dtype=np.float64),
+        values,
+    )
+
+
+class ChunkCache:
+    """Decoded report batches, least recently used first out, at most *max_values* numbers
+    (steps, times and values) in all. Thread-safe."""
+
+    def __init__(self, max_values: int) -> None:
+        self.max_values = max_values
+        self._items: OrderedDict[tuple[Any, ...], ChunkColumns] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> ChunkColumns | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple[Any, ...], value: ChunkColumns) -> None:
+        if value.size > self.max_values:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self._size += value.size
+            while self._size > self.max_values:
+                _, old = self._items.popitem(last=False)
+                self._size -= old.size
+
+
+#: Decoded batches of this process: plotting the same sessions again, zooming (a range
+#: re-reads its batches) and live refreshes skip the JSON decoding (~1 ms per 1,000 points).
+#: 4 million numbers: about 32 MB of arrays.
+CHUNK_CACHE = ChunkCache(4_000_000)
+
+
+def chunk_columns(payload: str) -> ChunkColumns:
+    """A stored batch decoded (:func:`decode_chunk`), from :data:`CHUNK_CACHE` when it was
+    decoded before (the key is the payload's length and hash: a batch never changes, and
+    another batch is another key)."""
+    key = (len(payload), hash(payload))
+    found = CHUNK_CACHE.get(key)
+    if found is None:
+        found = decode_chunk(payload)
+        CHUNK_CACHE.put(key, found)
+    return found
+
+
+def values_out(values: Any) -> list[float | NonFinite]:
+    """Metric values (a float array) as the API answers them: NaN and infinities as the
+    strings of :func:`metric_out`."""
+    out: list[float | NonFinite] = values.tolist()
+    for i in np.flatnonzero(~np.isfinite(values)).tolist():
+        out[i] = metric_out(float(values[i]))
     return out
 
 

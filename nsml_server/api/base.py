@@ -122,6 +122,7 @@ class ServerContext:
     trusted_services: frozenset[str] = frozenset({"nsml-spawner"})
     datasets: Any = None
     allowed_images: tuple[str, ...] = (DEFAULT_IMAGE,)  # NSMLServer.allowed_images (patterns)
+    gpu_use: Any = None  # gpu_use.GpuUseMonitor: sessions' GPU use over time
 
 
 class APIHandler(web.RequestHandler):

@@ -145,7 +145,7 @@ class HeartbeatHandler(APIHandler):
         check_node_name(name)
         hb = self.body_as(Heartbeat)
         with self.ctx.db.session() as s:
-            node = nodes.apply_heartbeat(s, name, hb, self.ctx.now())
+            node = nodes.apply_heartbeat(s, name, hb, self.ctx.now(), self.ctx.gpu_use)
             s.flush()
             out = nodes.node_out(node, self.ctx.now())
         self.write_json(out)

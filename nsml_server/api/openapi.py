@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from nsml.downsample import MAX_POINTS, MIN_BUDGET
 from nsml_datasets.names import NAME_MAX, VERSION_MAX
 
 from ..images import NAME_MAX as IMAGE_NAME_MAX
@@ -47,6 +48,7 @@ from ..schemas import (
     ForkIn,
     GcIn,
     GcOut,
+    GpuUseOut,
     Health,
     Heartbeat,
     HoldList,
@@ -129,6 +131,7 @@ MODELS: list[type[BaseModel]] = [
     MetricsAccepted,
     MetricsIn,
     MetricsOut,
+    GpuUseOut,
     SessionIn,
     SessionList,
     SessionOut,
@@ -680,6 +683,14 @@ def session_paths() -> dict[str, Any]:
                 ],
             )
         },
+        s + "/gpu": {
+            "get": _op(
+                "The session's GPU use over time: utilisation and memory of each of its GPUs, "
+                "one sample per node heartbeat, older samples merged (bounded)",
+                {"200": _json(GpuUseOut, "The samples, oldest first")},
+                name,
+            )
+        },
         s + "/events": {
             "get": _op(
                 "The session's state changes and failures",
@@ -700,6 +711,23 @@ def session_paths() -> dict[str, Any]:
                         type="integer",
                         minimum=INT64_MIN,
                         maximum=INT64_MAX,
+                    ),
+                    _query(
+                        "to_step",
+                        "only points up to this step (with since_step: the range a zoomed "
+                        "plot shows)",
+                        type="integer",
+                        minimum=INT64_MIN,
+                        maximum=INT64_MAX,
+                    ),
+                    _query(
+                        "max_points",
+                        "at most this many points per series: downsampled (LTTB) keeping the "
+                        "curve's shape, its minimum and maximum and every NaN or infinity; "
+                        "each series' total says how many there were",
+                        type="integer",
+                        minimum=MIN_BUDGET,
+                        maximum=MAX_POINTS,
                     ),
                 ],
             ),

@@ -718,11 +718,7 @@ class MetricsHandler(SessionHandler):
     def get(self, *name: str) -> None:
         names_arg = self.get_query_argument("names", None)
         names = [n for n in names_arg.split(",") if n] if names_arg else None
-        since_arg = self.get_query_argument("since_step", None)
-        try:
-            since = int(since_arg) if since_arg is not None else None
-        except ValueError:
-            raise APIError(400, "since_step must be an integer.", "bad_request") from None
+        since, to, most = (self._int_arg(a) for a in ("since_step", "to_step", "max_points"))
         with self.ctx.db.session() as s:
             row = self.readable(s, self.name_of(*name))
             out = MetricsOut(
@@ -730,8 +726,31 @@ class MetricsHandler(SessionHandler):
                 last_step=row.last_step,
                 last_metrics=dict(row.last_metrics or {}),
                 points=row.points,
-                series=metric_series(s, row, names, since),
+                series=metric_series(s, row, names, since, to_step=to, max_points=most),
             )
+        self.write_json(out)
+
+    def _int_arg(self, name: str) -> int | None:
+        """An integer query argument (its bounds are checked from the document first)."""
+        raw = self.get_query_argument(name, None)
+        try:
+            return int(raw) if raw is not None else None
+        except ValueError:
+            raise APIError(400, f"{name} must be an integer.", "bad_request") from None
+
+
+class GpuUseHandler(SessionHandler):
+    """``GET api/sessions/NAME/gpu``: the session's GPU use over time (see gpu_use.py)."""
+
+    def get(self, *name: str) -> None:
+        monitor = self.ctx.gpu_use
+        if monitor is None:
+            from ..gpu_use import GpuUseMonitor
+
+            monitor = GpuUseMonitor()
+        with self.ctx.db.session() as s:
+            row = self.readable(s, self.name_of(*name))
+            out = monitor.describe(s, row)
         self.write_json(out)
 
 
@@ -943,6 +962,7 @@ def session_routes(ctx: ServerContext | None, service: SessionService | None) ->
         Route(n + "/logs", LogsHandler, k),
         Route(n + "/events", SessionEventsHandler, k),
         Route(n + "/metrics", MetricsHandler, k),
+        Route(n + "/gpu", GpuUseHandler, k),
         Route(n + "/checkpoints", CheckpointsHandler, k),
         Route(n + "/checkpoints/{checkpoint}", CheckpointHandler, k),
         Route(n + "/exec", ExecHandler, k),

@@ -219,3 +219,53 @@ def test_nan_and_inf_read_as_such_in_status_and_the_notebook_status_line() -> No
     html = render_status(st)
     for text in ("loss nan", "grad inf", "score -inf"):
         assert text in html, html
+
+
+def test_a_series_is_downsampled_to_the_asked_points_keeping_its_nan_and_extremes(
+    db: Database,
+) -> None:
+    n = 5_000
+    loss: list[Any] = [1.0 / (1 + i) for i in range(n)]
+    loss[1234], loss[4000], loss[4500] = "nan", 99.0, "-inf"
+    body = json.dumps(
+        {"steps": list(range(n)), "walls": [float(i) for i in range(n)], "values": {"l": loss}}
+    )
+    with db.session() as s:
+        row = new_session(s)
+        post(s, row, body)
+        thin = metric_series(s, row, max_points=200)["l"]
+        assert thin.total == n and len(thin.steps) <= 200
+        assert len(thin.steps) == len(thin.values) == len(thin.walls)
+        kept = dict(zip(thin.steps, thin.values, strict=True))
+        assert kept[1234] == "nan" and kept[4000] == 99.0 and kept[4500] == "-inf"
+        assert thin.steps[0] == 0 and thin.steps[-1] == n - 1
+        full = metric_series(s, row)["l"]
+        assert full.total == n and len(full.steps) == n
+
+
+def test_a_zoomed_range_gets_its_exact_points(db: Database) -> None:
+    with db.session() as s:
+        row = new_session(s)
+        for k in range(3):  # three chunks: steps 0-99, 100-199, 200-299
+            steps = list(range(100 * k, 100 * k + 100))
+            post(s, row, json.dumps({"steps": steps, "walls": [0.0] * 100, "values": {"l": steps}}))
+        zoom = metric_series(s, row, since_step=140, to_step=159, max_points=1000)["l"]
+        assert zoom.steps == list(range(140, 160)) and zoom.values == list(range(140, 160))
+        assert zoom.total == 20
+        thin = metric_series(s, row, since_step=0, to_step=299, max_points=10)["l"]
+        assert thin.total == 300 and len(thin.steps) <= 10
+
+
+def test_decoded_batches_are_cached_within_a_bound() -> None:
+    from nsml_server.sessions import ChunkCache, chunk_columns, decode_chunk
+
+    body = '{"steps":[0,1,2],"walls":[1,2,3],"values":{"l":[1,null,"nan"]}}'
+    assert chunk_columns(body) is chunk_columns(body), "the second read is the cached one"
+    present, values = chunk_columns(body).values["l"]
+    assert present is not None and list(present) == [True, False, True]
+    assert values[0] == 1 and math.isnan(values[2])
+    cache = ChunkCache(max_values=20)
+    for k in range(5):  # 3 steps x (steps, walls, one metric) = 9 numbers each
+        cache.put((k,), decode_chunk(body))
+    assert cache.get((4,)) is not None and cache.get((3,)) is not None
+    assert cache.get((0,)) is None, "the least recently used left first"

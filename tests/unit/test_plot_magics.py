@@ -1,0 +1,117 @@
+"""`%nsml plot` and `%nsml gpumonitor` in an IPython shell, and `nsml plot --html` /
+`nsml gpumonitor` on the command line, against a stand-in API on loopback that answers what
+the server would (its metric series, its GPU use)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+from nsml.cli import main
+from tests.unit.fakeapi import FakeAPI
+
+CURVE = [10.0, 55.0, 90.0, 30.0]
+
+
+def status(n: int, args: list[str], state: str = "completed") -> dict[str, Any]:
+    return {"name": f"alice/_/{n}", "state": state, "args": args, "parent": None}
+
+
+def metrics(n: int) -> dict[str, Any]:
+    steps = list(range(5))
+    return {
+        "session": f"alice/_/{n}",
+        "series": {
+            "loss": {"steps": steps, "values": [1.0 / (n + s) for s in steps], "walls": steps},
+            "acc": {"steps": steps, "values": [0.1 * s for s in steps[:-1]] + ["nan"],
+                    "walls": steps},
+        },
+    }  # fmt: skip
+
+
+GPU = {
+    "session": "alice/_/1",
+    "state": "running",
+    "node": "node-a",
+    "t": [1.7e9 + 10 * k for k in range(4)],
+    "seconds": [10.0] * 4,
+    "gpus": [{"gpu": "0", "utilization_pct": CURVE, "memory_used_mib": [100.0] * 4}],
+    "current_utilization_pct": 30.0,
+    "note": None,
+    "idle_after_s": 1800.0,
+    "idle_threshold_pct": 5.0,
+}
+
+
+@pytest.fixture()
+def api(nsml_env: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeAPI]:
+    routes = {
+        "me": {"name": "alice"},
+        "sessions": {
+            "sessions": [status(1, ["--lr", "0.1"]), status(2, ["--lr", "0.01", "--amp"])]
+        },
+        "sessions/alice/_/1": status(1, ["--lr", "0.1"]),
+        "sessions/alice/_/2": status(2, ["--lr", "0.01", "--amp"]),
+        "sessions/alice/_/1/metrics": metrics(1),
+        "sessions/alice/_/2/metrics": metrics(2),
+        "sessions/alice/_/1/gpu": GPU,
+    }
+    with FakeAPI.running(routes) as fake:
+        nsml_env.setenv("NSML_API_URL", fake.url)
+        nsml_env.setenv("NSML_TOKEN", "t")
+        nsml_env.chdir(tmp_path)
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def ip() -> InteractiveShell:
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "nsml_magics")
+    return shell
+
+
+def magic(ip: InteractiveShell, line: str) -> None:
+    m = ip.magics_manager.registry["NSMLMagics"]
+    m._client = None  # configured from this test's environment
+    ip.run_line_magic("nsml", line)
+
+
+def test_nsml_plot_prints_the_split_and_writes_a_standalone_file(
+    api: FakeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["plot", "alice/_/*", "--html", str(tmp_path / "p.html")]) == 0
+    out = capsys.readouterr().out
+    assert "exclusive arguments:" in out and "--lr" in out and "--amp" in out
+    assert "metrics: loss, acc" in out
+    html = (tmp_path / "p.html").read_text()
+    assert "nsml-exclusive" in html and "cdn.bokeh.org" not in html
+    asked = [p for _, p in api.requests if "/metrics" in p]
+    assert len(asked) == 2 and all("max_points=600" in p for p in asked), asked
+
+
+def test_the_plot_magic_shows_the_panel_as_a_widget(
+    api: FakeAPI, ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nsml_magics.comparison import LivePanel
+
+    magic(ip, "plot alice/_/1 alice/_/2 --metric loss --colour-by lr")
+    m = ip.magics_manager.registry["NSMLMagics"]
+    live = m.lines["plot:alice/_/1,alice/_/2"]
+    assert isinstance(live, LivePanel)
+    assert type(live.widget).__name__ == "BokehModel"
+    assert live.panel.metrics == ["loss"] and live.running() == []
+    assert live.task is None, "ended sessions are drawn once"
+
+
+def test_the_gpumonitor_magic_plots_the_utilisation_curve(
+    api: FakeAPI, ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    magic(ip, "gpumonitor alice/_/1")
+    out = capsys.readouterr().out
+    assert "GPU 0: now 30%, mean 46%, peak 90%, memory peak 100 MiB" in out, out
+    assert main(["gpumonitor", "alice/_/1"]) == 0
+    assert "peak 90%" in capsys.readouterr().out
