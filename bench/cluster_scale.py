@@ -1,0 +1,574 @@
+"""Cluster scale: placement decisions through the API while many nodes heartbeat.
+
+A real ``nsml-server`` process on a private PostgreSQL (token checks by a real jupyterhub),
+and N simulated node agents in this process: asyncio tasks that do what ``nsml-agent`` does
+over HTTP, each on its own keep-alive connection — a heartbeat (``PUT
+api/nodes/NAME/heartbeat``, 8 GPUs) every ``--interval`` seconds (±10 %, the agent's default
+10 s) and a poll of the node's dataset holds (``GET api/nodes/NAME/dataset-holds``) every
+``--holds-interval`` seconds (the agent's default 1 s). For each cluster size (default 10,
+then 1,000 nodes, each on a fresh database and server), after registering the nodes and
+filling the cluster to ``--fill`` of its GPUs:
+
+1. *idle*: agents only, first heartbeats alone, then with the holds polls: the server's and
+   PostgreSQL's CPU per heartbeat and per poll, and their latencies;
+2. *load*: ``--concurrency`` clients each loop ``POST api/placements`` (1 GPU, ``wait_s``,
+   answered once the allocation is committed) then ``DELETE`` it, for ``--seconds``:
+   decisions per second and per-decision latency (p50/p95/p99), with the agents running;
+3. *load, agents silent*: the same with the agents stopped (the nodes stay ``up``: the
+   server's node timeout is raised), which separates the cost of the cluster's size from the
+   cost of its heartbeats.
+
+The smallest size is the baseline: every larger size is reported as a ratio to it.
+
+    python bench/cluster_scale.py --out bench/results/cluster_scale.json
+    python bench/cluster_scale.py --nodes 10,200 --seconds 5 --idle-seconds 4   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.integration.hubproc import (  # noqa: E402
+    HubProcess,
+    ServerProcess,
+    virtual_node_heartbeat,
+)
+from tests.integration.pgproc import private_postgres  # noqa: E402
+
+GPUS_PER_NODE = 8
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    """The *q* quantile (nearest rank) of *values*, 0.0 when empty."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def summary(latencies: list[float], seconds: float) -> dict[str, float]:
+    """Count, rate and latency percentiles (ms) of one window."""
+    return {
+        "n": len(latencies),
+        "per_s": round(len(latencies) / seconds, 1) if seconds > 0 else 0.0,
+        "p50_ms": round(pct(latencies, 0.50) * 1000, 2),
+        "p95_ms": round(pct(latencies, 0.95) * 1000, 2),
+        "p99_ms": round(pct(latencies, 0.99) * 1000, 2),
+    }
+
+
+# ---- CPU accounting from /proc ---------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()  # fields from 3 (state) on
+
+
+def process_cpu_s(pid: int, *, children: bool = False) -> float:
+    """CPU seconds of *pid* (user + system); with *children*, plus its reaped children's."""
+    f = _stat(pid)
+    if f is None:
+        return 0.0
+    ticks = int(f[11]) + int(f[12])  # utime, stime (fields 14, 15)
+    if children:
+        ticks += int(f[13]) + int(f[14])  # cutime, cstime
+    return ticks / CLK_TCK
+
+
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            f = _stat(int(entry.name))
+            if f is not None and int(f[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def postmaster_pid(port: int) -> int | None:
+    """The PostgreSQL server listening on *port* (its command line names the port)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"postgres") and str(port).encode() in argv:
+            return int(entry.name)
+    return None
+
+
+def postgres_cpu_s(pid: int) -> float:
+    """CPU seconds of a PostgreSQL server: the postmaster, its live and its ended backends."""
+    return process_cpu_s(pid, children=True) + sum(process_cpu_s(c) for c in child_pids(pid))
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used by the server and PostgreSQL between :meth:`start` and :meth:`stop`."""
+
+    server_pid: int
+    pg_pid: int | None
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def read(self) -> dict[str, float]:
+        return {
+            "server": process_cpu_s(self.server_pid),
+            "postgres": postgres_cpu_s(self.pg_pid) if self.pg_pid else 0.0,
+            "bench": time.process_time(),
+            "wall": time.perf_counter(),
+        }
+
+    def start(self) -> None:
+        self.marks = self.read()
+
+    def stop(self) -> dict[str, float]:
+        end = self.read()
+        wall = end["wall"] - self.marks["wall"]
+        out = {"seconds": round(wall, 2)}
+        for k in ("server", "postgres", "bench"):
+            used = end[k] - self.marks[k]
+            out[f"{k}_cpu_s"] = round(used, 3)
+            out[f"{k}_cpu_pct"] = round(100 * used / wall, 1) if wall > 0 else 0.0
+        return out
+
+
+# ---- simulated agents -------------------------------------------------------------------------
+
+
+@dataclass
+class Agents:
+    """N simulated node agents: heartbeats and dataset-holds polls on keep-alive connections."""
+
+    api: str
+    token: str
+    names: list[str]
+    interval: float
+    holds_interval: float
+    rng: random.Random
+    heartbeats: list[tuple[float, float]] = field(default_factory=list)  # (end, seconds)
+    polls: list[tuple[float, float]] = field(default_factory=list)
+    errors: int = 0
+    holds_on: bool = True
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def body(self, name: str) -> bytes:
+        hb = virtual_node_heartbeat(name, gpus=GPUS_PER_NODE, cpu_milli=128000, memory_mib=1048576)
+        hb["backend"] = "docker"
+        return json.dumps(hb).encode()
+
+    async def one(self, http: Any, method: str, url: str, data: bytes | None) -> float:
+        t0 = time.perf_counter()
+        async with http.request(method, url, data=data) as r:
+            await r.read()
+            if r.status >= 400:
+                self.errors += 1
+                if self.errors <= 3:
+                    print(f"  agent error {r.status} {method} {url}", file=sys.stderr)
+        return time.perf_counter() - t0
+
+    async def agent(self, http: Any, name: str) -> None:
+        """One node's loop, as ``nsml-agent`` runs it (heartbeat, then holds syncs)."""
+        hb_url = f"{self.api}/nodes/{name}/heartbeat"
+        holds_url = f"{self.api}/nodes/{name}/dataset-holds"
+        body = self.body(name)
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + self.rng.uniform(0, self.interval)
+        next_poll = loop.time() + self.rng.uniform(0, self.holds_interval or 1)
+        while True:
+            now = loop.time()
+            if now >= next_beat:
+                dt = await self.one(http, "PUT", hb_url, body)
+                self.heartbeats.append((time.perf_counter(), dt))
+                next_beat = loop.time() + self.interval * self.rng.uniform(0.9, 1.1)
+            if self.holds_interval > 0 and self.holds_on and now >= next_poll:
+                dt = await self.one(http, "GET", holds_url, None)
+                self.polls.append((time.perf_counter(), dt))
+                next_poll = loop.time() + self.holds_interval
+            wake = next_beat
+            if self.holds_interval > 0 and self.holds_on:
+                wake = min(wake, next_poll)
+            await asyncio.sleep(max(0.0, wake - loop.time()))
+
+    async def register(self, http: Any, concurrency: int = 32) -> dict[str, float]:
+        """First heartbeat of every node (creates it), *concurrency* at a time."""
+        sem = asyncio.Semaphore(concurrency)
+        lat: list[float] = []
+
+        async def reg(name: str) -> None:
+            async with sem:
+                lat.append(
+                    await self.one(
+                        http, "PUT", f"{self.api}/nodes/{name}/heartbeat", self.body(name)
+                    )
+                )
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(reg(n) for n in self.names))
+        return summary(lat, time.perf_counter() - t0)
+
+    def start(self, http: Any) -> None:
+        self._tasks = [asyncio.create_task(self.agent(http, n)) for n in self.names]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def window(self, since: float, until: float) -> dict[str, dict[str, float]]:
+        seconds = until - since
+        hb = [dt for end, dt in self.heartbeats if since <= end < until]
+        po = [dt for end, dt in self.polls if since <= end < until]
+        return {"heartbeats": summary(hb, seconds), "holds_polls": summary(po, seconds)}
+
+
+def agent_session(token: str, connections: int) -> Any:
+    """One aiohttp client for all agents: a keep-alive connection per agent at most."""
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+        connector=aiohttp.TCPConnector(limit=connections + 64, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=120),
+    )
+
+
+# ---- placement clients ------------------------------------------------------------------------
+
+
+async def place_loop(
+    api: str, tokens: list[str], concurrency: int, seconds: float, body: dict[str, Any]
+) -> dict[str, Any]:
+    """*concurrency* clients each placing then releasing, for *seconds*."""
+    import aiohttp
+
+    decided: list[float] = []
+    released: list[float] = []
+    errors: list[str] = []
+
+    async def client(k: int, http: Any) -> None:
+        i = 0
+        stop_at = time.perf_counter() + seconds
+        while time.perf_counter() < stop_at:
+            i += 1
+            payload = json.dumps({**body, "holder": f"scale-{k}-{i}"})
+            t0 = time.perf_counter()
+            async with http.post(f"{api}/placements", data=payload) as r:
+                out = await r.json(content_type=None)
+                status = r.status
+            t1 = time.perf_counter()
+            if status != 201 or out.get("state") != "placed":
+                errors.append(f"{status} {str(out)[:200]}")
+                await asyncio.sleep(0.1)
+                continue
+            decided.append(t1 - t0)
+            async with http.delete(f"{api}/placements/{out['id']}") as r:
+                await r.read()
+                if r.status != 200:
+                    errors.append(f"release {r.status}")
+            released.append(time.perf_counter() - t1)
+
+    sessions = [
+        aiohttp.ClientSession(
+            headers={
+                "Authorization": f"token {tokens[k % len(tokens)]}",
+                "Content-Type": "application/json",
+            },
+            timeout=aiohttp.ClientTimeout(total=120),
+        )
+        for k in range(concurrency)
+    ]
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k, sessions[k]) for k in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    finally:
+        for s in sessions:
+            await s.close()
+    for e in errors[:3]:
+        print(f"  placement error: {e}", file=sys.stderr)
+    return {
+        "decisions": summary(decided, elapsed),
+        "releases": summary(released, elapsed),
+        "errors": len(errors),
+    }
+
+
+async def fill_cluster(
+    api: str, token: str, nodes: int, fraction: float, rng: random.Random
+) -> dict[str, Any]:
+    """Hold *fraction* of the cluster's GPUs with placements of 1, 2 and 4 GPUs (kept)."""
+    import aiohttp
+
+    target = int(nodes * GPUS_PER_NODE * fraction)
+    shapes: list[int] = []
+    while sum(shapes) < target:
+        shapes.append(min(rng.choice((1, 1, 2, 4)), target - sum(shapes)))
+    sem = asyncio.Semaphore(32)
+    placed = 0
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/json"}
+
+    async def one(i: int, gpus: int, http: Any) -> None:
+        nonlocal placed
+        body = {"gpus": gpus, "cpu": 1, "memory": "4G", "wait_s": 60, "holder": f"fill-{i}"}
+        async with sem, http.post(f"{api}/placements", data=json.dumps(body)) as r:
+            out = await r.json(content_type=None)
+            if r.status == 201 and out.get("state") == "placed":
+                placed += gpus
+
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(headers=headers) as http:
+        await asyncio.gather(*(one(i, g, http) for i, g in enumerate(shapes)))
+    return {
+        "gpus_held": placed,
+        "fraction": round(placed / (nodes * GPUS_PER_NODE), 3),
+        "placements": len(shapes),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+# ---- one cluster size -------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    seconds: float
+    idle_seconds: float
+    concurrency: int
+    interval: float
+    holds_interval: float
+    fill: float
+    users: int = 8
+
+
+async def run_size(
+    server: ServerProcess, hub: HubProcess, pg_port: int, nodes: int, o: Options
+) -> dict[str, Any]:
+    """Register *nodes* simulated agents on a fresh server and measure (see the module doc)."""
+    admin = hub.user_token("admin")
+    tokens = [hub.user_token(f"scale-user-{i}") for i in range(o.users)]
+    assert server.proc is not None
+    meter = CpuMeter(server.proc.pid, postmaster_pid(pg_port))
+    rng = random.Random(nodes)
+    agents = Agents(
+        server.api,
+        admin,
+        [f"node-{i:04d}" for i in range(nodes)],
+        o.interval,
+        o.holds_interval,
+        rng,
+    )
+    out: dict[str, Any] = {"nodes": nodes, "gpus": nodes * GPUS_PER_NODE}
+    body = {"gpus": 1, "cpu": 1, "memory": "4G", "wait_s": 60}
+    async with agent_session(admin, nodes) as http:
+        out["register"] = await agents.register(http)
+        out["fill"] = await fill_cluster(server.api, admin, nodes, o.fill, rng)
+        # Warm the server's token cache and connection pools.
+        await place_loop(server.api, tokens, o.concurrency, 1.0, body)
+        agents.start(http)
+        agents.holds_on = False
+        await asyncio.sleep(min(o.interval, 5.0))  # the agents' first beats spread out
+        for phase, holds in (("idle_heartbeats", False), ("idle_agents", True)):
+            agents.holds_on = holds
+            await asyncio.sleep(0.5)
+            t0 = time.perf_counter()
+            meter.start()
+            await asyncio.sleep(o.idle_seconds)
+            cpu = meter.stop()
+            out[phase] = {**agents.window(t0, time.perf_counter()), "cpu": cpu}
+        t0 = time.perf_counter()
+        meter.start()
+        load = await place_loop(server.api, tokens, o.concurrency, o.seconds, body)
+        out["load"] = {**load, **agents.window(t0, time.perf_counter()), "cpu": meter.stop()}
+        await agents.stop()
+        meter.start()
+        load = await place_loop(server.api, tokens, o.concurrency, o.seconds, body)
+        out["load_silent"] = {**load, "cpu": meter.stop()}
+    out["agent_errors"] = agents.errors
+    out["cost"] = heartbeat_cost(out)
+    return out
+
+
+def heartbeat_cost(r: dict[str, Any]) -> dict[str, float]:
+    """CPU milliseconds per heartbeat and per holds poll (server and PostgreSQL together).
+
+    The heartbeats-only window prices a heartbeat; the extra CPU of the window with polls,
+    divided by its polls, prices a poll.
+    """
+    hb, ag = r["idle_heartbeats"], r["idle_agents"]
+
+    def cpu(w: dict[str, Any]) -> float:
+        return float(w["cpu"]["server_cpu_s"] + w["cpu"]["postgres_cpu_s"])
+
+    n_hb = hb["heartbeats"]["n"]
+    per_hb = cpu(hb) / n_hb if n_hb else 0.0
+    n_po = ag["holds_polls"]["n"]
+    extra = cpu(ag) - per_hb * ag["heartbeats"]["n"]
+    return {
+        "ms_cpu_per_heartbeat": round(1000 * per_hb, 3),
+        "ms_cpu_per_holds_poll": round(1000 * extra / n_po, 3) if n_po else 0.0,
+        "server_cpu_pct_idle_agents": ag["cpu"]["server_cpu_pct"],
+        "postgres_cpu_pct_idle_agents": ag["cpu"]["postgres_cpu_pct"],
+    }
+
+
+@contextmanager
+def fresh_server(hub: HubProcess, pg_url: str, name: str) -> Iterator[ServerProcess]:
+    """A new database in the PostgreSQL cluster and an ``nsml-server`` on it."""
+    from sqlalchemy import create_engine, text
+
+    base = pg_url.rsplit("/", 1)[0]
+    admin = create_engine(base + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    server = ServerProcess(hub, f"{base}/{name}", name, args=["--NSMLServer.node_timeout=3600"])
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def print_size(r: dict[str, Any]) -> None:
+    d, s, c = r["load"]["decisions"], r["load_silent"]["decisions"], r["cost"]
+    hb = r["load"]["heartbeats"]
+    print(
+        f"{r['nodes']:>5} nodes: {d['per_s']:>6.1f} decisions/s (p50 {d['p50_ms']:.1f} ms, "
+        f"p95 {d['p95_ms']:.1f} ms) with agents; {s['per_s']:.1f}/s silent | heartbeats "
+        f"{hb['per_s']:.1f}/s p50 {hb['p50_ms']:.1f} ms p95 {hb['p95_ms']:.1f} ms under load | "
+        f"CPU/heartbeat {c['ms_cpu_per_heartbeat']:.2f} ms, /poll {c['ms_cpu_per_holds_poll']:.2f}"
+        f" ms | server CPU {c['server_cpu_pct_idle_agents']:.0f} % idle with agents"
+    )
+
+
+def ratios(base: dict[str, Any], r: dict[str, Any]) -> dict[str, float]:
+    def div(a: float, b: float) -> float:
+        return round(a / b, 3) if b else 0.0
+
+    return {
+        "decisions_per_s": div(r["load"]["decisions"]["per_s"], base["load"]["decisions"]["per_s"]),
+        "decision_p50": div(r["load"]["decisions"]["p50_ms"], base["load"]["decisions"]["p50_ms"]),
+        "decision_p95": div(r["load"]["decisions"]["p95_ms"], base["load"]["decisions"]["p95_ms"]),
+        "decisions_per_s_silent": div(
+            r["load_silent"]["decisions"]["per_s"], base["load_silent"]["decisions"]["per_s"]
+        ),
+        "cpu_per_heartbeat": div(
+            r["cost"]["ms_cpu_per_heartbeat"], base["cost"]["ms_cpu_per_heartbeat"]
+        ),
+    }
+
+
+def measure_scale(sizes: list[int], o: Options) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with ExitStack() as stack:
+        pg_url = stack.enter_context(private_postgres())
+        pg_port = int(pg_url.rsplit(":", 1)[1].split("/", 1)[0])
+        state = Path(tempfile.mkdtemp(prefix="nsml-scale-"))
+        stack.callback(shutil.rmtree, state, True)
+        hub = HubProcess(state, env_overrides={"NSML_VIRTUAL_GPUS": "0"})
+        stack.callback(hub.stop)
+        hub.start()
+        for n in sizes:
+            with fresh_server(hub, pg_url, f"scale{n}") as server:
+                r = asyncio.run(run_size(server, hub, pg_port, n, o))
+            results[str(n)] = r
+            print_size(r)
+    base = results[str(sizes[0])]
+    for n in sizes[1:]:
+        results[str(n)]["ratio_to_baseline"] = ratios(base, results[str(n)])
+        print(f"{n} nodes / {sizes[0]} nodes: {results[str(n)]['ratio_to_baseline']}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument(
+        "--nodes",
+        default="10,1000",
+        help="cluster sizes, comma-separated; the first is the baseline (default 10,1000)",
+    )
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each load window")
+    p.add_argument(
+        "--idle-seconds", type=float, default=10.0, help="length of each agents-only window"
+    )
+    p.add_argument("--concurrency", type=int, default=16, help="placement clients")
+    p.add_argument(
+        "--interval", type=float, default=10.0, help="seconds between an agent's heartbeats"
+    )
+    p.add_argument(
+        "--holds-interval",
+        type=float,
+        default=1.0,
+        help="seconds between an agent's dataset-holds polls (0: none)",
+    )
+    p.add_argument(
+        "--fill", type=float, default=0.5, help="fraction of GPUs held during the measurement"
+    )
+    p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = p.parse_args(argv)
+    try:
+        sizes = [int(x) for x in args.nodes.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--nodes takes comma-separated integers, not {args.nodes!r}")
+    if not sizes or min(sizes) < 2:
+        p.error("--nodes: every size must be at least 2")
+    if not 0 <= args.fill < 0.9:
+        p.error(f"--fill must be in [0, 0.9), not {args.fill}")
+    o = Options(
+        seconds=args.seconds,
+        idle_seconds=args.idle_seconds,
+        concurrency=args.concurrency,
+        interval=args.interval,
+        holds_interval=args.holds_interval,
+        fill=args.fill,
+    )
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    results: dict[str, Any] = {
+        "setup": {
+            "started": started,
+            "machine": f"{os.cpu_count()} CPUs, {platform.python_implementation()} "
+            f"{platform.python_version()}",
+            "gpus_per_node": GPUS_PER_NODE,
+            **vars(o),
+        },
+        "scale": measure_scale(sizes, o),
+    }
+    results["setup"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    errors = sum(
+        r["load"]["errors"] + r["load_silent"]["errors"] + r["agent_errors"]
+        for r in results["scale"].values()
+    )
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
