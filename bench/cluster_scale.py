@@ -9,8 +9,9 @@ api/nodes/NAME/heartbeat``, 8 GPUs) every ``--interval`` seconds (±10 %, the ag
 then 1,000 nodes, each on a fresh database and server), after registering the nodes and
 filling the cluster to ``--fill`` of its GPUs:
 
-1. *idle*: agents only, first heartbeats alone, then with the holds polls: the server's and
-   PostgreSQL's CPU per heartbeat and per poll, and their latencies;
+1. *quiet*: no agent running (what the server uses by itself); *idle*: agents only, first
+   heartbeats alone, then with the holds polls: the server's and PostgreSQL's CPU per
+   heartbeat and per poll, and their latencies;
 2. *load*: ``--concurrency`` clients each loop ``POST api/placements`` (1 GPU, ``wait_s``,
    answered once the allocation is committed) then ``DELETE`` it, for ``--seconds``:
    decisions per second and per-decision latency (p50/p95/p99), with the agents running;
@@ -389,6 +390,9 @@ async def run_size(
         out["fill"] = await fill_cluster(server.api, admin, nodes, o.fill, rng)
         # Warm the server's token cache and connection pools.
         await place_loop(server.api, tokens, o.concurrency, 1.0, body)
+        meter.start()
+        await asyncio.sleep(o.idle_seconds)
+        out["quiet"] = {"cpu": meter.stop()}
         agents.start(http)
         agents.holds_on = False
         await asyncio.sleep(min(o.interval, 5.0))  # the agents' first beats spread out
@@ -417,12 +421,16 @@ def heartbeat_cost(r: dict[str, Any]) -> dict[str, float]:
     """CPU milliseconds per heartbeat and per holds poll (server and PostgreSQL together).
 
     The heartbeats-only window prices a heartbeat; the extra CPU of the window with polls,
-    divided by its polls, prices a poll.
+    divided by its polls, prices a poll. What the server and PostgreSQL use with no agent at
+    all (the *quiet* window: the scheduler's idle pass, the lease, the node check) is taken
+    off first, in proportion to each window's length.
     """
-    hb, ag = r["idle_heartbeats"], r["idle_agents"]
+    hb, ag, quiet = r["idle_heartbeats"], r["idle_agents"], r["quiet"]["cpu"]
+    base_rate = (quiet["server_cpu_s"] + quiet["postgres_cpu_s"]) / quiet["seconds"]
 
     def cpu(w: dict[str, Any]) -> float:
-        return float(w["cpu"]["server_cpu_s"] + w["cpu"]["postgres_cpu_s"])
+        c = w["cpu"]
+        return float(c["server_cpu_s"] + c["postgres_cpu_s"] - base_rate * c["seconds"])
 
     n_hb = hb["heartbeats"]["n"]
     per_hb = cpu(hb) / n_hb if n_hb else 0.0
@@ -431,6 +439,7 @@ def heartbeat_cost(r: dict[str, Any]) -> dict[str, float]:
     return {
         "ms_cpu_per_heartbeat": round(1000 * per_hb, 3),
         "ms_cpu_per_holds_poll": round(1000 * extra / n_po, 3) if n_po else 0.0,
+        "server_cpu_pct_quiet": quiet["server_cpu_pct"],
         "server_cpu_pct_idle_agents": ag["cpu"]["server_cpu_pct"],
         "postgres_cpu_pct_idle_agents": ag["cpu"]["postgres_cpu_pct"],
     }
