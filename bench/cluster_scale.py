@@ -385,30 +385,39 @@ async def run_size(
     )
     out: dict[str, Any] = {"nodes": nodes, "gpus": nodes * GPUS_PER_NODE}
     body = {"gpus": 1, "cpu": 1, "memory": "4G", "wait_s": 60}
+
+    def phase(name: str) -> None:
+        print(f"  {nodes} nodes: {name}", file=sys.stderr, flush=True)
+
     async with agent_session(admin, nodes) as http:
+        phase("register")
         out["register"] = await agents.register(http)
         out["fill"] = await fill_cluster(server.api, admin, nodes, o.fill, rng)
         # Warm the server's token cache and connection pools.
         await place_loop(server.api, tokens, o.concurrency, 1.0, body)
+        phase("quiet")
         meter.start()
         await asyncio.sleep(o.idle_seconds)
         out["quiet"] = {"cpu": meter.stop()}
         agents.start(http)
         agents.holds_on = False
         await asyncio.sleep(min(o.interval, 5.0))  # the agents' first beats spread out
-        for phase, holds in (("idle_heartbeats", False), ("idle_agents", True)):
+        for phase_name, holds in (("idle_heartbeats", False), ("idle_agents", True)):
             agents.holds_on = holds
+            phase(phase_name)
             await asyncio.sleep(0.5)
             t0 = time.perf_counter()
             meter.start()
             await asyncio.sleep(o.idle_seconds)
             cpu = meter.stop()
-            out[phase] = {**agents.window(t0, time.perf_counter()), "cpu": cpu}
+            out[phase_name] = {**agents.window(t0, time.perf_counter()), "cpu": cpu}
+        phase("load")
         t0 = time.perf_counter()
         meter.start()
         load = await place_loop(server.api, tokens, o.concurrency, o.seconds, body)
         out["load"] = {**load, **agents.window(t0, time.perf_counter()), "cpu": meter.stop()}
         await agents.stop()
+        phase("load_silent")
         meter.start()
         load = await place_loop(server.api, tokens, o.concurrency, o.seconds, body)
         out["load_silent"] = {**load, "cpu": meter.stop()}

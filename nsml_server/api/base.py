@@ -122,6 +122,7 @@ class ServerContext:
     trusted_services: frozenset[str] = frozenset({"nsml-spawner"})
     datasets: Any = None
     allowed_images: tuple[str, ...] = (DEFAULT_IMAGE,)  # NSMLServer.allowed_images (patterns)
+    heartbeats: Any = None  # batching.HeartbeatQueue: heartbeats, group-committed off the loop
 
 
 class APIHandler(web.RequestHandler):

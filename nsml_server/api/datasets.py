@@ -662,7 +662,7 @@ class NodeHoldsHandler(DatasetsBase):
 
     async def get(self, node: str) -> None:
         self.require_admin()
-        self.write_json(HoldList(holds=await self.call(self.svc.holds_of_node, node)))
+        self.write_json(HoldList(holds=await self.svc.holds_batcher.submit(node)))
 
 
 class NodeHoldHandler(DatasetsBase):
