@@ -5,8 +5,9 @@ and N simulated node agents in this process: asyncio tasks that do what ``nsml-a
 over HTTP, each on its own keep-alive connection — a heartbeat (``PUT
 api/nodes/NAME/heartbeat``, 8 GPUs) every ``--interval`` seconds (±10 %, the agent's default
 10 s) and a poll of the node's dataset holds (``GET api/nodes/NAME/dataset-holds``) every
-``--holds-interval`` seconds (the agent's default 1 s). For each cluster size (default 10,
-then 1,000 nodes, each on a fresh database and server), after registering the nodes and
+``--holds-interval`` seconds (the agent's default 1 s), a long poll of up to ``--holds-wait``
+seconds once it knows the answer's ``ETag``, as the agent does. For each cluster size (default
+10, then 1,000 nodes, each on a fresh database and server), after registering the nodes and
 filling the cluster to ``--fill`` of its GPUs:
 
 1. *quiet*: no agent running (what the server uses by itself); *idle*: agents only, first
@@ -169,9 +170,11 @@ class Agents:
     names: list[str]
     interval: float
     holds_interval: float
+    holds_wait: float
     rng: random.Random
     heartbeats: list[tuple[float, float]] = field(default_factory=list)  # (end, seconds)
-    polls: list[tuple[float, float]] = field(default_factory=list)
+    polls: list[tuple[float, float]] = field(default_factory=list)  # answered at once
+    long_polls: list[tuple[float, float]] = field(default_factory=list)  # parked on the server
     errors: int = 0
     holds_on: bool = True
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -181,33 +184,48 @@ class Agents:
         hb["backend"] = "docker"
         return json.dumps(hb).encode()
 
-    async def one(self, http: Any, method: str, url: str, data: bytes | None) -> float:
+    async def one(
+        self,
+        http: Any,
+        method: str,
+        url: str,
+        data: bytes | None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[float, str | None]:
+        """One request; its seconds and its answer's ``ETag``."""
         t0 = time.perf_counter()
-        async with http.request(method, url, data=data) as r:
+        async with http.request(method, url, data=data, headers=headers) as r:
             await r.read()
             if r.status >= 400:
                 self.errors += 1
                 if self.errors <= 3:
                     print(f"  agent error {r.status} {method} {url}", file=sys.stderr)
-        return time.perf_counter() - t0
+            etag = r.headers.get("ETag")
+        return time.perf_counter() - t0, etag
 
     async def agent(self, http: Any, name: str) -> None:
-        """One node's loop, as ``nsml-agent`` runs it (heartbeat, then holds syncs)."""
+        """One node's loop, as ``nsml-agent`` runs it: a heartbeat, then holds syncs (long
+        polls bounded by the next heartbeat once an answer's ``ETag`` is known)."""
         hb_url = f"{self.api}/nodes/{name}/heartbeat"
         holds_url = f"{self.api}/nodes/{name}/dataset-holds"
         body = self.body(name)
         loop = asyncio.get_running_loop()
         next_beat = loop.time() + self.rng.uniform(0, self.interval)
         next_poll = loop.time() + self.rng.uniform(0, self.holds_interval or 1)
+        etag: str | None = None
         while True:
             now = loop.time()
             if now >= next_beat:
-                dt = await self.one(http, "PUT", hb_url, body)
+                dt, _ = await self.one(http, "PUT", hb_url, body)
                 self.heartbeats.append((time.perf_counter(), dt))
                 next_beat = loop.time() + self.interval * self.rng.uniform(0.9, 1.1)
             if self.holds_interval > 0 and self.holds_on and now >= next_poll:
-                dt = await self.one(http, "GET", holds_url, None)
-                self.polls.append((time.perf_counter(), dt))
+                wait = min(self.holds_wait, next_beat - loop.time() - 1.0)
+                headers = None
+                if wait > 0 and etag:
+                    headers = {"If-None-Match": etag, "Prefer": f"wait={wait:.0f}"}
+                dt, etag = await self.one(http, "GET", holds_url, None, headers)
+                (self.long_polls if headers else self.polls).append((time.perf_counter(), dt))
                 next_poll = loop.time() + self.holds_interval
             wake = next_beat
             if self.holds_interval > 0 and self.holds_on:
@@ -221,11 +239,10 @@ class Agents:
 
         async def reg(name: str) -> None:
             async with sem:
-                lat.append(
-                    await self.one(
-                        http, "PUT", f"{self.api}/nodes/{name}/heartbeat", self.body(name)
-                    )
+                dt, _ = await self.one(
+                    http, "PUT", f"{self.api}/nodes/{name}/heartbeat", self.body(name)
                 )
+                lat.append(dt)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(reg(n) for n in self.names))
@@ -244,7 +261,12 @@ class Agents:
         seconds = until - since
         hb = [dt for end, dt in self.heartbeats if since <= end < until]
         po = [dt for end, dt in self.polls if since <= end < until]
-        return {"heartbeats": summary(hb, seconds), "holds_polls": summary(po, seconds)}
+        lp = [dt for end, dt in self.long_polls if since <= end < until]
+        return {
+            "heartbeats": summary(hb, seconds),
+            "holds_polls": summary(po, seconds),
+            "holds_long_polls": summary(lp, seconds),
+        }
 
 
 def agent_session(token: str, connections: int) -> Any:
@@ -362,6 +384,7 @@ class Options:
     concurrency: int
     interval: float
     holds_interval: float
+    holds_wait: float
     fill: float
     users: int = 8
 
@@ -381,6 +404,7 @@ async def run_size(
         [f"node-{i:04d}" for i in range(nodes)],
         o.interval,
         o.holds_interval,
+        o.holds_wait,
         rng,
     )
     out: dict[str, Any] = {"nodes": nodes, "gpus": nodes * GPUS_PER_NODE}
@@ -443,11 +467,13 @@ def heartbeat_cost(r: dict[str, Any]) -> dict[str, float]:
 
     n_hb = hb["heartbeats"]["n"]
     per_hb = cpu(hb) / n_hb if n_hb else 0.0
-    n_po = ag["holds_polls"]["n"]
+    n_po = ag["holds_polls"]["n"] + ag["holds_long_polls"]["n"]
     extra = cpu(ag) - per_hb * ag["heartbeats"]["n"]
     return {
         "ms_cpu_per_heartbeat": round(1000 * per_hb, 3),
         "ms_cpu_per_holds_poll": round(1000 * extra / n_po, 3) if n_po else 0.0,
+        "cpu_pct_heartbeats": round(100 * per_hb * hb["heartbeats"]["per_s"], 1),
+        "cpu_pct_holds_polls": round(100 * extra / ag["cpu"]["seconds"], 1),
         "server_cpu_pct_quiet": quiet["server_cpu_pct"],
         "server_cpu_pct_idle_agents": ag["cpu"]["server_cpu_pct"],
         "postgres_cpu_pct_idle_agents": ag["cpu"]["postgres_cpu_pct"],
@@ -479,8 +505,9 @@ def print_size(r: dict[str, Any]) -> None:
         f"{r['nodes']:>5} nodes: {d['per_s']:>6.1f} decisions/s (p50 {d['p50_ms']:.1f} ms, "
         f"p95 {d['p95_ms']:.1f} ms) with agents; {s['per_s']:.1f}/s silent | heartbeats "
         f"{hb['per_s']:.1f}/s p50 {hb['p50_ms']:.1f} ms p95 {hb['p95_ms']:.1f} ms under load | "
-        f"CPU/heartbeat {c['ms_cpu_per_heartbeat']:.2f} ms, /poll {c['ms_cpu_per_holds_poll']:.2f}"
-        f" ms | server CPU {c['server_cpu_pct_idle_agents']:.0f} % idle with agents"
+        f"CPU/heartbeat {c['ms_cpu_per_heartbeat']:.2f} ms ({c['cpu_pct_heartbeats']:.0f} %), "
+        f"holds polls {c['cpu_pct_holds_polls']:.0f} % | server CPU "
+        f"{c['server_cpu_pct_idle_agents']:.0f} % with agents idle"
     )
 
 
@@ -545,6 +572,13 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds between an agent's dataset-holds polls (0: none)",
     )
     p.add_argument(
+        "--holds-wait",
+        type=float,
+        default=30.0,
+        help="longest long poll of the dataset holds, bounded by the next heartbeat, as "
+        "nsml-agent --holds-wait (0: plain polls)",
+    )
+    p.add_argument(
         "--fill", type=float, default=0.5, help="fraction of GPUs held during the measurement"
     )
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
@@ -563,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         interval=args.interval,
         holds_interval=args.holds_interval,
+        holds_wait=args.holds_wait,
         fill=args.fill,
     )
     started = time.strftime("%Y-%m-%d %H:%M:%S %z")

@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from nsml_server import ledger, nodes
+from nsml_server.api.datasets import holds_etag, prefer_wait
 from nsml_server.batching import Batcher, HeartbeatQueue
 from nsml_server.datasets import DatasetService
 from nsml_server.db import Database, check_schema
 from nsml_server.models import DatasetHold
-from nsml_server.schemas import Heartbeat
+from nsml_server.schemas import Heartbeat, HoldList, HoldOut
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
 
@@ -167,3 +168,42 @@ def test_the_holds_of_several_nodes_come_from_one_query_each_node_gets_its_own(
         [],
     ]
     assert [h.key for h in svc.holds_of_node("node-a")] == ["mnist@1", "cifar@2"]
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, 0.0),
+        ("", 0.0),
+        ("wait=10", 10.0),
+        ("respond-async, wait=5", 5.0),
+        ('wait="7"', 7.0),
+        ("wait=3600", 30.0),  # capped: a poll never parks longer than HOLDS_WAIT_MAX_S
+        ("wait=-4", 0.0),
+        ("wait=soon", 0.0),
+        ("handling=lenient", 0.0),
+    ],
+)
+def test_a_long_poll_waits_what_prefer_asks_within_the_cap(
+    header: str | None, seconds: float
+) -> None:
+    assert prefer_wait(header) == seconds
+
+
+def test_the_holds_entity_tag_changes_with_the_holds_and_only_with_them() -> None:
+    hold = HoldOut(
+        id=1,
+        allocation=2,
+        key="mnist@1",
+        dataset="mnist",
+        version=1,
+        digest="0" * 64,
+        bytes=10,
+        state="preparing",
+        host_path=None,
+    )
+    a = holds_etag(HoldList(holds=[hold]))
+    assert a == holds_etag(HoldList(holds=[hold.model_copy()]))
+    assert a != holds_etag(HoldList(holds=[hold.model_copy(update={"state": "ready"})]))
+    assert a != holds_etag(HoldList(holds=[]))
+    assert a.startswith('"') and a.endswith('"')
