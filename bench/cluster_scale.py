@@ -550,6 +550,128 @@ def measure_scale(sizes: list[int], o: Options) -> dict[str, Any]:
     return results
 
 
+# ---- the whole path on 1, 2 and 3 engines -------------------------------------------------------
+
+IMAGE = os.environ.get("NSML_NOTEBOOK_IMAGE", "jupyter-nsml/singleuser:latest")
+MAIN_PY = 'import time; print("FIRST", repr(time.time()), flush=True); time.sleep(1)\n'
+
+
+def session_nodes(tb: Any) -> set[str]:
+    """The nodes whose engine holds a session container of this test bed's run."""
+    return {n for n in tb.nodes if any("-session-" in c.name for c in tb.containers(n, all=True))}
+
+
+def one_session(client: Any, folder: Path, timeout: float = 120) -> dict[str, Any]:
+    """``nsml run`` (1 GPU) until the first line of user code; the node it ran on."""
+    from nsml import sessions
+
+    t0 = time.time()
+    name = sessions.run(client, "main.py", folder=folder, memory="256M", gpus=1)["name"]
+    deadline = time.monotonic() + timeout
+    while True:
+        st = sessions.status(client, name)
+        if st["state"] == "running":
+            break
+        if st["state"] not in ("queued", "preparing") or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start: {st['state']} {st.get('message')}")
+        time.sleep(0.02)
+    running = time.time() - t0
+    first = None
+    while first is None and time.monotonic() < deadline:
+        for line in sessions.logs(client, name)["text"].splitlines():
+            if line.startswith("FIRST "):
+                first = float(line.split()[1]) - t0
+        time.sleep(0.02)
+    return {"name": name, "node": st["node"], "running_s": running, "first_line_s": first}
+
+
+def finish(client: Any, name: str) -> None:
+    from nsml import sessions
+
+    sessions.wait(client, name, timeout=60, poll_s=0.1)
+    sessions.rm(client, name)
+
+
+def measure_engines(counts: list[int], n: int) -> dict[str, Any]:
+    """API request -> container running, with 1, 2, 3 engines (the test bed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.cluster.testbed import cluster
+
+    from nsml.client import Client
+    from nsml.config import ClientConfig
+
+    out: dict[str, Any] = {}
+    folder = Path(tempfile.mkdtemp(prefix="nsml-scale-code-"))
+    try:
+        (folder / "main.py").write_text(MAIN_PY)
+        os.chmod(folder, 0o755)
+        for k in counts:
+            t_start = time.perf_counter()
+            with cluster(engines=k, image=IMAGE) as tb:
+                tb.wait_nodes_up()
+                up_s = time.perf_counter() - t_start
+                client = Client(
+                    ClientConfig(tb.hub.nsml_api + "/", tb.hub.user_token("bench"), "bench")
+                )
+                finish(client, one_session(client, folder)["name"])  # warm-up
+                seq = []
+                for _ in range(n):
+                    r = one_session(client, folder)
+                    r["engines_with_it"] = sorted(session_nodes(tb))
+                    finish(client, r["name"])
+                    seq.append(r)
+                burst_n = 2 * k
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(burst_n) as pool:
+                    burst = list(pool.map(one_session, [client] * burst_n, [folder] * burst_n))
+                burst_s = time.perf_counter() - t0
+                for r in burst:
+                    finish(client, r["name"])
+            runs = sorted(r["running_s"] for r in seq)
+            firsts = sorted(r["first_line_s"] for r in seq if r["first_line_s"] is not None)
+            out[str(k)] = {
+                "engines": k,
+                "testbed_up_s": round(up_s, 1),
+                "sequential": {
+                    "n": len(seq),
+                    "running_median_s": round(runs[len(runs) // 2], 3),
+                    "running_max_s": round(runs[-1], 3),
+                    "first_line_median_s": round(firsts[len(firsts) // 2], 3) if firsts else None,
+                    "nodes": sorted({r["node"] for r in seq}),
+                    "placed_on_its_engine": sum(r["engines_with_it"] == [r["node"]] for r in seq),
+                    "runs": seq,
+                },
+                "burst": {
+                    "sessions": burst_n,
+                    "all_running_s": round(burst_s, 3),
+                    "running_median_s": round(
+                        sorted(r["running_s"] for r in burst)[burst_n // 2], 3
+                    ),
+                    "per_node": {
+                        node: sum(r["node"] == node for r in burst)
+                        for node in sorted({r["node"] for r in burst})
+                    },
+                },
+            }
+            e = out[str(k)]
+            print(
+                f"{k} engine(s): request -> running {e['sequential']['running_median_s']:.3f} s "
+                f"median (nodes {', '.join(e['sequential']['nodes'])}; on the chosen engine "
+                f"{e['sequential']['placed_on_its_engine']}/{len(seq)}) | {burst_n} at once: all "
+                f"running in {burst_s:.2f} s, per node {e['burst']['per_node']}",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    base = out[str(counts[0])]["sequential"]["running_median_s"]
+    for k in counts[1:]:
+        out[str(k)]["ratio_to_baseline"] = round(
+            out[str(k)]["sequential"]["running_median_s"] / base, 3
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument(
@@ -581,6 +703,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fill", type=float, default=0.5, help="fraction of GPUs held during the measurement"
     )
+    p.add_argument(
+        "--part",
+        choices=["all", "nodes", "engines"],
+        default="all",
+        help="nodes: simulated nodes only; engines: the whole path on the test bed only; "
+        "with --out, a part run alone replaces its half of an existing file",
+    )
+    p.add_argument(
+        "--engines",
+        default="1,2,3",
+        help="engine counts of the whole-path part, comma-separated (default 1,2,3)",
+    )
+    p.add_argument(
+        "--sessions", type=int, default=5, help="sessions run one after another per engine count"
+    )
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = p.parse_args(argv)
     try:
@@ -600,25 +737,48 @@ def main(argv: list[str] | None = None) -> int:
         holds_wait=args.holds_wait,
         fill=args.fill,
     )
-    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    results: dict[str, Any] = {
-        "setup": {
-            "started": started,
+    try:
+        engines = [int(x) for x in args.engines.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--engines takes comma-separated integers, not {args.engines!r}")
+    if args.part != "nodes" and (not engines or not set(engines) <= {1, 2, 3}):
+        p.error(f"--engines: counts of 1 to 3, not {args.engines!r}")
+    results: dict[str, Any] = {}
+    if args.out and args.out.exists() and args.part != "all":
+        results = json.loads(args.out.read_text())
+
+    def machine() -> dict[str, Any]:
+        return {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "machine": f"{os.cpu_count()} CPUs, {platform.python_implementation()} "
             f"{platform.python_version()}",
-            "gpus_per_node": GPUS_PER_NODE,
-            **vars(o),
-        },
-        "scale": measure_scale(sizes, o),
-    }
-    results["setup"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-    errors = sum(
-        r["load"]["errors"] + r["load_silent"]["errors"] + r["agent_errors"]
-        for r in results["scale"].values()
-    )
+        }
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    errors = 0
+    if args.part in ("all", "nodes"):
+        results["setup"] = {**machine(), "gpus_per_node": GPUS_PER_NODE, **vars(o)}
+        results["scale"] = measure_scale(sizes, o)
+        results["setup"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        errors += sum(
+            r["load"]["errors"] + r["load_silent"]["errors"] + r["agent_errors"]
+            for r in results["scale"].values()
+        )
+        save()
+    if args.part in ("all", "engines"):
+        try:
+            import tests.cluster.testbed  # noqa: F401
+        except ImportError as e:
+            print(f"the whole-path part needs the test bed (tests/cluster/testbed.py): {e}")
+            return 1 if args.part == "engines" else (0 if errors == 0 else 1)
+        setup = {**machine(), "image": IMAGE, "sessions": args.sessions}
+        results["engines"] = {"setup": setup, **measure_engines(engines, args.sessions)}
+        setup["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        save()
     return 0 if errors == 0 else 1
 
 
