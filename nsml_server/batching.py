@@ -20,8 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
 from . import nodes
 from .db import Database
+from .models import Node
 from .schemas import Heartbeat, NodeOut
 
 log = logging.getLogger("nsml_server.batching")
@@ -110,6 +114,19 @@ class HeartbeatQueue(Batcher[tuple[str, Heartbeat], NodeOut]):
     def _apply(self, items: list[tuple[str, Heartbeat]]) -> list[NodeOut]:
         now = self.now()
         with self.db.session() as s:
-            applied = [nodes.apply_heartbeat(s, name, hb, now) for name, hb in items]
+            # The batch's nodes and GPUs in one query: each apply then finds them loaded, and
+            # their changes go to the database together at the end (no flush per node).
+            names = {name for name, _ in items}
+            known = {
+                n.name: n
+                for n in s.scalars(
+                    select(Node).where(Node.name.in_(names)).options(selectinload(Node.gpus))
+                )
+            }
+            applied = []
+            for name, hb in items:
+                node = nodes.apply_heartbeat(s, name, hb, now, known)
+                known[name] = node  # a second heartbeat of a new node in this batch finds it
+                applied.append(node)
             s.flush()
             return [nodes.node_out(node, now) for node in applied]
