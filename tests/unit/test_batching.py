@@ -207,3 +207,15 @@ def test_the_holds_entity_tag_changes_with_the_holds_and_only_with_them() -> Non
     assert a != holds_etag(HoldList(holds=[hold.model_copy(update={"state": "ready"})]))
     assert a != holds_etag(HoldList(holds=[]))
     assert a.startswith('"') and a.endswith('"')
+
+
+def test_a_batch_with_two_heartbeats_of_one_new_node_registers_it_once_with_the_last(
+    db: Database,
+) -> None:
+    q = HeartbeatQueue(db, lambda: T0)
+    first, second = q._apply([("node-x", heartbeat(gpus=1)), ("node-x", heartbeat(gpus=3))])
+    q.close()
+    assert (first.name, second.name) == ("node-x", "node-x")
+    with db.session() as s:
+        listed = nodes.list_nodes(s)
+    assert [(n.name, len(n.gpus)) for n in listed] == [("node-x", 3)]
