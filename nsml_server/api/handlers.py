@@ -143,7 +143,7 @@ class HeartbeatHandler(APIHandler):
     async def put(self, name: str) -> None:
         self.require_admin()
         check_node_name(name)
-        hb = self.body_as(Heartbeat)
+        hb = self.body_as(Heartbeat, schema_if_converted=True)  # its schema adds no rule
         if self.ctx.heartbeats is not None:  # many per transaction, off the event loop
             out = await self.ctx.heartbeats.submit((name, hb))
         else:
