@@ -553,7 +553,7 @@ def measure_scale(sizes: list[int], o: Options) -> dict[str, Any]:
 # ---- the whole path on 1, 2 and 3 engines -------------------------------------------------------
 
 IMAGE = os.environ.get("NSML_NOTEBOOK_IMAGE", "jupyter-nsml/singleuser:latest")
-MAIN_PY = 'import time; print("FIRST", repr(time.time()), flush=True); time.sleep(1)\n'
+MAIN_PY = "import time; time.sleep(1)\n"
 
 
 def session_nodes(tb: Any) -> set[str]:
@@ -562,7 +562,7 @@ def session_nodes(tb: Any) -> set[str]:
 
 
 def one_session(client: Any, folder: Path, timeout: float = 120) -> dict[str, Any]:
-    """``nsml run`` (1 GPU) until the first line of user code; the node it ran on."""
+    """``nsml run`` (1 GPU) until the session's container runs; the node it runs on."""
     from nsml import sessions
 
     t0 = time.time()
@@ -575,14 +575,7 @@ def one_session(client: Any, folder: Path, timeout: float = 120) -> dict[str, An
         if st["state"] not in ("queued", "preparing") or time.monotonic() > deadline:
             raise RuntimeError(f"{name} did not start: {st['state']} {st.get('message')}")
         time.sleep(0.02)
-    running = time.time() - t0
-    first = None
-    while first is None and time.monotonic() < deadline:
-        for line in sessions.logs(client, name)["text"].splitlines():
-            if line.startswith("FIRST "):
-                first = float(line.split()[1]) - t0
-        time.sleep(0.02)
-    return {"name": name, "node": st["node"], "running_s": running, "first_line_s": first}
+    return {"name": name, "node": st["node"], "running_s": time.time() - t0}
 
 
 def finish(client: Any, name: str) -> None:
@@ -596,10 +589,9 @@ def measure_engines(counts: list[int], n: int) -> dict[str, Any]:
     """API request -> container running, with 1, 2, 3 engines (the test bed)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.cluster.testbed import cluster
-
     from nsml.client import Client
     from nsml.config import ClientConfig
+    from tests.cluster.testbed import cluster
 
     out: dict[str, Any] = {}
     folder = Path(tempfile.mkdtemp(prefix="nsml-scale-code-"))
@@ -629,7 +621,6 @@ def measure_engines(counts: list[int], n: int) -> dict[str, Any]:
                 for r in burst:
                     finish(client, r["name"])
             runs = sorted(r["running_s"] for r in seq)
-            firsts = sorted(r["first_line_s"] for r in seq if r["first_line_s"] is not None)
             out[str(k)] = {
                 "engines": k,
                 "testbed_up_s": round(up_s, 1),
@@ -637,7 +628,6 @@ def measure_engines(counts: list[int], n: int) -> dict[str, Any]:
                     "n": len(seq),
                     "running_median_s": round(runs[len(runs) // 2], 3),
                     "running_max_s": round(runs[-1], 3),
-                    "first_line_median_s": round(firsts[len(firsts) // 2], 3) if firsts else None,
                     "nodes": sorted({r["node"] for r in seq}),
                     "placed_on_its_engine": sum(r["engines_with_it"] == [r["node"]] for r in seq),
                     "runs": seq,
