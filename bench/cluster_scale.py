@@ -613,6 +613,16 @@ def measure_engines(counts: list[int], n: int) -> dict[str, Any]:
                     r["engines_with_it"] = sorted(session_nodes(tb))
                     finish(client, r["name"])
                     seq.append(r)
+                remote: list[dict[str, Any]] = []
+                if k > 1:  # node-a drained: the same on a remote engine (TCP+TLS, its agent)
+                    admin = tb.admin_token
+                    tb.hub.nsml("PATCH", "nodes/node-a", admin, json={"state": "draining"})
+                    for _ in range(n):
+                        r = one_session(client, folder)
+                        r["engines_with_it"] = sorted(session_nodes(tb))
+                        finish(client, r["name"])
+                        remote.append(r)
+                    tb.hub.nsml("PATCH", "nodes/node-a", admin, json={"state": "up"})
                 burst_n = 2 * k
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(burst_n) as pool:
@@ -632,6 +642,19 @@ def measure_engines(counts: list[int], n: int) -> dict[str, Any]:
                     "placed_on_its_engine": sum(r["engines_with_it"] == [r["node"]] for r in seq),
                     "runs": seq,
                 },
+                "sequential_remote": {
+                    "n": len(remote),
+                    "running_median_s": round(
+                        sorted(r["running_s"] for r in remote)[len(remote) // 2], 3
+                    )
+                    if remote
+                    else None,
+                    "nodes": sorted({r["node"] for r in remote}),
+                    "placed_on_its_engine": sum(
+                        r["engines_with_it"] == [r["node"]] for r in remote
+                    ),
+                    "runs": remote,
+                },
                 "burst": {
                     "sessions": burst_n,
                     "all_running_s": round(burst_s, 3),
@@ -648,7 +671,9 @@ def measure_engines(counts: list[int], n: int) -> dict[str, Any]:
             print(
                 f"{k} engine(s): request -> running {e['sequential']['running_median_s']:.3f} s "
                 f"median (nodes {', '.join(e['sequential']['nodes'])}; on the chosen engine "
-                f"{e['sequential']['placed_on_its_engine']}/{len(seq)}) | {burst_n} at once: all "
+                f"{e['sequential']['placed_on_its_engine']}/{len(seq)}); node-a drained: "
+                f"{e['sequential_remote']['running_median_s']} s on "
+                f"{e['sequential_remote']['nodes']} | {burst_n} at once: all "
                 f"running in {burst_s:.2f} s, per node {e['burst']['per_node']}",
                 flush=True,
             )
