@@ -129,18 +129,30 @@ class DatasetHolds:
         self.timeout_s = timeout_s
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nsml-agent-cache")
         self.running: dict[int, Any] = {}
+        self.etag: str | None = None  # of the last answer: a long poll waits for a change
 
     def _url(self, path: str) -> str:
         return f"{self.api}/{path}"
 
-    def sync(self) -> None:
-        """One round: fetch the holds, start fills, report finished ones, release ended ones."""
+    def sync(self, wait_s: float = 0.0) -> None:
+        """One round: fetch the holds, start fills, report finished ones, release ended ones.
+
+        With *wait_s* > 0 and no fill running, a long poll: the server answers when the holds
+        changed since the last answer, or after *wait_s* seconds (a server that does not know
+        long polls answers at once).
+        """
         from urllib.parse import quote
 
+        headers = {}
+        if wait_s > 0 and not self.running and self.etag:
+            headers = {"If-None-Match": self.etag, "Prefer": f"wait={wait_s:.0f}"}
         r = self.http.get(
-            self._url(f"nodes/{quote(self.node, safe='')}/dataset-holds"), timeout=self.timeout_s
+            self._url(f"nodes/{quote(self.node, safe='')}/dataset-holds"),
+            headers=headers,
+            timeout=self.timeout_s + (wait_s if headers else 0),
         )
         r.raise_for_status()
+        self.etag = r.headers.get("ETag")
         holds = r.json()["holds"]
         active = {f"allocation:{h['allocation']}" for h in holds}
         for entry in self.cache.entries():
@@ -259,12 +271,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1.0,
         help="seconds between checks of the datasets the server wants cached here",
     )
+    p.add_argument(
+        "--holds-wait",
+        type=float,
+        default=30.0,
+        help="longest seconds a check of the dataset holds waits for a change on the server "
+        "(a long poll, bounded by the next heartbeat); 0: plain polls every --holds-interval",
+    )
     p.add_argument("--once", action="store_true", help="send one heartbeat and exit")
     args = p.parse_args(argv)
     if not args.api_url or not args.token:
         p.error("--api-url and --token (or NSML_API_URL and NSML_TOKEN) are required")
     if args.interval <= 0 or args.holds_interval <= 0:
         p.error(f"--interval and --holds-interval must be positive, not {args.interval}")
+    if args.holds_wait < 0:
+        p.error(f"--holds-wait must be >= 0 seconds, not {args.holds_wait}")
     if args.cache_bytes < 0:
         p.error(f"--cache-bytes must be a number of bytes >= 0, not {args.cache_bytes}")
     return args
@@ -337,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 next_beat = time.monotonic() + delay * random.uniform(0.9, 1.1)
             if holds is not None:
                 try:
-                    holds.sync()
+                    holds.sync(min(args.holds_wait, next_beat - time.monotonic() - 1.0))
                 except requests.RequestException as e:
                     log.warning("cannot read this node's dataset holds: %s", e)
             time.sleep(min(args.holds_interval, max(0.0, next_beat - time.monotonic())))

@@ -38,6 +38,7 @@ from .api.handlers import (
 from .api.openapi import OpenAPIHandler, openapi_document
 from .api.placements import PlacementHandler, PlacementsHandler, placement_out
 from .api.routes import Route
+from .batching import HeartbeatQueue
 from .db import Database, SchemaError, check_schema, redact_url, upgrade
 from .scheduler import SubmitQueue
 from .schemas import Heartbeat
@@ -662,6 +663,7 @@ class NSMLServer(DBSettings):
             default_credits_milli=round(self.default_credits * 1000),
             scheduler=self.scheduler,
             submit_queue=SubmitQueue(self.scheduler, placement_out),
+            heartbeats=HeartbeatQueue(self.db, utcnow, gpu_use=self.gpu_use),
             trusted_services=frozenset(self.trusted_services),
             is_leader=lambda: self.lease.is_leader,
             datasets=self.datasets,
@@ -886,6 +888,7 @@ class NSMLServer(DBSettings):
         await evaluations_task
         await scheduler_task  # resigns the lease so that a standby takes over at once
         self.ctx.submit_queue.close()
+        self.ctx.heartbeats.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -66,6 +66,7 @@ from nsml_datasets.local import LocalError, LocalServer
 from nsml_datasets.store import PartWriter, Upload, validate_upload_id
 
 from .api.base import APIError
+from .batching import Batcher
 from .db import Database
 from .models import (
     Allocation,
@@ -417,6 +418,8 @@ class DatasetService:
         self._blob_sets: OrderedDict[str, Mapping[str, int]] = OrderedDict()
         self._blob_set_entries = 0
         self._blob_sets_lock = threading.Lock()
+        # Agents poll their holds every second: one query for all polls that arrive together.
+        self.holds_batcher = Batcher(self.holds_of_nodes, name="dataset-holds")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking store/cache/database work in the service's threads."""
@@ -426,6 +429,7 @@ class DatasetService:
         if self.local is not None:
             self.local.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.holds_batcher.close()
 
     # -- manifests ---------------------------------------------------------------------------
 
@@ -1455,6 +1459,26 @@ class DatasetService:
                 .order_by(DatasetHold.id)
             ).scalars()
             return [hold_out(h) for h in rows]
+
+    def holds_of_nodes(self, names: Sequence[str]) -> builtins.list[builtins.list[HoldOut]]:
+        """:meth:`holds_of_node` of several nodes in one query, in the order of *names*."""
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Node.name, DatasetHold)
+                .select_from(DatasetHold)
+                .join(Allocation, Allocation.id == DatasetHold.allocation_id)
+                .join(Node, Node.id == DatasetHold.node_id)
+                .where(
+                    Node.name.in_(set(names)),
+                    Allocation.state == "active",
+                    DatasetHold.state != "released",
+                )
+                .order_by(DatasetHold.id)
+            ).all()
+            of: dict[str, builtins.list[HoldOut]] = {}
+            for name, h in rows:
+                of.setdefault(name, []).append(hold_out(h))
+            return [builtins.list(of.get(n, ())) for n in names]
 
     def report_hold(
         self, node_name: str, hold_id: int, state: str, host_path: str | None, message: str | None

@@ -6,6 +6,7 @@ Plain functions over a SQLAlchemy session; the caller owns the transaction and t
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,16 +20,27 @@ log = logging.getLogger("nsml_server.nodes")
 
 
 def apply_heartbeat(
-    s: Session, name: str, hb: Heartbeat, now: datetime, gpu_use: Any = None
+    s: Session,
+    name: str,
+    hb: Heartbeat,
+    now: datetime,
+    gpu_use: Any = None,
+    known: Mapping[str, Node] | None = None,
 ) -> Node:
     """Create or refresh node *name* from a heartbeat (and, given a
     :class:`~nsml_server.gpu_use.GpuUseMonitor` as *gpu_use*, sample its sessions' GPU use).
+
+    *known*: nodes (with their GPUs) the caller loaded already, by name; a name missing from
+    it is a new node. None: look the node up.
 
     A node that was ``down`` comes back ``up``; a ``draining`` node stays draining (only an
     admin undrains it). GPUs are matched by index; a GPU that vanished from the report stays
     listed but unhealthy, so that allocations that name it remain explainable.
     """
-    node = s.scalar(select(Node).where(Node.name == name).options(selectinload(Node.gpus)))
+    if known is not None:
+        node = known.get(name)
+    else:
+        node = s.scalar(select(Node).where(Node.name == name).options(selectinload(Node.gpus)))
     if node is None:
         node = Node(name=name, created=now, state="up")
         s.add(node)

@@ -123,6 +123,7 @@ class ServerContext:
     datasets: Any = None
     allowed_images: tuple[str, ...] = (DEFAULT_IMAGE,)  # NSMLServer.allowed_images (patterns)
     gpu_use: Any = None  # gpu_use.GpuUseMonitor: sessions' GPU use over time
+    heartbeats: Any = None  # batching.HeartbeatQueue: heartbeats, group-committed off the loop
 
 
 class APIHandler(web.RequestHandler):
@@ -236,8 +237,14 @@ class APIHandler(web.RequestHandler):
         if not self.is_admin:
             raise APIError(403, "This needs a hub admin.", "forbidden")
 
-    def body_as(self, model: type[M]) -> M:
-        """Parse the JSON body into *model*; a 400 that names each bad field otherwise."""
+    def body_as(self, model: type[M], *, schema_if_converted: bool = False) -> M:
+        """Parse the JSON body into *model*; a 400 that names each bad field otherwise.
+
+        *schema_if_converted*: check the body against the JSON schema only when the model
+        did not take it exactly as sent (its JSON text differs from the body's), for models
+        whose schema states no rule the model does not enforce itself. The schema check
+        costs ~3 ms for a heartbeat, a thousand nodes send ~100 a second.
+        """
         raw = self.request.body or b""
         if not raw.strip():
             raise APIError(400, "The request needs a JSON body.", "bad_request")
@@ -252,6 +259,8 @@ class APIHandler(web.RequestHandler):
             parsed = model.model_validate(data)
         except ValidationError as e:
             raise APIError(400, describe_validation_error(e), "bad_request") from e
+        if schema_if_converted and _same_json(parsed.model_dump(exclude_unset=True), data):
+            return parsed  # nothing was converted: the body is what the document allows
         # The model converts what the document does not allow (``false`` as 0, "3" as 3).
         problems = schema_problems(model, data)
         if problems:
@@ -390,6 +399,11 @@ def _validator(model: type[BaseModel]) -> jsonschema.protocols.Validator:
     schema = model.model_json_schema(mode="validation")
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     return cls(schema)
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON text (``1`` is not ``true``, nor ``1.0``, unlike Python's ``==``)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def schema_problems(model: type[BaseModel], data: Any, most: int = 5) -> list[str]:

@@ -12,6 +12,7 @@ each answer means are documented there and in ``docs/architecture.md``. Bytes tr
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -662,12 +663,56 @@ class MountsHandler(DatasetsBase):
         self.write_json(out, status=200 if out.state == "ready" else 202)
 
 
+HOLDS_WAIT_MAX_S = 30.0
+
+
+def prefer_wait(header: str | None) -> float:
+    """Seconds of ``Prefer: wait=N`` (RFC 7240), within 0..:data:`HOLDS_WAIT_MAX_S`."""
+    for pref in (header or "").split(","):
+        key, _, value = pref.strip().partition("=")
+        if key.strip().lower() == "wait":
+            try:
+                return max(0.0, min(HOLDS_WAIT_MAX_S, float(value.strip().strip('"'))))
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
+def holds_etag(holds: HoldList) -> str:
+    """An entity tag of a node's holds: equal tags, equal answers."""
+    return '"' + hashlib.sha1(holds.model_dump_json().encode()).hexdigest()[:20] + '"'
+
+
 class NodeHoldsHandler(DatasetsBase):
-    """``GET api/nodes/NAME/dataset-holds`` (admin, the node's agent): what to keep cached."""
+    """``GET api/nodes/NAME/dataset-holds`` (admin, the node's agent): what to keep cached.
+
+    A long poll, when the agent sends the answer's ``ETag`` back in ``If-None-Match`` with
+    ``Prefer: wait=N``: the answer comes once the holds differ from that, or after *N*
+    seconds (at most 30) with the same holds. Parked polls are re-read together once a
+    second (one query for all of them), so a thousand idle agents cost one query a second
+    instead of a thousand requests.
+    """
+
+    _gone = False
+
+    def on_connection_close(self) -> None:
+        self._gone = True  # the agent gave up waiting: stop re-reading for it
 
     async def get(self, node: str) -> None:
         self.require_admin()
-        self.write_json(HoldList(holds=await self.call(self.svc.holds_of_node, node)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + prefer_wait(self.request.headers.get("Prefer"))
+        known = self.request.headers.get("If-None-Match")
+        while True:
+            holds = HoldList(holds=await self.svc.holds_batcher.submit(node))
+            tag = holds_etag(holds)
+            left = deadline - loop.time()
+            if tag != known or left <= 0 or self._gone:
+                break
+            # Wake on the whole second, with every other parked poll: one batch reads them all.
+            await asyncio.sleep(min(left, 1.0 - loop.time() % 1.0))
+        self.set_header("ETag", tag)
+        self.write_json(holds)
 
 
 class NodeHoldHandler(DatasetsBase):

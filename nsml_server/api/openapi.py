@@ -541,7 +541,8 @@ def dataset_paths() -> dict[str, Any]:
         },
         "/nodes/{name}/dataset-holds": {
             "get": _op(
-                "Dataset versions a node's agent must keep cached (admin, agents)",
+                "Dataset versions a node's agent must keep cached (admin, agents); a long poll "
+                "with If-None-Match (the last ETag) and Prefer: wait=N (at most 30 s)",
                 {"200": _json(HoldList, "The node's holds")},
                 [NODE],
             )

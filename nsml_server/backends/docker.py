@@ -616,6 +616,12 @@ class DockerBackend(ExecutionBackend):
             if self._stream_api is None:
                 if self.base_url is None:
                     kwargs = docker.utils.kwargs_from_env()
+                    if "base_url" not in kwargs:
+                        # The local socket (no DOCKER_HOST): DOCKER_CERT_PATH, when set, holds
+                        # the remote engines' client certificate (BackendPool), not TLS for
+                        # this socket; with it docker-py refused to stream ("If using TLS, the
+                        # base_url argument must be provided") and local runs had no logs.
+                        kwargs.pop("tls", None)
                 else:
                     kwargs = {"base_url": self.base_url, "tls": self._tls or False}
                 self._stream_api = docker.APIClient(

@@ -594,3 +594,32 @@ def test_an_engine_that_does_not_answer_is_a_backend_error(tmp_path: Path) -> No
         await backend.close()
 
     run(go())
+
+
+@docker_test
+def test_the_local_engine_streams_logs_while_docker_cert_path_names_remote_engines_certificates(
+    busybox_image: str,
+    labels: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The production layout: the server's own engine on its socket, DOCKER_CERT_PATH for the
+    # remote nodes' engines (docs/operators-guide.md).
+    certs = tmp_path / "client"
+    certs.mkdir()
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (certs / name).write_text("")
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    monkeypatch.delenv("DOCKER_TLS_VERIFY", raising=False)
+    monkeypatch.setenv("DOCKER_CERT_PATH", str(certs))
+    backend = DockerBackend(timeout_s=60)
+    dest = tmp_path / "run.log"
+
+    async def go() -> int:
+        handle = await backend.start(make_spec(labels, "sh", "-c", "echo streamed-line"))
+        copied = await asyncio.wait_for(backend.copy_logs(handle, dest), 60)
+        await backend.close()
+        return copied
+
+    assert run(go()) > 0
+    assert "streamed-line" in dest.read_text()
