@@ -87,6 +87,7 @@ class SnapshotCache:
                 Node.backend,
                 Node.docker_url,
                 Node.datasets,
+                Node.needs_sweep,
             ).order_by(Node.name)
         ).all()
         gpus_of: dict[int, list[tuple[Any, ...]]] = {}
@@ -118,6 +119,7 @@ class SnapshotCache:
                 tuple(r[7] or ()),
                 tuple((*g[:5], tuple(g[5] or ()), *g[6:]) for g in gpus),
                 tuple(sorted((r[10] or {}).items())),
+                bool(r[11]),
             )
             keys[r[1]] = key
             if snap is not None and self.keys.get(r[1]) == key:
@@ -161,8 +163,9 @@ def _node_snapshot(r: Any, gpus: list[tuple[Any, ...]]) -> NodeSnapshot:
 
 def reachable(r: Any) -> bool:
     """Whether work can be started on the node: a Docker node needs its engine's address
-    (an agent started without --docker-url is listed, but receives nothing)."""
-    return not (r[8] == "docker" and not r[9])
+    (an agent started without --docker-url is listed, but receives nothing), and a node that
+    was lost needs its orphan containers swept first (``needs_sweep``, see node_loss.py)."""
+    return not (r[8] == "docker" and not r[9]) and not (len(r) > 11 and r[11])
 
 
 def user_usage(s: Session) -> dict[str, UserUsage]:

@@ -122,6 +122,7 @@ class ServerContext:
     trusted_services: frozenset[str] = frozenset({"nsml-spawner"})
     datasets: Any = None
     allowed_images: tuple[str, ...] = (DEFAULT_IMAGE,)  # NSMLServer.allowed_images (patterns)
+    deployment: str = ""  # the container label of this deployment (session_runner)
 
 
 class APIHandler(web.RequestHandler):
