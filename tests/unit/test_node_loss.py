@@ -327,3 +327,35 @@ def test_releasing_on_an_up_node_does_not_fence_it(db: Database) -> None:
         assert ledger.release(s, aid, T0)
         node = s.scalar(select(Node).where(Node.name == "node-b"))
         assert node is not None and not node.needs_sweep
+
+
+# ---- what users and the hub see --------------------------------------------------------------
+
+
+def test_nsml_run_and_the_magic_take_restart_on_lost() -> None:
+    from nsml.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--restart-on-lost", "--gpus", "1", "train.py"])
+    assert args.restart_on_lost is True and args.script == "train.py"
+    assert build_parser().parse_args(["run", "train.py"]).restart_on_lost is False
+
+
+def test_status_says_the_attempt_and_what_it_loads() -> None:
+    from nsml.cli_session import status_text
+    from tests.unit.test_cli_messages import status
+
+    text = status_text(
+        status(state="running", attempt=2, restart_on_lost=True, load_from="alice/_/1/7")
+    )
+    assert "attempt   2 (requeued if its node is lost), loading alice/_/1/7" in text
+    assert "attempt" not in status_text(status())
+
+
+def test_a_notebook_server_lost_with_its_node_says_so_and_survives_a_hub_restart() -> None:
+    from nsml_spawner.spec import LastExit, node_lost_exit
+
+    ended = node_lost_exit("node-b", "no heartbeat for 50s")
+    assert ended.reason == "node_lost" and ended.exit_code != 0
+    assert "node node-b was lost (no heartbeat for 50s)" in ended.message
+    assert "Start it again" in ended.message
+    assert LastExit.from_state(ended.to_state()) == ended
