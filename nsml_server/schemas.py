@@ -235,6 +235,11 @@ class NodeOut(BaseModel):
     )
     last_heartbeat: str | None = Field(description="ISO 8601, UTC")
     heartbeat_age_s: float | None
+    needs_sweep: bool = Field(
+        default=False,
+        description="work on it was given up while it was silent (node loss): it takes nothing "
+        "new until the server removed that work's containers from its engine",
+    )
 
     def for_caller(self, admin: bool) -> NodeOut:
         """The node as the caller may see it: node internals blanked for non-admins."""
