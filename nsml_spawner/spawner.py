@@ -103,6 +103,13 @@ from .spec import (
 )
 
 DEFAULT_IMAGE = "jupyter-nsml/singleuser:latest"
+#: What a node's engine that does not answer raises (docker-py raises a bare DockerException
+#: when it cannot even learn the engine's API version); its APIError answers are not these.
+ENGINE_SILENT = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    docker.errors.DockerException,
+)
 QUEUE_POLL_S = 10.0  # one long poll of the placement API while waiting in the queue
 T = TypeVar("T")
 
@@ -1143,7 +1150,9 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
         if self.object_id:
             try:
                 await super().stop_object()
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+            except APIError:
+                raise
+            except ENGINE_SILENT as e:
                 self.log.warning("%s: cannot stop the container: %s", self._log_name, e)
 
     async def remove_object(self) -> None:
@@ -1151,7 +1160,9 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
         if self.object_id:
             try:
                 await super().remove_object()
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+            except APIError:
+                raise
+            except ENGINE_SILENT as e:
                 self.log.warning("%s: cannot remove the container: %s", self._log_name, e)
 
     async def _remove_quietly(self) -> None:
@@ -1173,7 +1184,9 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
         (``last_exit``), releasing the allocation and removing the container."""
         try:
             container = await self.get_object()
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+        except APIError:
+            raise
+        except ENGINE_SILENT as e:
             lost = await self._node_lost()
             node = self.allocation.node if self.allocation else "?"
             if lost is None:

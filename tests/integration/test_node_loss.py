@@ -16,16 +16,20 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import docker
 import docker.errors
 import pytest
+import requests
 from sqlalchemy import select
 
 from gpu_scheduler.policy import PlacementPolicy
@@ -401,3 +405,118 @@ def test_a_killed_engine_loses_its_node_and_the_work_moves_on_once(
                 with contextlib.suppress(docker.errors.APIError):
                     c.remove(force=True, v=True)
         db.dispose()
+
+
+# ---- the hub is told: NSMLSpawner.poll of a notebook server on a lost node ---------------------
+
+
+@pytest.mark.hub
+def test_a_notebook_server_on_a_lost_node_is_reported_stopped_and_released_once(
+    hub: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    """A real NSML server (PostgreSQL, the hub's auth) with short node settings, a node whose
+    engine never answers (its socket is absent) and NSMLSpawner's poll, as the hub calls it."""
+    from traitlets.config import Config
+
+    from nsml_spawner.spawner import NSMLSpawner
+    from nsml_spawner.spec import Allocation as NotebookAllocation
+    from tests.integration.hubproc import ServerProcess, virtual_node_heartbeat
+
+    db_url = fresh_database(postgres_url, f"nsml_lostnb_{uuid.uuid4().hex[:12]}")
+    srv = ServerProcess(
+        hub,
+        db_url,
+        "lost-nb",
+        args=[
+            "--NSMLServer.node_timeout=2",
+            "--NSMLServer.node_lost_grace=2",
+            "--NSMLServer.heartbeat_interval=0.3",
+        ],
+    )
+    admin = hub.user_token("admin")
+    auth = {"Authorization": f"token {admin}"}
+    engine = f"unix://{tmp_path}/absent.sock"  # an engine that does not answer
+    body = {**virtual_node_heartbeat("nb-node", gpus=2), "docker_url": engine}
+
+    def beat() -> None:
+        r = requests.put(f"{srv.api}/nodes/nb-node/heartbeat", json=body, headers=auth, timeout=10)
+        assert r.status_code == 200, r.text
+
+    def node() -> dict[str, Any]:
+        return dict(requests.get(f"{srv.api}/nodes/nb-node", headers=auth, timeout=10).json())
+
+    def place(server: str) -> NotebookAllocation:
+        r = requests.post(
+            f"{srv.api}/placements",
+            json={"holder": f"notebook:{server}", "user": "lostnb", "gpus": 1, "wait_s": 10},
+            headers=auth,
+            timeout=30,
+        )
+        assert r.status_code in (200, 201), r.text
+        assert r.json()["state"] == "placed", r.json()
+        return NotebookAllocation.from_placement(r.json())
+
+    def spawner(alloc: NotebookAllocation) -> Any:
+        cfg = Config()
+        cfg.NSMLSpawner.scheduler_url = srv.api + "/"
+        cfg.NSMLSpawner.scheduler_token = admin
+        sp = NSMLSpawner(config=cfg, user=SimpleNamespace(name="lostnb", url="/user/lostnb/"))
+        sp.allocation, sp.engine_url = alloc, engine
+        return sp
+
+    def placement(pid: int) -> dict[str, Any]:
+        return dict(requests.get(f"{srv.api}/placements/{pid}", headers=auth, timeout=10).json())
+
+    srv.start()
+    try:
+        stop_beating = threading.Event()
+
+        def agent() -> None:
+            while not stop_beating.wait(0.3):
+                beat()
+
+        beat()
+        first, second = place("one"), place("two")
+        thread = threading.Thread(target=agent, daemon=True)
+        thread.start()
+        out: dict[str, Any] = {}
+
+        async def polls() -> None:
+            a, b = spawner(first), spawner(second)
+            NSMLSpawner._api = None  # a client of this server, on this event loop
+            out["alive"] = await a.poll()  # the engine is silent but the node heartbeats
+            stop_beating.set()  # the agent dies with its engine
+            thread.join()
+            await asyncio.to_thread(wait_until, lambda: node()["state"] == "down", "down")
+            out["down"] = await a.poll()
+            out["down_exit"] = a.last_exit
+            # The other server is not polled until its node is gone: the NSML server
+            # released it by then (its node check), and the poll says so.
+            await asyncio.to_thread(
+                wait_until, lambda: placement(second.placement_id)["state"] == "released", "gone"
+            )
+            out["gone"] = await b.poll()
+            out["gone_exit"] = b.last_exit
+
+        asyncio.run(polls())
+        assert out["alive"] is None, "a silent engine alone proves nothing"
+        assert out["down"] == 1 and out["down_exit"].reason == "node_lost"
+        assert "node nb-node was lost (no heartbeat" in out["down_exit"].message
+        assert out["gone"] == 1 and "the NSML server released" in out["gone_exit"].message
+        for alloc in (first, second):
+            p = placement(alloc.placement_id)
+            assert p["state"] == "released" and p["allocation"]["state"] == "released"
+        n = node()
+        assert [g["allocated_milli"] for g in n["gpus"]] == [0, 0], "each GPU released once"
+        assert n["needs_sweep"] is True, "released while down: fenced until swept"
+    finally:
+        srv.stop()
+
+
+def wait_until(pred: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
