@@ -3,7 +3,7 @@
 In training code::
 
     import nsml
-    nsml.bind(save=save_fn, load=load_fn)
+    nsml.bind(save=save_fn, load=load_fn, infer=infer_fn)
     for step in ...:
         nsml.report(step=step, loss=loss)
     nsml.save(epoch)
@@ -18,6 +18,7 @@ from .sdk import (
     DATASET_NAME,
     DATASET_PATH,
     DATASET_PATHS,
+    IS_EVALUATION,
     IS_ON_NSML,
     SESSION_NAME,
     CheckpointError,
@@ -34,6 +35,7 @@ __all__ = [
     "DATASET_NAME",
     "DATASET_PATH",
     "DATASET_PATHS",
+    "IS_EVALUATION",
     "IS_ON_NSML",
     "SESSION_NAME",
     "CheckpointError",

@@ -18,6 +18,7 @@ from typing import Any
 
 from ._args import Parser, UsageProblem
 from ._fmt import gpu_rows, print_json, text_table
+from .cli_board import add_board_verbs
 from .cli_dataset import add_dataset_verb
 from .cli_session import add_session_verbs
 from .client import Client, NSMLError
@@ -138,6 +139,7 @@ def build_parser() -> Parser:
     sp.add_argument("--state", choices=["up", "draining", "down"], help="only nodes in this state")
     add_session_verbs(sub)
     add_dataset_verb(sub)
+    add_board_verbs(sub)
     return p
 
 

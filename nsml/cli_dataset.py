@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any
 
 from . import _args
 from . import datasets as ds
 from ._fmt import ago, human, print_json
+from .cli_board import add_board_action
 from .client import Client, NSMLError
 
 __all__ = ["add_dataset_verb", "human", "push_note"]
@@ -37,13 +39,31 @@ def push_note(result: ds.PushResult) -> str:
 
 
 def cmd_push(client: Client, args: argparse.Namespace) -> int:
+    if (args.test_inputs is None) != (args.test_labels is None):
+        raise _args.UsageProblem("--test-inputs and --test-labels go together")
+    if args.private_labels is not None and args.test_inputs is None:
+        raise _args.UsageProblem("--private-labels goes with --test-inputs and --test-labels")
+    if args.test_inputs is not None and args.test_split is not None:
+        raise _args.UsageProblem(
+            "give --test-split FOLDER or --test-inputs/--test-labels, not both"
+        )
+    with contextlib.ExitStack() as stack:
+        test_split = args.test_split
+        if args.test_inputs is not None:
+            test_split = stack.enter_context(
+                ds.staged_test_split(args.test_inputs, args.test_labels, args.private_labels)
+            )
+        return _push(client, args, test_split)
+
+
+def _push(client: Client, args: argparse.Namespace, test_split: str | None) -> int:
     bar = ds.progress_bar((not args.no_progress and sys.stderr.isatty()) or args.progress)
     try:
         result = ds.push(
             client,
             args.name,
             args.folder,
-            test_split=args.test_split,
+            test_split=test_split,
             metric=args.metric,
             higher_is_better=args.higher_is_better,
             on_progress=bar,
@@ -230,9 +250,31 @@ def add_dataset_verb(sub: argparse._SubParsersAction[_args.Parser]) -> None:
     sp.add_argument(
         "--test-split",
         metavar="FOLDER",
-        help="a hidden test split, stored apart: never mounted, pullable only by admins",
+        help="a hidden test split, stored apart: never mounted, pullable only by admins "
+        "(for a leaderboard: inputs/ and labels.csv in it, or use --test-inputs)",
     )
-    sp.add_argument("--metric", help="the leaderboard's metric, e.g. accuracy")
+    sp.add_argument(
+        "--test-inputs",
+        metavar="FOLDER",
+        help="the leaderboard's hidden test inputs: an evaluation's infer reads them",
+    )
+    sp.add_argument(
+        "--test-labels",
+        metavar="FILE",
+        help="their labels, a CSV file 'id,label' (id: an input's path under the inputs "
+        "folder, or any name the predictions use); no user code ever reads it",
+    )
+    sp.add_argument(
+        "--private-labels",
+        metavar="FILE",
+        help="labels of a private part of the inputs ('id,label'): scored apart and shown "
+        "only when the board closes",
+    )
+    sp.add_argument(
+        "--metric",
+        help="the leaderboard's metric: accuracy, macro_f1, roc_auc, mse, rmse or mae "
+        "(others need --higher-is-better or --lower-is-better)",
+    )
     order = sp.add_mutually_exclusive_group()
     order.add_argument(
         "--higher-is-better", dest="higher_is_better", action="store_true", default=None
@@ -263,6 +305,8 @@ def add_dataset_verb(sub: argparse._SubParsersAction[_args.Parser]) -> None:
     who.add_argument("--team", metavar="GROUP", help="members of this JupyterHub group")
     who.add_argument("--public", action="store_true", help="every user")
     who.add_argument("--private", action="store_true", help="only you (and admins)")
+
+    add_board_action(verbs)
 
     sp = action("gc", cmd_gc, "remove stale uploads and unreferenced files from the store (admin)")
     sp.add_argument(

@@ -13,8 +13,12 @@ makes one that draws a ``tqdm`` bar in a terminal and an ``ipywidgets`` bar in a
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -452,6 +456,100 @@ def _send_pack(
     return sum(i[2] for i in items)
 
 
+def _check_labels(path: Path, what: str) -> set[str]:
+    """The ids of a labels CSV file ``id,label``; NSMLError naming the problem otherwise."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            header = [h.strip().lower() for h in next(rows, [])]
+            if header != ["id", "label"]:
+                raise NSMLError(
+                    f"{what} {os.fspath(path)!r} must start with the header 'id,label', not "
+                    f"{','.join(header)!r}",
+                    400,
+                    "bad_request",
+                )
+            ids: set[str] = set()
+            for n, row in enumerate(rows, start=2):
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if len(row) != 2 or not row[0].strip():
+                    raise NSMLError(
+                        f"{what} {os.fspath(path)!r} line {n}: give 'id,label'", 400, "bad_request"
+                    )
+                if row[0].strip() in ids:
+                    raise NSMLError(
+                        f"{what} {os.fspath(path)!r} line {n}: id {row[0].strip()!r} again",
+                        400,
+                        "bad_request",
+                    )
+                ids.add(row[0].strip())
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise NSMLError(
+            f"cannot read {what} {os.fspath(path)!r}: {e}", 400, "bad_request"
+        ) from None
+    if not ids:
+        raise NSMLError(f"{what} {os.fspath(path)!r} has no labels", 400, "bad_request")
+    return ids
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def staged_test_split(
+    inputs: str | os.PathLike[str],
+    labels: str | os.PathLike[str],
+    private_labels: str | os.PathLike[str] | None = None,
+) -> Iterator[str]:
+    """A temporary folder in the hidden split's layout: ``inputs/`` (the files of *inputs*,
+    hard-linked where the filesystem allows, else copied), ``labels.csv`` and, with
+    *private_labels*, ``private-labels.csv``. Removed on leaving.
+
+    Raises:
+        NSMLError: *inputs* is not a folder, or a labels file is not ``id,label`` CSV, or
+            the two labels files share ids.
+    """
+    src = Path(inputs)
+    if not src.is_dir():
+        raise NSMLError(f"--test-inputs {os.fspath(src)!r} is not a folder", 400, "bad_request")
+    public = _check_labels(Path(labels), "--test-labels")
+    if private_labels is not None:
+        shared = public & _check_labels(Path(private_labels), "--private-labels")
+        if shared:
+            raise NSMLError(
+                f"--test-labels and --private-labels both name id {sorted(shared)[0]!r}; a "
+                "test input belongs to one part",
+                400,
+                "bad_request",
+            )
+    tmp = Path(tempfile.mkdtemp(prefix="nsml-test-split-"))
+    try:
+        shutil.copytree(src, tmp / "inputs", symlinks=True, copy_function=_link_or_copy)
+        _link_or_copy(os.fspath(labels), os.fspath(tmp / "labels.csv"))
+        if private_labels is not None:
+            _link_or_copy(os.fspath(private_labels), os.fspath(tmp / "private-labels.csv"))
+        yield os.fspath(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: The server's built-in leaderboard metrics and whether a higher value is better (a push
+#: that names one need not say the order).
+BUILTIN_METRIC_ORDER = {
+    "accuracy": True,
+    "macro_f1": True,
+    "roc_auc": True,
+    "mse": False,
+    "rmse": False,
+    "mae": False,
+}
+
+
 def push(
     client: Client,
     name: str,
@@ -484,6 +582,8 @@ def push(
         validate_name(name)
     except DatasetError as e:
         raise NSMLError(e.message, 400, "bad_request") from None
+    if metric is not None and higher_is_better is None:
+        higher_is_better = BUILTIN_METRIC_ORDER.get(metric)
     if metric is not None and higher_is_better is None:
         raise NSMLError(
             "Say whether a higher metric is better (--higher-is-better or --lower-is-better).",

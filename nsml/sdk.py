@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import csv
 import hashlib
 import json
 import logging
@@ -48,11 +49,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 from ._checkpoint import ArchiveError, extract, pack
@@ -62,6 +63,7 @@ __all__ = [
     "DATASET_NAME",
     "DATASET_PATH",
     "DATASET_PATHS",
+    "IS_EVALUATION",
     "IS_ON_NSML",
     "SESSION_NAME",
     "CheckpointError",
@@ -96,6 +98,9 @@ IS_ON_NSML: bool = bool(_ENV.get("NSML_SESSION"))
 SESSION_NAME: str | None = _ENV.get("NSML_SESSION") or None
 #: Folder of each mounted dataset, by name (``{"mnist": "/data/mnist"}``).
 DATASET_PATHS: dict[str, str] = _dataset_paths(_ENV)
+#: True inside the evaluation of a leaderboard submission (see :func:`bind`).
+IS_EVALUATION: bool = _ENV.get("NSML_EVALUATION") == "1"
+
 #: Folder of the first dataset (``/data/mnist``); off the platform $NSML_DATASET_PATH or None.
 DATASET_PATH: str | None = _ENV.get("NSML_DATASET_PATH") or None
 #: Name of the first dataset, or None.
@@ -711,6 +716,13 @@ def bind(
 
     ``save(folder)`` writes the model into *folder*; ``load(folder)`` reads it back. In a
     session started from a checkpoint (a fork or a resume), *load* runs at once on it.
+
+    ``infer(path)`` predicts for the test inputs in the folder *path* and returns
+    ``{id: prediction}`` or ``(id, prediction)`` pairs, ids being the inputs' names (as in
+    the dataset's labels file), predictions numbers or class names. In the evaluation of a
+    leaderboard submission (:data:`IS_EVALUATION`), the call that has bound both *load* and
+    *infer* loads the submitted checkpoint, runs *infer* on the hidden test inputs, writes
+    the predictions and ends the program: call ``bind`` before training starts.
     """
     global _loaded
     for key, fn in (("save", save), ("load", load), ("infer", infer), *others.items()):
@@ -718,12 +730,84 @@ def bind(
             if not callable(fn):
                 raise TypeError(f"nsml.bind: {key}= must be a function, not {fn!r}")
             _bound[key] = fn
+    if IS_EVALUATION:
+        if "load" in _bound and "infer" in _bound:
+            _evaluate()
+        return
     _install_sigterm()
     source = os.environ.get("NSML_LOAD_FROM") if IS_ON_NSML else None
     if load is not None and source and _loaded is None:
         session, _, checkpoint = source.rpartition("/")
         print(f"[nsml] loading checkpoint {checkpoint} of {session}", flush=True)
         globals()["load"](checkpoint, session=session)
+
+
+#: The most predictions an evaluation writes (a test set is smaller).
+MAX_PREDICTIONS = 10_000_000
+
+
+def prediction_rows(predictions: Any) -> list[tuple[str, str]]:
+    """What ``infer`` returned as ``(id, prediction)`` text pairs for the predictions file.
+
+    Raises:
+        TypeError: not a mapping nor an iterable of pairs, or a prediction that is not a
+            number, a bool or a string (the message names the first bad one).
+    """
+    if isinstance(predictions, Mapping):
+        items: Iterable[Any] = predictions.items()
+    elif isinstance(predictions, (str, bytes)) or not isinstance(predictions, Iterable):
+        raise TypeError(
+            "infer must return {id: prediction} or (id, prediction) pairs, not "
+            f"{type(predictions).__name__}"
+        )
+    else:
+        items = predictions
+    rows: list[tuple[str, str]] = []
+    for i, item in enumerate(items):
+        if len(rows) >= MAX_PREDICTIONS:
+            raise TypeError(f"infer returned more than {MAX_PREDICTIONS} predictions")
+        try:
+            key, value = item
+        except (TypeError, ValueError):
+            raise TypeError(f"infer's item {i} is {item!r}; give (id, prediction) pairs") from None
+        if callable(getattr(value, "item", None)) and getattr(value, "shape", None) == ():
+            value = value.item()  # a NumPy (or similar) scalar
+        if isinstance(value, bool):
+            text = "1" if value else "0"
+        elif isinstance(value, int):
+            text = str(value)
+        elif isinstance(value, float):
+            text = repr(value)
+        elif isinstance(value, str):
+            text = value
+        else:
+            raise TypeError(
+                f"the prediction for id {key!r} is a {type(value).__name__}; give a number "
+                "or a class name"
+            )
+        rows.append((str(key), text))
+    return rows
+
+
+def _evaluate() -> NoReturn:
+    """Load the submitted checkpoint, run the bound infer, write the predictions, exit 0."""
+    checkpoint = os.environ.get("NSML_CHECKPOINT", "/nsml/checkpoint")
+    inputs = os.environ.get("NSML_TEST_PATH", "/data/test")
+    out = Path(os.environ.get("NSML_PREDICTIONS", "/nsml/out/predictions.csv"))
+    print("[nsml] evaluation: loading the submitted checkpoint", flush=True)
+    _bound["load"](checkpoint)
+    print(f"[nsml] evaluation: running infer on the test inputs in {inputs}", flush=True)
+    rows = prediction_rows(_bound["infer"](inputs))
+    partial = out.with_name(out.name + ".partial")
+    with partial.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("id", "prediction"))
+        writer.writerows(rows)
+    partial.replace(out)
+    print(f"[nsml] evaluation: {len(rows)} predictions written", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the rest of the script (training) does not run in an evaluation
 
 
 def bound() -> dict[str, Callable[..., Any]]:

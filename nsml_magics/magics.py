@@ -5,8 +5,9 @@ magic verb parses with the CLI verb's own parser (the same converters, so the sa
 refused, with the same one-line reasons) and calls the same function. A mistake or an error
 from the server is a :class:`UsageError` (one line, no traceback). Some verbs are shown richer
 in a notebook (:data:`SHOWN`): ``run``, ``fork`` and ``resume`` add a live status line,
-``status`` and ``gpustat`` an HTML table. Results and notes are the cell's output (standard
-output), so that JupyterLab never shows a summary as an error.
+``status``, ``gpustat`` and ``leaderboard`` an HTML table (the caller's rows marked).
+Results and notes are the cell's output (standard output), so that JupyterLab never shows a
+summary as an error.
 """
 
 from __future__ import annotations
@@ -47,13 +48,26 @@ def split_dashdash(line: str) -> tuple[str, list[str]]:
     return shlex.join(words[:i]), words[i + 1 :]
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> HTML:
-    """*rows* as an HTML table; a missing or ``None`` cell is ``-`` (``0`` stays ``0``)."""
+def _table(
+    rows: list[dict[str, Any]],
+    columns: list[tuple[str, str]],
+    highlight: Callable[[dict[str, Any]], bool] | None = None,
+    caption: str | None = None,
+) -> HTML:
+    """*rows* as an HTML table; a missing or ``None`` cell is ``-`` (``0`` stays ``0``).
+    Rows for which *highlight* is true are marked (``class="nsml-mine"``, bold, shaded)."""
     import html
 
     head = "".join(f"<th style='text-align:left'>{html.escape(t)}</th>" for _, t in columns)
+
+    def tr(r: dict[str, Any]) -> str:
+        if highlight is not None and highlight(r):
+            return "<tr class='nsml-mine' style='font-weight:bold;background:rgba(255,200,0,0.25)'>"
+        return "<tr>"
+
+    cap = f"<caption style='text-align:left'>{html.escape(caption)}</caption>" if caption else ""
     body = "".join(
-        "<tr>"
+        tr(r)
         + "".join(
             "<td style='text-align:left'>"
             + html.escape("-" if r.get(k) is None else str(r.get(k)))
@@ -63,7 +77,7 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> HTML:
         + "</tr>"
         for r in rows
     )
-    return HTML(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return HTML(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
 def cli_verbs() -> dict[str, argparse.ArgumentParser]:
@@ -259,6 +273,23 @@ def _gpustat(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
     display(_table(list(gpu_rows(nodes)), GPUSTAT_COLUMNS))
 
 
+def _leaderboard(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None:
+    from urllib.parse import quote
+
+    from nsml.cli_board import BOARD_COLUMNS, board_rows, board_title
+
+    board = m.client.request(
+        "GET", f"datasets/{quote(ns.dataset, safe='')}/leaderboard", all="1" if ns.all else "0"
+    )
+    if ns.json:
+        print_json(board)
+        return
+    columns = list(BOARD_COLUMNS)
+    if board["closed"] and board["has_private"]:
+        columns.insert(5, ("public", "PUBLIC"))
+    display(_table(board_rows(board), columns, lambda r: bool(r.get("mine")), board_title(board)))
+
+
 #: CLI verbs that a notebook shows its own way (the arguments are still the CLI verb's).
 SHOWN: dict[str, Callable[[NSMLMagics, argparse.Namespace, str | None], Any]] = {
     "run": _run,
@@ -266,4 +297,5 @@ SHOWN: dict[str, Callable[[NSMLMagics, argparse.Namespace, str | None], Any]] = 
     "resume": _resume,
     "status": _status,
     "gpustat": _gpustat,
+    "leaderboard": _leaderboard,
 }

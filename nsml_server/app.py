@@ -701,7 +701,7 @@ class NSMLServer(DBSettings):
         api = self.base_url + "api/"
         document = openapi_document(__version__, self.base_url, self.allowed_images)
         k = {"ctx": self.ctx}
-        routes = api_routes(self.ctx, document) + self.session_routes()
+        routes = api_routes(self.ctx, document) + self.session_routes() + self.leaderboard_routes()
         handlers: list[Any] = [(self.base_url, IndexHandler, {"base_url": self.base_url})]
         handlers += [route.spec(api, document) for route in routes]
         handlers.append((api + ".*", NotFoundHandler, k))
@@ -804,6 +804,36 @@ class NSMLServer(DBSettings):
         self.log.info(
             "sessions: image %s, API for containers %s", self.session_image, self.session_api_url
         )
+        self.init_evaluations()
+
+    def init_evaluations(self) -> None:
+        from .evaluations import EvaluationRunner, EvaluationSettings
+        from .session_runner import server_label_for
+
+        self.evaluations = EvaluationRunner(
+            self.db,
+            self.scheduler,
+            lambda: self.lease.is_leader,
+            self.runner.backends,
+            self.artifacts,
+            self.datasets.store if self.datasets is not None else None,
+            Path(self.state_dir) / "evaluations",
+            EvaluationSettings(
+                container_prefix=self.session_container_prefix,
+                server_label=server_label_for(self.db_url),
+                keep_containers=self.session_keep_containers,
+            ),
+            utcnow,
+        )
+
+    def leaderboard_routes(self) -> list[Route]:
+        from .api.leaderboards import LeaderboardService, leaderboard_routes
+
+        service = LeaderboardService(
+            runner=self.evaluations,
+            dataset_store=self.datasets.store if self.datasets is not None else None,
+        )
+        return leaderboard_routes(self.ctx, service)
 
     def session_routes(self) -> list[Route]:
         from .api.sessions import SessionService, session_routes
@@ -872,6 +902,7 @@ class NSMLServer(DBSettings):
         stop = asyncio.Event()
         scheduler_task = asyncio.create_task(self.scheduler.run(stop))
         runner_task = asyncio.create_task(self.runner.run(stop))
+        evaluations_task = asyncio.create_task(self.evaluations.run(stop))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -881,6 +912,8 @@ class NSMLServer(DBSettings):
         self.scheduler.wake()
         self.runner.wake()
         await runner_task  # session containers keep running; the next leader follows them
+        self.evaluations.wake()
+        await evaluations_task
         await scheduler_task  # resigns the lease so that a standby takes over at once
         self.ctx.submit_queue.close()
         for t in tasks:

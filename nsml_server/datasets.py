@@ -90,6 +90,7 @@ from .schemas import (
     UploadOut,
     VersionOut,
 )
+from .scoring import METRICS
 
 log = logging.getLogger("nsml_server.datasets")
 
@@ -1008,9 +1009,21 @@ class DatasetService:
         team: str | None,
         metric: str | None,
         higher_is_better: bool | None,
+        rules: Mapping[str, Any] | None = None,
     ) -> DatasetInfo:
+        """Change a dataset's sharing and leaderboard settings (owner or admin).
+
+        *rules* are leaderboard rules to set: ``daily_limit`` (None: no limit),
+        ``eval_timeout_s``, ``eval_gpus`` (None: as the session had), ``closed``.
+        """
         with self.db.session() as s:
             ds = owned(s, c, name)
+            for key, value in (rules or {}).items():
+                if key == "eval_timeout_s" and value is None:
+                    raise APIError(400, "eval_timeout_s needs a number of seconds.", "bad_request")
+                if key == "closed":
+                    value = bool(value)
+                setattr(ds, key, value)
             if "visibility" in fields and visibility is not None:
                 if visibility == "team":
                     team = team or ds.team
@@ -1041,7 +1054,9 @@ class DatasetService:
                 )
             if "metric" in fields:
                 ds.metric = metric
-                if metric and "higher_is_better" not in fields and ds.higher_is_better is None:
+                if metric in METRICS and "higher_is_better" not in fields:
+                    ds.higher_is_better = METRICS[metric].higher_is_better
+                elif metric and "higher_is_better" not in fields and ds.higher_is_better is None:
                     raise APIError(
                         400,
                         "Say whether a higher metric is better: higher_is_better true or false.",

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -370,6 +371,13 @@ class Dataset(Base):
     team: Mapped[str | None] = mapped_column(String(255))
     metric: Mapped[str | None] = mapped_column(String(64))
     higher_is_better: Mapped[bool | None] = mapped_column(Boolean)
+    # Leaderboard rules, set by the owner: submissions per user in any 24 hours (None: no
+    # limit), an evaluation's time limit, its GPUs (None: as the submitted session had), and
+    # whether the board is closed (no more submissions; private scores shown and ranked).
+    daily_limit: Mapped[int | None] = mapped_column(Integer)
+    eval_timeout_s: Mapped[int] = mapped_column(Integer, default=3600)
+    eval_gpus: Mapped[int | None] = mapped_column(Integer)
+    closed: Mapped[bool] = mapped_column(Boolean, default=False)
     next_version: Mapped[int] = mapped_column(Integer, default=1)
     created: Mapped[datetime] = mapped_column(DateTime)
     last_access: Mapped[datetime | None] = mapped_column(DateTime)
@@ -465,3 +473,49 @@ class DatasetHold(Base):
     message: Mapped[str | None] = mapped_column(Text)
     created: Mapped[datetime] = mapped_column(DateTime)
     updated: Mapped[datetime] = mapped_column(DateTime)
+
+
+SUBMISSION_STATES = ("queued", "running", "scored", "failed")
+
+
+class Submission(Base):
+    """A session's checkpoint submitted to its dataset's leaderboard, and its evaluation.
+
+    ``state`` moves ``queued -> running -> scored | failed``; only the evaluation runner of
+    the leading server moves it. The evaluation runs the session's image and code with the
+    checkpoint and the test inputs of ``dataset_ref``'s hidden split, without network; the
+    server scores its predictions against the labels (``public_score``; ``private_score`` on
+    the private part, when the split has one). ``message`` says why a failed one failed.
+    """
+
+    __tablename__ = "submissions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), index=True
+    )
+    dataset_ref: Mapped[str] = mapped_column(String(80))
+    test_digest: Mapped[str] = mapped_column(String(64))
+    user_name: Mapped[str] = mapped_column(String(255), index=True)
+    session_id: Mapped[int | None] = mapped_column(
+        ForeignKey("sessions.id", ondelete="SET NULL"), index=True
+    )
+    session_name: Mapped[str] = mapped_column(String(512))
+    checkpoint: Mapped[str] = mapped_column(String(255))
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    code_digest: Mapped[str] = mapped_column(String(64))
+    entry: Mapped[str] = mapped_column(String(1024))
+    args: Mapped[list[Any]] = mapped_column(default=list)
+    image: Mapped[str] = mapped_column(String(512))
+    resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    placement_id: Mapped[int | None] = mapped_column(Integer)
+    node: Mapped[str | None] = mapped_column(String(255))
+    gpu_ids: Mapped[list[Any]] = mapped_column(default=list)
+    handle: Mapped[str | None] = mapped_column(String(255))
+    public_score: Mapped[float | None] = mapped_column(Float)
+    private_score: Mapped[float | None] = mapped_column(Float)
+    message: Mapped[str | None] = mapped_column(Text)
+    submitted: Mapped[datetime] = mapped_column(DateTime, index=True)
+    started: Mapped[datetime | None] = mapped_column(DateTime)
+    finished: Mapped[datetime | None] = mapped_column(DateTime)

@@ -765,6 +765,23 @@ class DatasetPatch(Strict):
         description="the leaderboard's metric, e.g. 'accuracy'",
     )
     higher_is_better: bool | None = None
+    daily_limit: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="submissions per user in any 24 hours (null: no limit; 0: none)",
+    )
+    eval_timeout_s: int | None = Field(
+        default=None, ge=10, le=7 * 24 * 3600, description="an evaluation's time limit"
+    )
+    eval_gpus: int | None = Field(
+        default=None, ge=0, le=64, description="GPUs of an evaluation (null: as the session)"
+    )
+    closed: bool | None = Field(
+        default=None,
+        description="close the leaderboard (no more submissions; private scores shown), or "
+        "open it again",
+    )
 
 
 class DeletedOut(BaseModel):
@@ -866,3 +883,74 @@ class HoldPatch(Strict):
     state: Literal["ready", "failed"]
     host_path: str | None = Field(default=None, max_length=4096)
     message: str | None = Field(default=None, max_length=4000)
+
+
+# ---- leaderboards ------------------------------------------------------------------------------
+
+SubmissionState = Literal["queued", "running", "scored", "failed"]
+
+
+class SubmissionIn(Strict):
+    """Submit a session's checkpoint to the leaderboard of the session's (first) dataset."""
+
+    session: str = Field(
+        max_length=400,
+        pattern=r"^[^/]+/[A-Za-z0-9._-]{1,64}/[1-9][0-9]{0,9}$",
+        description="the session USER/DATASET/N (it must have been run on a dataset)",
+    )
+    checkpoint: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$",
+        description="the checkpoint to evaluate; default: the session's latest",
+    )
+
+
+class SubmissionOut(BaseModel):
+    id: int
+    dataset: str = Field(description="NAME@k whose hidden split scores it")
+    user: str
+    session: str
+    checkpoint: str
+    state: SubmissionState
+    score: float | None = Field(description="the public score once scored")
+    private_score: float | None = Field(
+        description="the private part's score: shown once the leaderboard is closed"
+    )
+    message: str | None = Field(
+        description="why it failed: one line, then the last lines of the program's output"
+    )
+    node: str | None
+    submitted: str
+    started: str | None
+    finished: str | None
+
+
+class SubmissionList(BaseModel):
+    submissions: list[SubmissionOut]
+
+
+class LeaderboardRow(BaseModel):
+    rank: int
+    user: str
+    session: str
+    checkpoint: str
+    submission: int
+    score: float | None = Field(
+        description="the ranking score: public, or private once closed (null: none there)"
+    )
+    public_score: float
+    private_score: float | None
+    submitted: str
+    mine: bool = Field(description="the caller's own submission")
+
+
+class BoardOut(BaseModel):
+    dataset: str
+    metric: str | None
+    higher_is_better: bool | None
+    closed: bool
+    has_private: bool = Field(description="the hidden split keeps a private part")
+    daily_limit: int | None
+    eval_timeout_s: int
+    eval_gpus: int | None
+    rows: list[LeaderboardRow]

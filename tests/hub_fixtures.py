@@ -9,6 +9,7 @@ the end, whatever the tests did.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -51,6 +52,13 @@ def singleuser_image(docker_client: Any) -> str:
     return IMAGE
 
 
+def unique_prefix(kind: str) -> str:
+    """A container and volume prefix no other run on this engine has: a test machine's PIDs
+    repeat across runs (a fresh PID namespace each time) while its engine may keep what a
+    killed run left behind, so the PID alone does not tell runs apart."""
+    return f"{kind}{os.getpid()}{secrets.token_hex(3)}"
+
+
 def remove_deployment(docker_client: Any, prefix: str) -> None:
     """Remove the containers and home volumes of the hub whose prefix is *prefix*."""
     for c in docker_client.containers.list(all=True, filters={"name": prefix}):
@@ -69,7 +77,7 @@ def hub(docker_client: Any, singleuser_image: str) -> Iterator[HubProcess]:
             "hub", "configurable-http-proxy is not installed (scripts/test.sh installs it)"
         )
     state = Path(tempfile.mkdtemp(prefix="nsml-hub-"))
-    prefix = f"nsmltest{os.getpid()}"
+    prefix = unique_prefix("nsmltest")
     h = HubProcess(
         state,
         env_overrides={"NSML_CONTAINER_PREFIX": prefix, "NSML_NOTEBOOK_IMAGE": singleuser_image},

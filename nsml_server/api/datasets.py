@@ -149,6 +149,11 @@ class DatasetHandler(DatasetsBase):
             team=body.team,
             metric=body.metric,
             higher_is_better=body.higher_is_better,
+            rules={
+                k: getattr(body, k)
+                for k in ("daily_limit", "eval_timeout_s", "eval_gpus", "closed")
+                if k in body.model_fields_set
+            },
         )
         self.write_json(out)
 

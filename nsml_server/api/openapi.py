@@ -31,6 +31,7 @@ from ..schemas import (
     NODE_NAME_PATTERN,
     AllocationOut,
     BlobOut,
+    BoardOut,
     CheckpointList,
     CheckpointOut,
     CodeOut,
@@ -51,6 +52,7 @@ from ..schemas import (
     HoldList,
     HoldOut,
     HoldPatch,
+    LeaderboardRow,
     LocalGrantIn,
     LocalGrantOut,
     LogChunk,
@@ -72,6 +74,9 @@ from ..schemas import (
     SessionOut,
     SessionPatch,
     StoreOut,
+    SubmissionIn,
+    SubmissionList,
+    SubmissionOut,
     UploadIn,
     UploadOut,
     UsageOut,
@@ -128,6 +133,11 @@ MODELS: list[type[BaseModel]] = [
     SessionList,
     SessionOut,
     SessionPatch,
+    BoardOut,
+    LeaderboardRow,
+    SubmissionIn,
+    SubmissionList,
+    SubmissionOut,
 ]
 
 REQUEST_MODELS = {
@@ -143,6 +153,7 @@ ERROR_TEXT = {
     "409": "Not possible in the object's present state",
     "413": "The body is over the size limit",
     "422": "Valid, but can never be satisfied",
+    "429": "Over a rate limit; the message says when to try again",
     "503": "The hub could not be reached to check the token; try again",
 }
 
@@ -764,6 +775,50 @@ def session_paths() -> dict[str, Any]:
     }
 
 
+def leaderboard_paths() -> dict[str, Any]:
+    """Submissions and each dataset's leaderboard."""
+    return {
+        "/submissions": {
+            "get": _op(
+                "The caller's submissions (admin: all=1), oldest first",
+                {"200": _json(SubmissionList, "Oldest first")},
+                params=[
+                    _query("all", "1: every user's (admin)", **FLAG),
+                    _query("dataset", "only those to this dataset", pattern=DATASET_NAME_PATTERN),
+                ],
+            ),
+            "post": _op(
+                "Submit a session's checkpoint to its dataset's leaderboard",
+                {"201": _json(SubmissionOut, "Queued for evaluation")},
+                body=_body(SubmissionIn),
+                errors=("404", "409", "429"),
+                description="The evaluation runs the session's code and image without network "
+                "on the hidden test inputs; the server scores its predictions against labels "
+                "no user code can read.",
+            ),
+        },
+        "/submissions/{id}": {
+            "get": _op(
+                "One submission (its submitter or an admin)",
+                {"200": _json(SubmissionOut, "The submission")},
+                params=[
+                    _path("id", "a submission id", type="integer", minimum=1, maximum=INT32_MAX)
+                ],
+            )
+        },
+        "/datasets/{name}/leaderboard": {
+            "get": _op(
+                "A dataset's leaderboard (whoever may read the dataset)",
+                {"200": _json(BoardOut, "Best first; a tie goes to the earlier submission")},
+                params=[
+                    DATASET,
+                    _query("all", "1: every submission, not each user's best", **FLAG),
+                ],
+            )
+        },
+    }
+
+
 def openapi_document(
     version: str, base_url: str, allowed_images: Sequence[str] | None = None
 ) -> dict[str, Any]:
@@ -785,6 +840,7 @@ def openapi_document(
     paths.update(core_paths())
     paths.update(session_paths())
     paths.update(dataset_paths())
+    paths.update(leaderboard_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "NSML API", "version": version},

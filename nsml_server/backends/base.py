@@ -119,6 +119,9 @@ class RunSpec:
         cpu_limit: CPU cores (fractions allowed); None: unlimited.
         mem_limit_bytes: memory limit in bytes; None: unlimited.
         labels: key/value labels, to find runs again with ``ExecutionBackend.list``.
+        network: ``"host"`` (the node's loopback and network, the default) or ``"none"``
+            (no network at all: evaluations of submitted models). Only Docker can cut a run
+            off; the local backend refuses ``"none"``.
     """
 
     name: str
@@ -132,6 +135,7 @@ class RunSpec:
     cpu_limit: float | None = None
     mem_limit_bytes: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    network: str = "host"
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -141,6 +145,8 @@ class RunSpec:
             )
         if not self.command:
             raise ValueError(f"run {self.name!r} has an empty command; give the program to run")
+        if self.network not in ("host", "none"):
+            raise ValueError(f"network {self.network!r} must be 'host' or 'none'")
         if self.cpu_limit is not None and not self.cpu_limit > 0:
             raise ValueError(f"cpu_limit {self.cpu_limit!r} must be > 0 cores, or None")
         if self.mem_limit_bytes is not None and self.mem_limit_bytes < 4 * 1024 * 1024:
@@ -310,6 +316,20 @@ class ExecutionBackend(abc.ABC):
         """
         raise BackendError(
             f"running a command inside a run needs a Docker engine; the {self.kind} backend "
+            "cannot do it",
+            reason="unsupported",
+        )
+
+    async def read_file(self, handle: str, path: str, limit: int) -> bytes | None:
+        """The content of the regular file *path* inside the run (running or exited); None
+        when there is no such file.
+
+        Raises:
+            BackendError: reason ``too_large`` when it holds more than *limit* bytes, or
+                ``unsupported`` when the backend cannot read inside a run.
+        """
+        raise BackendError(
+            f"reading a file inside a run needs a Docker engine; the {self.kind} backend "
             "cannot do it",
             reason="unsupported",
         )

@@ -5,8 +5,9 @@ pool, at most ``max_concurrency`` at a time, and retries transient failures (con
 errors, timeouts, 429/502/503/504) with jittered exponential backoff. Calls that create
 something (create, start) are not retried, so a run is never created twice.
 
-Containers always use ``network_mode="host"`` (no container gets an address of its own),
-run under Docker's ``init`` (so SIGTERM reaches the program and zombies are reaped), and get
+Containers use ``network_mode="host"`` (no container gets an address of its own), or
+``"none"`` when the spec asks for no network (evaluations of submitted models); they run
+under Docker's ``init`` (so SIGTERM reaches the program and zombies are reaped), and get
 ``NVIDIA_VISIBLE_DEVICES``/``CUDA_VISIBLE_DEVICES`` for their GPUs. GPU device requests are
 added only when the engine reports the ``nvidia`` runtime. Images are never pulled.
 """
@@ -115,7 +116,7 @@ def container_args(spec: RunSpec, *, nvidia_runtime: bool, init: bool = True) ->
     if spec.workdir:
         create["working_dir"] = spec.workdir
     host: dict[str, Any] = {
-        "network_mode": "host",
+        "network_mode": spec.network,
         "init": init,
         "mounts": [
             DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
@@ -738,6 +739,41 @@ class DockerBackend(ExecutionBackend):
                     f"the command did not end within {timeout_s:g}s (it may still run)",
                     reason="timeout",
                 ) from None
+
+    async def read_file(self, handle: str, path: str, limit: int) -> bytes | None:
+        """``docker cp`` of one regular file out of the container (also once it exited).
+
+        Raises:
+            BackendError: reason ``too_large`` over *limit* bytes, ``not_a_file`` when *path*
+                is a folder, a link or a device; engine errors as elsewhere.
+        """
+
+        def get(api: docker.APIClient) -> bytes | None:
+            try:
+                stream, stat = api.get_archive(handle, path)
+            except docker.errors.NotFound:
+                return None
+            if not stat or int(stat.get("size", 0)) > limit:
+                raise BackendError(
+                    f"{path} in the run holds more than {limit} bytes", reason="too_large"
+                )
+            data = bytearray()
+            for chunk in stream:
+                data += chunk
+                if len(data) > limit + 1024 * 1024:  # the tar headers are small
+                    raise BackendError(
+                        f"{path} in the run holds more than {limit} bytes", reason="too_large"
+                    )
+            with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+                member = tar.next()
+                if member is None or not member.isreg():
+                    raise BackendError(f"{path} in the run is not a file", reason="not_a_file")
+                f = tar.extractfile(member)
+                assert f is not None
+                return f.read(limit + 1)[:limit]
+
+        with self._engine_errors("copy a file out of a container"):
+            return await self._call("copy out", get)
 
     async def close(self) -> None:
         """Close the HTTP connections and the thread pool; containers keep running."""

@@ -278,8 +278,15 @@ class LocalProcessBackend(ExecutionBackend):
 
         Raises:
             NameConflict: a run with this name exists (until removed).
-            BackendError: a mount source or the working directory does not exist.
+            BackendError: a mount source or the working directory does not exist, or the run
+                asks for no network (a local process cannot be cut off; use Docker).
         """
+        if spec.network != "host":
+            raise BackendError(
+                f"{spec.name}: a local process cannot be cut off the network; runs without "
+                "network (evaluations) need a Docker engine on the node",
+                reason="isolation_unavailable",
+            )
         for m in visible(spec):
             if not os.path.exists(m.source):
                 raise BackendError(

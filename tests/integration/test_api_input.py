@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import requests
 
+from nsml_server.api.leaderboards import leaderboard_routes
 from nsml_server.api.routes import HTTP_METHODS, Route
 from nsml_server.api.sessions import session_routes
 from nsml_server.app import api_routes
@@ -19,7 +20,9 @@ from tests.integration.hubproc import HubProcess
 
 pytestmark = [pytest.mark.hub, pytest.mark.docker]
 
-ROUTES: list[Route] = api_routes(None, {}) + session_routes(None, None)
+ROUTES: list[Route] = (
+    api_routes(None, {}) + session_routes(None, None) + leaderboard_routes(None, None)
+)
 
 VALID = {
     "name": "no-such-thing",

@@ -125,20 +125,27 @@ def service_killed(hub: HubProcess) -> Iterator[int]:
         wait_for(lambda: service_pid(hub) != old, 10, 0.1, "the service to die")
         yield old
     finally:
+        # Also when the block failed: the next test needs a service that answers.
         os.kill(hub.proc.pid, signal.SIGCONT)
-    wait_for(
-        lambda: service_pid(hub) not in (None, old) and service_answers(hub),
-        timeout=120,
-        interval=0.5,
-        what="the hub to restart the nsml service",
-    )
+        wait_for(
+            lambda: service_pid(hub) not in (None, old) and service_answers(hub),
+            timeout=120,
+            interval=0.5,
+            what="the hub to restart the nsml service",
+        )
 
 
-def container_of(docker_client: Any, name: str) -> Any:
-    found = docker_client.containers.list(
-        all=True, filters={"label": f"org.jupyter-nsml.session={name}"}
-    )
-    assert len(found) == 1, found
+def container_of(docker_client: Any, hub: HubProcess, name: str) -> Any:
+    """The container of session *name* of this hub (an engine may hold other runs' too)."""
+    prefix = hub.env_overrides["NSML_CONTAINER_PREFIX"] + "-"
+    found = [
+        c
+        for c in docker_client.containers.list(
+            all=True, filters={"label": f"org.jupyter-nsml.session={name}"}
+        )
+        if c.name.startswith(prefix)
+    ]
+    assert len(found) == 1, [(c.name, c.labels) for c in found]
     return found[0]
 
 
@@ -152,7 +159,7 @@ def test_a_session_that_reports_and_saves_every_second_outlives_a_killed_service
     wait_for(lambda: status(nsml, name)["points"] >= 3, 120, 0.5, "a few reports")
     with service_killed(hub):
         time.sleep(8)  # the session reports and saves into a dead server meanwhile
-        c = container_of(docker_client, name)
+        c = container_of(docker_client, hub, name)
         c.reload()
         assert c.status == "running", "training goes on while the service is down"
     st = wait_state(nsml, name, timeout=180)
@@ -198,11 +205,11 @@ def test_sessions_that_end_while_the_service_is_down_get_their_state_exit_code_a
         wait_for(lambda name=name: "ready" in logs(nsml, name), 120, 0.3, f"{name} ready")
     with service_killed(hub):
         for name in (good, bad):
-            c = container_of(docker_client, name)
+            c = container_of(docker_client, hub, name)
             c.reload()
             assert c.status == "running", f"{name} still runs when the service dies"
         for name in (good, bad):
-            c = container_of(docker_client, name)
+            c = container_of(docker_client, hub, name)
             assert c.wait(timeout=60)["StatusCode"] in (0, 3)
         resumed_at = datetime.now(UTC).replace(tzinfo=None)
     for name, state, code in ((good, "completed", 0), (bad, "failed", 3)):

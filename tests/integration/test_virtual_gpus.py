@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from gpu_scheduler.probe import NVMLProbe
-from tests.hub_fixtures import remove_deployment
+from tests.hub_fixtures import remove_deployment, unique_prefix
 from tests.integration.hubproc import HubProcess
 
 pytestmark = [pytest.mark.hub, pytest.mark.docker]
@@ -35,7 +35,7 @@ def newcomer_hub(docker_client: Any, singleuser_image: str) -> Iterator[HubProce
     finally:
         probe.close()
     state = Path(tempfile.mkdtemp(prefix="nsml-hub-new-"))
-    prefix = f"nsmlnew{os.getpid()}"
+    prefix = unique_prefix("nsmlnew")
     h = HubProcess(
         state,
         env_overrides={

@@ -434,3 +434,15 @@ def test_select_backend_falls_back_to_local_when_no_engine_answers(
     assert isinstance(b, LocalProcessBackend)
     assert any("falling back" in r.getMessage() for r in caplog.records)
     assert any("ISOLATES NOTHING" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_without_network_is_refused_locally_and_says_what_it_needs(
+    backend: LocalProcessBackend,
+) -> None:
+    cut_off = RunSpec(name="eval", image="x", command=["true"], network="none")
+    with pytest.raises(BackendError) as e:
+        run(backend.start(cut_off))
+    assert e.value.reason == "isolation_unavailable"
+    assert "need a Docker engine on the node" in e.value.message
+    with pytest.raises(ValueError, match="network 'bridge' must be 'host' or 'none'"):
+        RunSpec(name="x", image="x", command=["true"], network="bridge")

@@ -90,6 +90,16 @@ BAD = [
     ("dataset info", "nsml dataset info: the following arguments are required: NAME[@k]"),
     ("dataset rm", "nsml dataset rm: the following arguments are required"),
     ("dataset share mnist", "one of the arguments --team --public --private is required"),
+    ("submit alice/mnist", "'alice/mnist' is not a session USER/DATASET/N or one of its"),
+    ("submit alice/mnist/1/c/d", "is not a session USER/DATASET/N"),
+    ("submit", "nsml submit: the following arguments are required: session"),
+    ("submissions --bogus", "nsml submissions: unrecognized arguments: --bogus"),
+    ("leaderboard", "nsml leaderboard: the following arguments are required: dataset"),
+    ("dataset board mnist --daily-limit -1", "--daily-limit: -1 is out of range; give a number"),
+    ("dataset board mnist --gpus two", "argument --gpus: 'two' is not a whole number"),
+    ("dataset board mnist --timeout 5", "--timeout: 5 is out of range; give a number of seconds"),
+    ("dataset board mnist --close --reopen", "not allowed with argument --close"),
+    ("dataset push mnist ./data --test-inputs in", "--test-inputs and --test-labels go together"),
     ("bogus", "argument VERB: invalid choice: 'bogus'"),
     ("", "the following arguments are required: VERB"),
 ]
@@ -100,7 +110,7 @@ def test_the_table_tries_every_verb_and_every_dataset_action() -> None:
     verbs = set(cli_verbs())
     tried = {argv.split()[0] for argv, _ in BAD if argv}
     assert verbs <= tried, f"verbs without an odd-argument case: {sorted(verbs - tried)}"
-    actions = {"push", "ls", "info", "pull", "rm", "share", "gc"}
+    actions = {"push", "ls", "info", "pull", "rm", "share", "gc", "board"}
     tried_actions = {argv.split()[1] for argv, _ in BAD if argv.startswith("dataset ")}
     assert actions <= tried_actions
 
