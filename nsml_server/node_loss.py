@@ -46,8 +46,9 @@ LABEL_SESSION_ID = "org.jupyter-nsml.session-id"
 LABEL_ATTEMPT = "org.jupyter-nsml.attempt"
 LABEL_SERVER = "org.jupyter-nsml.server"
 LABEL_ALLOCATION = "org.jupyter-nsml.allocation"
-#: Holders of session allocations contain this; the runner, not the node check, ends them.
-SESSION_HOLDER = ":session/"
+#: Holders of allocations that a runner follows (sessions; leaderboard evaluations): their
+#: runner, which asks the engine first, ends them, not the node check.
+RUNNER_HOLDERS = (":session/", ":evaluation/")
 
 
 class Verdict(enum.Enum):
@@ -175,8 +176,9 @@ def orphan_reason(
 def release_lost_allocations(
     s: Session, scheduler: object, now: datetime, timeout_s: float, grace_s: float
 ) -> list[str]:
-    """Release the active allocations of notebook servers (and other non-session holders) on
-    gone nodes, and fence those nodes. Sessions are the runner's (it asks their engine first).
+    """Release the active allocations of notebook servers (and other holders no runner
+    follows) on gone nodes, and fence those nodes. Sessions and evaluations are their
+    runners' (they ask the engine first).
 
     Returns the holders released. Idempotent: a released allocation is not released again.
     """
@@ -187,7 +189,7 @@ def release_lost_allocations(
         .where(Allocation.state == "active", Node.state == "down")
     ).all()
     for aid, holder, node, node_id, hb in rows:
-        if SESSION_HOLDER in holder:
+        if any(kind in holder for kind in RUNNER_HOLDERS):
             continue
         if node_verdict(hb, now, timeout_s, grace_s) is not Verdict.GONE:
             continue

@@ -359,3 +359,13 @@ def test_a_notebook_server_lost_with_its_node_says_so_and_survives_a_hub_restart
     assert "node node-b was lost (no heartbeat for 50s)" in ended.message
     assert "Start it again" in ended.message
     assert LastExit.from_state(ended.to_state()) == ended
+
+
+def test_evaluation_allocations_are_left_to_their_runner(db: Database) -> None:
+    reserve(db, "alice:evaluation/12")
+    with db.session() as s:
+        nodes.mark_silent_nodes_down(s, T0 + timedelta(seconds=200), timedelta(seconds=TIMEOUT))
+        assert (
+            release_lost_allocations(s, Releases(), T0 + timedelta(seconds=200), TIMEOUT, 0) == []
+        )
+    assert gpu0(db) == 1000

@@ -6,8 +6,8 @@ attempt, from its last checkpoint) when its node is lost, instead of ending ``lo
 receives nothing new until the server has removed the containers of that work from its
 engine (the orphan sweep), so that GPUs that may still be busy are never given twice.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-02 13:00:00.000000
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
