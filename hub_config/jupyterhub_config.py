@@ -29,6 +29,8 @@ Environment:
                          NSML_VIRTUAL_GPUS is unset (default 4; 0: none)
   NSML_PROXY_COMMAND     configurable-http-proxy executable (default: ./.cache/proxy, then PATH)
   NSML_EXTRA_CONFIG      config files (':'-separated) loaded at the end of this one
+  NSML_SERVER_ARGS       extra command-line arguments of the NSML server, split like a shell
+                         line (e.g. "--NSMLServer.node_timeout=20")
   NSML_*                 any other NSML_ variable reaches the NSML server (e.g. NSML_VIRTUAL_GPUS=4)
 """
 
@@ -38,6 +40,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -176,7 +179,12 @@ c.JupyterHub.services = [
     {
         "name": "nsml",
         "url": SERVICE_URL,
-        "command": [sys.executable, "-m", "nsml_server.app"],
+        "command": [
+            sys.executable,
+            "-m",
+            "nsml_server.app",
+            *shlex.split(os.environ.get("NSML_SERVER_ARGS", "")),
+        ],
         "environment": _forwarded,
         "display": True,
         "oauth_no_confirm": True,

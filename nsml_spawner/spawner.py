@@ -88,6 +88,7 @@ from .spec import (
     LastExit,
     MountsNotReady,
     NodeUnreachable,
+    PinnedTLSConfig,
     dataset_mounts,
     describe_exit,
     engine_url_for,
@@ -520,9 +521,9 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
             if url.startswith(("tcp://", "https://")):
                 cert_path = os.environ.get("DOCKER_CERT_PATH")
                 if self.tls_config:
-                    kwargs["tls"] = docker.tls.TLSConfig(**self.tls_config)
+                    kwargs["tls"] = PinnedTLSConfig(**self.tls_config)
                 elif cert_path:
-                    kwargs["tls"] = docker.tls.TLSConfig(**tls_files(cert_path))
+                    kwargs["tls"] = PinnedTLSConfig(**tls_files(cert_path))
         kwargs.update(self.client_kwargs)
         return kwargs
 

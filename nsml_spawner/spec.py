@@ -18,7 +18,12 @@ from urllib.parse import urlparse
 from escapism import escape
 
 from nsml_server.backends.base import Mount, RunSpec
-from nsml_server.backends.docker import ContainerArgs, container_args, tls_files
+from nsml_server.backends.docker import (
+    ContainerArgs,
+    PinnedTLSConfig,
+    container_args,
+    tls_files,
+)
 
 from .options import NotebookOptions, format_mib
 
@@ -30,6 +35,7 @@ __all__ = [
     "LastExit",
     "MountsNotReady",
     "NodeUnreachable",
+    "PinnedTLSConfig",
     "dataset_mounts",
     "describe_exit",
     "engine_url_for",

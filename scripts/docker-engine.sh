@@ -6,6 +6,8 @@
 #   export "$(scripts/docker-engine.sh ensure --name node-b)"   # a second engine ("node")
 #   scripts/docker-engine.sh status [--name node-b]
 #   scripts/docker-engine.sh stop   [--name node-b]
+#   scripts/docker-engine.sh certs  --tls-dir DIR [--name node-b]     # CA, client, server certs
+#   scripts/docker-engine.sh ensure --name node-b --tls-listen 127.0.0.1:2376 --tls-dir DIR
 #
 # Run with --help for the details.
 set -euo pipefail
@@ -28,6 +30,12 @@ Commands:
            Never touches an engine that this script did not start.
   status   Say whether the engine answers, its version and whether this script started it.
            Exit status 0 when it answers, 3 when it does not.
+  certs    Make the TLS files for engines reached over TCP (needs openssl), keeping any
+           that exist: DIR/ca.pem + DIR/ca-key.pem (the certificate authority; keep the key
+           off the nodes), DIR/client/{ca,cert,key}.pem (the NSML server's client
+           certificate: point DOCKER_CERT_PATH at DIR/client), and with --name NAME
+           DIR/NAME/{ca,server-cert,server-key}.pem (that engine's server certificate,
+           valid for the names in --san). Prints nothing on standard output.
 
 The target engine:
   (default)        DOCKER_HOST, or $DEFAULT_SOCKET when unset; the engine keeps
@@ -38,6 +46,19 @@ The target engine:
                    socket unix://STATE/NAME/docker.sock, data-root STATE/NAME/data,
                    exec-root STATE/NAME/exec, pidfile STATE/NAME/dockerd.pid,
                    log STATE/NAME/dockerd.log. Images must be loaded into each engine.
+
+TCP with TLS (ensure, certs):
+  --tls-listen ADDR:PORT
+                   Also serve the engine on tcp://ADDR:PORT with --tlsverify: only clients
+                   with a certificate signed by DIR/ca.pem get in (ADDR defaults to
+                   127.0.0.1 when only a port is given; 0.0.0.0 serves every interface).
+                   Uses DIR/NAME/{ca,server-cert,server-key}.pem, made first (see certs)
+                   only when one of them is missing.
+  --tls-dir DIR    Folder of the TLS files (see certs). Needed with --tls-listen.
+  --san LIST       Names the server certificate is valid for, openssl subjectAltName
+                   syntax (default IP:127.0.0.1,DNS:localhost,DNS:NAME). Add the address the
+                   NSML server dials, e.g. IP:10.0.0.5 or DNS:node-b.example.org.
+  --days N         Validity of new certificates in days (default 825).
 
 Options:
   --state-dir DIR  STATE, default \${NSML_STATE_DIR:-/var/lib/jupyter-nsml}.
@@ -66,6 +87,10 @@ NAME=""
 STATE_DIR=${NSML_STATE_DIR:-/var/lib/jupyter-nsml}
 TIMEOUT=30
 EXTRA_ARGS=()
+TLS_LISTEN=""
+TLS_DIR=""
+SAN=""
+DAYS=825
 
 parse_args() {
     while (($#)); do
@@ -101,22 +126,31 @@ parse_args() {
                 TIMEOUT=${1#*=}
                 shift
                 ;;
+            --tls-listen | --tls-dir | --san | --days)
+                (($# >= 2)) || die "$1 needs a value"
+                set_option "$1" "$2"
+                shift 2
+                ;;
+            --tls-listen=* | --tls-dir=* | --san=* | --days=*)
+                set_option "${1%%=*}" "${1#*=}"
+                shift
+                ;;
             --)
                 shift
                 EXTRA_ARGS=("$@")
                 break
                 ;;
-            ensure | stop | status)
+            ensure | stop | status | certs)
                 [[ -z $COMMAND ]] || die "only one command, got '$COMMAND' and '$1'"
                 COMMAND=$1
                 shift
                 ;;
             *)
-                die "unknown argument '$1' (valid commands: ensure, stop, status; see --help)"
+                die "unknown argument '$1' (valid commands: ensure, stop, status, certs; see --help)"
                 ;;
         esac
     done
-    [[ -n $COMMAND ]] || die "no command given (valid commands: ensure, stop, status; see --help)"
+    [[ -n $COMMAND ]] || die "no command given (valid commands: ensure, stop, status, certs; see --help)"
     [[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a whole number of seconds > 0, got '$TIMEOUT'"
     if [[ -n $NAME ]]; then
         [[ $NAME =~ ^[a-z0-9][a-z0-9_.-]{0,30}$ ]] ||
@@ -125,9 +159,36 @@ parse_args() {
     fi
     [[ $STATE_DIR == /* ]] || STATE_DIR="$PWD/$STATE_DIR"
     STATE_DIR=${STATE_DIR%/}
+    if [[ -n $TLS_DIR ]]; then
+        [[ $TLS_DIR == /* ]] || TLS_DIR="$PWD/$TLS_DIR"
+        TLS_DIR=${TLS_DIR%/}
+    fi
+    [[ $DAYS =~ ^[1-9][0-9]*$ ]] || die "--days must be a whole number > 0, got '$DAYS'"
+    if [[ $COMMAND == certs ]]; then
+        [[ -n $TLS_DIR ]] || die "certs needs --tls-dir DIR"
+        [[ -z $TLS_LISTEN ]] || die "--tls-listen is only valid with ensure"
+    elif [[ -n $TLS_LISTEN ]]; then
+        [[ $COMMAND == ensure ]] || die "--tls-listen is only valid with ensure"
+        [[ -n $NAME ]] || die "--tls-listen needs --name (the default engine keeps its own settings)"
+        [[ -n $TLS_DIR ]] || die "--tls-listen needs --tls-dir DIR (see certs)"
+        [[ $TLS_LISTEN == *:* ]] || TLS_LISTEN="127.0.0.1:$TLS_LISTEN"
+        [[ ${TLS_LISTEN##*:} =~ ^[1-9][0-9]{0,4}$ ]] ||
+            die "--tls-listen must be [ADDR:]PORT with a port number, got '$TLS_LISTEN'"
+    elif [[ -n $TLS_DIR || -n $SAN ]]; then
+        die "--tls-dir and --san are only valid with certs or with ensure --tls-listen"
+    fi
     if ((${#EXTRA_ARGS[@]})) && [[ $COMMAND != ensure ]]; then
         die "extra dockerd arguments are only valid with ensure"
     fi
+}
+
+set_option() {
+    case $1 in
+        --tls-listen) TLS_LISTEN=$2 ;;
+        --tls-dir) TLS_DIR=$2 ;;
+        --san) SAN=$2 ;;
+        --days) DAYS=$2 ;;
+    esac
 }
 
 # --- the target engine -------------------------------------------------------------------
@@ -195,6 +256,71 @@ log_tail() {
     fi
 }
 
+# --- certs -------------------------------------------------------------------------------
+
+need_openssl() {
+    command -v openssl >/dev/null 2>&1 ||
+        die "openssl is missing (apt-get install openssl; scripts/setup-env.sh --test installs it)"
+}
+
+# $1: key file to make (EC P-256, private to its owner).
+make_key() {
+    (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" \
+        2>/dev/null) || die "openssl could not make a key at $1"
+}
+
+# $1: certificate, $2: key, $3: subject CN, $4: extension lines (signed by the CA in TLS_DIR).
+sign_cert() {
+    local csr ext
+    csr=$(mktemp) ext=$(mktemp)
+    printf '%s\n' "$4" >"$ext"
+    if ! openssl req -new -key "$2" -subj "/CN=$3" -out "$csr" 2>/dev/null ||
+        ! openssl x509 -req -in "$csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca-key.pem" \
+            -CAcreateserial -days "$DAYS" -sha256 -extfile "$ext" -out "$1" 2>/dev/null; then
+        rm -f "$csr" "$ext" "$1"
+        die "openssl could not sign $1"
+    fi
+    rm -f "$csr" "$ext"
+}
+
+# The CA and the client certificate (once), and NAME's server certificate when NAME is set.
+make_certs() {
+    need_openssl
+    mkdir -p "$TLS_DIR"
+    chmod 700 "$TLS_DIR"
+    if [[ ! -s $TLS_DIR/ca.pem || ! -s $TLS_DIR/ca-key.pem ]]; then
+        log "making the certificate authority $TLS_DIR/ca.pem"
+        make_key "$TLS_DIR/ca-key.pem"
+        openssl req -new -x509 -key "$TLS_DIR/ca-key.pem" -subj "/CN=jupyter-nsml engines CA" \
+            -days "$DAYS" -sha256 -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign" -out "$TLS_DIR/ca.pem" 2>/dev/null ||
+            die "openssl could not make $TLS_DIR/ca.pem"
+    fi
+    local client=$TLS_DIR/client
+    if [[ ! -s $client/cert.pem || ! -s $client/key.pem ]]; then
+        log "making the client certificate $client/cert.pem (DOCKER_CERT_PATH=$client)"
+        mkdir -p "$client"
+        make_key "$client/key.pem"
+        sign_cert "$client/cert.pem" "$client/key.pem" "nsml-server" \
+            "extendedKeyUsage=clientAuth"
+    fi
+    cp "$TLS_DIR/ca.pem" "$client/ca.pem"
+    [[ -n $NAME ]] || return 0
+    local dir=$TLS_DIR/$NAME
+    if [[ ! -s $dir/server-cert.pem || ! -s $dir/server-key.pem ]]; then
+        local san=${SAN:-IP:127.0.0.1,DNS:localhost,DNS:$NAME}
+        log "making the server certificate $dir/server-cert.pem ($san)"
+        mkdir -p "$dir"
+        make_key "$dir/server-key.pem"
+        sign_cert "$dir/server-cert.pem" "$dir/server-key.pem" "$NAME" \
+            "subjectAltName=$san
+extendedKeyUsage=serverAuth"
+    fi
+    cp "$TLS_DIR/ca.pem" "$dir/ca.pem"
+}
+
+cmd_certs() { make_certs; }
+
 # --- ensure ------------------------------------------------------------------------------
 
 install_dockerd() {
@@ -234,6 +360,19 @@ cmd_ensure() {
             fi
         fi
         command -v dockerd >/dev/null 2>&1 || install_dockerd
+        if [[ -n $TLS_LISTEN ]]; then
+            # A node keeps only its own server certificate (made elsewhere, where the CA key
+            # lives); make one here only when it is missing.
+            [[ -s $TLS_DIR/$NAME/ca.pem && -s $TLS_DIR/$NAME/server-cert.pem &&
+                -s $TLS_DIR/$NAME/server-key.pem ]] || make_certs
+            DOCKERD_ARGS+=(
+                --host "tcp://$TLS_LISTEN"
+                --tlsverify
+                --tlscacert "$TLS_DIR/$NAME/ca.pem"
+                --tlscert "$TLS_DIR/$NAME/server-cert.pem"
+                --tlskey "$TLS_DIR/$NAME/server-key.pem"
+            )
+        fi
         command -v docker >/dev/null 2>&1 || command -v curl >/dev/null 2>&1 ||
             die "neither the docker client nor curl is available to check the engine"
         mkdir -p "$ENGINE_DIR"
@@ -272,7 +411,7 @@ cmd_ensure() {
         fi
         sleep 0.2
     done
-    log "engine $version answers at $HOST (dockerd pid $pid, log $LOGFILE)"
+    log "engine $version answers at $HOST${TLS_LISTEN:+ and tcp://$TLS_LISTEN (TLS)} (dockerd pid $pid, log $LOGFILE)"
     print_host
 }
 
@@ -365,6 +504,7 @@ main() {
         ensure) cmd_ensure ;;
         stop) cmd_stop ;;
         status) cmd_status ;;
+        certs) cmd_certs ;;
     esac
 }
 

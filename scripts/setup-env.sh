@@ -2,8 +2,9 @@
 # Install what jupyter-nsml needs on this machine (idempotent; no standard input; as root):
 #   - Debian packages: docker.io (the Docker engine), mmdebstrap (offline image builds),
 #     Node.js + npm (configurable-http-proxy), and with --test: postgresql, busybox-static,
-#     chromium (the browser tests drive Debian's own browser with Playwright; no browser is
-#     ever downloaded by the test tools);
+#     openssl (TLS certificates for the cluster test bed), chromium (the browser tests
+#     drive Debian's own browser with Playwright; no browser is ever downloaded by the
+#     test tools);
 #   - a Python virtual environment in .venv with the project installed (editable);
 #   - configurable-http-proxy (npm) in .cache/proxy.
 # Usage: scripts/setup-env.sh [--test]
@@ -22,6 +23,8 @@ command -v npm >/dev/null || need+=(nodejs npm)
 if [ "$TEST" = 1 ]; then
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
     [ -x /bin/busybox ] || need+=(busybox-static)
+    # the cluster test bed makes TLS certificates for its Docker engines
+    command -v openssl >/dev/null || need+=(openssl)
     command -v chromium >/dev/null || need+=(chromium)
 fi
 if [ ${#need[@]} -gt 0 ]; then

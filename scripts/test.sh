@@ -30,7 +30,7 @@ echo "== mypy" >&2
 
 echo "== pytest" >&2
 if [ "${CI:-}" = "true" ]; then
-    export NSML_TEST_REQUIRE=${NSML_TEST_REQUIRE:-docker,hub,db,browser}
+    export NSML_TEST_REQUIRE=${NSML_TEST_REQUIRE:-docker,hub,db,browser,cluster}
 fi
 set +e
 .venv/bin/pytest "$@"

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.tls
 import requests.exceptions
 from docker.types import DeviceRequest
 from docker.types import Mount as DockerMount
@@ -145,14 +146,29 @@ def tls_files(cert_path: str) -> dict[str, Any]:
     }
 
 
+class PinnedTLSConfig(docker.tls.TLSConfig):  # type: ignore[misc]
+    """``docker.tls.TLSConfig`` whose CA file is the only one trusted.
+
+    docker-py hands the CA to ``requests`` as the session's ``verify``; ``requests`` lets
+    ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` from the environment override it on every
+    request, so on a machine that sets them (many do) the engine's certificate is checked
+    against the public bundle and refused (``CERTIFICATE_VERIFY_FAILED``). With a CA given,
+    the client ignores the environment (also its proxy variables: engines are dialled
+    directly).
+    """
+
+    def configure_client(self, client: Any) -> None:
+        super().configure_client(client)
+        if self.verify and self.ca_cert:
+            client.trust_env = False
+
+
 def remote_tls(url: str, cert_path: str | None) -> Any:
     """The TLS settings for a node's engine at *url*: a ``tcp://`` or ``https://`` engine uses
     the client certificate in *cert_path* (``$DOCKER_CERT_PATH``) when one is given; a Unix
     socket, or no certificate folder, none."""
     if cert_path and url.startswith(("tcp://", "https://")):
-        import docker.tls
-
-        return docker.tls.TLSConfig(**tls_files(cert_path))
+        return PinnedTLSConfig(**tls_files(cert_path))
     return None
 
 

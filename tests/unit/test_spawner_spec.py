@@ -30,6 +30,7 @@ from nsml_spawner.spec import (
     LastExit,
     MountsNotReady,
     NodeUnreachable,
+    PinnedTLSConfig,
     dataset_mounts,
     describe_exit,
     engine_url_for,
@@ -398,6 +399,27 @@ def test_tls_files_follow_docker_cert_path_names() -> None:
         "ca_cert": "/etc/nsml/docker-tls/ca.pem",
         "verify": True,
     }
+
+
+def test_the_engine_ca_wins_over_a_ca_bundle_named_in_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import requests
+
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("x")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    session = requests.Session()
+    PinnedTLSConfig(**tls_files(str(tmp_path))).configure_client(session)
+    assert session.verify == str(tmp_path / "ca.pem")
+    # requests would otherwise replace the session's CA with $REQUESTS_CA_BUNDLE per request.
+    assert session.trust_env is False
+    settings = session.merge_environment_settings("https://127.0.0.1:2376", {}, None, None, None)
+    assert settings["verify"] == str(tmp_path / "ca.pem")
+    # Without a CA to pin, the environment keeps its say.
+    plain = requests.Session()
+    PinnedTLSConfig(verify=False).configure_client(plain)
+    assert plain.trust_env is True
 
 
 # ---- why a container ended -----------------------------------------------------------------
