@@ -169,6 +169,16 @@ def test_an_engine_killed_mid_session_loses_its_node_and_the_work_moves_on_once(
     assert r.status_code == 200, r.text
 
     kill_engine(tb, "node-b")
+    try:
+        lose_and_return(tb, nsml, token, plain, again)
+    finally:
+        if not tb.engines["node-b"].answers():  # leave the test bed whole
+            tb.engines["node-b"].start()
+
+
+def lose_and_return(tb: Testbed, nsml: Cli, token: str, plain: str, again: str) -> None:
+    """From node-b's engine killed to node-b taking work again."""
+    admin = tb.admin_token
     wait_for(lambda: tb.node("node-b")["state"] == "down", timeout=60, what="node-b down")
     late = (status(nsml, plain)["state"], status(nsml, again)["state"])
 
@@ -188,7 +198,10 @@ def test_an_engine_killed_mid_session_loses_its_node_and_the_work_moves_on_once(
     assert late == ("running", "running"), "late, not gone: nothing given up yet"
     assert st["reason"] == "node_lost" and f"nsml resume {plain}" in st["message"], st
     assert requeued["node"] == "node-a" and requeued["load_from"] == f"{again}/7", requeued
-    wait_for(lambda: "loaded:" in nsml("logs", again), timeout=120, what="the checkpoint loaded")
+    try:
+        wait_for(lambda: "loaded:" in nsml("logs", again), timeout=120, what="checkpoint loaded")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{nsml('logs', again)}\n{status(nsml, again)}") from None
     out = nsml("logs", again)
     assert "loaded: saved by attempt 1 on node-b" in out and "attempt 2 on node-a" in out, out
     assert any(
