@@ -332,11 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while True:
             if time.monotonic() >= next_beat:
+                try:
+                    images = docker_images(client)
+                except Exception as e:
+                    # An engine that does not answer runs nothing: this node stops reporting
+                    # itself alive, so the server marks it down (and, past its grace, gives
+                    # its work up); heartbeats resume when the engine answers again.
+                    log.error("the local Docker engine does not answer (%s); no heartbeat", e)
+                    next_beat = time.monotonic() + args.interval
+                    continue
                 body = collect_heartbeat(
                     probe,
                     backend="docker" if client is not None else "local",
                     docker_url=args.docker_url,
-                    images=docker_images(client),
+                    images=images,
                     datasets=cache.present() if cache is not None else None,
                 )
                 try:

@@ -55,6 +55,7 @@ def start_run(
         image=args.image,
         memo=args.memo or "",
         public=args.public,
+        restart_on_lost=args.restart_on_lost,
         on_upload=on_upload,
     )
 
@@ -188,6 +189,12 @@ def status_text(st: dict[str, Any]) -> str:
         lines.append(
             f"  forked from {st['parent']}"
             + (f" at checkpoint {st['parent_checkpoint']}" if st.get("parent_checkpoint") else "")
+        )
+    if st.get("attempt", 1) > 1 or st.get("restart_on_lost"):
+        lines.append(
+            f"  attempt   {st.get('attempt', 1)}"
+            + (" (requeued if its node is lost)" if st.get("restart_on_lost") else "")
+            + (f", loading {st['load_from']}" if st.get("load_from") else "")
         )
     if st.get("memo"):
         lines.append(f"  memo      {st['memo']}")
@@ -404,6 +411,12 @@ def add_session_verbs(sub: argparse._SubParsersAction[_args.Parser]) -> None:
     sp.add_argument("--gpu-model", action="append", metavar="MODEL", help="acceptable GPU model")
     sp.add_argument("--folder", default=".", help="the code folder (default: the current one)")
     sp.add_argument("--public", action="store_true", help="let every user read and fork it")
+    sp.add_argument(
+        "--restart-on-lost",
+        action="store_true",
+        help="if its node is lost (engine or agent gone), queue it again on another node as "
+        "its next attempt, loading its last checkpoint (nsml.save), instead of ending it lost",
+    )
 
     sp = verb("ps", cmd_ps, "list your sessions, oldest first")
     sp.add_argument(

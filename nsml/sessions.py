@@ -232,6 +232,7 @@ def run(
     image: str | None = None,
     memo: str = "",
     public: bool = False,
+    restart_on_lost: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
     on_upload: Callable[[CodeUpload], None] | None = None,
 ) -> dict[str, Any]:
@@ -250,6 +251,8 @@ def run(
         image: container image (default: the server's).
         memo: a note kept with the session.
         public: let every user read and fork it.
+        restart_on_lost: when its node is lost, queue it again (next attempt, loading its
+            last checkpoint) instead of ending it ``lost``.
         on_upload: told what the code snapshot held once the server stored it.
 
     Returns:
@@ -267,6 +270,8 @@ def run(
         "memo": memo,
         "visibility": "public" if public else "private",
     }
+    if restart_on_lost:
+        body["restart_on_lost"] = True
     if cpu is not None:
         body["cpu"] = cpu
     if memory is not None:

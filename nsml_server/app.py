@@ -257,6 +257,37 @@ class NSMLServer(DBSettings):
         new work. Should be several heartbeat intervals.""",
     ).tag(config=True)
 
+    node_lost_grace = Float(
+        60.0,
+        help="""Seconds after node_timeout (so node_timeout + node_lost_grace of silence)
+        after which the work on a down node whose engine does not answer is given up: its
+        sessions end lost (or are requeued with --restart-on-lost), its notebook servers'
+        allocations are released (the hub reports them stopped) and its GPUs return to the
+        ledger, once. The node then takes no new work until its orphan containers are swept
+        when it answers again. Work whose container the engine still reports running is never
+        given up. Longer: fewer false alarms on a flaky network; shorter: faster recovery.""",
+    ).tag(config=True)
+
+    lost_max_attempts = Integer(
+        3,
+        help="""A session started with --restart-on-lost is requeued after a lost node only
+        while its attempts (resumes included) stay below this; then it ends lost.""",
+    ).tag(config=True)
+
+    @validate("node_lost_grace")
+    def _grace_not_negative(self, proposal: Any) -> float:
+        v = float(proposal["value"])
+        if v < 0:
+            raise ValueError(f"node_lost_grace must be >= 0 seconds, not {v}")
+        return v
+
+    @validate("lost_max_attempts")
+    def _attempts_positive(self, proposal: Any) -> int:
+        v = int(proposal["value"])
+        if v < 1:
+            raise ValueError(f"lost_max_attempts must be >= 1, not {v}")
+        return v
+
     @validate("heartbeat_interval", "node_timeout")
     def _positive(self, proposal: Any) -> float:
         v = float(proposal["value"])
@@ -669,6 +700,7 @@ class NSMLServer(DBSettings):
             datasets=self.datasets,
             allowed_images=tuple(self.allowed_images),
             gpu_use=self.gpu_use,
+            deployment=self.runner.settings.server_label,
         )
         api = self.base_url + "api/"
         document = openapi_document(__version__, self.base_url, self.allowed_images)
@@ -723,8 +755,15 @@ class NSMLServer(DBSettings):
         self.log.info("dataset store gc: %s", report.model_dump())
 
     async def check_nodes(self) -> None:
+        from .node_loss import release_lost_allocations
+
         with self.db.session() as s:
             nodes.mark_silent_nodes_down(s, utcnow(), timedelta(seconds=self.node_timeout))
+        if self.lease.is_leader:  # sessions on gone nodes are the runner's; servers here
+            with self.db.session() as s:
+                release_lost_allocations(
+                    s, self.scheduler, utcnow(), self.node_timeout, self.node_lost_grace
+                )
 
     def init_gpu_use(self) -> None:
         """Sessions' GPU use over time, sampled on every node heartbeat (see gpu_use.py)."""
@@ -766,6 +805,9 @@ class NSMLServer(DBSettings):
                 container_prefix=self.session_container_prefix,
                 server_label=server_label_for(self.db_url),
                 keep_containers=self.session_keep_containers,
+                node_timeout_s=self.node_timeout,
+                node_lost_grace_s=self.node_lost_grace,
+                lost_max_attempts=self.lost_max_attempts,
             ),
             utcnow,
             self.notifier,

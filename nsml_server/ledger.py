@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, bindparam, insert, select, update
+from sqlalchemy import CursorResult, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import Allocation, Gpu, Node
@@ -37,6 +37,8 @@ _CLAIM_NODE = (
     .where(
         Node.id == bindparam("nid"),
         Node.state == "up",
+        # A node that was lost gets nothing until its orphans are swept (node_loss.py).
+        Node.needs_sweep.is_(False),
         Node.cpu_allocated_milli + bindparam("cpu") <= Node.cpu_milli,
         Node.memory_allocated_mib + bindparam("mem") <= Node.memory_mib,
     )
@@ -135,6 +137,9 @@ def release(s: Session, allocation_id: int, now: datetime) -> bool:
         .values(
             cpu_allocated_milli=Node.cpu_allocated_milli - alloc.cpu_milli,
             memory_allocated_mib=Node.memory_allocated_mib - alloc.memory_mib,
+            # Released while its node is down: nobody saw the container end, so the node
+            # takes nothing new until the orphan sweep removed it (node_loss.py).
+            needs_sweep=or_(Node.needs_sweep, Node.state == "down"),
         )
         .execution_options(synchronize_session=False)
     )

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -92,6 +93,9 @@ class Node(Base):
     datasets: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created: Mapped[datetime] = mapped_column(DateTime)
     last_heartbeat: Mapped[datetime | None] = mapped_column(DateTime)
+    # Work on the node was given up while it was silent (node loss): it receives nothing new
+    # until the orphan sweep removed that work's containers from its engine.
+    needs_sweep: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     gpus: Mapped[list[Gpu]] = relationship(
         back_populates="node", cascade="all, delete-orphan", order_by="Gpu.index"
@@ -257,6 +261,8 @@ class TrainingSession(Base):
     parent_checkpoint: Mapped[str | None] = mapped_column(String(255))
     load_from: Mapped[str | None] = mapped_column(String(800))
     attempt: Mapped[int] = mapped_column(Integer, default=1)
+    # Lost with its node: queue it again as the next attempt, from its last checkpoint.
+    restart_on_lost: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     memo: Mapped[str] = mapped_column(Text, default="")
     token_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     last_step: Mapped[int | None] = mapped_column(BigInteger)

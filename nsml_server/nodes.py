@@ -145,4 +145,5 @@ def node_out(node: Node, now: datetime) -> NodeOut:
         datasets=dict(node.datasets or {}),
         last_heartbeat=hb.isoformat() + "Z" if hb else None,
         heartbeat_age_s=round((now - hb).total_seconds(), 3) if hb else None,
+        needs_sweep=bool(node.needs_sweep),
     )

@@ -92,6 +92,7 @@ class SnapshotCache:
                 Node.backend,
                 Node.docker_url,
                 cast(Node.datasets, String),
+                Node.needs_sweep,
             ).order_by(Node.name)
         ).all()
         gpus_of: dict[int, list[tuple[Any, ...]]] = {}
@@ -123,6 +124,7 @@ class SnapshotCache:
                 r[7],
                 tuple(gpus),
                 r[10],
+                bool(r[11]),
             )
             keys[r[1]] = key
             if snap is not None and self.keys.get(r[1]) == key:
@@ -171,8 +173,9 @@ def _node_snapshot(r: Any, gpus: list[tuple[Any, ...]]) -> NodeSnapshot:
 
 def reachable(r: Any) -> bool:
     """Whether work can be started on the node: a Docker node needs its engine's address
-    (an agent started without --docker-url is listed, but receives nothing)."""
-    return not (r[8] == "docker" and not r[9])
+    (an agent started without --docker-url is listed, but receives nothing), and a node that
+    was lost needs its orphan containers swept first (``needs_sweep``, see node_loss.py)."""
+    return not (r[8] == "docker" and not r[9]) and not (len(r) > 11 and r[11])
 
 
 def user_usage(s: Session) -> dict[str, UserUsage]:

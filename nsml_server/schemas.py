@@ -235,6 +235,11 @@ class NodeOut(BaseModel):
     )
     last_heartbeat: str | None = Field(description="ISO 8601, UTC")
     heartbeat_age_s: float | None
+    needs_sweep: bool = Field(
+        default=False,
+        description="work on it was given up while it was silent (node loss): it takes nothing "
+        "new until the server removed that work's containers from its engine",
+    )
 
     def for_caller(self, admin: bool) -> NodeOut:
         """The node as the caller may see it: node internals blanked for non-admins."""
@@ -286,6 +291,11 @@ class Health(BaseModel):
     schema_revision: str
     backend: str | None
     leader: bool
+    deployment: str = Field(
+        default="",
+        description="the label value (org.jupyter-nsml.server) of this deployment's "
+        "containers; its orphan sweep removes only containers that carry it",
+    )
 
 
 class Error(BaseModel):
@@ -414,6 +424,12 @@ class SessionIn(Strict):
     visibility: Literal["private", "public"] = Field(
         default="private", description="public sessions can be read and forked by every user"
     )
+    restart_on_lost: bool = Field(
+        default=False,
+        description="when its node is lost, queue the session again as its next attempt, "
+        "loading its last checkpoint, instead of ending it lost (up to the server's "
+        "lost_max_attempts)",
+    )
 
 
 class ForkIn(Strict):
@@ -433,6 +449,9 @@ class ForkIn(Strict):
     memory: MemoryAsk | None = None
     image: str | None = Field(default=None, max_length=512)
     memo: str | None = Field(default=None, max_length=10_000)
+    restart_on_lost: bool | None = Field(
+        default=None, description="requeue the child when its node is lost (None: as the parent)"
+    )
 
 
 class SessionPatch(Strict):
@@ -485,7 +504,7 @@ class SessionOut(BaseModel):
     exit_code: int | None
     reason: str | None = Field(
         description="why it ended: completed | exit_code | oom_killed | stopped | lost | "
-        "start_failed | infeasible"
+        "node_lost | start_failed | infeasible"
     )
     message: str | None = Field(description="the same, for a person")
     queue: QueueOut | None = Field(description="queue position and reason while queued")
@@ -493,7 +512,10 @@ class SessionOut(BaseModel):
     parent: str | None = Field(description="the session this one was forked from")
     parent_checkpoint: str | None
     load_from: str | None = Field(description="SESSION/CHECKPOINT loaded at start, if any")
-    attempt: int = Field(description="1, plus one per resume")
+    attempt: int = Field(description="1, plus one per resume or requeue after a lost node")
+    restart_on_lost: bool = Field(
+        default=False, description="requeued from its last checkpoint when its node is lost"
+    )
     memo: str
     last_step: int | None
     last_metrics: dict[str, MetricValueOut] = Field(

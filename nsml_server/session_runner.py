@@ -17,6 +17,12 @@ scheduler loop. Every tick it reads the live sessions (``queued``, ``preparing``
 Nothing is kept only in memory: after a restart (or when a standby takes over) the runner
 finds a running container again by its handle and follows it, and a session whose
 container vanished ends ``lost``.
+
+A node whose engine does not answer is waited for, not failed: the session stays
+``running`` (a notice in its events says so) until the node has been silent past
+``node_timeout + node_lost_grace``; then the session is lost, or queued again as its next
+attempt from its last checkpoint when it asked for ``restart_on_lost`` (the rule is in
+:mod:`nsml_server.node_loss`). The runner also sweeps a returning node's orphan containers.
 """
 
 from __future__ import annotations
@@ -58,10 +64,23 @@ from .models import (
     PlacementRequestRow,
     TrainingSession,
 )
+from .node_loss import (
+    LABEL_ATTEMPT,
+    LABEL_SERVER,
+    LABEL_SESSION_ID,
+    Verdict,
+    active_allocations,
+    fence,
+    node_verdict,
+    orphan_reason,
+    plan_lost_session,
+    session_views,
+)
 from .sessions import (
     CODE_MOUNT,
     FAILURE_STATES,
     add_event,
+    checkpoints,
     classify_exit,
     mint_token,
     session_command,
@@ -72,9 +91,9 @@ from .sessions import (
 log = logging.getLogger("nsml_server.sessions")
 
 LABEL_SESSION = "org.jupyter-nsml.session"
-LABEL_SESSION_ID = "org.jupyter-nsml.session-id"
-LABEL_ATTEMPT = "org.jupyter-nsml.attempt"
-LABEL_SERVER = "org.jupyter-nsml.server"
+__all__ = ["LABEL_ATTEMPT", "LABEL_SERVER", "LABEL_SESSION", "LABEL_SESSION_ID"]
+#: Errors of a node's engine that mean "it does not answer" (not "it refused").
+UNREACHABLE = ("engine_unavailable", "node_unreachable")
 MIB = 1024 * 1024
 #: Bytes of the log's end read to find a traceback for the failure message.
 LOG_TAIL_BYTES = 64 * 1024
@@ -100,6 +119,14 @@ class RunnerSettings:
             adopts only its own containers.
         keep_containers: leave ended containers on the engine (for debugging).
         poll_s: seconds between the runner's ticks.
+        node_timeout_s: a node silent this long is down (``NSMLServer.node_timeout``).
+        node_lost_grace_s: and this much longer, its unconfirmed work is lost
+            (``NSMLServer.node_lost_grace``).
+        lost_max_attempts: a session asked to restart when lost is requeued only while its
+            attempts stay below this (``NSMLServer.lost_max_attempts``).
+        unreachable_retry_s: seconds between questions to an engine that does not answer.
+        engine_check_s: a running session's node is checked this often while its output is
+            quiet (a partitioned engine sends no error).
     """
 
     api_url: str
@@ -108,6 +135,11 @@ class RunnerSettings:
     server_label: str = "nsml"
     keep_containers: bool = False
     poll_s: float = 1.0
+    node_timeout_s: float = 45.0
+    node_lost_grace_s: float = 60.0
+    lost_max_attempts: int = 3
+    unreachable_retry_s: float = 2.0
+    engine_check_s: float = 5.0
 
 
 def server_label_for(db_url: str) -> str:
@@ -224,6 +256,10 @@ class SessionRunner:
         self.datasets = datasets
         self._live: dict[int, _Live] = {}
         self._wake: asyncio.Event | None = None
+        #: Sessions whose node's engine did not answer at the last question (notice given).
+        self._unanswered: set[int] = set()
+        #: Orphan sweeps in progress, by node name.
+        self._sweeps: dict[str, asyncio.Task[int]] = {}
         sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # ---- paths -----------------------------------------------------------------------------
@@ -263,20 +299,29 @@ class SessionRunner:
             await self._drop_all()
 
     async def _drop_all(self) -> None:
-        tasks = [live.task for live in self._live.values()]
+        tasks: list[asyncio.Task[Any]] = [live.task for live in self._live.values()]
+        tasks += self._sweeps.values()
+        self._sweeps.clear()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._live.clear()
 
     async def tick(self) -> None:
-        """Start a task for every live session without one; pass on stop requests."""
+        """Start a task for every live session without one; pass on stop requests; sweep
+        the orphan containers of fenced nodes that answer again."""
         with self.db.session() as s:
             rows = s.execute(
                 select(TrainingSession.id, TrainingSession.stop_requested).where(
                     TrainingSession.state.in_(SESSION_ACTIVE_STATES)
                 )
             ).all()
+            fenced = list(
+                s.scalars(select(Node.name).where(Node.needs_sweep.is_(True), Node.state != "down"))
+            )
+        for name in fenced:
+            if name not in self._sweeps or self._sweeps[name].done():
+                self._sweeps[name] = asyncio.create_task(self.sweep(name), name=f"sweep-{name}")
         active = {sid for sid, _ in rows}
         for sid in [k for k, v in self._live.items() if v.task.done()]:
             live = self._live.pop(sid)
@@ -440,20 +485,30 @@ class SessionRunner:
             if data is None:
                 return  # still caching (or stopping): the next step looks again
             handle, log_base = await self._start_container(row, backend, labels, data)
-        except (BackendError, ArtifactError) as e:
-            message = getattr(e, "message", str(e))
-            reason = getattr(e, "reason", "start_failed")
-            log.warning("%s: could not start: %s", row.name, message)
-            await self._finish(
-                row,
-                "failed",
-                "start_failed" if reason in ("backend", "bad_request") else reason,
-                f"The session could not start: {message}",
-                None,
-            )
+        except BackendError as e:
+            if e.reason in UNREACHABLE:
+                await self._unanswered_engine(row, e.message)
+                return
+            await self._start_failed(row, e)
             return
+        except ArtifactError as e:
+            await self._start_failed(row, e)
+            return
+        self._answered(row)
         if not self._mark_running(row, handle, log_base):
             await backend.remove(handle)
+
+    async def _start_failed(self, row: TrainingSession, e: BackendError | ArtifactError) -> None:
+        message = getattr(e, "message", str(e))
+        reason = getattr(e, "reason", "start_failed")
+        log.warning("%s: could not start: %s", row.name, message)
+        await self._finish(
+            row,
+            "failed",
+            "start_failed" if reason in ("backend", "bad_request") else reason,
+            f"The session could not start: {message}",
+            None,
+        )
 
     def _log_size(self, sid: int) -> int:
         try:
@@ -596,26 +651,43 @@ class SessionRunner:
 
     async def _running(self, row: TrainingSession) -> None:
         assert row.node is not None and row.handle is not None
-        backend = self.backends.for_node(row.node)
         stop = self._stop_event(row.id)
         path = self.log_path(row.id)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         stop_sent = False
         while True:
+            if not self._current(row):
+                return  # requeued or ended meanwhile: the next step reads it again
+            try:
+                backend = self.backends.for_node(row.node)
+            except BackendError as e:
+                if await self._unanswered_engine(row, e.message):
+                    return
+                continue
             skip = max(0, self._log_size(row.id) - row.log_base)
             pump = asyncio.create_task(backend.copy_logs(row.handle, path, skip))
             waiter = asyncio.create_task(stop.wait())
             try:
-                await asyncio.wait({pump, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if not pump.done() and not stop_sent:
+                while True:
+                    done, _ = await asyncio.wait(
+                        {pump, waiter},
+                        timeout=self.settings.engine_check_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if done or self._verdict(row.node) is not Verdict.ALIVE:
+                        break  # ended, stop asked, or a quiet stream on a silent node: ask
+                if waiter.done() and not pump.done() and not stop_sent:
                     stop_sent = True
                     log.info(
                         "%s: stopping (SIGTERM, %gs grace, then SIGKILL)",
                         row.name,
                         self.settings.stop_grace_s,
                     )
-                    await backend.stop(row.handle, grace_s=self.settings.stop_grace_s)
-                    await asyncio.wait({pump}, timeout=30)
+                    try:
+                        await backend.stop(row.handle, grace_s=self.settings.stop_grace_s)
+                        await asyncio.wait({pump}, timeout=30)
+                    except BackendError as e:
+                        log.warning("%s: could not stop: %s", row.name, e.message)
             finally:
                 # Never leave a pump behind (cancelled while following: another server may
                 # follow this container next, and two pumps would write the log twice).
@@ -624,17 +696,24 @@ class SessionRunner:
                     pump.cancel()
                     await asyncio.gather(pump, return_exceptions=True)
             if not pump.cancelled() and pump.exception() is not None:
-                if not isinstance(pump.exception(), RunNotFound):
+                if not isinstance(pump.exception(), RunNotFound | BackendError):
                     log.warning("%s: following the output failed: %s", row.name, pump.exception())
-            st = await backend.status(row.handle)
+            try:
+                st = await asyncio.wait_for(
+                    backend.status(row.handle), self.settings.engine_check_s * 4
+                )
+            except (BackendError, TimeoutError) as e:
+                why = getattr(e, "message", "") or "no answer in time"
+                if await self._unanswered_engine(row, why):
+                    return
+                continue
+            self._answered(row)
             if st.state is RunState.MISSING:
-                await self._finish(
+                await self._lose(
                     row,
-                    "lost",
-                    "lost",
-                    "The session's container vanished (removed outside the platform, or its "
-                    "node's engine lost it); its outcome is unknown.",
-                    None,
+                    f"its container on {row.node} vanished (removed outside the platform, or "
+                    "its node's engine lost it)",
+                    fence_node=False,
                 )
                 return
             if st.state is RunState.EXITED:
@@ -665,6 +744,182 @@ class SessionRunner:
                 await backend.remove(row.handle)
             except BackendError as e:
                 log.warning("%s: could not remove container %s: %s", row.name, row.handle[:12], e)
+
+    # ---- node loss -------------------------------------------------------------------------
+
+    def _current(self, row: TrainingSession) -> bool:
+        """Whether the session is still live at the attempt this step drives."""
+        with self.db.session() as s:
+            fresh = s.get(TrainingSession, row.id)
+            return (
+                fresh is not None
+                and fresh.state in SESSION_ACTIVE_STATES
+                and fresh.attempt == row.attempt
+            )
+
+    def _verdict(self, node: str) -> Verdict:
+        with self.db.session() as s:
+            hb = s.scalar(select(Node.last_heartbeat).where(Node.name == node))
+        return node_verdict(
+            hb, self.now(), self.settings.node_timeout_s, self.settings.node_lost_grace_s
+        )
+
+    async def _unanswered_engine(self, row: TrainingSession, error: str) -> bool:
+        """The session's node's engine did not answer: give the session up when the node is
+        gone, else wait a little. True when this step is over (given up, or moved on)."""
+        assert row.node is not None
+        verdict = self._verdict(row.node)
+        if verdict is Verdict.GONE:
+            silent = self.settings.node_timeout_s + self.settings.node_lost_grace_s
+            self._unanswered.discard(row.id)
+            await self._lose(
+                row,
+                f"node {row.node} lost (no heartbeat for {silent:g}s or more, and its engine "
+                f"does not answer: {error})",
+                fence_node=True,
+            )
+            return True
+        if row.id not in self._unanswered:
+            self._unanswered.add(row.id)
+            limit = self.settings.node_timeout_s + self.settings.node_lost_grace_s
+            log.warning("%s: the engine of node %s does not answer: %s", row.name, row.node, error)
+            with self.db.session() as s:
+                add_event(
+                    s,
+                    row,
+                    "notice",
+                    f"node {row.node} does not answer ({error}); waiting for it: the session "
+                    f"is lost if the node stays silent for {limit:g}s",
+                    self.now(),
+                )
+        await asyncio.sleep(self.settings.unreachable_retry_s)
+        return not self._current(row)
+
+    def _answered(self, row: TrainingSession) -> None:
+        """The session's engine answers again after it did not: say so in its events."""
+        if row.id in self._unanswered:
+            self._unanswered.discard(row.id)
+            log.info("%s: the engine of node %s answers again", row.name, row.node)
+            with self.db.session() as s:
+                add_event(s, row, "notice", f"node {row.node} answers again", self.now())
+
+    async def _lose(self, row: TrainingSession, cause: str, *, fence_node: bool) -> None:
+        """The session's run is lost: requeue it (``restart_on_lost``) or end it ``lost``.
+
+        *fence_node*: the run may still be alive on a silent node, so the node takes no new
+        work until the orphan sweep removed it (:mod:`nsml_server.node_loss`).
+        """
+        with self.db.session() as s:
+            fresh = s.get(TrainingSession, row.id)
+            if (
+                fresh is None
+                or fresh.state not in ("preparing", "running")
+                or fresh.attempt != row.attempt
+            ):
+                return
+            node = s.scalar(select(Node).where(Node.name == row.node)) if row.node else None
+            if fence_node and node is not None:
+                fence(s, node.id)
+            stop_requested = fresh.stop_requested
+            saved = checkpoints(s, row.id)
+            last = max(saved, key=lambda c: (c.created, c.id)).name if saved else None
+            plan = plan_lost_session(
+                name=row.name,
+                cause=cause,
+                restart_on_lost=fresh.restart_on_lost and not stop_requested,
+                attempt=fresh.attempt,
+                max_attempts=self.settings.lost_max_attempts,
+                last_checkpoint=last,
+                load_from=fresh.load_from,
+            )
+            moved = False
+            if plan.requeue:
+                moved = transition(
+                    s,
+                    row.id,
+                    ("preparing", "running"),
+                    "queued",
+                    at_attempt=row.attempt,
+                    attempt=plan.attempt,
+                    load_from=plan.load_from,
+                    placement_id=None,
+                    node=None,
+                    gpu_ids=[],
+                    handle=None,
+                    started=None,
+                    token_hash=None,
+                    exit_code=None,
+                    reason=None,
+                    message=None,
+                )
+                if moved:
+                    p = s.get(PlacementRequestRow, fresh.placement_id or -1)
+                    if p is not None:
+                        self.scheduler.release(s, p)
+                    add_event(s, row, "state", plan.event, self.now(), state="queued")
+        if plan.requeue:
+            if moved:
+                log.warning("%s: %s", row.name, plan.event)
+                with self.log_path(row.id).open("ab") as f:
+                    f.write(f"[nsml] {plan.event}\n".encode())
+            return
+        if stop_requested:
+            await self._finish(
+                row,
+                "stopped",
+                "stopped",
+                f"Stopped on request; {cause}: its container is removed when the node answers "
+                "again.",
+                None,
+            )
+            return
+        await self._finish(row, "lost", "node_lost" if fence_node else "lost", plan.message, None)
+
+    async def sweep(self, node: str) -> int:
+        """Remove the orphan containers of this deployment from *node*'s engine, then let
+        the node take new work again; the number removed. An engine that does not answer
+        leaves the node fenced (the next tick tries again)."""
+        try:
+            backend = self.backends.for_node(node)
+            found = await backend.labelled({LABEL_SERVER: self.settings.server_label})
+        except BackendError as e:
+            log.info("node %s: orphan sweep waits for its engine: %s", node, e.message)
+            await asyncio.sleep(self.settings.unreachable_retry_s)
+            return 0
+        sids = {
+            int(v) for v in (x.get(LABEL_SESSION_ID, "") for x in found.values()) if v.isdigit()
+        }
+        aids = {
+            int(v)
+            for v in (x.get("org.jupyter-nsml.allocation", "") for x in found.values())
+            if v.isdigit()
+        }
+        with self.db.session() as s:
+            views = session_views(s, sids)
+            allocs = active_allocations(s, aids)
+        removed = 0
+        for cid, labels in found.items():
+            why = orphan_reason(labels, cid, node, views, allocs)
+            if why is None:
+                continue
+            try:
+                await backend.remove(cid)
+            except BackendError as e:
+                log.warning("node %s: could not remove orphan %s: %s", node, cid[:12], e.message)
+                return removed
+            removed += 1
+            log.warning("node %s: removed orphan container %s (%s)", node, cid[:12], why)
+        with self.db.session() as s:
+            s.execute(
+                cast(Table, Node.__table__)
+                .update()
+                .where(Node.name == node, Node.state != "down")
+                .values(needs_sweep=False)
+            )
+        log.info(
+            "node %s: orphan sweep removed %d containers; it takes new work again", node, removed
+        )
+        return removed
 
     def _log_tail(self, sid: int) -> str:
         try:
@@ -702,6 +957,7 @@ class SessionRunner:
                 row.id,
                 SESSION_ACTIVE_STATES,
                 state,
+                at_attempt=row.attempt,
                 reason=reason,
                 message=message,
                 exit_code=exit_code,

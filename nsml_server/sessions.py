@@ -71,8 +71,9 @@ MAX_NAMES_PER_POINT = 256
 #: Transitions the runner may make (``resume`` is the API's, from an ended state to queued).
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"preparing", "failed", "stopped"}),
-    "preparing": frozenset({"running", "failed", "stopped", "lost"}),
-    "running": frozenset({"completed", "failed", "oom_killed", "stopped", "lost"}),
+    # ``queued`` again: lost with its node and asked to restart (node_loss.py).
+    "preparing": frozenset({"running", "failed", "stopped", "lost", "queued"}),
+    "running": frozenset({"completed", "failed", "oom_killed", "stopped", "lost", "queued"}),
 }
 #: Ended states a session can be resumed from.
 RESUMABLE = ("stopped", "failed", "oom_killed", "lost")
@@ -557,12 +558,23 @@ def find(s: Session, name: str) -> TrainingSession | None:
 
 
 def transition(
-    s: Session, session_id: int, from_states: Iterable[str], to: str, **values: Any
+    s: Session,
+    session_id: int,
+    from_states: Iterable[str],
+    to: str,
+    *,
+    at_attempt: int | None = None,
+    **values: Any,
 ) -> bool:
-    """Move the session to *to* if it is in one of *from_states*; True when it moved."""
+    """Move the session to *to* if it is in one of *from_states* (and at attempt
+    *at_attempt*, when given: a late step of an earlier attempt moves nothing); True when it
+    moved."""
+    cond = [TrainingSession.id == session_id, TrainingSession.state.in_(tuple(from_states))]
+    if at_attempt is not None:
+        cond.append(TrainingSession.attempt == at_attempt)
     result = s.execute(
         update(TrainingSession)
-        .where(TrainingSession.id == session_id, TrainingSession.state.in_(tuple(from_states)))
+        .where(*cond)
         .values(state=to, **values)
         .execution_options(synchronize_session=False)
     )
@@ -655,6 +667,7 @@ def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
         parent_checkpoint=row.parent_checkpoint,
         load_from=row.load_from,
         attempt=row.attempt,
+        restart_on_lost=row.restart_on_lost,
         memo=row.memo,
         last_step=row.last_step,
         last_metrics=dict(row.last_metrics or {}),

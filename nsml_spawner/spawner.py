@@ -97,12 +97,20 @@ from .spec import (
     home_init_container,
     home_labels,
     home_news,
+    node_lost_exit,
     notebook_container,
     server_host,
     tls_files,
 )
 
 DEFAULT_IMAGE = "jupyter-nsml/singleuser:latest"
+#: What a node's engine that does not answer raises (docker-py raises a bare DockerException
+#: when it cannot even learn the engine's API version); its APIError answers are not these.
+ENGINE_SILENT = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    docker.errors.DockerException,
+)
 QUEUE_POLL_S = 10.0  # one long poll of the placement API while waiting in the queue
 T = TypeVar("T")
 
@@ -445,6 +453,7 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
     _nvidia: ClassVar[dict[str, bool]] = {}
     _engines_lock: ClassVar[threading.Lock] = threading.Lock()
     _api: ClassVar[NSMLClient | None] = None
+    _deployment: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -1106,6 +1115,10 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
                 "nsml.server": self.name,
                 "nsml.node": self.allocation.node,
                 "nsml.placement": str(self.allocation.placement_id),
+                # The NSML server's orphan sweep removes it from a node that was lost once
+                # this allocation is released (only containers with its deployment label).
+                "org.jupyter-nsml.allocation": str(self.allocation.allocation_id),
+                **await self._deployment_labels(),
             },
             visible_devices="uuid" if self.visible_devices == "uuid" else "index",
             binds=self.volume_binds,
@@ -1139,14 +1152,26 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
         return await self._in_thread(create_container)
 
     async def stop_object(self) -> None:
-        """``docker stop``, unless there is no container (stop after a failed start)."""
+        """``docker stop``, unless there is no container (stop after a failed start). An
+        engine that does not answer is left alone: the NSML server's orphan sweep removes the
+        container when its node answers again."""
         if self.object_id:
-            await super().stop_object()
+            try:
+                await super().stop_object()
+            except APIError:
+                raise
+            except ENGINE_SILENT as e:
+                self.log.warning("%s: cannot stop the container: %s", self._log_name, e)
 
     async def remove_object(self) -> None:
-        """``docker rm -v``, unless there is no container."""
+        """``docker rm -v``, unless there is no container (or its engine does not answer)."""
         if self.object_id:
-            await super().remove_object()
+            try:
+                await super().remove_object()
+            except APIError:
+                raise
+            except ENGINE_SILENT as e:
+                self.log.warning("%s: cannot remove the container: %s", self._log_name, e)
 
     async def _remove_quietly(self) -> None:
         cid = str(getattr(self, "object_id", "") or "")
@@ -1167,15 +1192,31 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
         (``last_exit``), releasing the allocation and removing the container."""
         try:
             container = await self.get_object()
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+        except APIError:
+            raise
+        except ENGINE_SILENT as e:
+            lost = await self._node_lost()
+            node = self.allocation.node if self.allocation else "?"
+            if lost is None:
+                self.log.warning(
+                    "%s: the Docker engine of node %s does not answer (%s); its node is not "
+                    "down: assuming the server still runs",
+                    self._log_name,
+                    node,
+                    e,
+                )
+                return None
             self.log.warning(
-                "%s: the Docker engine of node %s does not answer (%s); assuming the server "
-                "still runs",
+                "%s: node %s is lost (%s) and its engine does not answer; reporting the "
+                "server stopped and releasing its allocation",
                 self._log_name,
-                self.allocation.node if self.allocation else "?",
-                e,
+                node,
+                lost,
             )
-            return None
+            self.last_exit = node_lost_exit(node, lost)
+            await self._release_now()
+            self.object_id = ""  # the orphan sweep removes the container when the node returns
+            return self.last_exit.exit_code
         if container is None:
             if self.allocation is not None:
                 self.log.warning(
@@ -1210,6 +1251,42 @@ class NSMLSpawner(DockerSpawner):  # type: ignore[misc]
         if self.remove:
             await self._remove_quietly()
         return ended.exit_code
+
+    async def _deployment_labels(self) -> dict[str, str]:
+        """``{"org.jupyter-nsml.server": LABEL}``: the NSML deployment's container label
+        (``GET api/health``, asked once), so that its orphan sweep may remove this container
+        from a lost node that returns; empty when the server does not say."""
+        key = self.scheduler_url
+        if key not in NSMLSpawner._deployment:
+            try:
+                _, out = await self.api.call("GET", "health")
+                NSMLSpawner._deployment[key] = str((out or {}).get("deployment") or "")
+            except NSMLError as e:
+                self.log.warning("%s: no deployment label (%s)", self._log_name, e)
+                return {}
+        label = NSMLSpawner._deployment[key]
+        return {"org.jupyter-nsml.server": label} if label else {}
+
+    async def _node_lost(self) -> str | None:
+        """Why this server's node counts as lost, from the NSML server, or None: its
+        allocation was released by the server (the node stayed silent past its grace), or the
+        node is ``down`` (no heartbeat for the server's node_timeout). None as well when the
+        NSML server cannot tell (then the engine's silence alone proves nothing)."""
+        if self.allocation is None:
+            return None
+        try:
+            out = await self.api.placement(self.allocation.placement_id)
+            alloc = out.get("allocation") or {}
+            if out.get("state") == "released" or alloc.get("state") == "released":
+                return "the NSML server released its resources"
+            node = await self.api.node(self.allocation.node)
+        except NSMLError as e:
+            self.log.warning("%s: cannot ask the NSML server about its node: %s", self._log_name, e)
+            return None
+        if node.get("state") == "down":
+            age = node.get("heartbeat_age_s")
+            return "no heartbeat" + (f" for {age:.0f}s" if isinstance(age, int | float) else "")
+        return None
 
     async def stop(self, now: bool = False) -> None:
         """Stop and remove the container, then release the allocation (idempotent)."""

@@ -184,13 +184,14 @@ class LastExit:
 
     Attributes:
         reason: ``oom_killed`` (the engine killed it at its memory limit), ``exited``
-            (the server ended by itself), or ``error`` (the engine could not run it).
+            (the server ended by itself), ``error`` (the engine could not run it), or
+            ``node_lost`` (its node went silent and its engine does not answer).
         exit_code: the container's exit status (137 for a kill).
         message: a sentence for the user, with what to do.
         finished_at: when it ended, as the engine wrote it (RFC 3339), if known.
     """
 
-    reason: Literal["oom_killed", "exited", "error"]
+    reason: Literal["oom_killed", "exited", "error", "node_lost"]
     exit_code: int
     message: str
     finished_at: str | None = None
@@ -207,11 +208,24 @@ class LastExit:
     def from_state(cls, state: Mapping[str, Any]) -> LastExit:
         reason = state.get("reason")
         return cls(
-            reason=reason if reason in ("oom_killed", "exited", "error") else "exited",
+            reason=reason if reason in ("oom_killed", "exited", "error", "node_lost") else "exited",
             exit_code=int(state.get("exit_code") or 0),
             message=str(state.get("message") or ""),
             finished_at=state.get("finished_at"),
         )
+
+
+def node_lost_exit(node: str, why: str) -> LastExit:
+    """The end of a notebook server whose node was lost (*why*: what the NSML server said)."""
+    return LastExit(
+        reason="node_lost",
+        exit_code=1,
+        message=(
+            f"Your notebook server's node {node} was lost ({why}); the server was stopped. "
+            "Start it again: it is placed on another node. Files in your home volume on "
+            f"{node} come back with the node."
+        ),
+    )
 
 
 def holder_for(server_name: str) -> str:

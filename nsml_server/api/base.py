@@ -124,6 +124,7 @@ class ServerContext:
     allowed_images: tuple[str, ...] = (DEFAULT_IMAGE,)  # NSMLServer.allowed_images (patterns)
     gpu_use: Any = None  # gpu_use.GpuUseMonitor: sessions' GPU use over time
     heartbeats: Any = None  # batching.HeartbeatQueue: heartbeats, group-committed off the loop
+    deployment: str = ""  # the container label of this deployment (session_runner)
 
 
 class APIHandler(web.RequestHandler):

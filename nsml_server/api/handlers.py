@@ -48,6 +48,7 @@ class HealthHandler(APIHandler):
                 schema_revision=self.ctx.schema_revision,
                 backend=self.ctx.backend.get("kind"),
                 leader=self.ctx.is_leader(),
+                deployment=self.ctx.deployment,
             ),
             status=200 if db_state == "ok" else 503,
         )

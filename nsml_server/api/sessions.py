@@ -341,6 +341,7 @@ class SessionsHandler(SessionHandler):
                     "resources": resources,
                     "memo": body.memo,
                     "visibility": body.visibility,
+                    "restart_on_lost": body.restart_on_lost,
                 },
                 now=now,
             )
@@ -554,6 +555,9 @@ class ForkHandler(SessionHandler):
                     "parent_name": parent.name,
                     "parent_checkpoint": body.checkpoint,
                     "load_from": source,
+                    "restart_on_lost": parent.restart_on_lost
+                    if body.restart_on_lost is None
+                    else body.restart_on_lost,
                 },
                 now=now,
             )

@@ -269,6 +269,10 @@ class ExecutionBackend(abc.ABC):
     async def list(self, labels: Mapping[str, str]) -> builtins.list[str]:
         """Handles of all runs (running or not) carrying every one of *labels*."""
 
+    async def labelled(self, labels: Mapping[str, str]) -> dict[str, dict[str, str]]:
+        """Every run carrying all of *labels*, with all its labels (``handle -> labels``)."""
+        return {h: dict(labels) for h in await self.list(labels)}
+
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """What this backend is: ``kind``, ``endpoint``, ``has_nvidia_runtime``, ``isolation``."""

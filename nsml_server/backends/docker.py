@@ -606,6 +606,13 @@ class DockerBackend(ExecutionBackend):
             found = await self._call("list", lambda api: api.containers(all=True, filters=filters))
             return [str(c["Id"]) for c in found]
 
+    async def labelled(self, labels: Mapping[str, str]) -> dict[str, dict[str, str]]:
+        """Every container (running or not) carrying all of *labels*, with all its labels."""
+        with self._engine_errors("list containers"):
+            filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+            found = await self._call("list", lambda api: api.containers(all=True, filters=filters))
+            return {str(c["Id"]): dict(c.get("Labels") or {}) for c in found}
+
     # -- long calls: log streams and exec, each in a thread of its own ------------------------
 
     def _long_api(self) -> docker.APIClient:

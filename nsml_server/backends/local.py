@@ -454,6 +454,15 @@ class LocalProcessBackend(ExecutionBackend):
                 if all(r.get("labels", {}).get(k) == v for k, v in labels.items())
             ]
 
+    async def labelled(self, labels: Mapping[str, str]) -> dict[str, dict[str, str]]:
+        """Every run carrying all of *labels*, with all its labels."""
+        with self._locked() as runs:
+            return {
+                h: dict(r.get("labels", {}))
+                for h, r in runs.items()
+                if all(r.get("labels", {}).get(k) == v for k, v in labels.items())
+            }
+
     def describe(self) -> dict[str, Any]:
         """``isolation`` is False, and ``warning`` says what that means."""
         return {
