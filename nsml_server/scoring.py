@@ -328,14 +328,11 @@ def parse_score(stdout: str) -> float:
     return value
 
 
-def check_coverage(
-    predictions_csv: str, labels_csv: str, private_labels_csv: str | None = None
-) -> None:
-    """Check that the predictions name exactly the ids of both parts (as :func:`score_parts`).
-
-    Raises:
-        ScoringError: a malformed file, missing or extra ids, ids in both parts.
-    """
+def _parts(
+    predictions_csv: str, labels_csv: str, private_labels_csv: str | None
+) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Predictions, public and private labels parsed, the predictions covering exactly the
+    ids of both parts."""
     predictions = parse_table(predictions_csv, "prediction", "predictions")
     public = parse_table(labels_csv, "label", "labels")
     private = (
@@ -348,6 +345,18 @@ def check_coverage(
             "the public and private labels name the same ids; the owner must fix them"
         )
     align(public | private, predictions)
+    return predictions, public, private
+
+
+def check_coverage(
+    predictions_csv: str, labels_csv: str, private_labels_csv: str | None = None
+) -> None:
+    """Check that the predictions name exactly the ids of both parts (as :func:`score_parts`).
+
+    Raises:
+        ScoringError: a malformed file, missing or extra ids, ids in both parts.
+    """
+    _parts(predictions_csv, labels_csv, private_labels_csv)
 
 
 def score_parts(
@@ -364,18 +373,7 @@ def score_parts(
         ScoringError: as :func:`score`; also when both parts name one id.
     """
     m = get_metric(metric)
-    predictions = parse_table(predictions_csv, "prediction", "predictions")
-    public = parse_table(labels_csv, "label", "labels")
-    private = (
-        parse_table(private_labels_csv, "label", "private labels")
-        if private_labels_csv is not None
-        else {}
-    )
-    if public.keys() & private.keys():
-        raise ScoringError(
-            "the public and private labels name the same ids; the owner must fix them"
-        )
-    align(public | private, predictions)
+    predictions, public, private = _parts(predictions_csv, labels_csv, private_labels_csv)
     public_score = m.compute(*align(public, {k: predictions[k] for k in public}))
     if not private:
         return public_score, None
