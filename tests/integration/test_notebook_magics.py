@@ -91,6 +91,9 @@ def run_cells(
     )
     sock = container.client.api.exec_start(exec_id, socket=True)
     raw = sock._sock
+    # The cells run for minutes without output (they wait for sessions): not the client's
+    # 30 s read timeout; a long one of the test's own.
+    raw.settimeout(900)
     raw.sendall(json.dumps({"cells": cells, "cwd": cwd}).encode())
     raw.shutdown(1)  # end of stdin
     chunks = []

@@ -62,9 +62,13 @@ print("loaded every checkpoint", flush=True)
 """
 
 ENDS_PY = """
-import sys, time
+import os, sys, time
 print("ready", flush=True)
-time.sleep(6)
+# Ends when the test says so (it creates /tmp/go inside the container once the service is
+# down), not after a fixed time that a slow machine may spend before the service is killed.
+deadline = time.time() + 600
+while not os.path.exists("/tmp/go") and time.time() < deadline:
+    time.sleep(0.1)
 for i in range(20):
     print("line", i, flush=True)
     time.sleep(0.05)
@@ -208,6 +212,9 @@ def test_sessions_that_end_while_the_service_is_down_get_their_state_exit_code_a
             c = container_of(docker_client, hub, name)
             c.reload()
             assert c.status == "running", f"{name} still runs when the service dies"
+        for name in (good, bad):
+            c = container_of(docker_client, hub, name)
+            assert c.exec_run(["touch", "/tmp/go"]).exit_code == 0
         for name in (good, bad):
             c = container_of(docker_client, hub, name)
             assert c.wait(timeout=60)["StatusCode"] in (0, 3)
