@@ -61,7 +61,7 @@ def unique_prefix(kind: str) -> str:
 
 def remove_deployment(docker_client: Any, prefix: str) -> None:
     """Remove the containers and home volumes of the hub whose prefix is *prefix*."""
-    for c in docker_client.containers.list(all=True, filters={"name": prefix}):
+    for c in docker_client.containers.list(all=True, sparse=True, filters={"name": prefix}):
         c.remove(force=True)
     for v in docker_client.volumes.list(filters={"label": f"nsml.deployment={prefix}"}):
         v.remove(force=True)

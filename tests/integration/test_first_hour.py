@@ -24,7 +24,9 @@ pytestmark = pytest.mark.docker
 def label(docker_client: Any) -> Iterator[dict[str, str]]:
     value = uuid.uuid4().hex[:12]
     yield {"nsml-test": value}
-    for c in docker_client.containers.list(all=True, filters={"label": f"nsml-test={value}"}):
+    for c in docker_client.containers.list(
+        all=True, sparse=True, filters={"label": f"nsml-test={value}"}
+    ):
         c.remove(force=True, v=True)
 
 

@@ -91,7 +91,10 @@ def world(
     label = uuid.uuid4().hex[:16]
     w = World(db, ArtifactStore(tmp_path / "artifacts"), tmp_path, label, f"nsmltest-r{label[:8]}")
     yield w
-    for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_SERVER}={label}"}):
+    # sparse: no inspect of each container, which fails for one the runner removes meanwhile
+    for c in docker_client.containers.list(
+        all=True, sparse=True, filters={"label": f"{LABEL_SERVER}={label}"}
+    ):
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             c.remove(force=True, v=True)  # the runner may be removing it already
     db.dispose()
