@@ -125,13 +125,6 @@ def kill_engine(tb: Testbed, node: str) -> None:
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=30, what="dockerd gone")
 
 
-@pytest.mark.skip(
-    reason="not yet green: on the test bed the node is lost, the plain session ends lost, the "
-    "hub stops the notebook server and the restart-on-lost session is requeued as attempt 2 "
-    "on node-a loading checkpoint 7, but that attempt's container printed nothing within "
-    "120 s, so the steps after it (GPUs once, later work, the sweep) have not run here yet; "
-    "tests/integration/test_node_loss.py covers them on two real engines"
-)
 def test_an_engine_killed_mid_session_loses_its_node_and_the_work_moves_on_once(
     bed: Testbed, tmp_path: Path
 ) -> None:

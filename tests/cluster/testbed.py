@@ -64,6 +64,8 @@ DEFAULT_SLOTS_DIR = "/var/lib/jupyter-nsml/testbed"
 class TestbedUnavailable(RuntimeError):
     """This machine cannot run the test bed (no root, no dockerd, no openssl ...)."""
 
+    __test__ = False  # a name that starts with "Test", not a test class
+
 
 def why_unavailable() -> str | None:
     """Why the test bed cannot start here, or None when it can."""
