@@ -47,6 +47,7 @@ from .artifacts import ArtifactStore
 from .backends import BackendError, ExecutionBackend, Mount, RunSpec, RunState
 from .db import Database
 from .models import Dataset, PlacementRequestRow, Submission
+from .node_loss import LABEL_ALLOCATION
 from .scoring import ScoringError, check_coverage, parse_score, score_parts
 from .session_runner import BackendPool
 from .sessions import CODE_MOUNT, session_command
@@ -319,6 +320,12 @@ class EvaluationRunner:
         assert row.node is not None
         backend = self.backends.for_node(row.node)
         labels = self._labels(row)
+        with self.db.session() as s:
+            p = s.get(PlacementRequestRow, row.placement_id) if row.placement_id else None
+            if p is not None and p.allocation_id is not None:
+                # A node that returns after it was lost sweeps the containers of released
+                # allocations (node_loss.orphan_reason): this evaluation's among them.
+                labels[LABEL_ALLOCATION] = str(p.allocation_id)
         found = await backend.list(labels)
         if found:
             self._update(row.id, ("running",), handle=found[0])
