@@ -445,6 +445,60 @@ def metrics(
     return result
 
 
+#: Characters of session names per ``metrics_many`` request (the URL stays well under the
+#: proxy's and the server's header limits).
+NAMES_PER_REQUEST_CHARS = 6000
+
+
+def metrics_many(
+    client: Client,
+    refs: Sequence[str],
+    *,
+    names: Sequence[str] | None = None,
+    since_step: int | None = None,
+    to_step: int | None = None,
+    max_points: int | None = None,
+    workers: int = 4,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """:func:`metrics` of many sessions in as few requests as the URL allows (``GET
+    api/metrics?sessions=...``): ``({name: answer}, {name: why it is missing})``."""
+    full = [full_name(client, r) for r in refs]
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in dict.fromkeys(full):
+        if groups[-1] and size + len(name) + 1 > NAMES_PER_REQUEST_CHARS:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += len(name) + 1
+
+    def one(group: list[str]) -> dict[str, Any]:
+        answer: dict[str, Any] = client.request(
+            "GET",
+            "metrics",
+            sessions=",".join(group),
+            names=",".join(names) if names else None,
+            since_step=since_step,
+            to_step=to_step,
+            max_points=max_points,
+        )
+        return answer
+
+    found: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    if len(groups) == 1:
+        answers = [one(groups[0])] if groups[0] else []
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(workers, len(groups))) as pool:
+            answers = list(pool.map(one, groups))
+    for a in answers:
+        found.update({m["session"]: m for m in a["metrics"]})
+        errors.update(a["errors"])
+    return found, errors
+
+
 def gpu_use(client: Client, ref: str) -> dict[str, Any]:
     """A session's GPU use over time: ``t`` (sample starts, epoch seconds), ``seconds``
     (each covers), ``gpus`` (per GPU: ``utilization_pct``, ``memory_used_mib``), ``note``

@@ -24,7 +24,6 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -126,14 +125,18 @@ def fetch_runs(
     metrics: Sequence[str] | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
 ) -> list[Run]:
-    """The runs of *statuses*, their series downsampled by the server to *max_points*."""
-
-    def one(st: dict[str, Any]) -> Run:
-        answer = sessions.metrics(client, str(st["name"]), names=metrics, max_points=max_points)
-        return run_from_api(st, answer)
-
-    with ThreadPoolExecutor(max_workers=min(FETCH_WORKERS, max(1, len(statuses)))) as pool:
-        return list(pool.map(one, statuses))
+    """The runs of *statuses*, their series downsampled by the server to *max_points*
+    (one request for all of them, or a few when their names fill a URL). A session removed
+    since it was listed is drawn without points."""
+    found, _missing = sessions.metrics_many(
+        client,
+        [str(st["name"]) for st in statuses],
+        names=metrics,
+        max_points=max_points,
+        workers=FETCH_WORKERS,
+    )
+    empty: dict[str, Any] = {"series": {}}
+    return [run_from_api(st, found.get(str(st["name"]), empty)) for st in statuses]
 
 
 def compare_panel(
@@ -397,20 +400,29 @@ class LivePanel:
         to the overview's budget, at least :data:`DEFAULT_MAX_POINTS` (a zoomed plot is as
         wide as the whole one)."""
         out: dict[tuple[int, str], Series] = {}
-        for k, run in enumerate(self.panel.runs):
-            thinned = [m for m, s in run.series.items() if s.total > len(s.steps)]
-            if not thinned:
+        thinned = {
+            k: {m for m, s in run.series.items() if s.total > len(s.steps)}
+            for k, run in enumerate(self.panel.runs)
+        }
+        thinned = {k: ms for k, ms in thinned.items() if ms}
+        if not thinned:
+            return out
+        found, _missing = sessions.metrics_many(
+            self.client,
+            [self.panel.runs[k].name for k in thinned],
+            names=sorted(set().union(*thinned.values())),
+            since_step=max(math.floor(lo), -(2**62)),
+            to_step=min(math.ceil(hi), 2**62),
+            max_points=max(self.max_points, DEFAULT_MAX_POINTS),
+        )
+        for k, ms in thinned.items():
+            run = self.panel.runs[k]
+            answer = found.get(run.name)
+            if answer is None:
                 continue
-            answer = sessions.metrics(
-                self.client,
-                run.name,
-                names=thinned,
-                since_step=max(math.floor(lo), -(2**62)),
-                to_step=min(math.ceil(hi), 2**62),
-                max_points=max(self.max_points, DEFAULT_MAX_POINTS),
-            )
             for m, s in run_from_api({"name": run.name}, answer).series.items():
-                out[(k, m)] = s
+                if m in ms:
+                    out[(k, m)] = s
         return out
 
     def merge_range(self, lo: float, hi: float, exact: dict[tuple[int, str], Series]) -> None:

@@ -600,6 +600,15 @@ class MetricsOut(BaseModel):
     series: dict[str, MetricSeries]
 
 
+class MetricsBatchOut(BaseModel):
+    """Several sessions' metrics in one answer (``GET api/metrics?sessions=...``)."""
+
+    metrics: list[MetricsOut] = Field(description="in the order asked, readable sessions only")
+    errors: dict[str, str] = Field(
+        description="per session name that is not there: why (no such session, not yours)"
+    )
+
+
 class GpuUseSeries(BaseModel):
     gpu: str = Field(description="the GPU's index on the node")
     utilization_pct: list[float | None] = Field(description="one per sample, percent")

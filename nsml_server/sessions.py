@@ -790,39 +790,61 @@ def metric_series(
     (:func:`nsml.downsample.downsample`: the curve's shape, its extremes and every NaN or
     infinity kept); ``total`` says how many points the series had before.
     """
+    return metric_series_many(
+        s, [row.id], names, since_step, to_step=to_step, max_points=max_points
+    )[row.id]
+
+
+def metric_series_many(
+    s: Session,
+    session_ids: Sequence[int],
+    names: Sequence[str] | None = None,
+    since_step: int | None = None,
+    *,
+    to_step: int | None = None,
+    max_points: int | None = None,
+) -> dict[int, dict[str, MetricSeries]]:
+    """:func:`metric_series` of several sessions (by id) in one query: what a comparison
+    panel of many sessions asks for at once."""
     c = SessionMetricChunk
-    q = select(c.payload).where(c.session_id == row.id)
+    q = select(c.session_id, c.payload).where(c.session_id.in_(list(session_ids)))
     if since_step is not None:
         q = q.where(c.last_step >= since_step)
     if to_step is not None:
         q = q.where(c.first_step <= to_step)
     wanted = set(names) if names else None
-    parts: dict[str, list[tuple[Any, Any, Any]]] = {}
-    for (payload,) in s.execute(q.order_by(c.id)):
+    parts: dict[int, dict[str, list[tuple[Any, Any, Any]]]] = {i: {} for i in session_ids}
+    for sid, payload in s.execute(q.order_by(c.id)):
         chunk = chunk_columns(payload)
         in_range = np.ones(len(chunk.steps), dtype=bool)
         if since_step is not None:
             in_range &= chunk.steps >= since_step
         if to_step is not None:
             in_range &= chunk.steps <= to_step
+        mine = parts[sid]
         for name, (present, values) in chunk.values.items():
             if wanted is not None and name not in wanted:
                 continue
             keep = in_range if present is None else in_range & present
-            parts.setdefault(name, []).append((chunk.steps[keep], values[keep], chunk.walls[keep]))
-    out: dict[str, MetricSeries] = {}
-    for name, pieces in parts.items():
-        steps = np.concatenate([p[0] for p in pieces])
-        values = np.concatenate([p[1] for p in pieces])
-        walls = np.concatenate([p[2] for p in pieces])
-        total = len(steps)
-        if max_points is not None and total > max_points:
-            idx = np.asarray(downsample(steps, values, max_points), dtype=np.intp)
-            steps, values, walls = steps[idx], values[idx], walls[idx]
-        out[name] = MetricSeries(
-            steps=steps.tolist(), values=values_out(values), walls=walls.tolist(), total=total
-        )
-    return out
+            mine.setdefault(name, []).append((chunk.steps[keep], values[keep], chunk.walls[keep]))
+    return {
+        sid: {name: _series(pieces, max_points) for name, pieces in by_name.items()}
+        for sid, by_name in parts.items()
+    }
+
+
+def _series(pieces: Sequence[tuple[Any, Any, Any]], max_points: int | None) -> MetricSeries:
+    """One metric's series from its pieces (steps, values, times) in report order."""
+    steps = np.concatenate([p[0] for p in pieces])
+    values = np.concatenate([p[1] for p in pieces])
+    walls = np.concatenate([p[2] for p in pieces])
+    total = len(steps)
+    if max_points is not None and total > max_points:
+        idx = np.asarray(downsample(steps, values, max_points), dtype=np.intp)
+        steps, values, walls = steps[idx], values[idx], walls[idx]
+    return MetricSeries(
+        steps=steps.tolist(), values=values_out(values), walls=walls.tolist(), total=total
+    )
 
 
 @dataclass(frozen=True)

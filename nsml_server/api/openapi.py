@@ -60,6 +60,7 @@ from ..schemas import (
     LogChunk,
     MeOut,
     MetricsAccepted,
+    MetricsBatchOut,
     MetricsIn,
     MetricsOut,
     MountsOut,
@@ -131,6 +132,7 @@ MODELS: list[type[BaseModel]] = [
     MetricsAccepted,
     MetricsIn,
     MetricsOut,
+    MetricsBatchOut,
     GpuUseOut,
     SessionIn,
     SessionList,
@@ -559,6 +561,36 @@ def dataset_paths() -> dict[str, Any]:
     }
 
 
+def _metric_queries() -> list[dict[str, Any]]:
+    """The query parameters that choose and shape metric series."""
+    return [
+        _query("names", "comma-separated metric names", maxLength=500),
+        _query(
+            "since_step",
+            "only points from this step on",
+            type="integer",
+            minimum=INT64_MIN,
+            maximum=INT64_MAX,
+        ),
+        _query(
+            "to_step",
+            "only points up to this step (with since_step: the range a zoomed plot shows)",
+            type="integer",
+            minimum=INT64_MIN,
+            maximum=INT64_MAX,
+        ),
+        _query(
+            "max_points",
+            "at most this many points per series: downsampled (LTTB) keeping the curve's "
+            "shape, its minimum and maximum and every NaN or infinity; each series' total "
+            "says how many there were",
+            type="integer",
+            minimum=MIN_BUDGET,
+            maximum=MAX_POINTS,
+        ),
+    ]
+
+
 def session_paths() -> dict[str, Any]:
     """The session endpoints (``{user}/{dataset}/{n}`` is the session's name)."""
     s = "/sessions/{user}/{dataset}/{n}"
@@ -571,6 +603,22 @@ def session_paths() -> dict[str, Any]:
                 {"201": _json(CodeOut, "Stored")},
                 body={"required": True, "content": TAR},
                 errors=("413",),
+            )
+        },
+        "/metrics": {
+            "get": _op(
+                "Several sessions' metrics at once (a comparison panel's one request)",
+                {"200": _json(MetricsBatchOut, "The readable sessions' metrics; errors")},
+                [
+                    _query(
+                        "sessions",
+                        "comma-separated session names USER/DATASET/N (at most 500)",
+                        required=True,
+                        minLength=1,
+                        maxLength=65_536,
+                    ),
+                    *_metric_queries(),
+                ],
             )
         },
         "/sessions": {
@@ -703,34 +751,7 @@ def session_paths() -> dict[str, Any]:
             "get": _op(
                 "Last values and per-step series of the reported metrics",
                 {"200": _json(MetricsOut, "The metrics")},
-                [
-                    *name,
-                    _query("names", "comma-separated metric names", maxLength=500),
-                    _query(
-                        "since_step",
-                        "only points from this step on",
-                        type="integer",
-                        minimum=INT64_MIN,
-                        maximum=INT64_MAX,
-                    ),
-                    _query(
-                        "to_step",
-                        "only points up to this step (with since_step: the range a zoomed "
-                        "plot shows)",
-                        type="integer",
-                        minimum=INT64_MIN,
-                        maximum=INT64_MAX,
-                    ),
-                    _query(
-                        "max_points",
-                        "at most this many points per series: downsampled (LTTB) keeping the "
-                        "curve's shape, its minimum and maximum and every NaN or infinity; "
-                        "each series' total says how many there were",
-                        type="integer",
-                        minimum=MIN_BUDGET,
-                        maximum=MAX_POINTS,
-                    ),
-                ],
+                [*name, *_metric_queries()],
             ),
             "post": _op(
                 "Report points (session token or owner)",

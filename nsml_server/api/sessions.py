@@ -49,6 +49,7 @@ from ..schemas import (
     ForkIn,
     LogChunk,
     MetricsAccepted,
+    MetricsBatchOut,
     MetricsOut,
     PlacementIn,
     SessionIn,
@@ -72,6 +73,7 @@ from ..sessions import (
     hash_token,
     ingest_points,
     metric_series,
+    metric_series_many,
     record_checkpoint,
     session_out,
     transition,
@@ -217,11 +219,15 @@ class SessionHandler(APIHandler):
     def readable(self, s: Session, name: str) -> TrainingSession:
         """The session when the caller may read it (owner, admin, or a public session)."""
         row = self._get(s, name)
-        if self.token_session_id is not None and self.token_session_id != row.id:
-            raise APIError(403, f"A session token cannot read session {name}.", "forbidden")
-        if not self._is_owner(row) and row.visibility != "public":
-            raise APIError(403, f"Session {name} belongs to another user.", "forbidden")
+        self.check_readable(row)
         return row
+
+    def check_readable(self, row: TrainingSession) -> None:
+        """Raise 403 unless the caller may read *row* (owner, admin, or a public session)."""
+        if self.token_session_id is not None and self.token_session_id != row.id:
+            raise APIError(403, f"A session token cannot read session {row.name}.", "forbidden")
+        if not self._is_owner(row) and row.visibility != "public":
+            raise APIError(403, f"Session {row.name} belongs to another user.", "forbidden")
 
     def owned(self, s: Session, name: str) -> TrainingSession:
         """The session when the caller may change it (owner or admin)."""
@@ -229,6 +235,14 @@ class SessionHandler(APIHandler):
         if not self._is_owner(row):
             raise APIError(403, f"Session {name} belongs to another user.", "forbidden")
         return row
+
+    def _int_arg(self, name: str) -> int | None:
+        """An integer query argument (its bounds are checked from the document first)."""
+        raw = self.get_query_argument(name, None)
+        try:
+            return int(raw) if raw is not None else None
+        except ValueError:
+            raise APIError(400, f"{name} must be an integer.", "bad_request") from None
 
 
 class StreamedBody:
@@ -734,13 +748,66 @@ class MetricsHandler(SessionHandler):
             )
         self.write_json(out)
 
-    def _int_arg(self, name: str) -> int | None:
-        """An integer query argument (its bounds are checked from the document first)."""
-        raw = self.get_query_argument(name, None)
-        try:
-            return int(raw) if raw is not None else None
-        except ValueError:
-            raise APIError(400, f"{name} must be an integer.", "bad_request") from None
+
+class MetricsBatchHandler(SessionHandler):
+    """``GET api/metrics?sessions=A,B,...``: several sessions' metrics in one request and
+    one database query (a comparison panel of 100 sessions asks once, not 100 times), with
+    the same ``names``, ``since_step``, ``to_step`` and ``max_points`` as one session's.
+    A session that is not there or not readable is named in ``errors``; the others answer.
+    """
+
+    #: The most sessions one request may name.
+    MAX_SESSIONS = 500
+
+    def get(self, *args: str) -> None:
+        wanted = [n for n in self.get_query_argument("sessions", "").split(",") if n]
+        if not wanted:
+            raise APIError(400, "Name the sessions: sessions=USER/DATASET/N,...", "bad_request")
+        if len(wanted) > self.MAX_SESSIONS:
+            raise APIError(
+                400,
+                f"{len(wanted)} sessions named; ask for at most {self.MAX_SESSIONS} at once.",
+                "bad_request",
+            )
+        wanted = list(dict.fromkeys(wanted))
+        names_arg = self.get_query_argument("names", None)
+        names = [n for n in names_arg.split(",") if n] if names_arg else None
+        since, to, most = (self._int_arg(a) for a in ("since_step", "to_step", "max_points"))
+        errors: dict[str, str] = {}
+        with self.ctx.db.session() as s:
+            found = {
+                r.name: r
+                for r in s.scalars(select(TrainingSession).where(TrainingSession.name.in_(wanted)))
+            }
+            rows: list[TrainingSession] = []
+            for name in wanted:
+                row = found.get(name)
+                if row is None:
+                    errors[name] = f"No session {name}."
+                    continue
+                try:
+                    self.check_readable(row)
+                except APIError as e:
+                    errors[name] = e.message
+                    continue
+                rows.append(row)
+            series = metric_series_many(
+                s, [r.id for r in rows], names, since, to_step=to, max_points=most
+            )
+            out = MetricsBatchOut(
+                metrics=[
+                    MetricsOut(
+                        session=r.name,
+                        last_step=r.last_step,
+                        last_metrics=dict(r.last_metrics or {}),
+                        points=r.points,
+                        series=series[r.id],
+                    )
+                    for r in rows
+                ],
+                errors=errors,
+            )
+        self.write_json(out)
 
 
 class GpuUseHandler(SessionHandler):
@@ -957,6 +1024,7 @@ def session_routes(ctx: ServerContext | None, service: SessionService | None) ->
     return [
         Route("/code", CodeHandler, k),
         Route("/events", EventsHandler, k),
+        Route("/metrics", MetricsBatchHandler, k),
         Route("/sessions", SessionsHandler, k),
         Route("/sessions/diff", DiffHandler, k),
         Route(n, SessionItemHandler, k),

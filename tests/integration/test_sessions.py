@@ -163,6 +163,11 @@ def test_run_reports_checkpoints_logs_fork_and_diff(hub: HubProcess, project: Pa
     assert list(series) == ["loss"] and series["loss"]["steps"] == list(range(10))
     losses = series["loss"]["values"]
     assert all(a > b for a, b in itertools.pairwise(losses)), losses
+    # Many sessions' metrics in one request (a comparison panel's): the same series.
+    many = hub.nsml("GET", f"metrics?sessions={name},{name[:-1]}999&names=loss", token).json()
+    assert [m["session"] for m in many["metrics"]] == [name]
+    assert many["metrics"][0]["series"] == series
+    assert many["errors"] == {f"{name[:-1]}999": f"No session {name[:-1]}999."}
 
     # A checkpoint per epoch; the ignored file never reached the snapshot.
     saved = json.loads(nsml("model", name, "--json").stdout)
@@ -294,6 +299,8 @@ def test_another_user_cannot_see_stop_fork_or_read_a_private_session(
         assert_json_error(r, 403, "forbidden")
     assert name not in [s["name"] for s in hub.nsml("GET", "sessions", other).json()["sessions"]]
     assert_json_error(hub.nsml("GET", "sessions?all=1", other), 403, "forbidden")
+    many = hub.nsml("GET", f"metrics?sessions={name}", other).json()
+    assert many == {"metrics": [], "errors": {name: f"Session {name} belongs to another user."}}
     # An admin may.
     assert hub.nsml("GET", f"sessions/{name}", hub.user_token("admin")).status_code == 200
 
@@ -332,6 +339,7 @@ def test_the_session_token_only_reports_saves_and_loads_for_its_session(
     ok = call("POST", f"sessions/{name}/metrics", json={"points": [[None, time.time(), {"x": 1}]]})
     assert ok.status_code == 200 and ok.json() == {"accepted": 1, "duplicate": False}, ok.text
     assert_json_error(call("GET", "sessions"), 403, "forbidden")
+    assert_json_error(call("GET", f"metrics?sessions={name}"), 403, "forbidden")
     assert_json_error(call("GET", f"sessions/{name}"), 403, "forbidden")
     assert_json_error(call("POST", f"sessions/{name}/stop"), 403, "forbidden")
     assert_json_error(call("GET", f"sessions/{name}/logs"), 403, "forbidden")

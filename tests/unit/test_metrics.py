@@ -22,6 +22,7 @@ from nsml_server.sessions import (
     create_session,
     ingest_points,
     metric_series,
+    metric_series_many,
     parse_columns,
     session_out,
 )
@@ -254,6 +255,23 @@ def test_a_zoomed_range_gets_its_exact_points(db: Database) -> None:
         assert zoom.total == 20
         thin = metric_series(s, row, since_step=0, to_step=299, max_points=10)["l"]
         assert thin.total == 300 and len(thin.steps) <= 10
+
+
+def test_many_sessions_series_in_one_query_are_each_ones_own(db: Database) -> None:
+    with db.session() as s:
+        rows = [new_session(s) for _ in range(3)]
+        for k, row in enumerate(rows[:2]):
+            for c in range(2):  # two chunks each, interleaved between the sessions
+                steps = list(range(50 * c, 50 * c + 50))
+                values = {"l": [float(k * 1000 + v) for v in steps], "m": [1.0] * 50}
+                post(s, row, json.dumps({"steps": steps, "walls": [0.0] * 50, "values": values}))
+        many = metric_series_many(s, [r.id for r in rows], ["l"], 10, to_step=89, max_points=20)
+        assert set(many) == {r.id for r in rows} and many[rows[2].id] == {}
+        for row in rows[:2]:
+            one = metric_series(s, row, ["l"], 10, to_step=89, max_points=20)
+            assert list(many[row.id]) == ["l"] and many[row.id] == one
+            assert one["l"].total == 80 and len(one["l"].steps) <= 20
+        assert many[rows[1].id]["l"].values[0] == 1010.0
 
 
 def test_decoded_batches_are_cached_within_a_bound() -> None:

@@ -102,7 +102,17 @@ def _request(
     }
     path_args = [value if n == param["name"] else valid[n] for n in route.params]
     query = {param["name"]: [value]} if param["in"] == "query" else {}
+    required = {"sessions": "u/_/1"}  # required query parameters other than *param*
+    for p in route_query_params(route):
+        if p["required"] and p["name"] != param["name"]:
+            query[p["name"]] = [required[p["name"]]]
     return path_args, query
+
+
+def route_query_params(route: Route) -> list[dict[str, Any]]:
+    """The query parameters of every operation of *route*."""
+    ops = DOC["paths"][route.template].values()
+    return [p for op in ops for p in op.get("parameters", []) if p["in"] == "query"]
 
 
 def _fmt(v: float) -> str:

@@ -56,8 +56,7 @@ def api(nsml_env: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeAPI]:
         },
         "sessions/alice/_/1": status(1, ["--lr", "0.1"]),
         "sessions/alice/_/2": status(2, ["--lr", "0.01", "--amp"]),
-        "sessions/alice/_/1/metrics": metrics(1),
-        "sessions/alice/_/2/metrics": metrics(2),
+        "metrics": {"metrics": [metrics(1), metrics(2)], "errors": {}},
         "sessions/alice/_/1/gpu": GPU,
     }
     with FakeAPI.running(routes) as fake:
@@ -89,8 +88,10 @@ def test_nsml_plot_prints_the_split_and_writes_a_standalone_file(
     assert "metrics: loss, acc" in out
     html = (tmp_path / "p.html").read_text()
     assert "nsml-exclusive" in html and "cdn.bokeh.org" not in html
-    asked = [p for _, p in api.requests if "/metrics" in p]
-    assert len(asked) == 2 and all("max_points=600" in p for p in asked), asked
+    asked = [p for _, p in api.requests if "metrics" in p]
+    assert len(asked) == 1, "one request for all the sessions' metrics"
+    assert "sessions=alice%2F_%2F1%2Calice%2F_%2F2" in asked[0], asked
+    assert "max_points=600" in asked[0], asked
 
 
 def test_the_plot_magic_shows_the_panel_as_a_widget(
