@@ -306,7 +306,14 @@ def build_panel(
         ValueError: no runs; *colour_by* is not an argument that differs; a bad weight.
     """
     from bokeh.layouts import column
-    from bokeh.models import ColumnDataSource, CustomJS, HoverTool
+    from bokeh.models import (
+        CDSView,
+        ColumnDataSource,
+        CustomJS,
+        HoverTool,
+        Selection,
+        UnionRenderers,
+    )
     from bokeh.models.annotations import Legend, LegendItem
     from bokeh.models.glyphs import Line
     from bokeh.models.renderers import GlyphRenderer
@@ -336,6 +343,12 @@ def build_panel(
     marks: dict[str, Any] = {}
     plots = []
     shared_x: Any = None
+    # Models every line shares (a model costs the kernel time to build and serialise, and
+    # the browser time to load): the data view (all rows), the selection and its policy (the
+    # panel has no selection tool: hovering uses each source's own inspection).
+    view = CDSView()
+    policy = UnionRenderers()
+    selected = Selection()
     for m in names:
         p = figure(
             title=m,
@@ -354,12 +367,17 @@ def build_panel(
         own: list[Any] = []
         for k, r in enumerate(runs):
             s = r.series.get(m)
-            src = ColumnDataSource(data=columns(line_data(s, x, weight, log) if s else None, x))
+            src = ColumnDataSource(
+                data=columns(line_data(s, x, weight, log) if s else None, x),
+                selection_policy=policy,
+                selected=selected,
+            )
             # A renderer made directly (not p.line): BokehJS derives the selection, hover
             # and muted glyphs itself, so a session costs one glyph model, not three.
             line = GlyphRenderer(
                 data_source=src,
                 glyph=Line(x="x", y="y", line_color=colours[k], line_width=LINE_WIDTH),
+                view=view,
                 name=r.name,
             )
             p.renderers.append(line)
