@@ -297,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(asctime)s agent] %(message)s")
-    probe = probe_from_env(os.environ, node_name=args.name)
+    try:
+        probe = probe_from_env(os.environ, node_name=args.name)
+    except ValueError as e:
+        print(f"nsml-agent: {e}", file=sys.stderr)
+        return 2
     st = probe.status()
     if not st.enabled:
         log.warning("GPU probe disabled: %s", st.reason)

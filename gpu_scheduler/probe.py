@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 __all__ = [
     "DEFAULT_VIRTUAL_GPU_MEMORY_MIB",
@@ -707,8 +707,13 @@ def embedded_virtual_gpus(
 
 
 def probe_from_env(env: Mapping[str, str] | None = None, node_name: str | None = None) -> GPUProbe:
-    """Choose the node's probe: virtual when ``NSML_VIRTUAL_GPUS`` is set (``0`` included),
-    otherwise NVML (initialised lazily, on first use).
+    """Choose the node's probe: the factory named by ``NSML_GPU_PROBE`` when set; virtual
+    when ``NSML_VIRTUAL_GPUS`` is set (``0`` included); otherwise NVML (initialised lazily,
+    on first use).
+
+    ``NSML_GPU_PROBE=package.module:factory`` plugs in a probe of another kind (another
+    vendor's GPUs; a programmed :class:`gpu_scheduler.fake_nvml.FakeNVML` in tests): the
+    factory is called as ``factory(env, node_name)`` and returns a :class:`GPUProbe`.
 
     Args:
         env: the environment to read; None reads ``os.environ``. An empty or blank value
@@ -716,10 +721,30 @@ def probe_from_env(env: Mapping[str, str] | None = None, node_name: str | None =
         node_name: the node's name for virtual UUIDs; None uses the host name.
 
     Raises:
-        ValueError: when a ``NSML_VIRTUAL_*`` variable holds a bad value.
+        ValueError: when a ``NSML_VIRTUAL_*`` variable holds a bad value, or
+            ``NSML_GPU_PROBE`` names no importable factory.
     """
     if env is None:
         env = os.environ
+    factory = env.get("NSML_GPU_PROBE", "").strip()
+    if factory:
+        return _probe_factory(factory)(env, node_name or socket.gethostname())
     if env.get("NSML_VIRTUAL_GPUS", "").strip():
         return VirtualProbe.from_env(env, node_name=node_name or socket.gethostname())
     return NVMLProbe()
+
+
+def _probe_factory(spec: str) -> Callable[[Mapping[str, str], str], GPUProbe]:
+    """The callable that ``NSML_GPU_PROBE`` (``package.module:factory``) names."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"NSML_GPU_PROBE={spec!r}: write it as package.module:factory")
+    try:
+        found = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"NSML_GPU_PROBE={spec!r}: {e}") from None
+    if not callable(found):
+        raise ValueError(f"NSML_GPU_PROBE={spec!r}: {attr} is not callable")
+    return cast(Callable[[Mapping[str, str], str], GPUProbe], found)

@@ -444,3 +444,37 @@ def test_virtual_probe_constructor_validates() -> None:
     probe: GPUProbe = VirtualProbe(1, memory_mib=DEFAULT_VIRTUAL_GPU_MEMORY_MIB)
     with probe:
         assert probe.gpus()[0].memory_total_mib == 16384
+
+
+def test_nsml_gpu_probe_plugs_in_a_factory_of_another_kind() -> None:
+    import json
+
+    env = {
+        "NSML_GPU_PROBE": "tests.gpu_program:probe",
+        "NSML_VIRTUAL_GPUS": "8",  # the plugged-in probe wins
+        "NSML_TEST_GPU_PROGRAM": json.dumps(
+            {"gpus": 2, "model": "PROG-GPU", "utilization": {"1": [5, 60, 95]}}
+        ),
+    }
+    probe = probe_from_env(env, node_name="node-a")
+    assert isinstance(probe, NVMLProbe)
+    seen = [[g.utilization_pct for g in probe.gpus()] for _ in range(4)]
+    assert [s[1] for s in seen] == [5, 60, 95, 95] and {g.model for g in probe.gpus()} == {
+        "PROG-GPU"
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("tests.gpu_program", "write it as package.module:factory"),
+        (":probe", "write it as package.module:factory"),
+        ("no_such_module_xyz:probe", "No module named 'no_such_module_xyz'"),
+        ("tests.gpu_program:nothing", "has no attribute 'nothing'"),
+        ("tests.gpu_program:PROGRAM_ENV", "PROGRAM_ENV is not callable"),
+    ],
+)
+def test_a_bad_nsml_gpu_probe_is_a_value_error_naming_it(spec: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)) as e:
+        probe_from_env({"NSML_GPU_PROBE": spec}, node_name="node-a")
+    assert f"NSML_GPU_PROBE={spec!r}" in str(e.value)
