@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -294,7 +295,9 @@ class SessionMetricChunk(Base):
     """A batch of ``nsml.report`` points of one session, stored as received (compact JSON).
 
     ``payload`` is the batch as received (columns) in report order; a batch is one row, so
-    ingestion costs one insert per batch, not per point.
+    ingestion costs one insert per batch, not per point. ``arrays`` holds the same columns as
+    little-endian arrays (:func:`nsml_server.sessions.encode_arrays`), which plots read
+    without decoding JSON; None for batches stored before it existed.
     """
 
     __tablename__ = "session_metric_chunks"
@@ -310,6 +313,7 @@ class SessionMetricChunk(Base):
     last_step: Mapped[int] = mapped_column(BigInteger)
     count: Mapped[int] = mapped_column(Integer)
     payload: Mapped[str] = mapped_column(Text)
+    arrays: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
     created: Mapped[datetime] = mapped_column(DateTime)
     #: The sender's id of the batch (a retry carries the same), unique per session; or None.
     batch: Mapped[str | None] = mapped_column(String(128), nullable=True)

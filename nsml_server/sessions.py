@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, case, func, null, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -745,6 +745,7 @@ def ingest_points(
                     last_step=top,
                     count=n,
                     payload=text,
+                    arrays=encode_arrays(cols),
                     created=now,
                     batch=cols.batch,
                 )
@@ -807,15 +808,18 @@ def metric_series_many(
     """:func:`metric_series` of several sessions (by id) in one query: what a comparison
     panel of many sessions asks for at once."""
     c = SessionMetricChunk
-    q = select(c.session_id, c.payload).where(c.session_id.in_(list(session_ids)))
+    # The arrays where a batch has them; its JSON only where it has none (an older batch).
+    q = select(c.session_id, c.arrays, case((c.arrays.is_(None), c.payload), else_=null())).where(
+        c.session_id.in_(list(session_ids))
+    )
     if since_step is not None:
         q = q.where(c.last_step >= since_step)
     if to_step is not None:
         q = q.where(c.first_step <= to_step)
     wanted = set(names) if names else None
     parts: dict[int, dict[str, list[tuple[Any, Any, Any]]]] = {i: {} for i in session_ids}
-    for sid, payload in s.execute(q.order_by(c.id)):
-        chunk = chunk_columns(payload)
+    for sid, arrays, payload in s.execute(q.order_by(c.id)):
+        chunk = decode_arrays(arrays) if arrays is not None else chunk_columns(payload)
         in_range = np.ones(len(chunk.steps), dtype=bool)
         if since_step is not None:
             in_range &= chunk.steps >= since_step
@@ -877,6 +881,55 @@ def decode_chunk(payload: str) -> ChunkColumns:
         np.asarray(chunk["walls"], dtype=np.float64),
         values,
     )
+
+
+_ARRAYS_MAGIC = b"NSMLARR1"
+
+
+def encode_arrays(cols: Columns) -> bytes:
+    """A batch's columns as bytes that :func:`decode_arrays` reads without parsing: a
+    header (magic, length, JSON naming the metrics), then little-endian int64 steps, float64
+    times, and per metric float64 values (NaN where not reported) followed, when some step
+    lacks the metric, by one byte per step saying which have it."""
+    n = len(cols.steps)
+    parts = [np.asarray(cols.steps, dtype="<i8").tobytes(), np.asarray(cols.walls, "<f8").tobytes()]
+    names: list[list[Any]] = []
+    for name, col in cols.values.items():
+        partial = None in col
+        names.append([name, partial])
+        parts.append(np.array(col, dtype="<f8").tobytes())  # None -> NaN
+        if partial:
+            parts.append(np.fromiter((v is not None for v in col), bool, n).tobytes())
+    head = json.dumps({"n": n, "values": names}, separators=(",", ":")).encode()
+    return b"".join([_ARRAYS_MAGIC, len(head).to_bytes(4, "little"), head, *parts])
+
+
+def decode_arrays(blob: bytes) -> ChunkColumns:
+    """The :class:`ChunkColumns` of :func:`encode_arrays`' bytes (arrays read in place)."""
+    if blob[: len(_ARRAYS_MAGIC)] != _ARRAYS_MAGIC:
+        raise ValueError("not a metric arrays blob")
+    at = len(_ARRAYS_MAGIC)
+    size = int.from_bytes(blob[at : at + 4], "little")
+    at += 4
+    head = json.loads(blob[at : at + size])
+    at += size
+    n = int(head["n"])
+    buf = memoryview(blob)
+
+    def take(dtype: str, width: int) -> Any:
+        nonlocal at
+        arr = np.frombuffer(buf, dtype=dtype, count=n, offset=at)
+        at += width * n
+        return arr
+
+    steps, walls = take("<i8", 8), take("<f8", 8)
+    values: dict[str, tuple[Any, Any]] = {}
+    for name, partial in head["values"]:
+        vals = take("<f8", 8)
+        values[str(name)] = (take("?", 1) if partial else None, vals)
+    if at != len(blob):
+        raise ValueError("metric arrays blob of the wrong length")
+    return ChunkColumns(steps, walls, values)
 
 
 class ChunkCache:

@@ -11,15 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from nsml_server import sessions as sessions_module
 from nsml_server.db import Database, check_schema
-from nsml_server.models import TrainingSession
+from nsml_server.models import SessionMetricChunk, TrainingSession
 from nsml_server.schemas import MetricsOut
 from nsml_server.sessions import (
     SessionError,
     create_session,
+    decode_arrays,
+    decode_chunk,
+    encode_arrays,
     ingest_points,
     metric_series,
     metric_series_many,
@@ -272,6 +276,45 @@ def test_many_sessions_series_in_one_query_are_each_ones_own(db: Database) -> No
             assert list(many[row.id]) == ["l"] and many[row.id] == one
             assert one["l"].total == 80 and len(one["l"].steps) <= 20
         assert many[rows[1].id]["l"].values[0] == 1010.0
+
+
+def test_arrays_of_a_batch_read_back_as_its_json_does() -> None:
+    cols = parse_columns(
+        {
+            "steps": [0, 1, 2, 2**62 - 1],
+            "walls": [1.5, 2.5, 3.5, 4.5],
+            "values": {"loss": [1.0, "nan", "-inf", 3], "acc": [None, 0.5, None, 1], "e": [7] * 4},
+        }
+    )
+    blob = encode_arrays(cols)
+    got, want = decode_arrays(blob), decode_chunk(cols.to_json())
+    assert got.steps.tolist() == want.steps.tolist() == [0, 1, 2, 2**62 - 1]
+    assert got.walls.tolist() == want.walls.tolist()
+    assert set(got.values) == set(want.values) == {"loss", "acc", "e"}
+    for name, (present, values) in want.values.items():
+        g_present, g_values = got.values[name]
+        assert (present is None) == (g_present is None), name
+        if present is not None:
+            assert g_present.tolist() == present.tolist() == [False, True, False, True]
+        assert [str(v) for v in g_values.tolist()] == [str(v) for v in values.tolist()], name
+    for bad in (b"", blob[:-1], blob + b"\0", b"NOTARRAY" + blob[8:]):
+        with pytest.raises(ValueError):
+            decode_arrays(bad)
+
+
+def test_batches_stored_before_arrays_existed_are_read_from_their_json(db: Database) -> None:
+    def body(steps: list[int]) -> str:
+        return json.dumps({"steps": steps, "walls": [0.0] * 3, "values": {"l": [3, "nan", 1]}})
+
+    with db.session() as s:
+        row = new_session(s)
+        post(s, row, body([0, 1, 2]))
+        post(s, row, body([3, 4, 5]))
+        with_arrays = metric_series(s, row)
+        s.execute(update(SessionMetricChunk).values(arrays=None))  # as an older batch is
+        from_json = metric_series(s, row)
+        assert from_json == with_arrays and with_arrays["l"].steps == [0, 1, 2, 3, 4, 5]
+        assert with_arrays["l"].values == [3.0, "nan", 1.0, 3.0, "nan", 1.0]
 
 
 def test_decoded_batches_are_cached_within_a_bound() -> None:
