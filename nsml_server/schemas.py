@@ -260,7 +260,7 @@ class NodeList(BaseModel):
 class MeOut(BaseModel):
     name: str
     admin: bool
-    permission: Literal["user", "admin"]
+    permission: Literal["user", "team_admin", "admin"]
     credits: float = Field(description="balance in credits")
     groups: list[str]
     scopes: list[str]
