@@ -952,6 +952,14 @@ class SessionRunner:
             if row.started is not None:
                 end = max(end, row.started)
         with self.db.session() as s:
+            if state == "stopped":
+                # Billing asked for this stop (reason "credits" set with the request).
+                marked = s.scalar(
+                    select(TrainingSession.reason).where(TrainingSession.id == row.id)
+                )
+                if marked == "credits":
+                    reason = "credits"
+                    message = f"Stopped: the credits ran out. {message}"
             moved = transition(
                 s,
                 row.id,
