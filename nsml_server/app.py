@@ -27,6 +27,7 @@ from traitlets.config import Application
 from . import __version__, nodes
 from .api import datasets as ds
 from .api.base import NotFoundHandler, ServerContext
+from .api.credits import credit_routes
 from .api.handlers import (
     HealthHandler,
     HeartbeatHandler,
@@ -706,6 +707,7 @@ class NSMLServer(DBSettings):
         document = openapi_document(__version__, self.base_url, self.allowed_images)
         k = {"ctx": self.ctx}
         routes = api_routes(self.ctx, document) + self.session_routes() + self.leaderboard_routes()
+        routes += credit_routes(self.ctx)
         handlers: list[Any] = [(self.base_url, IndexHandler, {"base_url": self.base_url})]
         handlers += [route.spec(api, document) for route in routes]
         handlers.append((api + ".*", NotFoundHandler, k))

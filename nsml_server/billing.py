@@ -133,10 +133,14 @@ def charge_pass(
                 Allocation.memory_mib,
                 Allocation.created,
                 Allocation.released,
-            ).where(
+            )
+            .where(
                 Allocation.created < horizon,
                 or_(Allocation.state == "active", Allocation.released > oldest),
             )
+            # One order for every server: concurrent passes meet their rows in the same
+            # order (no deadlock between two passes inserting the same keys).
+            .order_by(Allocation.id)
         )
     )
     report = PassReport(allocations=len(allocs))
