@@ -39,7 +39,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from traitlets import Bool, Float, Int, validate
@@ -52,6 +52,7 @@ from .models import (
     SESSION_ACTIVE_STATES,
     Allocation,
     CreditEntry,
+    PlacementRequestRow,
     Team,
     TrainingSession,
     User,
@@ -73,7 +74,6 @@ class PassReport:
     charges: int = 0
     milli: int = 0
     skipped: int = 0  # intervals another pass had charged already (a standby, a restart)
-    balances: dict[Account, int] = field(default_factory=dict)
 
 
 def _holder_parts(holder: str) -> tuple[str, str]:
@@ -107,6 +107,13 @@ _MOVE_TEAM = (
 )
 
 
+LAST_WINDOW = 4
+"""Intervals back from the horizon in which a pass looks for each allocation's newest
+charge. An allocation not charged in that window (after a longer outage) is tried from
+``max_catch_up_s`` back: the unique key skips what was charged, so nothing is charged twice;
+it only costs that one pass more."""
+
+
 def charge_pass(
     s: Session,
     policy: Policy,
@@ -120,29 +127,32 @@ def charge_pass(
     step = timedelta(seconds=policy.interval_s)
     horizon = credits.interval_floor(now, policy.interval_s)  # intervals before it have ended
     oldest = credits.interval_floor(now - timedelta(seconds=max_catch_up_s), policy.interval_s)
-    allocs = list(
-        s.execute(
-            select(
-                Allocation.id,
-                Allocation.holder,
-                Allocation.user_name,
-                Allocation.node_id,
-                Allocation.gpu_indices,
-                Allocation.gpu_milli_per_gpu,
-                Allocation.cpu_milli,
-                Allocation.memory_mib,
-                Allocation.created,
-                Allocation.released,
-            )
-            .where(
-                Allocation.created < horizon,
-                or_(Allocation.state == "active", Allocation.released > oldest),
-            )
-            # One order for every server: concurrent passes meet their rows in the same
-            # order (no deadlock between two passes inserting the same keys).
-            .order_by(Allocation.id)
+    R = PlacementRequestRow
+    allocs = s.execute(
+        select(
+            Allocation.id,
+            Allocation.holder,
+            Allocation.user_name,
+            Allocation.node_id,
+            func.json_array_length(Allocation.gpu_indices),
+            Allocation.gpu_indices[0].as_integer(),
+            Allocation.gpu_milli_per_gpu,
+            Allocation.cpu_milli,
+            Allocation.memory_mib,
+            Allocation.created,
+            Allocation.released,
+            TrainingSession.id,
         )
-    )
+        .outerjoin(R, R.allocation_id == Allocation.id)
+        .outerjoin(TrainingSession, TrainingSession.placement_id == R.id)
+        .where(
+            Allocation.created < horizon,
+            or_(Allocation.state == "active", Allocation.released > oldest),
+        )
+        # One order for every server: concurrent passes meet their rows in the same order
+        # (no deadlock between two passes inserting the same keys).
+        .order_by(Allocation.id)
+    ).all()
     report = PassReport(allocations=len(allocs))
     if not allocs:
         return report
@@ -150,112 +160,183 @@ def charge_pass(
     last: dict[int, datetime] = {}
     for aid, t in s.execute(
         select(CreditEntry.allocation_id, func.max(CreditEntry.interval_start))
-        .where(CreditEntry.interval_start >= oldest, CreditEntry.allocation_id.is_not(None))
+        .where(
+            CreditEntry.interval_start >= max(oldest, horizon - LAST_WINDOW * step),
+            CreditEntry.allocation_id.is_not(None),
+        )
         .group_by(CreditEntry.allocation_id)
     ):
         if aid is not None and t is not None:
             last[aid] = t
-    names = {a.user_name for a in allocs}
-    users = {u.name: u for u in s.scalars(select(User).where(User.name.in_(names)))}
-    pays = credits.teams_that_pay(s)
-    session_ids = _session_ids(s, [a for a in allocs if _holder_parts(a.holder)[0] == "session"])
-    rows: list[dict[str, Any]] = []
-    for a in allocs:
-        r = credits.Resources(
-            gpu_milli=len(a.gpu_indices or []) * int(a.gpu_milli_per_gpu or 0),
-            gpu_model=models.get((a.node_id, int(a.gpu_indices[0]))) if a.gpu_indices else None,
-            cpu_milli=int(a.cpu_milli or 0),
-            memory_mib=int(a.memory_mib or 0),
+    # Who pays: the user, unless a team pays for them (only such users need a lookup).
+    users = {
+        u.name: u
+        for u in s.execute(
+            select(User.name, User.billing_team, User.groups).where(User.billing_team.is_not(None))
         )
-        if credits.cost_per_hour_milli(policy, r) == 0:
+    }
+    pays = credits.teams_that_pay(s)
+    charges: list[tuple[int, datetime, int, str | None, int | None]] = []
+    about: dict[int, tuple[str, str]] = {}  # allocation id -> (user, holder)
+    rates: dict[tuple[int, str | None, int, int], int] = {}
+    for aid, holder, user, node_id, n_gpus, gpu0, milli, cpu, mem, created, released, sid in allocs:
+        model = models.get((node_id, int(gpu0))) if n_gpus else None
+        key = (int(n_gpus or 0) * int(milli or 0), model, int(cpu or 0), int(mem or 0))
+        r = credits.Resources(*key)
+        if rates.setdefault(key, credits.cost_per_hour_milli(policy, r)) == 0:
             continue  # free under this policy: no rows
-        account = credits.payer(users.get(a.user_name), pays) or (False, a.user_name)
-        kind, rest = _holder_parts(a.holder)
-        start = max(credits.interval_floor(a.created, policy.interval_s), oldest)
-        if a.id in last:
-            start = max(start, last[a.id] + step)
-        end_of_use = a.released or now
+        billed = users.get(user)
+        team = credits.payer(billed, pays) if billed else None
+        team_name = team[1] if team and team[0] else None
+        start = max(credits.interval_floor(created, policy.interval_s), oldest)
+        if aid in last:
+            start = max(start, last[aid] + step)
+        end_of_use = released or now
         k = start
         while k < horizon and k < end_of_use:
-            held_from = max(k, a.created)
+            held_from = max(k, created)
             held_to = min(k + step, end_of_use)
             if held_to > held_from:
                 amount = credits.interval_charge_milli(
                     policy,
                     r,
-                    (held_from - a.created).total_seconds(),
-                    (held_to - a.created).total_seconds(),
+                    (held_from - created).total_seconds(),
+                    (held_to - created).total_seconds(),
                 )
-                rows.append(
-                    {
-                        "account_kind": "team" if account[0] else "user",
-                        "account": account[1],
-                        "amount_milli": -amount,
-                        "kind": "charge",
-                        "reason": f"{kind} {rest}".strip(),
-                        "actor": actor,
-                        "user_name": a.user_name,
-                        "session_id": session_ids.get(a.id),
-                        "server_name": rest if kind == "notebook" else None,
-                        "allocation_id": a.id,
-                        "interval_start": k,
-                        "created": now,
-                    }
-                )
+                charges.append((aid, k, -amount, team_name, sid))
+                about[aid] = (user, holder)
             k += step
-    if not rows:
+    if not charges:
         return report
     deltas: dict[Account, int] = defaultdict(int)
+    inserted = _insert_charges(s, charges, about, actor, now)
+    for kind_, account_, amount_ in inserted:
+        deltas[(kind_ == "team", account_)] += int(amount_)
+        report.milli -= int(amount_)
+    report.charges = len(inserted)
+    report.skipped = len(charges) - len(inserted)
+    _move_balances(s, deltas)
+    return report
+
+
+def charge_labels(holder: str) -> tuple[str, str | None]:
+    """``(reason, server name)`` of a charge for *holder*: the holder without its user
+    (``session/mnist/3``, ``evaluation/7``, ``notebook``, ``notebook:gpu``), and the notebook
+    server's name ('' the default; None when not a notebook server). The PostgreSQL path
+    computes the same in SQL."""
+    rest = holder.split(":", 1)[1] if ":" in holder else holder
+    if rest == "notebook":
+        return rest, ""
+    if rest.startswith("notebook:"):
+        return rest, rest[len("notebook:") :]
+    return rest, None
+
+
+# PostgreSQL: one statement for all rows, each column one array parameter (a multi-row
+# VALUES of 10,000 rows costs more to build and parse than to run); what the allocation
+# says (user, reason, server) is joined in SQL.
+_PG_INSERT = text(
+    """
+    WITH d AS (
+        SELECT * FROM unnest(
+            CAST(:aid AS integer[]), CAST(:t AS bigint[]), CAST(:amount AS bigint[]),
+            CAST(:team AS varchar[]), CAST(:sid AS integer[])
+        ) AS d(aid, t, amount, team, sid)
+    ), x AS (
+        SELECT d.*, a.user_name,
+               CASE WHEN position(':' in a.holder) > 0
+                    THEN substr(a.holder, position(':' in a.holder) + 1)
+                    ELSE a.holder END AS rest
+        FROM d JOIN allocations a ON a.id = d.aid
+    )
+    INSERT INTO credit_ledger (account_kind, account, amount_milli, kind, reason, actor,
+        user_name, session_id, server_name, allocation_id, interval_start, created)
+    SELECT CASE WHEN x.team IS NULL THEN 'user' ELSE 'team' END,
+           COALESCE(x.team, x.user_name), x.amount, 'charge', x.rest, :actor, x.user_name,
+           x.sid,
+           CASE WHEN x.rest = 'notebook' THEN ''
+                WHEN x.rest LIKE 'notebook:%' THEN substr(x.rest, 10) END,
+           x.aid, TIMESTAMP '1970-01-01' + x.t * INTERVAL '1 second', :created
+    FROM x ORDER BY x.aid, x.t
+    ON CONFLICT (allocation_id, interval_start) DO NOTHING
+    RETURNING account_kind, account, amount_milli
+    """
+)
+_PG_MOVE = {
+    table: text(
+        f"UPDATE {table} SET credits_milli = {table}.credits_milli + d.delta"
+        " FROM unnest(CAST(:names AS varchar[]), CAST(:deltas AS bigint[])) AS d(name, delta)"
+        f" WHERE {table}.name = d.name"
+    )
+    for table in ("users", "teams")
+}
+
+
+def _insert_charges(
+    s: Session,
+    charges: Sequence[tuple[int, datetime, int, str | None, int | None]],
+    about: Mapping[int, tuple[str, str]],
+    actor: str,
+    now: datetime,
+) -> list[Any]:
+    """Insert the charges ``(allocation id, interval start, amount, paying team, session
+    id)`` whose ``(allocation_id, interval_start)`` is new; return ``(account_kind, account,
+    amount_milli)`` of each row inserted."""
+    if s.get_bind().dialect.name == "postgresql":
+        epoch = credits.EPOCH
+        params = {
+            "aid": [c[0] for c in charges],
+            "t": [(c[1] - epoch) // timedelta(seconds=1) for c in charges],
+            "amount": [c[2] for c in charges],
+            "team": [c[3] for c in charges],
+            "sid": [c[4] for c in charges],
+            "actor": actor,
+            "created": now,
+        }
+        return list(s.execute(_PG_INSERT, params).all())
+    rows = []
+    for aid, k, amount, team, sid in charges:
+        user, holder = about[aid]
+        reason, server = charge_labels(holder)
+        rows.append(
+            {
+                "account_kind": "team" if team else "user",
+                "account": team or user,
+                "amount_milli": amount,
+                "kind": "charge",
+                "reason": reason,
+                "actor": actor,
+                "user_name": user,
+                "session_id": sid,
+                "server_name": server,
+                "allocation_id": aid,
+                "interval_start": k,
+                "created": now,
+            }
+        )
     stmt = (
         _insert(s)
         .on_conflict_do_nothing(index_elements=["allocation_id", "interval_start"])
         .returning(CreditEntry.account_kind, CreditEntry.account, CreditEntry.amount_milli)
     )
-    inserted = s.execute(stmt, rows).all()
-    for kind_, account_, amount_ in inserted:
-        deltas[(kind_ == "team", account_)] += int(amount_)
-        report.milli -= int(amount_)
-    report.charges = len(inserted)
-    report.skipped = len(rows) - len(inserted)
+    return list(s.execute(stmt, rows).all())
+
+
+def _move_balances(s: Session, deltas: Mapping[Account, int]) -> None:
+    """Add each delta to its account's cached balance (atomic ``+``, never a write of a
+    value read before)."""
+    pg = s.get_bind().dialect.name == "postgresql"
     for team, table_stmt in ((False, _MOVE_USER), (True, _MOVE_TEAM)):
-        params = [
-            {"acct": name, "delta": d} for (t, name), d in sorted(deltas.items()) if t is team
-        ]
-        if params:
-            s.connection().execute(table_stmt, params)
-    report.balances = _balances(s, list(deltas))
-    return report
-
-
-def _session_ids(s: Session, allocs: Sequence[Any]) -> dict[int, int]:
-    """``{allocation id: session id}`` of session allocations (through their placement)."""
-    if not allocs:
-        return {}
-    from .models import PlacementRequestRow as R
-
-    out: dict[int, int] = {}
-    ids = [a.id for a in allocs]
-    for i in range(0, len(ids), 5000):
-        for aid, sid in s.execute(
-            select(R.allocation_id, TrainingSession.id)
-            .join(TrainingSession, TrainingSession.placement_id == R.id)
-            .where(R.allocation_id.in_(ids[i : i + 5000]))
-        ):
-            if aid is not None:
-                out[aid] = sid
-    return out
-
-
-def _balances(s: Session, accounts: Sequence[Account]) -> dict[Account, int]:
-    out: dict[Account, int] = {}
-    for team, table in ((False, User), (True, Team)):
-        names = [n for t, n in accounts if t is team]
-        for i in range(0, len(names), 5000):
-            for name, bal in s.execute(
-                select(table.name, table.credits_milli).where(table.name.in_(names[i : i + 5000]))
-            ):
-                out[(team, name)] = int(bal)
-    return out
+        items = sorted((name, d) for (t, name), d in deltas.items() if t is team)
+        if not items:
+            continue
+        if pg:
+            s.execute(
+                _PG_MOVE["teams" if team else "users"],
+                {"names": [n for n, _ in items], "deltas": [d for _, d in items]},
+            )
+        else:
+            s.connection().execute(table_stmt, [{"acct": n, "delta": d} for n, d in items])
 
 
 # ---- warnings and safe stops ------------------------------------------------------------------
@@ -286,24 +367,53 @@ def enforce(
     server is stopped once it was warned at least *notebook_grace_s* ago)."""
     out = Enforcement()
     warned_at = dict(notebook_warned_at or {})
+    # Only accounts at or below the warning threshold can need anything: find them first
+    # (usually few), then look only at their users' work.
+    low: dict[Account, tuple[int, bool]] = {}
+    for team, table in ((False, User), (True, Team)):
+        for name, bal, flag in s.execute(
+            select(table.name, table.credits_milli, table.credits_warned).where(
+                table.credits_milli <= policy.warn_threshold_milli
+            )
+        ):
+            low[(team, name)] = (int(bal), bool(flag))
+    if not low:
+        return out
     pays = credits.teams_that_pay(s)
+    billed = {
+        u.name: u
+        for u in s.execute(
+            select(User.name, User.billing_team, User.groups).where(User.billing_team.is_not(None))
+        )
+    }
+
+    def account_for(name: str) -> Account:
+        return credits.payer(billed.get(name), pays) or (False, name)
+
+    candidates = sorted(
+        {n for t, n in low if not t and account_for(n) == (False, n)}
+        | {n for n in billed if account_for(n) in low}
+    )
+    if not candidates:
+        return out
     models = credits.gpu_models(s)
-    live = list(s.scalars(select(Allocation).where(Allocation.state == "active")))
-    queued = list(
-        s.scalars(
+    live: list[Allocation] = []
+    queued: list[TrainingSession] = []
+    for i in range(0, len(candidates), 5000):
+        chunk = candidates[i : i + 5000]
+        live += s.scalars(
+            select(Allocation).where(Allocation.state == "active", Allocation.user_name.in_(chunk))
+        )
+        queued += s.scalars(
             select(TrainingSession).where(
                 TrainingSession.state.in_(SESSION_ACTIVE_STATES),
                 TrainingSession.stop_requested.is_(False),
+                TrainingSession.user_name.in_(chunk),
             )
         )
-    )
-    names = {a.user_name for a in live} | {r.user_name for r in queued}
-    if not names:
-        return out
-    users = {u.name: u for u in s.scalars(select(User).where(User.name.in_(names)))}
-    account_of = {n: credits.payer(users.get(n), pays) or (False, n) for n in names}
-    balances = _balances(s, sorted(set(account_of.values())))
-    warned_flag = _warned_flags(s, sorted(set(account_of.values())))
+    account_of = {n: account_for(n) for n in candidates}
+    balances = {acct: bal for acct, (bal, _) in low.items()}
+    warned_flag = {acct: flag for acct, (_, flag) in low.items()}
     paid_users: set[str] = set()
     for a in live:
         if credits.cost_per_hour_milli(policy, credits.allocation_resources(a, models)) > 0:
@@ -330,14 +440,14 @@ def enforce(
             continue
         out.warned.append(account)
         who = f"team {account[1]}'s pool" if account[0] else "your balance"
-        text = (
+        notice = (
             f"Credits low: {who} is {format_credits(bal)} credits. At zero, sessions that "
             "use credits are stopped (SIGTERM, then the grace period to save)."
         )
         for n in sorted(n for n in paid_users if account_of[n] == account):
             for r in sessions_of.get(n, []):
-                add_event(s, r, "notice", text, now)
-            out.mail.append((n, "[nsml] credits low", text))
+                add_event(s, r, "notice", notice, now)
+            out.mail.append((n, "[nsml] credits low", notice))
         log.info("credits: %s %s low (%s); warned", *_who(account), format_credits(bal))
     # stops at zero
     broke = {n for n in paid_users if balances.get(account_of[n], 0) <= 0}
@@ -398,18 +508,6 @@ def enforce(
 
 def _who(account: Account) -> tuple[str, str]:
     return ("team" if account[0] else "user", account[1])
-
-
-def _warned_flags(s: Session, accounts: Sequence[Account]) -> dict[Account, bool]:
-    out: dict[Account, bool] = {}
-    for team, table in ((False, User), (True, Team)):
-        names = [n for t, n in accounts if t is team]
-        for i in range(0, len(names), 5000):
-            for name, flag in s.execute(
-                select(table.name, table.credits_warned).where(table.name.in_(names[i : i + 5000]))
-            ):
-                out[(team, name)] = bool(flag)
-    return out
 
 
 def _resources(row: TrainingSession) -> credits.Resources:
@@ -571,9 +669,9 @@ class CreditBilling(LoggingConfigurable):
     async def _act(self, decided: Enforcement) -> None:
         """Mail and notebook stops, off the database transaction."""
         loop = asyncio.get_running_loop()
-        for user, subject, text in decided.mail:
+        for user, subject, words in decided.mail:
             if self.smtp.enabled:
-                await loop.run_in_executor(None, self._mail, user, subject, text)
+                await loop.run_in_executor(None, self._mail, user, subject, words)
         if self.stop_server is None:
             for user, server in decided.notebooks_to_stop:
                 log.warning(
@@ -594,12 +692,12 @@ class CreditBilling(LoggingConfigurable):
 
         await asyncio.gather(*(one(u, n) for u, n in decided.notebooks_to_stop))
 
-    def _mail(self, user: str, subject: str, text: str) -> None:
+    def _mail(self, user: str, subject: str, words: str) -> None:
         msg = EmailMessage()
         msg["From"] = self.smtp.sender
         msg["To"] = self.smtp.to_template.format(user=user)
         msg["Subject"] = subject
-        msg.set_content(text + "\n")
+        msg.set_content(words + "\n")
         try:
             send(self.smtp, msg)
         except Exception as e:

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -396,7 +396,15 @@ def usage_by_day(
 # ---- who pays, and what runs now ------------------------------------------------------------
 
 
-def payer(user: User | None, teams_that_pay: Mapping[str, bool]) -> tuple[bool, str] | None:
+class PayerFields(Protocol):
+    """What :func:`payer` reads of a user (a :class:`User`, or a row of these columns)."""
+
+    name: str
+    billing_team: str | None
+    groups: list[Any]
+
+
+def payer(user: PayerFields | None, teams_that_pay: Mapping[str, bool]) -> tuple[bool, str] | None:
     """``(team?, account)`` that pays for *user*'s work: their ``billing_team`` when that team
     pays and the user is still in its hub group, else the user. None for no user row."""
     if user is None:

@@ -573,6 +573,8 @@ class CreditEntry(Base):
     __table_args__ = (
         UniqueConstraint("allocation_id", "interval_start", name="uq_credit_ledger_interval"),
         Index("ix_credit_ledger_account", "account_kind", "account", "id"),
+        # Billing looks up the newest charges (the last few intervals) of every allocation.
+        Index("ix_credit_ledger_interval_start", "interval_start"),
         CheckConstraint("account_kind IN ('user', 'team')", name="account_kind_valid"),
         CheckConstraint("kind IN ('grant', 'charge', 'refund')", name="kind_valid"),
     )

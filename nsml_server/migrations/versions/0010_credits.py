@@ -68,6 +68,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_credit_ledger_account", "credit_ledger", ["account_kind", "account", "id"])
     op.create_index(op.f("ix_credit_ledger_created"), "credit_ledger", ["created"])
+    op.create_index("ix_credit_ledger_interval_start", "credit_ledger", ["interval_start"])
     op.execute(
         "INSERT INTO credit_ledger (account_kind, account, amount_milli, kind, reason, actor,"
         " created) SELECT 'user', name, credits_milli, 'grant',"
