@@ -575,11 +575,17 @@ class CreditBilling(LoggingConfigurable):
         longer period bills the same, later.""",
     ).tag(config=True)
 
+    recheck_s = Float(
+        5.0,
+        help="""Most seconds between looks at the credit policy (a changed billing interval
+        takes effect within this time). A pass runs only when an interval has ended.""",
+    ).tag(config=True)
+
     stop_batch = Int(
         200, help="Most notebook servers stopped through the hub at once (a semaphore)."
     ).tag(config=True)
 
-    @validate("max_catch_up_s", "notebook_grace_s", "poll_s")
+    @validate("max_catch_up_s", "notebook_grace_s", "poll_s", "recheck_s")
     def _nonnegative(self, proposal: Any) -> float:
         value = float(proposal["value"])
         if value < 0:
@@ -641,17 +647,23 @@ class CreditBilling(LoggingConfigurable):
         return report, decided
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Pass after pass until *stop* is set, while this server leads."""
+        """Pass after pass until *stop* is set, while this server leads: one pass after each
+        billing interval ends (the policy is read again at least every ``recheck_s``, so a
+        new interval takes effect at once)."""
         loop = asyncio.get_running_loop()
+        last_horizon: datetime | None = None
         while not stop.is_set():
             interval = 60
             try:
-                if self.enabled and self.is_leader() and self.db is not None:
-                    _report, decided = await loop.run_in_executor(None, self.tick)
-                    await self._act(decided)
                 if self.db is not None:
                     with self.db.session() as s:
                         interval = credits.get_policy(s).interval_s
+                horizon = credits.interval_floor(self.now(), interval)
+                due = self.poll_s > 0 or horizon != last_horizon
+                if due and self.enabled and self.is_leader() and self.db is not None:
+                    _report, decided = await loop.run_in_executor(None, self.tick)
+                    last_horizon = horizon
+                    await self._act(decided)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -664,7 +676,7 @@ class CreditBilling(LoggingConfigurable):
             return self.poll_s
         now = self.now()
         nxt = credits.interval_floor(now, interval_s) + timedelta(seconds=interval_s)
-        return max(0.5, (nxt - now).total_seconds() + 0.5)
+        return min(max(self.recheck_s, 0.2), max(0.2, (nxt - now).total_seconds() + 0.2))
 
     async def _act(self, decided: Enforcement) -> None:
         """Mail and notebook stops, off the database transaction."""
