@@ -181,6 +181,8 @@ REQUEST_MODELS = {
 ERROR_TEXT = {
     "400": "A parameter or the body breaks its rule; the message names it",
     "401": "Missing or invalid token",
+    "402": "Not enough credits to start it: the message gives the balance, the cost per hour "
+    "and how long it would run",
     "403": "The token lacks the scope, or the caller the permission",
     "404": "No such object (or one the caller may not see)",
     "409": "Not possible in the object's present state",
@@ -395,7 +397,7 @@ def core_paths() -> dict[str, Any]:
                     "200": _json(PlacementOut, "The holder's existing request"),
                 },
                 body=_body(PlacementIn),
-                errors=("404", "422"),
+                errors=("402", "404", "422"),
             ),
         },
         "/placements/{id}": {
@@ -629,7 +631,7 @@ def session_paths() -> dict[str, Any]:
                 "Start a session",
                 {"201": _json(SessionOut, "Queued")},
                 body=_body(SessionIn),
-                errors=("404",),
+                errors=("402", "404"),
             ),
         },
         "/sessions/diff": {
@@ -673,7 +675,7 @@ def session_paths() -> dict[str, Any]:
                 "Run an ended session again from its last checkpoint",
                 {"202": _json(SessionOut, "Queued")},
                 name,
-                errors=c,
+                errors=(*c, "402"),
             )
         },
         s + "/fork": {
@@ -682,6 +684,7 @@ def session_paths() -> dict[str, Any]:
                 {"201": _json(SessionOut, "The child, queued")},
                 name,
                 _body(ForkIn),
+                errors=("402",),
             )
         },
         s + "/logs": {
@@ -850,7 +853,7 @@ def leaderboard_paths() -> dict[str, Any]:
                 "Submit a session's checkpoint to its dataset's leaderboard",
                 {"201": _json(SubmissionOut, "Queued for evaluation")},
                 body=_body(SubmissionIn),
-                errors=("404", "409", "429"),
+                errors=("402", "404", "409", "429"),
                 description="The evaluation runs the session's code and image without network "
                 "on the hidden test inputs; the server scores its predictions against labels "
                 "no user code can read.",
