@@ -258,7 +258,9 @@ class UserLevelHandler(_Handler):
         if name != self.user_name:
             self.require_admin()
         with self.ctx.db.session() as s:
-            user = credits.ensure_user(s, name, self.ctx.now())
+            user = s.scalar(select(User).where(User.name == name))
+            if user is None:  # never seen: the defaults (a GET writes nothing)
+                user = User(name=name, level="user", permission="user", groups=[])
             out = user_level_out(s, user)
         self.write_json(out)
 

@@ -26,6 +26,9 @@ def test_credits_grants_refusals_and_admin_only_routes(hub: HubProcess) -> None:
     assert own.status_code == 200, own.text
     assert own.json()["balance"] == opening
     assert [e["reason"] for e in own.json()["history"]] == ["opening balance"]
+    level = hub.nsml("GET", f"users/{name}/level", user)
+    assert level.status_code == 200, level.text
+    assert (level.json()["level"], level.json()["limits"]["max_gpus"]) == ("user", None)
 
     for method, path, body in [
         ("POST", f"users/{name}/credits", {"amount": 5, "reason": "self-service"}),
