@@ -26,6 +26,7 @@ from datetime import date, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import audit
@@ -176,8 +177,14 @@ def ensure_user(s: Session, name: str, now: datetime, opening_milli: int = 0) ->
     if user is not None:
         return user
     user = User(name=name, credits_milli=0, created=now, last_seen=now, groups=[])
-    s.add(user)
-    s.flush()
+    try:
+        with s.begin_nested():  # another request may create the same user at once
+            s.add(user)
+            s.flush()
+    except IntegrityError:
+        found = s.scalar(select(User).where(User.name == name))
+        assert found is not None
+        return found
     if opening_milli:
         post(
             s,

@@ -53,8 +53,11 @@ def admission(
     *,
     hub_admin: bool = False,
     counts_as_session: bool = True,
+    opening_milli: int = 0,
 ) -> int:
-    """:func:`nsml_server.levels.admit` for handlers: a refusal becomes a JSON 402/403."""
+    """:func:`nsml_server.levels.admit` for handlers: a refusal becomes a JSON 402/403. A
+    user never seen gets their row (and *opening_milli*, the server's default credits)."""
+    credits.ensure_user(s, user, now, opening_milli)
     try:
         return levels.admit(
             s, user, spec, what, now, hub_admin=hub_admin, counts_as_session=counts_as_session

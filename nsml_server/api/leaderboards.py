@@ -152,7 +152,13 @@ class SubmissionsHandler(_Handler):
                 resources["gpu_milli"] = ds.eval_gpus * GPU_MILLI
                 resources["gpus"] = ds.eval_gpus
             admission(
-                s, session.user_name, resources, "this evaluation", now, counts_as_session=False
+                s,
+                session.user_name,
+                resources,
+                "this evaluation",
+                now,
+                counts_as_session=False,
+                opening_milli=self.ctx.default_credits_milli,
             )
             row = Submission(
                 dataset_id=ds.id,

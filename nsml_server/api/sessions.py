@@ -330,7 +330,15 @@ class SessionsHandler(SessionHandler):
             datasets = resolve_datasets(
                 s, self.user_name, groups, self.is_admin, body.datasets, resources
             )
-            admission(s, self.user_name, resources, "this session", now, hub_admin=self.is_admin)
+            admission(
+                s,
+                self.user_name,
+                resources,
+                "this session",
+                now,
+                hub_admin=self.is_admin,
+                opening_milli=self.ctx.default_credits_milli,
+            )
             row = create_session(
                 s,
                 user=self.user_name,
@@ -466,7 +474,13 @@ class ResumeHandler(SessionHandler):
                     "conflict",
                 )
             admission(
-                s, row.user_name, row.resources, f"{row.name} again", now, hub_admin=self.is_admin
+                s,
+                row.user_name,
+                row.resources,
+                f"{row.name} again",
+                now,
+                hub_admin=self.is_admin,
+                opening_milli=self.ctx.default_credits_milli,
             )
             saved = checkpoints(s, row.id)
             last = max(saved, key=lambda c: (c.created, c.id)) if saved else None
@@ -542,7 +556,15 @@ class ForkHandler(SessionHandler):
                 s, self.user_name, groups, self.is_admin, parent.datasets, res
             )
             source = f"{parent.name}/{body.checkpoint}" if body.checkpoint else None
-            admission(s, self.user_name, res, "this fork", now, hub_admin=self.is_admin)
+            admission(
+                s,
+                self.user_name,
+                res,
+                "this fork",
+                now,
+                hub_admin=self.is_admin,
+                opening_milli=self.ctx.default_credits_milli,
+            )
             child = create_session(
                 s,
                 user=self.user_name,
