@@ -198,8 +198,13 @@ c.JupyterHub.load_roles = [
         "scopes": ["access:services!service=nsml"],
         "services": ["nsml-spawner"],
     },
-    # The NSML server reads who users are and which groups (teams) they belong to; nothing else.
-    {"name": "nsml-service", "scopes": ["read:users", "read:groups"], "services": ["nsml"]},
+    # The NSML server reads who users are and which groups (teams) they belong to, and stops
+    # the GPU notebook servers of users whose credits ran out; nothing else.
+    {
+        "name": "nsml-service",
+        "scopes": ["read:users", "read:groups", "delete:servers"],
+        "services": ["nsml"],
+    },
     # Users' tokens may call the NSML API (JupyterHub gives new tokens no service access).
     {"name": "user", "scopes": ["self", "access:services!service=nsml"]},
     # A notebook server's own token may call the NSML API on its user's behalf.

@@ -41,7 +41,7 @@ NAMING_CONVENTION = {
 NODE_STATES = ("up", "draining", "down")
 VISIBILITIES = ("private", "team", "public")
 HOLD_STATES = ("preparing", "ready", "failed", "released")
-PERMISSION_LEVELS = ("user", "admin")
+PERMISSION_LEVELS = ("user", "team_admin", "admin")
 
 
 class Base(DeclarativeBase):
@@ -66,6 +66,18 @@ class User(Base):
     credits_milli: Mapped[int] = mapped_column(BigInteger, default=0)
     created: Mapped[datetime] = mapped_column(DateTime)
     last_seen: Mapped[datetime] = mapped_column(DateTime)
+    # The NSML permission level an admin gave (``user`` / ``team_admin`` / ``admin``; a hub
+    # admin is always ``admin``) and per-user overrides of that level's limits (None: the
+    # level's). ``groups`` mirrors the hub's groups (teams) at the user's last contact;
+    # ``billing_team`` is the team whose credit pool pays for the user's work (None: the user).
+    level: Mapped[str] = mapped_column(String(16), default="user", server_default="user")
+    max_gpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    groups: Mapped[list[Any]] = mapped_column(default=list)
+    billing_team: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: The low-balance warning was given since the balance last rose above the threshold.
+    credits_warned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Node(Base):
@@ -542,3 +554,113 @@ class SessionGpuUse(Base):
     #: Start (epoch seconds) of the idle stretch the last "GPUs idle" notice was given for.
     idle_notified_for: Mapped[float | None] = mapped_column(Float, nullable=True)
     updated: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+# ---- credits, teams, permission levels, audit ---------------------------------------------------
+
+CREDIT_KINDS = ("grant", "charge", "refund")
+ACCOUNT_KINDS = ("user", "team")
+
+
+class CreditEntry(Base):
+    """One row of the append-only credit ledger: a grant, a charge or a refund.
+
+    ``amount_milli`` is signed (a charge is negative). Every balance (``users.credits_milli``,
+    ``teams.credits_milli``) is the sum of its account's rows; the cached balance is updated
+    in the same transaction as the row (:mod:`nsml_server.credits`). A charge names the
+    allocation it bills and the start of its billing interval: ``(allocation_id,
+    interval_start)`` is unique, so an interval is charged at most once, whichever server
+    (leader, restarted leader, standby that took over) bills it.
+    """
+
+    __tablename__ = "credit_ledger"
+    __table_args__ = (
+        UniqueConstraint("allocation_id", "interval_start", name="uq_credit_ledger_interval"),
+        Index("ix_credit_ledger_account", "account_kind", "account", "id"),
+        # Billing looks up the newest charges (the last few intervals) of every allocation.
+        Index("ix_credit_ledger_interval_start", "interval_start"),
+        CheckConstraint("account_kind IN ('user', 'team')", name="account_kind_valid"),
+        CheckConstraint("kind IN ('grant', 'charge', 'refund')", name="kind_valid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_kind: Mapped[str] = mapped_column(String(8), default="user")
+    account: Mapped[str] = mapped_column(String(255))
+    amount_milli: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(255))
+    #: Who ran the charged work (the account may be their team).
+    user_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    session_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    server_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    allocation_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    interval_start: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class CreditPolicyRow(Base):
+    """The credit policy (one row, ``id = 1``; absent: the defaults of
+    :class:`nsml_server.credits.Policy`). Rates are in thousandths of a credit per hour."""
+
+    __tablename__ = "credit_policy"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    gpu_hour_milli: Mapped[int] = mapped_column(BigInteger)
+    gpu_hour_milli_by_model: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    cpu_hour_milli: Mapped[int] = mapped_column(BigInteger)
+    memory_gb_hour_milli: Mapped[int] = mapped_column(BigInteger)
+    interval_s: Mapped[int] = mapped_column(Integer)
+    warn_threshold_milli: Mapped[int] = mapped_column(BigInteger)
+    admission_min_hours: Mapped[float] = mapped_column(Float)
+    updated: Mapped[datetime] = mapped_column(DateTime)
+    updated_by: Mapped[str] = mapped_column(String(255))
+
+
+class Team(Base):
+    """A team: a JupyterHub group of the same name (the hub owns membership). When ``pays``,
+    members whose ``billing_team`` is this team draw from its pool ``credits_milli``."""
+
+    __tablename__ = "teams"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    pays: Mapped[bool] = mapped_column(Boolean, default=False)
+    credits_milli: Mapped[int] = mapped_column(BigInteger, default=0)
+    credits_warned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created: Mapped[datetime] = mapped_column(DateTime)
+
+
+class TeamAdmin(Base):
+    """A user who administers a team (its members' billing and its pool's use)."""
+
+    __tablename__ = "team_admins"
+
+    team_id: Mapped[int] = mapped_column(
+        ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_name: Mapped[str] = mapped_column(String(255), primary_key=True)
+
+
+class LevelLimit(Base):
+    """The limits of a permission level (None: no limit); a user's overrides win."""
+
+    __tablename__ = "level_limits"
+
+    level: Mapped[str] = mapped_column(String(16), primary_key=True)
+    max_gpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class AuditEntry(Base):
+    """One admin action: who did what to which object, with the details as JSON text."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    actor: Mapped[str] = mapped_column(String(255), index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(512))
+    detail: Mapped[str] = mapped_column(Text, default="{}")
+    created: Mapped[datetime] = mapped_column(DateTime, index=True)

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from .. import nodes
+from .. import credits, nodes
 from ..models import NODE_STATES, Allocation, Node, User
 from ..schemas import Health, Heartbeat, MeOut, NodeList, NodePatch, UsageItem, UsageOut
 from .base import APIError, APIHandler
@@ -54,14 +54,21 @@ class HealthHandler(APIHandler):
         )
 
 
-def touch_user(s: Session, name: str, admin: bool, now: datetime, credits_milli: int) -> User:
-    """The NSML user row for hub user *name*, created on first contact."""
-    user = s.scalar(select(User).where(User.name == name))
-    if user is None:
-        user = User(name=name, credits_milli=credits_milli, created=now, last_seen=now)
-        s.add(user)
+def touch_user(
+    s: Session,
+    name: str,
+    admin: bool,
+    now: datetime,
+    credits_milli: int,
+    groups: list[str] | None = None,
+) -> User:
+    """The NSML user row for hub user *name*, created on first contact (its opening balance
+    *credits_milli* written as a ledger grant); *groups* (the hub's) are mirrored."""
+    user = credits.ensure_user(s, name, now, credits_milli)
     user.permission = "admin" if admin else "user"
     user.last_seen = now
+    if groups is not None and list(user.groups or []) != groups:
+        user.groups = groups
     return user
 
 
@@ -72,12 +79,17 @@ class MeHandler(APIHandler):
         assert self.hub_user is not None
         with self.ctx.db.session() as s:
             user = touch_user(
-                s, self.user_name, self.is_admin, self.ctx.now(), self.ctx.default_credits_milli
+                s,
+                self.user_name,
+                self.is_admin,
+                self.ctx.now(),
+                self.ctx.default_credits_milli,
+                list(self.hub_user.get("groups") or []),
             )
             out = MeOut(
                 name=user.name,
                 admin=self.is_admin,
-                permission="admin" if self.is_admin else "user",
+                permission="admin" if self.is_admin else user.level,  # type: ignore[arg-type]
                 credits=user.credits_milli / 1000,
                 groups=list(self.hub_user.get("groups") or []),
                 scopes=list(self.hub_user.get("scopes") or []),

@@ -25,17 +25,23 @@ from nsml_datasets.names import NAME_MAX, VERSION_MAX
 
 from ..images import NAME_MAX as IMAGE_NAME_MAX
 from ..images import document_pattern
-from ..models import NODE_STATES, SESSION_STATES
+from ..models import NODE_STATES, PERMISSION_LEVELS, SESSION_STATES
 from ..schemas import (
     CHECKPOINT_PATTERN,
     DATASET_NAME_PATTERN,
     NODE_NAME_PATTERN,
     AllocationOut,
+    BillingTeamIn,
     BlobOut,
     BoardOut,
     CheckpointList,
     CheckpointOut,
     CodeOut,
+    CreditEntryOut,
+    CreditGrantIn,
+    CreditPolicyIn,
+    CreditPolicyOut,
+    CreditsOut,
     DatasetInfo,
     DatasetList,
     DatasetPatch,
@@ -55,6 +61,9 @@ from ..schemas import (
     HoldOut,
     HoldPatch,
     LeaderboardRow,
+    LevelLimitsIn,
+    LevelsOut,
+    LimitsOut,
     LocalGrantIn,
     LocalGrantOut,
     LogChunk,
@@ -80,9 +89,15 @@ from ..schemas import (
     SubmissionIn,
     SubmissionList,
     SubmissionOut,
+    TeamAdminIn,
+    TeamIn,
+    TeamList,
+    TeamOut,
     UploadIn,
     UploadOut,
     UsageOut,
+    UserLevelIn,
+    UserLevelOut,
     VersionOut,
 )
 from .base import APIHandler, ServerContext
@@ -143,6 +158,21 @@ MODELS: list[type[BaseModel]] = [
     SubmissionIn,
     SubmissionList,
     SubmissionOut,
+    CreditGrantIn,
+    CreditEntryOut,
+    CreditsOut,
+    CreditPolicyIn,
+    CreditPolicyOut,
+    LevelLimitsIn,
+    LimitsOut,
+    LevelsOut,
+    UserLevelIn,
+    UserLevelOut,
+    BillingTeamIn,
+    TeamIn,
+    TeamAdminIn,
+    TeamOut,
+    TeamList,
 ]
 
 REQUEST_MODELS = {
@@ -153,6 +183,8 @@ REQUEST_MODELS = {
 ERROR_TEXT = {
     "400": "A parameter or the body breaks its rule; the message names it",
     "401": "Missing or invalid token",
+    "402": "Not enough credits to start it: the message gives the balance, the cost per hour "
+    "and how long it would run",
     "403": "The token lacks the scope, or the caller the permission",
     "404": "No such object (or one the caller may not see)",
     "409": "Not possible in the object's present state",
@@ -367,7 +399,7 @@ def core_paths() -> dict[str, Any]:
                     "200": _json(PlacementOut, "The holder's existing request"),
                 },
                 body=_body(PlacementIn),
-                errors=("404", "422"),
+                errors=("402", "404", "422"),
             ),
         },
         "/placements/{id}": {
@@ -647,7 +679,7 @@ def session_paths() -> dict[str, Any]:
                 "Start a session",
                 {"201": _json(SessionOut, "Queued")},
                 body=_body(SessionIn),
-                errors=("404",),
+                errors=("402", "404"),
             ),
         },
         "/sessions/diff": {
@@ -691,7 +723,7 @@ def session_paths() -> dict[str, Any]:
                 "Run an ended session again from its last checkpoint",
                 {"202": _json(SessionOut, "Queued")},
                 name,
-                errors=c,
+                errors=(*c, "402"),
             )
         },
         s + "/fork": {
@@ -700,6 +732,7 @@ def session_paths() -> dict[str, Any]:
                 {"201": _json(SessionOut, "The child, queued")},
                 name,
                 _body(ForkIn),
+                errors=("402",),
             )
         },
         s + "/logs": {
@@ -841,7 +874,7 @@ def leaderboard_paths() -> dict[str, Any]:
                 "Submit a session's checkpoint to its dataset's leaderboard",
                 {"201": _json(SubmissionOut, "Queued for evaluation")},
                 body=_body(SubmissionIn),
-                errors=("404", "409", "429"),
+                errors=("402", "404", "409", "429"),
                 description="The evaluation runs the session's code and image without network "
                 "on the hidden test inputs; the server scores its predictions against labels "
                 "no user code can read.",
@@ -869,6 +902,124 @@ def leaderboard_paths() -> dict[str, Any]:
     }
 
 
+USER = _path("name", "a hub user name", type="string", minLength=1, maxLength=255)
+TEAM = _path("name", "a team (a hub group's name)", type="string", minLength=1, maxLength=255)
+HISTORY = [
+    _query("limit", "most ledger rows, newest first", type="integer", minimum=0, maximum=1000),
+    _query("days", "days of usage per day", type="integer", minimum=1, maximum=366),
+]
+
+
+def _opp(path: list[dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`_op` with the path parameters *path* before its own."""
+    kwargs["params"] = path + list(kwargs.get("params") or [])
+    return _op(*args, **kwargs)
+
+
+def credit_paths() -> dict[str, Any]:
+    """Credits, the credit policy, permission levels and teams."""
+
+    def grant(path: dict[str, Any]) -> dict[str, Any]:
+        return _op(
+            "Give credits (admin); a negative amount deducts, never below zero",
+            {"201": _json(CreditEntryOut, "The ledger row")},
+            params=[path],
+            body=_body(CreditGrantIn),
+            errors=("404", "409"),
+        )
+
+    return {
+        "/users/{name}/credits": {
+            "get": _opp(
+                [USER],
+                "A user's balance, burn rate, time left, ledger and usage per day (the user "
+                "or an admin)",
+                {"200": _json(CreditsOut, "The account")},
+                params=HISTORY,
+            ),
+            "post": grant(USER),
+        },
+        "/users/{name}/level": {
+            "get": _opp(
+                [USER],
+                "A user's permission level and limits (the user or an admin)",
+                {"200": _json(UserLevelOut, "Level and limits")},
+            ),
+            "put": _opp(
+                [USER],
+                "Set a user's level and limit overrides (admin)",
+                {"200": _json(UserLevelOut, "Level and limits")},
+                body=_body(UserLevelIn),
+            ),
+        },
+        "/users/{name}/team": {
+            "put": _opp(
+                [USER],
+                "Set which team's pool pays for a user's work (admin or team admin)",
+                {"200": _json(UserLevelOut, "Level, limits and billing team")},
+                body=_body(BillingTeamIn),
+                errors=("404", "409"),
+            ),
+        },
+        "/credits/policy": {
+            "get": _op("The credit policy", {"200": _json(CreditPolicyOut, "The policy")}),
+            "put": _op(
+                "Change the credit policy (admin); fields not given keep their value",
+                {"200": _json(CreditPolicyOut, "The policy now in force")},
+                body=_body(CreditPolicyIn),
+            ),
+        },
+        "/levels": {
+            "get": _op(
+                "The limits of each permission level (admin)",
+                {"200": _json(LevelsOut, "Per level")},
+            )
+        },
+        "/levels/{level}": {
+            "put": _op(
+                "Set a permission level's limits (admin)",
+                {"200": _json(LimitsOut, "The level's limits")},
+                params=[
+                    _path(
+                        "level", "a permission level", type="string", enum=list(PERMISSION_LEVELS)
+                    )
+                ],
+                body=_body(LevelLimitsIn),
+            )
+        },
+        "/teams": {"get": _op("Every team (admin)", {"200": _json(TeamList, "Teams")})},
+        "/teams/{name}": {
+            "get": _opp(
+                [TEAM], "One team (admin or its team admins)", {"200": _json(TeamOut, "The team")}
+            ),
+            "put": _opp(
+                [TEAM],
+                "Create a team or set whether its pool pays (admin)",
+                {"200": _json(TeamOut, "The team")},
+                body=_body(TeamIn),
+            ),
+        },
+        "/teams/{name}/credits": {
+            "get": _opp(
+                [TEAM],
+                "A team pool's balance, burn rate, ledger (admins, its admins and members)",
+                {"200": _json(CreditsOut, "The pool")},
+                params=HISTORY,
+            ),
+            "post": grant(TEAM),
+        },
+        "/teams/{name}/admins/{user}": {
+            "put": _opp(
+                [TEAM, _path("user", "a hub user name", minLength=1, maxLength=255)],
+                "Make a user an admin of a team, or not (admin)",
+                {"200": _json(TeamOut, "The team")},
+                body=_body(TeamAdminIn),
+                errors=("404",),
+            ),
+        },
+    }
+
+
 def openapi_document(
     version: str, base_url: str, allowed_images: Sequence[str] | None = None
 ) -> dict[str, Any]:
@@ -891,6 +1042,7 @@ def openapi_document(
     paths.update(session_paths())
     paths.update(dataset_paths())
     paths.update(leaderboard_paths())
+    paths.update(credit_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "NSML API", "version": version},

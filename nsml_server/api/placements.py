@@ -12,13 +12,14 @@ from sqlalchemy.orm import Session
 
 from gpu_scheduler.model import GPU_MILLI, PlacementRequest
 
-from .. import schemas
+from .. import credits, schemas
 from ..datasets import Resolved
 from ..images import ImageNotAllowed, InvalidImage, check_image
 from ..models import Allocation, Node, PlacementRequestRow
 from ..scheduler import Submission
 from ..schemas import AllocationOut, PlacementIn, PlacementList, PlacementOut
 from .base import APIError, APIHandler, ServerContext
+from .credits import admission
 from .datasets import dataset_resolver
 
 
@@ -122,6 +123,19 @@ class PlacementsHandler(APIHandler):
         if body.image is not None:
             allowed_image(self.ctx, body.image)
         spec = spec_of(body, await dataset_resolver(self, user, body.datasets))
+        with self.ctx.db.session() as s:  # a user never seen gets their row and credits
+            if body.holder == "notebook" or body.holder.startswith("notebook:"):
+                admission(  # a notebook server: credits and GPU limits
+                    s,
+                    user,
+                    spec,
+                    "a notebook server with these resources",
+                    self.ctx.now(),
+                    counts_as_session=False,
+                    opening_milli=self.ctx.default_credits_milli,
+                )
+            else:
+                credits.ensure_user(s, user, self.ctx.now(), self.ctx.default_credits_milli)
         scheduler = self.ctx.scheduler
         assert scheduler is not None
         sub = Submission(

@@ -95,11 +95,12 @@ def config(tmp: Path, token: str | None, only_get: bool) -> Path:
         "checks.positive_data_acceptance.enabled = false",
     ]
     lines += [
-        # A valid ask that no node of the cluster can ever hold is a documented 422.
+        # A valid ask that no node of the cluster can ever hold is a documented 422; one
+        # the caller's credits cannot cover a documented 402.
         "[[operations]]",
         'include-name = "POST /placements"',
         "checks.positive_data_acceptance.expected-statuses = "
-        '["2xx", "401", "403", "404", "409", "422"]',
+        '["2xx", "401", "402", "403", "404", "409", "422"]',
     ]
     if only_get:
         lines += ["[[operations]]", 'include-method = ["POST", "PUT", "PATCH", "DELETE"]']
