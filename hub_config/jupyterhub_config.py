@@ -199,7 +199,12 @@ c.JupyterHub.load_roles = [
         "services": ["nsml-spawner"],
     },
     # The NSML server reads who users are and which groups (teams) they belong to; nothing else.
-    {"name": "nsml-service", "scopes": ["read:users", "read:groups"], "services": ["nsml"]},
+    # The admin panel (a page of the service) also lists and stops users' notebook servers.
+    {
+        "name": "nsml-service",
+        "scopes": ["read:users", "read:groups", "read:servers", "delete:servers"],
+        "services": ["nsml"],
+    },
     # Users' tokens may call the NSML API (JupyterHub gives new tokens no service access).
     {"name": "user", "scopes": ["self", "access:services!service=nsml"]},
     # A notebook server's own token may call the NSML API on its user's behalf.
@@ -208,6 +213,9 @@ c.JupyterHub.load_roles = [
         "scopes": ["users:activity!user", "access:servers!server", "access:services!service=nsml"],
     },
 ]
+
+# ---- the hub's pages: a link to the NSML admin panel in the navigation bar, for admins ----------
+c.JupyterHub.template_paths = [str(REPO / "hub_config" / "templates")]
 
 # ---- site overrides -----------------------------------------------------------------------
 for _extra in filter(None, os.environ.get("NSML_EXTRA_CONFIG", "").split(":")):
