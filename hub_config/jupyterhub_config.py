@@ -198,8 +198,9 @@ c.JupyterHub.load_roles = [
         "scopes": ["access:services!service=nsml"],
         "services": ["nsml-spawner"],
     },
-    # The NSML server reads who users are and which groups (teams) they belong to; nothing else.
-    # The admin panel (a page of the service) also lists and stops users' notebook servers.
+    # The NSML server reads who users are and which groups (teams) they belong to, and stops
+    # the GPU notebook servers of users whose credits ran out; the admin panel (a page of the
+    # service) also lists and stops users' notebook servers. Nothing else.
     {
         "name": "nsml-service",
         "scopes": ["read:users", "read:groups", "read:servers", "delete:servers"],

@@ -27,6 +27,7 @@ from traitlets.config import Application
 from . import __version__, nodes
 from .api import datasets as ds
 from .api.base import NotFoundHandler, ServerContext
+from .api.credits import credit_routes
 from .api.handlers import (
     HealthHandler,
     HeartbeatHandler,
@@ -706,6 +707,7 @@ class NSMLServer(DBSettings):
         document = openapi_document(__version__, self.base_url, self.allowed_images)
         k = {"ctx": self.ctx}
         routes = api_routes(self.ctx, document) + self.session_routes() + self.leaderboard_routes()
+        routes += credit_routes(self.ctx)
         handlers: list[Any] = [(self.base_url, IndexHandler, {"base_url": self.base_url})]
         handlers += [route.spec(api, document) for route in routes]
         handlers.append((api + ".*", NotFoundHandler, k))
@@ -787,6 +789,21 @@ class NSMLServer(DBSettings):
         self.gpu_use = GpuUseMonitor(parent=self)
         if "interval_s" not in self.config.get("GpuUseMonitor", {}):
             self.gpu_use.interval_s = self.heartbeat_interval
+
+    def init_billing(self) -> None:
+        """Credits charged for running work while this server leads (see billing.py)."""
+        from .billing import CreditBilling, hub_server_stopper
+
+        hub = self.ctx.hub_auth
+        self.billing = CreditBilling(
+            parent=self,
+            db=self.db,
+            is_leader=lambda: self.lease.is_leader,
+            now=utcnow,
+            stop_server=hub_server_stopper(hub.api_url, hub.api_token) if hub.api_token else None,
+            smtp=self.notifier.settings,
+            wake_runner=self.runner.wake,
+        )
 
     def init_sessions(self) -> None:
         from .artifacts import ArtifactStore
@@ -932,6 +949,8 @@ class NSMLServer(DBSettings):
         scheduler_task = asyncio.create_task(self.scheduler.run(stop))
         runner_task = asyncio.create_task(self.runner.run(stop))
         evaluations_task = asyncio.create_task(self.evaluations.run(stop))
+        self.init_billing()
+        billing_task = asyncio.create_task(self.billing.run(stop))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -943,6 +962,7 @@ class NSMLServer(DBSettings):
         await runner_task  # session containers keep running; the next leader follows them
         self.evaluations.wake()
         await evaluations_task
+        await billing_task
         await scheduler_task  # resigns the lease so that a standby takes over at once
         self.ctx.submit_queue.close()
         self.ctx.heartbeats.close()

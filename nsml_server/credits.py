@@ -60,7 +60,8 @@ class Policy:
     """The credit policy. Rates are thousandths of a credit per hour of one unit.
 
     - ``gpu_hour_milli``: per GPU-hour, for models not in ``gpu_hour_milli_by_model``
-      (a GPU share pays its fraction: half a GPU, half the rate);
+      (a GPU share pays its fraction: half a GPU, half the rate); default 60 credits, one
+      credit per GPU-minute (so the server's ``default_credits`` of 100 buy 100 GPU-minutes);
     - ``cpu_hour_milli``: per CPU-hour (1000 milli-CPU); ``memory_gb_hour_milli``: per GiB-hour;
     - ``interval_s``: the billing interval; intervals are aligned on the epoch so that every
       server cuts time at the same instants;
@@ -69,7 +70,7 @@ class Policy:
       of it.
     """
 
-    gpu_hour_milli: int = 1000
+    gpu_hour_milli: int = 60_000
     gpu_hour_milli_by_model: Mapping[str, int] = field(default_factory=dict)
     cpu_hour_milli: int = 0
     memory_gb_hour_milli: int = 0

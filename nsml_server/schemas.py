@@ -993,3 +993,139 @@ class BoardOut(BaseModel):
     eval_timeout_s: int
     eval_gpus: int | None
     rows: list[LeaderboardRow]
+
+
+# ---- credits, levels, teams ---------------------------------------------------------------------
+
+CREDIT_LIMIT = 1e9
+"""Largest amount of credits one grant moves (either way)."""
+
+
+class CreditGrantIn(Strict):
+    amount: float = Field(
+        ge=-CREDIT_LIMIT,
+        le=CREDIT_LIMIT,
+        description="credits to give; negative deducts (never below a zero balance)",
+    )
+    reason: str = Field(min_length=1, max_length=500, description="why (kept in the ledger)")
+
+    @field_validator("amount")
+    @classmethod
+    def _finite_nonzero(cls, v: float) -> float:
+        if not math.isfinite(v) or round(v * 1000) == 0:
+            raise ValueError("give a nonzero amount of at least 0.001 credits")
+        return v
+
+
+class CreditEntryOut(BaseModel):
+    id: int
+    kind: Literal["grant", "charge", "refund"]
+    amount: float = Field(description="credits; negative for a charge")
+    amount_milli: int
+    reason: str
+    actor: str
+    user: str | None = Field(description="who ran the charged work")
+    session_id: int | None
+    server: str | None = Field(description="the notebook server charged ('' the default)")
+    allocation: int | None
+    interval_start: str | None
+    created: str
+
+
+class DayUsage(BaseModel):
+    day: str = Field(description="YYYY-MM-DD (UTC)")
+    credits: float
+
+
+class CreditsOut(BaseModel):
+    account: str
+    team: bool = Field(description="the account is a team's pool")
+    pays: str = Field(description="who pays for this user's work: 'user' or 'team:NAME'")
+    balance: float = Field(description="credits")
+    balance_milli: int
+    burn_rate_per_hour: float = Field(description="credits an hour, for what runs now")
+    hours_left: float | None = Field(description="at that rate; null when nothing burns")
+    history: list[CreditEntryOut] = Field(description="newest first")
+    usage_by_day: list[DayUsage] = Field(description="credits charged per day, oldest first")
+
+
+class CreditPolicyIn(Strict):
+    """Rates in thousandths of a credit per hour; fields not given keep their value."""
+
+    gpu_hour_milli: int | None = Field(None, ge=0, le=10**12)
+    gpu_hour_milli_by_model: dict[str, Annotated[int, Field(ge=0, le=10**12)]] | None = None
+    cpu_hour_milli: int | None = Field(None, ge=0, le=10**12)
+    memory_gb_hour_milli: int | None = Field(None, ge=0, le=10**12)
+    interval_s: int | None = Field(None, ge=1, le=3600)
+    warn_threshold_milli: int | None = Field(None, ge=0, le=10**15)
+    admission_min_hours: float | None = Field(None, ge=0, le=8760)
+
+
+class CreditPolicyOut(BaseModel):
+    gpu_hour_milli: int = Field(description="per GPU-hour, GPU models not listed")
+    gpu_hour_milli_by_model: dict[str, int]
+    cpu_hour_milli: int
+    memory_gb_hour_milli: int = Field(description="per GiB-hour of memory")
+    interval_s: int = Field(description="the billing interval, seconds")
+    warn_threshold_milli: int
+    admission_min_hours: float = Field(description="new work needs this many hours' credits")
+
+
+class LevelLimitsIn(Strict):
+    max_gpus: int | None = Field(None, ge=0, le=10**6, description="null: no cap")
+    max_running: int | None = Field(None, ge=0, le=10**6, description="null: no cap")
+    priority: int = Field(0, ge=-1000, le=1000, description="queue priority of sessions")
+
+
+class LimitsOut(BaseModel):
+    max_gpus: float | None = Field(description="GPUs at once; null: no cap")
+    max_running: int | None = Field(description="active sessions; null: no cap")
+    priority: int
+
+
+class LevelsOut(BaseModel):
+    levels: dict[str, LimitsOut]
+
+
+class UserLevelIn(Strict):
+    """Fields not given keep their value; null clears an override."""
+
+    level: Literal["user", "team_admin", "admin"] | None = None
+    max_gpus: int | None = Field(None, ge=0, le=10**6)
+    max_running: int | None = Field(None, ge=0, le=10**6)
+    priority: int | None = Field(None, ge=-1000, le=1000)
+
+
+class UserLevelOut(BaseModel):
+    name: str
+    level: str
+    overrides: dict[str, int | None]
+    limits: LimitsOut = Field(description="in force: the level's with the overrides")
+    billing_team: str | None
+    groups: list[str]
+
+
+class BillingTeamIn(Strict):
+    team: str | None = Field(max_length=255, description="null: the user pays")
+
+
+class TeamIn(Strict):
+    pays: bool = Field(description="members whose billing team it is draw from its pool")
+
+
+class TeamAdminIn(Strict):
+    admin: bool
+
+
+class TeamOut(BaseModel):
+    name: str
+    pays: bool
+    balance: float
+    balance_milli: int
+    admins: list[str]
+    members: list[str] = Field(description="users in the hub group, as last seen")
+    billed: list[str] = Field(description="members whose work the pool pays for")
+
+
+class TeamList(BaseModel):
+    teams: list[TeamOut]

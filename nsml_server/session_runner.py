@@ -57,6 +57,7 @@ from .backends import (
 from .backends.docker import remote_tls
 from .datasets import Caller, DatasetService
 from .db import Database
+from .levels import queue_priority
 from .models import (
     SESSION_ACTIVE_STATES,
     Allocation,
@@ -405,7 +406,7 @@ class SessionRunner:
                     user=row.user_name,
                     holder=f"{row.user_name}:session/{row.dataset_key}/{row.number}",
                     spec=spec,
-                    priority=0,
+                    priority=queue_priority(s, row.user_name),  # the user's level's
                 )
                 pid = p.id
                 s.execute(
@@ -952,6 +953,14 @@ class SessionRunner:
             if row.started is not None:
                 end = max(end, row.started)
         with self.db.session() as s:
+            if state == "stopped":
+                # Billing asked for this stop (reason "credits" set with the request).
+                marked = s.scalar(
+                    select(TrainingSession.reason).where(TrainingSession.id == row.id)
+                )
+                if marked == "credits":
+                    reason = "credits"
+                    message = f"Stopped: the credits ran out. {message}"
             moved = transition(
                 s,
                 row.id,

@@ -37,6 +37,7 @@ from ..schemas import (
 from ..scoring import METRICS
 from ..sessions import checkpoints, find
 from .base import APIError, APIHandler, ServerContext
+from .credits import admission
 from .routes import Route
 
 
@@ -150,6 +151,9 @@ class SubmissionsHandler(_Handler):
             if ds.eval_gpus is not None:
                 resources["gpu_milli"] = ds.eval_gpus * GPU_MILLI
                 resources["gpus"] = ds.eval_gpus
+            admission(
+                s, session.user_name, resources, "this evaluation", now, counts_as_session=False
+            )
             row = Submission(
                 dataset_id=ds.id,
                 dataset_ref=f"{ds.name}@{version.version}",

@@ -25,17 +25,23 @@ from nsml_datasets.names import NAME_MAX, VERSION_MAX
 
 from ..images import NAME_MAX as IMAGE_NAME_MAX
 from ..images import document_pattern
-from ..models import NODE_STATES, SESSION_STATES
+from ..models import NODE_STATES, PERMISSION_LEVELS, SESSION_STATES
 from ..schemas import (
     CHECKPOINT_PATTERN,
     DATASET_NAME_PATTERN,
     NODE_NAME_PATTERN,
     AllocationOut,
+    BillingTeamIn,
     BlobOut,
     BoardOut,
     CheckpointList,
     CheckpointOut,
     CodeOut,
+    CreditEntryOut,
+    CreditGrantIn,
+    CreditPolicyIn,
+    CreditPolicyOut,
+    CreditsOut,
     DatasetInfo,
     DatasetList,
     DatasetPatch,
@@ -55,6 +61,9 @@ from ..schemas import (
     HoldOut,
     HoldPatch,
     LeaderboardRow,
+    LevelLimitsIn,
+    LevelsOut,
+    LimitsOut,
     LocalGrantIn,
     LocalGrantOut,
     LogChunk,
@@ -79,9 +88,15 @@ from ..schemas import (
     SubmissionIn,
     SubmissionList,
     SubmissionOut,
+    TeamAdminIn,
+    TeamIn,
+    TeamList,
+    TeamOut,
     UploadIn,
     UploadOut,
     UsageOut,
+    UserLevelIn,
+    UserLevelOut,
     VersionOut,
 )
 from .base import APIHandler, ServerContext
@@ -141,6 +156,21 @@ MODELS: list[type[BaseModel]] = [
     SubmissionIn,
     SubmissionList,
     SubmissionOut,
+    CreditGrantIn,
+    CreditEntryOut,
+    CreditsOut,
+    CreditPolicyIn,
+    CreditPolicyOut,
+    LevelLimitsIn,
+    LimitsOut,
+    LevelsOut,
+    UserLevelIn,
+    UserLevelOut,
+    BillingTeamIn,
+    TeamIn,
+    TeamAdminIn,
+    TeamOut,
+    TeamList,
 ]
 
 REQUEST_MODELS = {
@@ -848,6 +878,124 @@ def leaderboard_paths() -> dict[str, Any]:
     }
 
 
+USER = _path("name", "a hub user name", type="string", minLength=1, maxLength=255)
+TEAM = _path("name", "a team (a hub group's name)", type="string", minLength=1, maxLength=255)
+HISTORY = [
+    _query("limit", "most ledger rows, newest first", type="integer", minimum=0, maximum=1000),
+    _query("days", "days of usage per day", type="integer", minimum=1, maximum=366),
+]
+
+
+def _opp(path: list[dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`_op` with the path parameters *path* before its own."""
+    kwargs["params"] = path + list(kwargs.get("params") or [])
+    return _op(*args, **kwargs)
+
+
+def credit_paths() -> dict[str, Any]:
+    """Credits, the credit policy, permission levels and teams."""
+
+    def grant(path: dict[str, Any]) -> dict[str, Any]:
+        return _op(
+            "Give credits (admin); a negative amount deducts, never below zero",
+            {"201": _json(CreditEntryOut, "The ledger row")},
+            params=[path],
+            body=_body(CreditGrantIn),
+            errors=("404", "409"),
+        )
+
+    return {
+        "/users/{name}/credits": {
+            "get": _opp(
+                [USER],
+                "A user's balance, burn rate, time left, ledger and usage per day (the user "
+                "or an admin)",
+                {"200": _json(CreditsOut, "The account")},
+                params=HISTORY,
+            ),
+            "post": grant(USER),
+        },
+        "/users/{name}/level": {
+            "get": _opp(
+                [USER],
+                "A user's permission level and limits (the user or an admin)",
+                {"200": _json(UserLevelOut, "Level and limits")},
+            ),
+            "put": _opp(
+                [USER],
+                "Set a user's level and limit overrides (admin)",
+                {"200": _json(UserLevelOut, "Level and limits")},
+                body=_body(UserLevelIn),
+            ),
+        },
+        "/users/{name}/team": {
+            "put": _opp(
+                [USER],
+                "Set which team's pool pays for a user's work (admin or team admin)",
+                {"200": _json(UserLevelOut, "Level, limits and billing team")},
+                body=_body(BillingTeamIn),
+                errors=("404", "409"),
+            ),
+        },
+        "/credits/policy": {
+            "get": _op("The credit policy", {"200": _json(CreditPolicyOut, "The policy")}),
+            "put": _op(
+                "Change the credit policy (admin); fields not given keep their value",
+                {"200": _json(CreditPolicyOut, "The policy now in force")},
+                body=_body(CreditPolicyIn),
+            ),
+        },
+        "/levels": {
+            "get": _op(
+                "The limits of each permission level (admin)",
+                {"200": _json(LevelsOut, "Per level")},
+            )
+        },
+        "/levels/{level}": {
+            "put": _op(
+                "Set a permission level's limits (admin)",
+                {"200": _json(LimitsOut, "The level's limits")},
+                params=[
+                    _path(
+                        "level", "a permission level", type="string", enum=list(PERMISSION_LEVELS)
+                    )
+                ],
+                body=_body(LevelLimitsIn),
+            )
+        },
+        "/teams": {"get": _op("Every team (admin)", {"200": _json(TeamList, "Teams")})},
+        "/teams/{name}": {
+            "get": _opp(
+                [TEAM], "One team (admin or its team admins)", {"200": _json(TeamOut, "The team")}
+            ),
+            "put": _opp(
+                [TEAM],
+                "Create a team or set whether its pool pays (admin)",
+                {"200": _json(TeamOut, "The team")},
+                body=_body(TeamIn),
+            ),
+        },
+        "/teams/{name}/credits": {
+            "get": _opp(
+                [TEAM],
+                "A team pool's balance, burn rate, ledger (admins, its admins and members)",
+                {"200": _json(CreditsOut, "The pool")},
+                params=HISTORY,
+            ),
+            "post": grant(TEAM),
+        },
+        "/teams/{name}/admins/{user}": {
+            "put": _opp(
+                [TEAM, _path("user", "a hub user name", minLength=1, maxLength=255)],
+                "Make a user an admin of a team, or not (admin)",
+                {"200": _json(TeamOut, "The team")},
+                body=_body(TeamAdminIn),
+                errors=("404",),
+            ),
+        },
+    }
+
+
 def openapi_document(
     version: str, base_url: str, allowed_images: Sequence[str] | None = None
 ) -> dict[str, Any]:
@@ -870,6 +1018,7 @@ def openapi_document(
     paths.update(session_paths())
     paths.update(dataset_paths())
     paths.update(leaderboard_paths())
+    paths.update(credit_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "NSML API", "version": version},

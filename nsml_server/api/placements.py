@@ -19,6 +19,7 @@ from ..models import Allocation, Node, PlacementRequestRow
 from ..scheduler import Submission
 from ..schemas import AllocationOut, PlacementIn, PlacementList, PlacementOut
 from .base import APIError, APIHandler, ServerContext
+from .credits import admission
 from .datasets import dataset_resolver
 
 
@@ -122,6 +123,16 @@ class PlacementsHandler(APIHandler):
         if body.image is not None:
             allowed_image(self.ctx, body.image)
         spec = spec_of(body, await dataset_resolver(self, user, body.datasets))
+        if body.holder == "notebook" or body.holder.startswith("notebook:"):
+            with self.ctx.db.session() as s:  # a notebook server: credits and GPU limits
+                admission(
+                    s,
+                    user,
+                    spec,
+                    "a notebook server with these resources",
+                    self.ctx.now(),
+                    counts_as_session=False,
+                )
         scheduler = self.ctx.scheduler
         assert scheduler is not None
         sub = Submission(

@@ -79,6 +79,7 @@ from ..sessions import (
     validate_entry,
 )
 from .base import APIError, APIHandler, ServerContext
+from .credits import admission
 from .placements import allowed_image, spec_of
 from .routes import Route
 
@@ -329,6 +330,7 @@ class SessionsHandler(SessionHandler):
             datasets = resolve_datasets(
                 s, self.user_name, groups, self.is_admin, body.datasets, resources
             )
+            admission(s, self.user_name, resources, "this session", now, hub_admin=self.is_admin)
             row = create_session(
                 s,
                 user=self.user_name,
@@ -463,6 +465,9 @@ class ResumeHandler(SessionHandler):
                     f"be resumed ({hint}).",
                     "conflict",
                 )
+            admission(
+                s, row.user_name, row.resources, f"{row.name} again", now, hub_admin=self.is_admin
+            )
             saved = checkpoints(s, row.id)
             last = max(saved, key=lambda c: (c.created, c.id)) if saved else None
             load_from = f"{row.name}/{last.name}" if last else row.load_from
@@ -537,6 +542,7 @@ class ForkHandler(SessionHandler):
                 s, self.user_name, groups, self.is_admin, parent.datasets, res
             )
             source = f"{parent.name}/{body.checkpoint}" if body.checkpoint else None
+            admission(s, self.user_name, res, "this fork", now, hub_admin=self.is_admin)
             child = create_session(
                 s,
                 user=self.user_name,

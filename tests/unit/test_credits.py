@@ -26,6 +26,7 @@ T0 = datetime(2026, 12, 1, 9, 0, 0)
 
 # ---- cost of resources over time ----------------------------------------------------------------
 
+P1 = Policy(gpu_hour_milli=1000)
 A100 = Policy(gpu_hour_milli=1000, gpu_hour_milli_by_model={"A100": 3000})
 FULL = Policy(gpu_hour_milli=1000, cpu_hour_milli=100, memory_gb_hour_milli=10)
 
@@ -33,16 +34,16 @@ FULL = Policy(gpu_hour_milli=1000, cpu_hour_milli=100, memory_gb_hour_milli=10)
 @pytest.mark.parametrize(
     ("name", "policy", "resources", "seconds", "milli"),
     [
-        ("one GPU for an hour costs the default rate", Policy(), Resources(1000), 3600, 1000),
-        ("two GPUs for 90 minutes", Policy(), Resources(2000), 5400, 3000),
+        ("one GPU for an hour costs the default rate", P1, Resources(1000), 3600, 1000),
+        ("two GPUs for 90 minutes", P1, Resources(2000), 5400, 3000),
         ("the model's own rate", A100, Resources(1000, "A100"), 3600, 3000),
         ("an unlisted model pays the default", A100, Resources(1000, "V100"), 3600, 1000),
-        ("half a GPU pays half", Policy(), Resources(500), 3600, 500),
+        ("half a GPU pays half", P1, Resources(500), 3600, 500),
         ("CPU and memory are charged too", FULL, Resources(0, None, 2000, 4096), 3600, 240),
         ("all three add up", FULL, Resources(1000, None, 1000, 1024), 1800, 555),
-        ("a minute of one GPU rounds down", Policy(), Resources(1000), 60, 16),
-        ("no time costs nothing", Policy(), Resources(8000), 0, 0),
-        ("negative time costs nothing", Policy(), Resources(1000), -60, 0),
+        ("a minute of one GPU rounds down", P1, Resources(1000), 60, 16),
+        ("no time costs nothing", P1, Resources(8000), 0, 0),
+        ("negative time costs nothing", P1, Resources(1000), -60, 0),
         ("nothing held costs nothing", FULL, Resources(), 3600, 0),
     ],
 )
