@@ -22,9 +22,9 @@ from sqlalchemy import select
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from .. import audit, credits, nodes
+from .. import audit, credits, levels, nodes
 from ..db import Database
-from ..models import NODE_STATES, LevelLimit, Team, TeamAdmin, User
+from ..models import NODE_STATES, PERMISSION_LEVELS, Team, TeamAdmin, User
 from . import charts, data, views
 
 log = logging.getLogger("nsml_server.admin")
@@ -197,7 +197,7 @@ class Users(AdminPage):
                 rows.append(
                     {
                         "name": u.name,
-                        "level": u.level,
+                        "level": levels.level_of(u, u.permission == "admin"),
                         "balance": credits.balance_milli(s, u.name),
                         "burn": credits.burn_rate_milli_per_hour(s, u.name, now),
                         "gpus": held.get(u.name, 0.0),
@@ -239,9 +239,17 @@ class UserDetail(AdminPage):
                 }
                 for e in credits.history(s, name, self.ctx.panel.page_size)
             ]
+            teams_of_user = [
+                t.name
+                for t in s.scalars(select(Team).order_by(Team.name))
+                if t.name in (user.groups or [])
+            ]
             info = {
                 "name": user.name,
-                "level": user.level,
+                "hub_admin": user.permission == "admin",
+                "level": levels.level_of(user, user.permission == "admin"),
+                "stored_level": user.level,
+                "teams": teams_of_user,
                 "groups": list(user.groups or []),
                 "billing_team": user.billing_team,
                 "max_gpus": user.max_gpus,
@@ -276,6 +284,57 @@ def _days(n: int) -> Any:
     from datetime import timedelta
 
     return timedelta(days=n)
+
+
+def optional_int(form: dict[str, str], key: str, label: str) -> int | None:
+    """A whole number typed in a form; blank is None ("the level's" / "no cap")."""
+    raw = form.get(key, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(
+            f"{label}: {raw!r} is not a whole number (leave it blank for none)."
+        ) from None
+
+
+class UserLevel(AdminPage):
+    """``POST admin/users/NAME/level``: level, limit overrides (blank: the level's), and the
+    team whose pool pays (blank: the user)."""
+
+    def post(self, name: str) -> None:
+        page = f"users/{quote(name)}"
+        form = {
+            k: self.get_body_argument(k, "")
+            for k in ("level", "max_gpus", "max_running", "priority", "billing_team")
+        }
+        try:
+            overrides = {
+                "max_gpus": optional_int(form, "max_gpus", "Most GPUs at once"),
+                "max_running": optional_int(form, "max_running", "Most running sessions"),
+                "priority": optional_int(form, "priority", "Queue priority"),
+            }
+        except ValueError as e:
+            return self.back(page, error=str(e))
+        now = self.ctx.now()
+        try:
+            with self.ctx.db.session() as s:
+                user = s.scalar(select(User).where(User.name == name))
+                if user is None:
+                    raise web.HTTPError(404, f"No user named {name!r}.")
+                changed = {k: v for k, v in overrides.items() if getattr(user, k) != v}
+                level = form["level"] if form["level"] != user.level else None
+                if level is not None or changed:
+                    levels.set_user_level(
+                        s, name, self.admin_name, now, level=level, overrides=changed
+                    )
+                team = form["billing_team"] or None
+                if team != user.billing_team:
+                    levels.set_billing_team(s, name, team, self.admin_name, now)
+        except credits.CreditError as e:
+            return self.back(page, error=e.message)
+        self.back(page, done=f"Saved the level, limits and billing of {name}.")
 
 
 class UserCredits(AdminPage):
@@ -354,16 +413,88 @@ class Teams(AdminPage):
             ]
             known = {t["name"] for t in teams}
             groups_only = sorted(g for g in members if g not in known)
-            levels = [
+            limits = levels.level_limits(s)
+            level_rows = [
                 {
-                    "level": r.level,
-                    "max_gpus": r.max_gpus,
-                    "max_running": r.max_running,
-                    "priority": r.priority,
+                    "level": name,
+                    "max_gpus": limits[name].max_gpus,
+                    "max_running": limits[name].max_running,
+                    "priority": limits[name].priority,
                 }
-                for r in s.scalars(select(LevelLimit).order_by(LevelLimit.level))
+                for name in PERMISSION_LEVELS
+                if name in limits
             ]
-        self.render_page("teams.html", "teams", teams=teams, groups_only=groups_only, levels=levels)
+        self.render_page(
+            "teams.html", "teams", teams=teams, groups_only=groups_only, levels=level_rows
+        )
+
+
+class TeamCreate(AdminPage):
+    """``POST admin/teams/new`` ``name``, ``pays``: make a hub group an NSML team."""
+
+    def post(self) -> None:
+        name = self.get_body_argument("name", "").strip()
+        pays = self.get_body_argument("pays", "") == "1"
+        if not name:
+            return self.back("teams", error="Name the hub group that becomes a team.")
+        with self.ctx.db.session() as s:
+            if levels.get_team(s, name) is not None:
+                return self.back("teams", error=f"Team {name} exists already.")
+            levels.set_team(s, name, self.admin_name, self.ctx.now(), pays=pays)
+        self.back(
+            "teams", done=f"Team {name} created; its pool {'pays' if pays else 'does not pay'}."
+        )
+
+
+class TeamPays(AdminPage):
+    """``POST admin/teams/NAME/pays`` ``pays=1|0``: whether members billed to it draw from
+    its pool."""
+
+    def post(self, name: str) -> None:
+        pays = self.get_body_argument("pays", "") == "1"
+        with self.ctx.db.session() as s:
+            if levels.get_team(s, name) is None:
+                return self.back("teams", error=f"No team named {name!r}.")
+            levels.set_team(s, name, self.admin_name, self.ctx.now(), pays=pays)
+        self.back("teams", done=f"Team {name}: its pool {'pays' if pays else 'no longer pays'}.")
+
+
+class TeamAdmins(AdminPage):
+    """``POST admin/teams/NAME/admins`` ``user``, ``admin=1|0``."""
+
+    def post(self, name: str) -> None:
+        user = self.get_body_argument("user", "").strip()
+        make = self.get_body_argument("admin", "1") == "1"
+        if not user:
+            return self.back("teams", error="Name the user.")
+        try:
+            with self.ctx.db.session() as s:
+                levels.set_team_admin(s, name, user, make, self.admin_name, self.ctx.now())
+        except credits.CreditError as e:
+            return self.back("teams", error=e.message)
+        self.back(
+            "teams", done=f"{user} is {'now' if make else 'no longer'} an admin of team {name}."
+        )
+
+
+class LevelLimitsForm(AdminPage):
+    """``POST admin/levels/LEVEL``: the level's limits (blank: no cap)."""
+
+    def post(self, level: str) -> None:
+        form = {k: self.get_body_argument(k, "") for k in ("max_gpus", "max_running", "priority")}
+        try:
+            limits = levels.Limits(
+                max_gpus=optional_int(form, "max_gpus", "Most GPUs at once"),
+                max_running=optional_int(form, "max_running", "Most running sessions"),
+                priority=optional_int(form, "priority", "Queue priority") or 0,
+            )
+            with self.ctx.db.session() as s:
+                levels.set_level_limits(s, level, limits, self.admin_name, self.ctx.now())
+        except ValueError as e:
+            return self.back("teams", error=str(e))
+        except credits.CreditError as e:
+            return self.back("teams", error=e.message)
+        self.back("teams", done=f"Saved the limits of level {level}.")
 
 
 class TeamCredits(AdminPage):
@@ -707,8 +838,13 @@ def routes(ctx: AdminContext) -> list[tuple[Any, ...]]:
         (a + "users", Users, k),
         (a + f"users/{name}", UserDetail, k),
         (a + f"users/{name}/credits", UserCredits, k),
+        (a + f"users/{name}/level", UserLevel, k),
         (a + "teams", Teams, k),
+        (a + "teams/new", TeamCreate, k),
         (a + f"teams/{name}/credits", TeamCredits, k),
+        (a + f"teams/{name}/pays", TeamPays, k),
+        (a + f"teams/{name}/admins", TeamAdmins, k),
+        (a + f"levels/{name}", LevelLimitsForm, k),
         (a + "nodes", Nodes, k),
         (a + f"nodes/{name}/state", NodeState, k),
         (a + "sessions", Sessions, k),

@@ -15,6 +15,7 @@ Screenshots of every page land in ``$NSML_SCREENSHOTS`` (default ``.cache/screen
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,7 +33,12 @@ NODE = "local-test"  # the hub fixture's local node (NSML_NODE_NAME)
 
 FORMS = [
     "users/browser-carol/credits",
+    "users/browser-carol/level",
+    "teams/new",
     "teams/some-team/credits",
+    "teams/some-team/pays",
+    "teams/some-team/admins",
+    "levels/user",
     f"nodes/{NODE}/state",
     "sessions/stop",
     "servers/stop",
@@ -52,9 +58,11 @@ ADMIN_API: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "sessions?user=admin", None),
     ("GET", "submissions?all=1", None),
     ("GET", "usage?user=admin", None),
+    ("GET", "users/admin/credits", None),
+    ("GET", "users/admin/level", None),
 ]
 
-PARAMS = {"name": NODE, "user": "admin", "id": "1", "version": "1", "team": "some-team"}
+PARAMS = {"name": NODE, "user": "admin", "id": "1", "version": "1", "level": "user"}
 
 
 def admin_api_calls(hub: HubProcess, token: str) -> list[tuple[str, str, dict[str, Any] | None]]:
@@ -65,7 +73,7 @@ def admin_api_calls(hub: HubProcess, token: str) -> list[tuple[str, str, dict[st
     seen = {(m, p.split("?")[0]) for m, p, _ in calls}
     for path, ops in r.json()["paths"].items():
         for method, op in ops.items():
-            if not isinstance(op, dict) or not re.search(r"\(admin\)$", op.get("summary", "")):
+            if not isinstance(op, dict) or "(admin)" not in op.get("summary", ""):
                 continue
             concrete = re.sub(r"\{(\w+)\}", lambda m: PARAMS.get(m.group(1), "x"), path)
             key = (method.upper(), concrete.lstrip("/"))
@@ -163,6 +171,32 @@ def test_an_admin_grants_credits_drains_a_node_and_stops_a_server_and_sees_each_
     form.get_by_role("button", name="Apply").click()
     expect(page.get_by_role("status")).to_contain_text("balance 40.000")
 
+    # Make her a team admin with a cap of 2 GPUs.
+    form = page.get_by_role("form", name="Level, limits and billing")
+    form.get_by_label("Permission level").select_option("team_admin")
+    form.get_by_label("Most GPUs at once").fill("2")
+    form.get_by_role("button", name="Save level and limits").click()
+    expect(page.get_by_role("status")).to_contain_text("Saved the level, limits and billing")
+    expect(page.get_by_label("Permission level")).to_have_value("team_admin")
+    level = hub.nsml("GET", "users/browser-carol/level", admin_token)
+    assert level.status_code == 200, level.text
+    assert "team_admin" in level.text, level.text
+
+    # A new team, then credits for its pool.
+    team = f"lab-{secrets.token_hex(2)}"
+    page.get_by_role("link", name="Teams", exact=True).click()
+    new = page.get_by_role("form", name="New team")
+    new.get_by_label("Hub group").fill(team)
+    new.get_by_label("Its pool pays").check()
+    new.get_by_role("button", name="Make it a team").click()
+    expect(page.get_by_role("status")).to_contain_text(f"Team {team} created; its pool pays")
+    pool = page.get_by_role("form", name=f"Grant to team {team}")
+    pool.get_by_label("Credits").fill("10")
+    pool.get_by_label("Reason").fill("browser test: lab pool")
+    pool.get_by_role("button", name="Grant").click()
+    expect(page.get_by_role("status")).to_contain_text("pool 10.000")
+    admin.shot("teams")
+
     # Drain the local node from the nodes page; the API says draining too.
     page.get_by_role("link", name="Nodes", exact=True).click()
     expect(page.get_by_role("region", name=f"Node {NODE}")).to_be_visible()
@@ -192,6 +226,18 @@ def test_an_admin_grants_credits_drains_a_node_and_stops_a_server_and_sees_each_
     expect(page.get_by_role("status")).to_contain_text(f"Node {NODE} undrained (was draining)")
     assert node_state(hub, admin_token) == "up"
 
+    # Double the GPU-hour rate, then put it back: both changes are in force at once.
+    page.get_by_role("link", name="Credit policy", exact=True).click()
+    rate = page.get_by_label("Credits per GPU-hour", exact=True)
+    old_rate = rate.input_value()
+    rate.fill("2")
+    page.get_by_role("button", name="Save the policy").click()
+    expect(page.get_by_role("status")).to_contain_text("The credit policy is changed")
+    expect(page.get_by_label("Credits per GPU-hour", exact=True)).to_have_value("2.000")
+    page.get_by_label("Credits per GPU-hour", exact=True).fill(old_rate)
+    page.get_by_role("button", name="Save the policy").click()
+    expect(page.get_by_label("Credits per GPU-hour", exact=True)).to_have_value(old_rate)
+
     # The audit log lists each action, by admin.
     page.get_by_role("link", name="Audit log", exact=True).click()
     log = page.get_by_role("table", name="Audit log")
@@ -199,6 +245,10 @@ def test_an_admin_grants_credits_drains_a_node_and_stops_a_server_and_sees_each_
         ("credits.grant", "user:browser-carol"),
         ("node.state", f"node:{NODE}"),
         ("server.stop", "server:browser-carol"),
+        ("credits.policy", "policy"),
+        ("levels.user", "user:browser-carol"),
+        ("teams.create", f"team:{team}"),
+        ("credits.grant", f"team:{team}"),
     ]:
         expect(
             log.get_by_role("row").filter(has_text=action).filter(has_text=target).first
