@@ -792,7 +792,7 @@ class Audit(AdminPage):
                     "actor": e.actor,
                     "action": e.action,
                     "target": e.target,
-                    "detail": audit.detail_of(e),
+                    "detail": views.detail_lines(audit.detail_of(e)),
                 }
                 for e in audit.recent(s, size + 1, before)
             ]

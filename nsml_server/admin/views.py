@@ -6,8 +6,9 @@ time here, and render what comes back. Tested table-driven in ``tests/unit/test_
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -198,3 +199,27 @@ def mib_text(mib: float) -> str:
         gib = mib / 1024
         return f"{gib:.0f} GiB" if gib >= 10 or gib == int(gib) else f"{gib:.1f} GiB"
     return f"{mib:.0f} MiB"
+
+
+def detail_lines(detail: Mapping[str, object]) -> list[str]:
+    """An audit entry's details as lines for a person: ``key: value``, with a change given
+    as ``before``/``after`` objects written as one ``key: old → new`` line per changed key."""
+    before, after = detail.get("before"), detail.get("after")
+    lines = []
+    if isinstance(before, Mapping) and isinstance(after, Mapping):
+        for key in sorted(set(before) | set(after)):
+            if before.get(key) != after.get(key):
+                lines.append(f"{key}: {_value(before.get(key))} → {_value(after.get(key))}")
+        if not lines:
+            lines.append("no change")
+        rest = {k: v for k, v in detail.items() if k not in ("before", "after")}
+    else:
+        rest = dict(detail)
+    lines += [f"{k}: {_value(v)}" for k, v in sorted(rest.items())]
+    return lines
+
+
+def _value(v: object) -> str:
+    if isinstance(v, str):
+        return v
+    return json.dumps(v, sort_keys=True, default=str)

@@ -11,6 +11,7 @@ from nsml_server.admin.views import (
     UseSample,
     allocation_steps,
     credits_text,
+    detail_lines,
     duration_text,
     holder_kind,
     mib_text,
@@ -192,3 +193,22 @@ def test_texts() -> None:
     assert mib_text(512) == "512 MiB"
     assert mib_text(81920) == "80 GiB"
     assert mib_text(1536) == "1.5 GiB"
+
+
+@pytest.mark.parametrize(
+    ("detail", "lines"),
+    [
+        ({"before": "up", "after": "draining"}, ["after: draining", "before: up"]),
+        (
+            {"before": {"rate": 1000, "interval_s": 60}, "after": {"rate": 2000, "interval_s": 60}},
+            ["rate: 1000 → 2000"],
+        ),
+        ({"before": {"a": 1}, "after": {"a": 1}}, ["no change"]),
+        (
+            {"amount_milli": 25000, "reason": "course", "level": ["user", "team_admin"]},
+            ["amount_milli: 25000", 'level: ["user", "team_admin"]', "reason: course"],
+        ),
+    ],
+)
+def test_detail_lines(detail: dict[str, object], lines: list[str]) -> None:
+    assert detail_lines(detail) == lines
