@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import jinja2
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
@@ -28,6 +28,9 @@ from ..models import NODE_STATES, PERMISSION_LEVELS, Team, TeamAdmin, User
 from . import charts, data, views
 
 log = logging.getLogger("nsml_server.admin")
+
+FLASH_COOKIE = "nsml-admin-flash"
+"""The cookie that carries a form's outcome to the page shown next."""
 
 PAGES = [
     ("users", "Users"),
@@ -137,8 +140,7 @@ class AdminPage(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
                 xsrf=self.xsrf_token.decode()
                 if isinstance(self.xsrf_token, bytes)
                 else self.xsrf_token,
-                done=self.get_query_argument("done", ""),
-                error=self.get_query_argument("error", ""),
+                **self.take_flash(),
                 **values,
             )
         )
@@ -148,9 +150,31 @@ class AdminPage(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
         return str(getattr(self.ctx.oauth, "hub_prefix", "/hub/") or "/hub/")
 
     def back(self, path: str, *, done: str = "", error: str = "") -> None:
-        """Redirect (303) to the panel page *path* with a message for the admin."""
-        query = urlencode({"done": done} if done else {"error": error})
-        self.redirect(f"{self.ctx.admin_url}{path}?{query}", status=303)
+        """Redirect (303) to the panel page *path*, which then shows *done* or *error*.
+
+        The message travels in a signed cookie, read once, not in the URL: a link made
+        elsewhere cannot put words of its own on the panel."""
+        self.set_signed_cookie(
+            FLASH_COOKIE,
+            json.dumps({"done": done, "error": error}),
+            expires_days=None,
+            path=self.ctx.admin_url,
+            httponly=True,
+            samesite="Strict",
+        )
+        self.redirect(f"{self.ctx.admin_url}{path}", status=303)
+
+    def take_flash(self) -> dict[str, str]:
+        """The message :meth:`back` left for this page (once), as ``done`` and ``error``."""
+        raw = self.get_signed_cookie(FLASH_COOKIE, max_age_days=1)
+        if raw is None:
+            return {"done": "", "error": ""}
+        self.clear_cookie(FLASH_COOKIE, path=self.ctx.admin_url)
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return {"done": "", "error": ""}
+        return {"done": str(value.get("done", "")), "error": str(value.get("error", ""))}
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
