@@ -83,9 +83,14 @@ def allocation_chart(
 
 
 def use_chart(
-    times: Sequence[float], means: Sequence[float | None], bucket_s: float
+    times: Sequence[float],
+    means: Sequence[float | None],
+    bucket_s: float,
+    start: datetime,
+    end: datetime,
 ) -> tuple[str, str]:
-    """Bars of the mean utilisation (%) of the GPUs that reported, per time bucket."""
+    """Bars of the mean utilisation (%) of the GPUs that reported, per time bucket, over the
+    window ``[start, end]`` (the same as the allocation chart's)."""
     from bokeh.embed import components
     from bokeh.models import ColumnDataSource, HoverTool, Range1d
     from bokeh.plotting import figure
@@ -102,6 +107,7 @@ def use_chart(
         height=280,
         sizing_mode="stretch_width",
         y_axis_label="%",
+        x_range=Range1d(start=start, end=end),
         y_range=Range1d(start=0, end=100),
         tools="pan,xwheel_zoom,box_zoom,reset,save",
         name="gpu-use",

@@ -778,7 +778,7 @@ class Charts(AdminPage):
         times, means, weight = views.use_buckets(
             samples, (start - epoch).total_seconds(), (end - epoch).total_seconds(), bucket
         )
-        u_script, u_div = charts.use_chart(times, means, bucket)
+        u_script, u_div = charts.use_chart(times, means, bucket, start, end)
         held_now = series["total"][1][-1]
         self.render_page(
             "charts.html",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 
 import pytest
@@ -212,3 +213,21 @@ def test_texts() -> None:
 )
 def test_detail_lines(detail: dict[str, object], lines: list[str]) -> None:
     assert detail_lines(detail) == lines
+
+
+def test_the_charts_embed_bokehjs_inline_and_load_nothing_from_a_cdn() -> None:
+    from nsml_server.admin import charts
+
+    resources = charts.bokeh_resources()
+    assert "<script" in resources and "Bokeh" in resources
+    assert not re.search(r"<script[^>]*\ssrc=|<link[^>]*\shref=", resources)
+    steps = allocation_steps([Interval(at(10), None, 1.0, "session")], at(0), at(60))
+    script, div = charts.allocation_chart({"total": steps}, 4.0, at(0), at(60))
+    assert "data-root-id" in div and "gpu-allocation" in script
+    epoch = datetime(1970, 1, 1)
+    s0, s1 = (at(0) - epoch).total_seconds(), (at(60) - epoch).total_seconds()
+    times, means, _ = use_buckets([UseSample(s0, 10, [50.0])], s0, s1, 900)
+    script, div = charts.use_chart(times, means, 900, at(0), at(60))
+    assert "gpu-use" in script
+    script, div = charts.usage_chart(["2026-12-01"], [1.5], [0.5])
+    assert "usage-by-day" in script
