@@ -19,6 +19,7 @@ from typing import Any
 from ._args import Parser, UsageProblem
 from ._fmt import gpu_rows, print_json, text_table
 from .cli_board import add_board_verbs
+from .cli_credit import add_credit_verb
 from .cli_dataset import add_dataset_verb
 from .cli_plot import add_plot_verb
 from .cli_session import add_session_verbs
@@ -142,6 +143,7 @@ def build_parser() -> Parser:
     add_plot_verb(sub)
     add_dataset_verb(sub)
     add_board_verbs(sub)
+    add_credit_verb(sub)
     return p
 
 

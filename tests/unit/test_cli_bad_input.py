@@ -84,6 +84,8 @@ BAD = [
     ("gpustat --state sideways", "nsml gpustat: argument --state: invalid choice"),
     ("health --json=yes", "ignored explicit argument 'yes'"),
     ("whoami somebody", "nsml whoami: unrecognized arguments: somebody"),
+    ("credit --limit 5000", "nsml credit: argument --limit: 5000 is out of range"),
+    ("credit --grant 1e400 --user bob --reason x", "give a nonzero amount from 0.001 to 1e9"),
     ("dataset", "the following arguments are required: ACTION"),
     ("dataset bogus", "argument ACTION: invalid choice: 'bogus'"),
     ("dataset ls --scope galaxy", "nsml dataset ls: argument --scope: invalid choice"),
