@@ -199,10 +199,11 @@ c.JupyterHub.load_roles = [
         "services": ["nsml-spawner"],
     },
     # The NSML server reads who users are and which groups (teams) they belong to, and stops
-    # the GPU notebook servers of users whose credits ran out; nothing else.
+    # the GPU notebook servers of users whose credits ran out; the admin panel (a page of the
+    # service) also lists and stops users' notebook servers. Nothing else.
     {
         "name": "nsml-service",
-        "scopes": ["read:users", "read:groups", "delete:servers"],
+        "scopes": ["read:users", "read:groups", "read:servers", "delete:servers"],
         "services": ["nsml"],
     },
     # Users' tokens may call the NSML API (JupyterHub gives new tokens no service access).
@@ -213,6 +214,9 @@ c.JupyterHub.load_roles = [
         "scopes": ["users:activity!user", "access:servers!server", "access:services!service=nsml"],
     },
 ]
+
+# ---- the hub's pages: a link to the NSML admin panel in the navigation bar, for admins ----------
+c.JupyterHub.template_paths = [str(REPO / "hub_config" / "templates")]
 
 # ---- site overrides -----------------------------------------------------------------------
 for _extra in filter(None, os.environ.get("NSML_EXTRA_CONFIG", "").split(":")):

@@ -711,8 +711,23 @@ class NSMLServer(DBSettings):
         handlers: list[Any] = [(self.base_url, IndexHandler, {"base_url": self.base_url})]
         handlers += [route.spec(api, document) for route in routes]
         handlers.append((api + ".*", NotFoundHandler, k))
+        admin_handlers, admin_settings = self.admin_routes()
+        handlers += admin_handlers
         return web.Application(
-            handlers, default_handler_class=NotFoundHandler, default_handler_args=k
+            handlers,
+            default_handler_class=NotFoundHandler,
+            default_handler_args=k,
+            **admin_settings,
+        )
+
+    def admin_routes(self) -> tuple[list[Any], dict[str, Any]]:
+        """The admin panel's pages (``admin/``) and the tornado settings they need."""
+        from .admin import AdminPanel
+
+        panel = AdminPanel(parent=self)
+        return (
+            panel.handlers(self.db, self.base_url, utcnow, self.runner.wake),
+            panel.tornado_settings(self.ensure_state_dir()),
         )
 
     # ---- background loops -----------------------------------------------------------------

@@ -134,14 +134,15 @@ class HubUser:
 
     # -- the hub -------------------------------------------------------------------------------
 
-    def log_in(self) -> None:
-        """Sign in on the hub's login page with the shared user password."""
+    def log_in(self, password: str | None = None) -> None:
+        """Sign in on the hub's login page with the shared user password (or *password*:
+        ``hub.admin_password`` for an admin)."""
         from playwright.sync_api import expect
 
         page = self.page
         page.goto(f"{self.hub.url}/hub/login")
         page.get_by_label("Username").fill(self.name)
-        page.get_by_label("Password").fill(self.hub.user_password)
+        page.get_by_label("Password").fill(password or self.hub.user_password)
         self.shot("login")
         page.get_by_role("button", name="Sign in").click()
         expect(page).not_to_have_url(re.compile(r"/hub/login"))

@@ -53,6 +53,11 @@ def test_the_wheel_never_installs_a_top_level_datasets_package(wheel: Path) -> N
     } <= top
     assert "nsml_server/migrations/script.py.mako" in names
     assert any(n.startswith("nsml_server/migrations/versions/0001") for n in names)
+    # The admin panel: its package and every page template.
+    for page in ("base", "error", "users", "user", "teams", "nodes", "sessions", "policy"):
+        assert f"nsml_server/admin/templates/{page}.html" in names
+    assert "nsml_server/admin/templates/charts.html" in names
+    assert "nsml_server/admin/templates/audit.html" in names
 
 
 def test_the_wheel_makes_every_kernel_load_the_nsml_magics(wheel: Path) -> None:
