@@ -321,9 +321,7 @@ def build_lab_wheel(source: Path, out: Path, uv: Path) -> Path | None:
     prefix = LAB_PROJECT + "/"
     files = [rel[len(prefix) :] for rel in source_files(source) if rel.startswith(prefix)]
     if has_frontend:
-        files += [
-            os.path.relpath(p, lab) for p in sorted(prebuilt.rglob("*")) if p.is_file()
-        ]
+        files += [os.path.relpath(p, lab) for p in sorted(prebuilt.rglob("*")) if p.is_file()]
     for rel in files:
         target = copy / rel
         target.parent.mkdir(parents=True, exist_ok=True)
