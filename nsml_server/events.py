@@ -291,13 +291,10 @@ class EventBroker:
             st = self._state
             st.last_event_id = s.scalar(select(func.max(SessionEvent.id))) or 0
             st.last_submission_id = s.scalar(select(func.max(Submission.id))) or 0
-            st.submissions = dict(
-                s.execute(
-                    select(Submission.id, Submission.state).where(
-                        Submission.state.in_(SUBMISSION_ACTIVE)
-                    )
-                ).tuples()
+            active = select(Submission.id, Submission.state).where(
+                Submission.state.in_(SUBMISSION_ACTIVE)
             )
+            st.submissions = {row[0]: row[1] for row in s.execute(active)}
             st.started = True
 
     def poll(self) -> list[StreamEvent]:
