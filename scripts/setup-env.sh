@@ -6,6 +6,8 @@
 #     drive Debian's own browser with Playwright; no browser is ever downloaded by the
 #     test tools);
 #   - a Python virtual environment in .venv with the project installed (editable);
+#   - the JupyterLab sidebar: labextension/'s JavaScript built (jlpm) and its Python
+#     package jupyter-nsml-lab installed (editable) into .venv;
 #   - configurable-http-proxy (npm) in .cache/proxy.
 # Usage: scripts/setup-env.sh [--test]
 set -euo pipefail
@@ -51,6 +53,22 @@ extra=""
 [ "$TEST" = 1 ] && extra="[test]"
 log "installing jupyter-nsml$extra into .venv"
 "$PY" -m uv pip install -q --python .venv/bin/python -e ".$extra"
+
+# ---- the JupyterLab sidebar (labextension/) ---------------------------------------------------
+# Its JavaScript is built here (from the npm registry's packages) when its sources are newer
+# than the build; the notebook image takes the build as it is (hub_config/images/build.py).
+lab=labextension
+built=$lab/jupyter_nsml_lab/labextension/package.json
+if [ -f $lab/package.json ]; then
+    if [ ! -f "$built" ] || [ -n "$(find $lab/package.json $lab/yarn.lock $lab/tsconfig.json \
+        $lab/src $lab/style $lab/schema -newer "$built" 2>/dev/null | head -1)" ]; then
+        log "building the JupyterLab extension in $lab (jlpm install, jlpm build:prod)"
+        (cd $lab && PATH="$PWD/../.venv/bin:$PATH" jlpm install >/dev/null \
+            && PATH="$PWD/../.venv/bin:$PATH" jlpm build:prod >/dev/null)
+    fi
+fi
+log "installing jupyter-nsml-lab ($lab) into .venv"
+"$PY" -m uv pip install -q --python .venv/bin/python -e "./$lab"
 
 # ---- configurable-http-proxy ------------------------------------------------------------------
 if [ ! -x .cache/proxy/node_modules/.bin/configurable-http-proxy ]; then

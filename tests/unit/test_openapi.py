@@ -10,6 +10,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from nsml_server.api.credits import credit_routes
+from nsml_server.api.events_stream import event_routes
 from nsml_server.api.leaderboards import leaderboard_routes
 from nsml_server.api.openapi import openapi_document
 from nsml_server.api.routes import INT32_MAX, INT64_MAX, ParamError, Route, RouteRules
@@ -22,6 +23,7 @@ ROUTES: list[Route] = (
     + session_routes(None, None)
     + leaderboard_routes(None, None)
     + credit_routes(None)
+    + event_routes(None, None)
 )
 
 
