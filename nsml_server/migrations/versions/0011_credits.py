@@ -9,8 +9,8 @@ low-balance warning flag.
 Existing balances (given before the ledger existed) are written into the ledger as one
 ``grant`` each, so that every balance can be recomputed from the ledger.
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-02 15:00:00.000000
 """
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
-down_revision = "0009"
+revision = "0011"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
