@@ -17,8 +17,10 @@ This module is what it stands on:
   * submission events: a leaderboard submission changed state (``queued``, ``running``,
     ``scored``, ``failed``); live only (no id: after a reconnect, fetch
     ``api/submissions``);
-  * credit events: :meth:`EventBroker.publish_credit` is the hook the credit accounting calls
-    when a user's balance changes (live only).
+  * credit events: new rows of the credit ledger (``credit_ledger``: grants, charges,
+    refunds, whichever server wrote them), one event per user account and read, with the
+    balance now, the change and the newest row's reason; live only (after a reconnect,
+    fetch ``api/me``). Team pools are not streamed.
 
 Who sees what: a user gets the events of their own sessions and submissions and their own
 balance; a hub admin may ask for everyone's (``?all=1``). A subscriber that falls more than
@@ -41,7 +43,14 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from .db import Database
-from .models import PlacementRequestRow, SessionEvent, Submission, TrainingSession
+from .models import (
+    CreditEntry,
+    PlacementRequestRow,
+    SessionEvent,
+    Submission,
+    TrainingSession,
+    User,
+)
 from .sessions import iso
 
 log = logging.getLogger("nsml_server.events")
@@ -127,6 +136,14 @@ def submission_payload(row: Submission) -> dict[str, Any]:
     }
 
 
+def credit_event(
+    user: str, balance: float, change: float, reason: str, at: datetime
+) -> StreamEvent:
+    """*user*'s balance changed by *change* credits to *balance*, because of *reason*."""
+    data = {"user": user, "balance": balance, "change": change, "reason": reason, "at": iso(at)}
+    return StreamEvent("credit", user, data)
+
+
 def session_events(s: Session, rows: Iterable[SessionEvent]) -> list[StreamEvent]:
     """Stream events of ``session_events`` rows, each with its session's present state."""
     out = []
@@ -185,6 +202,7 @@ class Subscriber:
 class _PollState:
     last_event_id: int = 0
     last_submission_id: int = 0
+    last_credit_id: int = 0
     submissions: dict[int, str] = field(default_factory=dict)  # active id -> state
     started: bool = False
 
@@ -248,21 +266,9 @@ class EventBroker:
                 self.subscribers.discard(sub)
 
     def publish_credit(self, user: str, balance: float, change: float, reason: str) -> None:
-        """Hook for the credit accounting: *user*'s balance changed by *change* (credits)
-        to *balance*, because of *reason* (e.g. ``charge user/mnist/3``). Live only."""
-        self.publish(
-            StreamEvent(
-                "credit",
-                user,
-                {
-                    "user": user,
-                    "balance": balance,
-                    "change": change,
-                    "reason": reason,
-                    "at": iso(self.now()),
-                },
-            )
-        )
+        """*user*'s balance changed by *change* (credits) to *balance*, because of *reason*
+        (e.g. ``charge user/mnist/3``); :meth:`poll` calls it for new ledger rows."""
+        self.publish(credit_event(user, balance, change, reason, self.now()))
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -291,6 +297,7 @@ class EventBroker:
             st = self._state
             st.last_event_id = s.scalar(select(func.max(SessionEvent.id))) or 0
             st.last_submission_id = s.scalar(select(func.max(Submission.id))) or 0
+            st.last_credit_id = s.scalar(select(func.max(CreditEntry.id))) or 0
             active = select(Submission.id, Submission.state).where(
                 Submission.state.in_(SUBMISSION_ACTIVE)
             )
@@ -324,7 +331,40 @@ class EventBroker:
                     st.submissions[sub.id] = sub.state
                 else:
                     st.submissions.pop(sub.id, None)
+            out += self._credit_events(s)
         return out
+
+    def _credit_events(self, s: Session) -> list[StreamEvent]:
+        """One event per user account with new ledger rows since the last read."""
+        st = self._state
+        entries = list(
+            s.scalars(
+                select(CreditEntry)
+                .where(CreditEntry.id > st.last_credit_id)
+                .order_by(CreditEntry.id)
+                .limit(REPLAY_PAGE)
+            )
+        )
+        if not entries:
+            return []
+        st.last_credit_id = entries[-1].id
+        changed: dict[str, tuple[int, str]] = {}
+        for e in entries:
+            if e.account_kind == "user":
+                total, _ = changed.get(e.account, (0, ""))
+                changed[e.account] = (total + e.amount_milli, e.reason)
+        if not changed:
+            return []
+        balances = dict(
+            s.execute(
+                select(User.name, User.credits_milli).where(User.name.in_(list(changed)))
+            ).all()
+        )
+        now = self.now()
+        return [
+            credit_event(user, balances.get(user, 0) / 1000, total / 1000, reason, now)
+            for user, (total, reason) in changed.items()
+        ]
 
     async def _run(self) -> None:
         while self.subscribers:

@@ -174,13 +174,25 @@ def test_submission_changes_reach_their_owner(db: Database) -> None:
     run(test, db)
 
 
-def test_credit_changes_go_to_their_user_through_the_hook(db: Database) -> None:
+def test_credit_changes_written_to_the_ledger_reach_their_user_only(db: Database) -> None:
+    from nsml_server.credits import grant
+
     async def test(broker: EventBroker) -> None:
         alice = await broker.subscribe("alice")
         bob = await broker.subscribe("bob")
-        broker.publish_credit("alice", 41.5, -0.5, "charge alice/mnist/3")
+        with db.session() as s:  # as any server writes them (an admin's grant, a charge)
+            grant(s, "alice", 50_000, "opening", "admin", NOW)
+            grant(s, "alice", -8_500, "course fee", "admin", NOW)
+            s.commit()
         [ev] = await take(alice, 1)
-        assert ev.type == "credit" and ev.data["balance"] == 41.5
+        assert ev.type == "credit"
+        assert ev.data["balance"] == 41.5 and ev.data["change"] == 41.5
+        assert ev.data["reason"] == "course fee" and ev.data["user"] == "alice"
+        with db.session() as s:
+            grant(s, "alice", 500, "refund", "admin", NOW)
+            s.commit()
+        [ev] = await take(alice, 1)
+        assert ev.data["balance"] == 42.0 and ev.data["change"] == 0.5
         assert bob.queue.empty()
         broker.unsubscribe(alice)
         broker.unsubscribe(bob)
