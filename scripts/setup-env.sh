@@ -6,7 +6,9 @@
 #     drive Debian's own browser with Playwright; no browser is ever downloaded by the
 #     test tools);
 #   - a Python virtual environment in .venv with the project installed (editable);
-#   - configurable-http-proxy (npm) in .cache/proxy.
+#   - configurable-http-proxy (npm) in .cache/proxy;
+#   - with --test: the JupyterLab extension's node packages (labextension/node_modules, from
+#     its yarn.lock with JupyterLab's jlpm), for its lint and unit tests.
 # Usage: scripts/setup-env.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,4 +61,14 @@ if [ ! -x .cache/proxy/node_modules/.bin/configurable-http-proxy ]; then
     [ -f .cache/proxy/package.json ] || echo '{"private": true}' >.cache/proxy/package.json
     (cd .cache/proxy && npm install --no-audit --no-fund --silent configurable-http-proxy@5 \
         >/dev/null)
+fi
+
+# ---- the JupyterLab extension's node packages (its lint and jest tests) -------------------------
+if [ "$TEST" = 1 ] && [ -f labextension/package.json ]; then
+    stamp=labextension/node_modules/.nsml-yarn.lock
+    if ! cmp -s labextension/yarn.lock "$stamp" 2>/dev/null; then
+        log "installing the labextension's node packages (jlpm install --immutable)"
+        (cd labextension && ../.venv/bin/jlpm install --immutable >/dev/null)
+        cp labextension/yarn.lock "$stamp"
+    fi
 fi
