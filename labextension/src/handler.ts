@@ -10,7 +10,7 @@ import { IApi, StreamEvent, classifyStreamEvent } from './model';
 /** The forwarder's prefix under the server's base URL. */
 export const API_PREFIX = 'nsml/api';
 /** The server-sent-event stream, one per notebook server (fanned out by the server). */
-export const STREAM_PATH = 'nsml/api/stream';
+export const STREAM_PATH = 'nsml/stream';
 
 /** An answer from the service that was not a success: its status and message. */
 export class NSMLError extends Error {
@@ -117,7 +117,15 @@ export class EventStream {
         this.onEvent(event);
       }
     };
-    for (const name of ['message', 'session', 'submission', 'credits', 'event']) {
+    for (const name of [
+      'message',
+      'session',
+      'submission',
+      'credit',
+      'credits',
+      'status',
+      'reset'
+    ]) {
       source.addEventListener(name, handle(name) as EventListener);
     }
     source.onopen = () => {

@@ -25,7 +25,10 @@ export type StreamEvent =
     }
   | { kind: 'submission'; id: number | null; dataset: string | null; state: string | null }
   | { kind: 'credits'; balance: number | null }
-  | { kind: 'hello' };
+  /** (Re)connected, or told to reload: whatever was missed is in a fresh listing. */
+  | { kind: 'hello' }
+  /** The server's upstream connection to the service dropped or came back. */
+  | { kind: 'status'; connected: boolean; message: string | null };
 
 const SESSION_STATES = new Set([
   'queued',
@@ -53,13 +56,24 @@ function isObject(v: unknown): v is { [k: string]: unknown } {
  * unknown is `null` (ignored).
  */
 export function classifyStreamEvent(name: string, data: unknown): StreamEvent | null {
+  if (name === 'reset') {
+    return { kind: 'hello' };
+  }
   if (!isObject(data)) {
-    return name === 'hello' || name === 'open' ? { kind: 'hello' } : null;
+    return null;
   }
   const type = String(data.type ?? data.topic ?? (name && name !== 'message' ? name : ''));
   const inner = isObject(data.data) ? data.data : isObject(data.payload) ? data.payload : data;
-  if (type === 'hello' || type === 'open') {
-    return { kind: 'hello' };
+  if (type === 'hello') {
+    // The service's greeting, relayed: the connection's own open event already refreshed.
+    return null;
+  }
+  if (type === 'status') {
+    return {
+      kind: 'status',
+      connected: inner.connected === true,
+      message: typeof inner.message === 'string' ? inner.message : null
+    };
   }
   if (type === 'credits' || type === 'credit' || type === 'balance') {
     const b = inner.balance ?? inner.credits;
@@ -93,11 +107,15 @@ export function classifyStreamEvent(name: string, data: unknown): StreamEvent | 
     };
   }
   if (typeof inner.session === 'string') {
+    // The service's session events carry the event (state, message) and the session's
+    // present state ("now"); the present state wins (a replayed old event must not rewind).
+    const now = isObject(inner.now) ? inner.now : null;
+    const msg = now && typeof now.message === 'string' ? now.message : inner.message;
     return {
       kind: 'session',
       session: inner.session,
-      state: asState(inner.state),
-      message: typeof inner.message === 'string' ? inner.message : null,
+      state: asState(now?.state) ?? asState(inner.state),
+      message: typeof msg === 'string' ? msg : null,
       full: null
     };
   }
@@ -526,6 +544,12 @@ export class NSMLModel {
       case 'hello':
         // (Re)connected: whatever happened while disconnected is in a fresh listing.
         await this.refreshAll();
+        return;
+      case 'status':
+        this.live = event.connected;
+        if (event.connected) {
+          await this.refreshAll();
+        }
         return;
       case 'credits':
         if (event.balance !== null && this._me) {

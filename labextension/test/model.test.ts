@@ -58,7 +58,45 @@ describe('classifyStreamEvent', () => {
       { user: 'alice', balance: 12.5 },
       { kind: 'credits', balance: 12.5 }
     ],
-    ['a hello after connecting', 'hello', null, { kind: 'hello' }],
+    ['a reset (missed too much): reload', 'reset', null, { kind: 'hello' }],
+    [
+      "the service's hello is left to the connection's open event",
+      'hello',
+      { user: 'a', last_id: 3 },
+      null
+    ],
+    [
+      'the upstream connection dropped',
+      'status',
+      { connected: false, message: 'service unreachable' },
+      { kind: 'status', connected: false, message: 'service unreachable' }
+    ],
+    [
+      "a service session event: the session's present state wins over the event's",
+      'session',
+      {
+        id: 9,
+        kind: 'state',
+        session: 'alice/mnist/3',
+        user: 'alice',
+        state: 'running',
+        message: 'started',
+        now: { name: 'alice/mnist/3', state: 'completed', message: null, reason: 'completed' }
+      },
+      {
+        kind: 'session',
+        session: 'alice/mnist/3',
+        state: 'completed',
+        message: 'started',
+        full: null
+      }
+    ],
+    [
+      'credits (the service names it "credit")',
+      'credit',
+      { user: 'alice', balance: 4.5, change: -0.5, reason: 'charge alice/mnist/3' },
+      { kind: 'credits', balance: 4.5 }
+    ],
     ['anything else is ignored', 'message', { foo: 1 }, null],
     ['a non-object is ignored', 'message', 42, null]
   ])('%s', (_, name, data, want) => {
