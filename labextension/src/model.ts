@@ -569,6 +569,11 @@ export class NSMLModel {
         }
         return;
       case 'session': {
+        if (!this._sessions.has(event.session)) {
+          // Started elsewhere (the CLI, a magic) and first seen through the stream: it is
+          // new, so its end deserves a notice even if it ended before the refetch.
+          this._streamNew.add(event.session);
+        }
         const next = reduceSessions(this._sessions, event);
         this._setSessions(next);
         if (!event.full) {
@@ -624,9 +629,17 @@ export class NSMLModel {
     this._sessions = next;
     if (this._loaded) {
       for (const [name, s] of next) {
-        const n = sessionNotice(before.get(name), s, this._me?.name ?? null);
-        if (n) {
+        const seen =
+          before.get(name) ??
+          (this._streamNew.has(name) ? { ...s, state: 'queued' as const } : undefined);
+        const n = sessionNotice(seen, s, this._me?.name ?? null);
+        const key = `${name} ${s.state}`;
+        if (n && !this._notified.has(key)) {
+          this._notified.add(key);
           this._notice.emit(n);
+        }
+        if (before.has(name) || ENDED_STATES.has(s.state)) {
+          this._streamNew.delete(name);
         }
       }
     }
@@ -702,6 +715,8 @@ export class NSMLModel {
   private _boards: Map<string, IBoard> = new Map();
   private _error: string | null = null;
   private _jobs: IJob[] = [];
+  private _streamNew = new Set<string>();
+  private _notified = new Set<string>();
   private _live = false;
   private _loaded = false;
   private _warnedLow = false;

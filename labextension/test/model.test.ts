@@ -395,6 +395,28 @@ describe('NSMLModel', () => {
     expect(api.calls).toContain('GET sessions/alice/mnist/1');
   });
 
+  test('a session started elsewhere that fails before the sidebar saw it still raises a notice, once', async () => {
+    const api = new FakeService();
+    const model = new NSMLModel(api);
+    const notices: INotice[] = [];
+    model.notice.connect((_, n) => notices.push(n));
+    await model.refreshAll();
+    api.sessions.set(
+      'alice/mnist/5',
+      session({ name: 'alice/mnist/5', state: 'failed', message: 'exit code 1' })
+    );
+    await model.applyStreamEvent(
+      classifyStreamEvent('session', { session: 'alice/mnist/5', state: 'queued' })!
+    );
+    await model.applyStreamEvent(
+      classifyStreamEvent('session', { session: 'alice/mnist/5', state: 'failed' })!
+    );
+    await model.refreshSessions();
+    expect(notices).toEqual([
+      { level: 'error', message: 'alice/mnist/5 failed: exit code 1', session: 'alice/mnist/5' }
+    ]);
+  });
+
   test('stop and fork go to the API and update the list', async () => {
     const api = new FakeService();
     api.sessions.set('alice/mnist/1', session());
