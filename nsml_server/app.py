@@ -706,6 +706,7 @@ class NSMLServer(DBSettings):
         document = openapi_document(__version__, self.base_url, self.allowed_images)
         k = {"ctx": self.ctx}
         routes = api_routes(self.ctx, document) + self.session_routes() + self.leaderboard_routes()
+        routes += self.event_routes()
         handlers: list[Any] = [(self.base_url, IndexHandler, {"base_url": self.base_url})]
         handlers += [route.spec(api, document) for route in routes]
         handlers.append((api + ".*", NotFoundHandler, k))
@@ -847,6 +848,13 @@ class NSMLServer(DBSettings):
             dataset_store=self.datasets.store if self.datasets is not None else None,
         )
         return leaderboard_routes(self.ctx, service)
+
+    def event_routes(self) -> list[Route]:
+        from .api.events_stream import event_routes
+        from .events import EventBroker
+
+        self.events = EventBroker(self.db, utcnow)
+        return event_routes(self.ctx, self.events)
 
     def session_routes(self) -> list[Route]:
         from .api.sessions import SessionService, session_routes

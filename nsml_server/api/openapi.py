@@ -801,6 +801,35 @@ def session_paths() -> dict[str, Any]:
                 ],
             )
         },
+        "/events/stream": {
+            "get": _op(
+                "The caller's events, live, as server-sent events",
+                {
+                    "200": {
+                        "description": (
+                            "text/event-stream that does not end while the client listens: "
+                            "'session' events (id = the event feed's id; data: the event and "
+                            "the session's state, reason, exit code, GPUs and queue position "
+                            "now), 'submission' events (a submission changed state), 'credit' "
+                            "events (the balance changed), ': heartbeat' comments, and 'reset' "
+                            "when the client fell too far behind (reconnect)"
+                        ),
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    }
+                },
+                params=[
+                    _query(
+                        "since",
+                        "replay the session events after this id first (the Last-Event-ID "
+                        "header, which a reconnecting EventSource sends, takes precedence)",
+                        type="integer",
+                        minimum=0,
+                        maximum=INT32_MAX,
+                    ),
+                    _query("all", "1: every user's (admin)", **FLAG),
+                ],
+            )
+        },
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import requests
 
+from nsml_server.api.events_stream import event_routes
 from nsml_server.api.leaderboards import leaderboard_routes
 from nsml_server.api.routes import HTTP_METHODS, Route
 from nsml_server.api.sessions import session_routes
@@ -21,7 +22,10 @@ from tests.integration.hubproc import HubProcess
 pytestmark = [pytest.mark.hub, pytest.mark.docker]
 
 ROUTES: list[Route] = (
-    api_routes(None, {}) + session_routes(None, None) + leaderboard_routes(None, None)
+    api_routes(None, {})
+    + session_routes(None, None)
+    + leaderboard_routes(None, None)
+    + event_routes(None, None)
 )
 
 VALID = {

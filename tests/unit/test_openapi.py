@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
+from nsml_server.api.events_stream import event_routes
 from nsml_server.api.leaderboards import leaderboard_routes
 from nsml_server.api.openapi import openapi_document
 from nsml_server.api.routes import INT32_MAX, INT64_MAX, ParamError, Route, RouteRules
@@ -17,7 +18,10 @@ from nsml_server.app import api_routes
 
 DOC = openapi_document("0.1.0", "/services/nsml/")
 ROUTES: list[Route] = (
-    api_routes(None, DOC) + session_routes(None, None) + leaderboard_routes(None, None)
+    api_routes(None, DOC)
+    + session_routes(None, None)
+    + leaderboard_routes(None, None)
+    + event_routes(None, None)
 )
 
 
