@@ -6,9 +6,10 @@
 #     drive Debian's own browser with Playwright; no browser is ever downloaded by the
 #     test tools);
 #   - a Python virtual environment in .venv with the project installed (editable);
-#   - configurable-http-proxy (npm) in .cache/proxy;
-#   - with --test: the JupyterLab extension's node packages (labextension/node_modules, from
-#     its yarn.lock with JupyterLab's jlpm), for its lint and unit tests.
+#   - the JupyterLab sidebar: labextension/'s node packages installed and its JavaScript built
+#     (jlpm; the packages also serve its lint and jest tests) and its Python
+#     package jupyter-nsml-lab installed (editable) into .venv;
+#   - configurable-http-proxy (npm) in .cache/proxy.
 # Usage: scripts/setup-env.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +55,23 @@ extra=""
 log "installing jupyter-nsml$extra into .venv"
 "$PY" -m uv pip install -q --python .venv/bin/python -e ".$extra"
 
+# ---- the JupyterLab sidebar (labextension/) ---------------------------------------------------
+# Its JavaScript is built here (from the npm registry's packages) when its sources are newer
+# than the build; the notebook image takes the build as it is (hub_config/images/build.py).
+lab=labextension
+built=$lab/jupyter_nsml_lab/labextension/package.json
+if [ -f $lab/package.json ]; then
+    if [ ! -f "$built" ] || [ ! -d $lab/node_modules ] \
+        || [ -n "$(find $lab/package.json $lab/yarn.lock $lab/tsconfig.json \
+            $lab/src $lab/style $lab/schema -newer "$built" 2>/dev/null | head -1)" ]; then
+        log "building the JupyterLab extension in $lab (jlpm install, jlpm build:prod)"
+        (cd $lab && PATH="$PWD/../.venv/bin:$PATH" jlpm install >/dev/null \
+            && PATH="$PWD/../.venv/bin:$PATH" jlpm build:prod >/dev/null)
+    fi
+fi
+log "installing jupyter-nsml-lab ($lab) into .venv"
+"$PY" -m uv pip install -q --python .venv/bin/python -e "./$lab"
+
 # ---- configurable-http-proxy ------------------------------------------------------------------
 if [ ! -x .cache/proxy/node_modules/.bin/configurable-http-proxy ]; then
     log "installing configurable-http-proxy into .cache/proxy"
@@ -61,14 +79,4 @@ if [ ! -x .cache/proxy/node_modules/.bin/configurable-http-proxy ]; then
     [ -f .cache/proxy/package.json ] || echo '{"private": true}' >.cache/proxy/package.json
     (cd .cache/proxy && npm install --no-audit --no-fund --silent configurable-http-proxy@5 \
         >/dev/null)
-fi
-
-# ---- the JupyterLab extension's node packages (its lint and jest tests) -------------------------
-if [ "$TEST" = 1 ] && [ -f labextension/package.json ]; then
-    stamp=labextension/node_modules/.nsml-yarn.lock
-    if ! cmp -s labextension/yarn.lock "$stamp" 2>/dev/null; then
-        log "installing the labextension's node packages (jlpm install --immutable)"
-        (cd labextension && ../.venv/bin/jlpm install --immutable >/dev/null)
-        cp labextension/yarn.lock "$stamp"
-    fi
 fi

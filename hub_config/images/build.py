@@ -11,7 +11,9 @@ layers:
   covers every input (Debian packages, the project's declared dependencies, uv's version,
   the CA bundle, the recipe), so that a code change does not rebuild it;
 * the **project layer**: the files that installing the project wheel adds, built with
-  ``docker build`` on top of the base.
+  ``docker build`` on top of the base; with it the wheel of the JupyterLab extension project
+  ``labextension/`` (the NSML sidebar, prebuilt by scripts/setup-env.sh, and its server
+  extension ``jupyter_nsml_lab``), enabled in every notebook server of the image.
 
 The final image is tagged ``<name>:<input hash>`` and ``<name>:latest``; when the tag with
 the same input hash already exists in the engine the build is skipped (``--force``
@@ -287,6 +289,55 @@ def build_wheel(source: Path, out: Path, uv: Path) -> Path:
     wheels = sorted(out.glob("*.whl"))
     if len(wheels) != 1:
         raise BuildError(f"expected one wheel from {source}, found {[w.name for w in wheels]}")
+    return wheels[0]
+
+
+LAB_PROJECT = "labextension"
+"""The JupyterLab extension project in the source tree (the sidebar and its server side)."""
+
+LAB_PREBUILT = "jupyter_nsml_lab/labextension"
+"""Its built JavaScript, inside the project (``jlpm build:prod``; ignored by git, made by
+scripts/setup-env.sh)."""
+
+
+def build_lab_wheel(source: Path, out: Path, uv: Path) -> Path | None:
+    """Build the wheel of the JupyterLab extension project, if the source tree has one.
+
+    The built JavaScript is taken as it is (never built here: the image build needs no
+    Node.js). A project with a ``package.json`` but no build is an error that names the
+    command; one without a ``package.json`` (the server extension alone) builds without it.
+    """
+    lab = source / LAB_PROJECT
+    if not (lab / "pyproject.toml").exists():
+        return None
+    has_frontend = (lab / "package.json").exists()
+    prebuilt = lab / LAB_PREBUILT
+    if has_frontend and not (prebuilt / "package.json").exists():
+        raise BuildError(
+            f"the JupyterLab extension in {lab} is not built ({prebuilt} is missing); run "
+            "scripts/setup-env.sh (it runs `jlpm build:prod` there), then build again"
+        )
+    copy = out / "lab-src"
+    prefix = LAB_PROJECT + "/"
+    files = [rel[len(prefix) :] for rel in source_files(source) if rel.startswith(prefix)]
+    if has_frontend:
+        files += [os.path.relpath(p, lab) for p in sorted(prebuilt.rglob("*")) if p.is_file()]
+    for rel in files:
+        target = copy / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(lab / rel, target, follow_symlinks=False)
+    env = dict(os.environ)
+    if not has_frontend:
+        log("%s has no package.json: its wheel holds the server extension only", lab)
+        env["HATCH_JUPYTER_BUILDER_SKIP_NPM"] = "1"
+    dest = out / "lab"
+    run(
+        [uv, "build", "--quiet", "--wheel", "--python", sys.executable, "--out-dir", dest, copy],
+        env=env,
+    )
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise BuildError(f"expected one wheel from {lab}, found {[w.name for w in wheels]}")
     return wheels[0]
 
 
@@ -820,7 +871,9 @@ def empty_trash(trash: Path) -> None:
 EPILOG = f"""\
 how it works:
   1. builds the project's wheel from a clean copy of the source tree (git's tracked and
-     unignored files) and hashes its contents;
+     unignored files) and hashes its contents; likewise the wheel of the JupyterLab
+     extension in labextension/ with its prebuilt JavaScript (jupyter_nsml_lab/labextension/,
+     made by scripts/setup-env.sh; never built here);
   2. base layer, cached under CACHE_DIR/base-<key>/ and in the engine as <name>-base:<key>:
      mmdebstrap --variant=extract of these Debian {DEBIAN_SUITE} packages:
 {textwrap.fill(" ".join(DEBIAN_PACKAGES), 88, initial_indent=" " * 7, subsequent_indent=" " * 7)}
@@ -931,7 +984,11 @@ def build(args: argparse.Namespace) -> str:
         uv = find_uv(cache)
         (work / "wheels").mkdir()
         project = inspect_wheel(build_wheel(args.source, work / "wheels", uv))
+        lab = build_lab_wheel(args.source, work / "wheels", uv)
         extras = [inspect_wheel(w.resolve()) for w in args.extra_wheel]
+        if lab is not None:
+            extras.insert(0, inspect_wheel(lab))
+            log("built %s %s", lab.name, extras[0].digest[:12])
         log("built %s %s", project.path.name, project.digest[:12])
 
         inputs = base_inputs(project, uv, args.constraint, args.mirror)

@@ -16,7 +16,7 @@ each browser connection (:class:`Listener`):
 - a listener more than ``queue_max`` events behind gets ``reset`` and is closed (bounded
   memory whatever the browser does).
 
-:class:`SSEParser` and :func:`frame` are pure; the connection uses tornado's HTTP client.
+:class:`SSEParser` and :func:`frame` are pure; :func:`http_connect` is the connection.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import contextlib
 import json
 import logging
 import random
+import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from urllib.parse import urlsplit
 
 log = logging.getLogger("jupyter_nsml_lab.stream")
 
@@ -258,12 +258,7 @@ class FanOut:
 
     async def _run(self) -> None:
         failures = 0
-        while True:
-            if not self.listeners:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait_listener(), self.linger_s)
-                if not self.listeners:
-                    return
+        while self.listeners:
             parser = SSEParser()
 
             def feed(chunk: bytes, parser: SSEParser = parser) -> None:
@@ -273,8 +268,12 @@ class FanOut:
                     self.publish(ev)
 
             self.connections += 1
+            conn = asyncio.ensure_future(self.connect(self.last_id, feed))
+            if not await self._until_idle(conn):
+                self.connected = False
+                return  # nobody listens: the connection was closed
             try:
-                await self.connect(self.last_id, feed)
+                conn.result()
                 message = "The NSML service ended the event stream."
                 failures = 0
             except Exception as e:
@@ -284,11 +283,28 @@ class FanOut:
                 self._set_connected(False, message)
             log.info("nsml event stream: %s", message)
             delay = min(self.backoff_max_s, self.backoff_s * 2 ** max(0, failures - 1))
-            await asyncio.sleep(delay * (0.5 + self.rng.random() / 2))
+            pause = asyncio.ensure_future(asyncio.sleep(delay * (0.5 + self.rng.random() / 2)))
+            if not await self._until_idle(pause):
+                return
 
-    async def _wait_listener(self) -> None:
-        while not self.listeners:
-            await asyncio.sleep(0.05)
+    async def _until_idle(self, work: asyncio.Future[None]) -> bool:
+        """Wait for *work*; True when it finished, False when nobody listened for
+        ``linger_s`` first (then *work* is cancelled: the connection closes)."""
+        loop = asyncio.get_running_loop()
+        idle_since: float | None = None
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=min(0.5, self.linger_s / 4) or 0.01)
+            if done:
+                return True
+            if self.listeners:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = loop.time()
+            elif loop.time() - idle_since >= self.linger_s:
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
+                return False
 
     def _set_connected(self, connected: bool, message: str) -> None:
         self.connected = connected
@@ -316,61 +332,91 @@ def _is_int(value: str | None) -> bool:
 
 
 def describe(e: BaseException) -> str:
-    if isinstance(e, HTTPClientError) and e.response is not None and e.response.body:
-        try:
-            body = json.loads(e.response.body)
-            return f"HTTP {e.code}: {body.get('message', '')}".strip()
-        except (ValueError, AttributeError):
-            pass
+    if isinstance(e, TimeoutError):
+        return "no data (not even a heartbeat) for too long"
     return str(e) or type(e).__name__
 
 
-def http_connect(url: str, token: str, timeout_s: float = 3600.0) -> Connect:
+def http_connect(url: str, token: str, idle_s: float = 60.0) -> Connect:
     """:data:`Connect` for the service's ``events/stream`` at *url*, with *token*.
 
-    The connection is renewed every *timeout_s* seconds at the latest (with
-    ``Last-Event-ID``, nothing is lost): the service's heartbeats keep it busy, so a stuck
-    one would otherwise never be noticed.
+    A plain HTTP/1.1 GET over asyncio streams (``https`` with the system's CA bundle), so that
+    the connection closes the moment nobody listens (the task is cancelled). The service
+    sends a heartbeat every 15 s: *idle_s* seconds without a byte count as a dead connection.
     """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    host = parts.hostname
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
     async def connect(last_event_id: str | None, feed: Callable[[bytes], None]) -> None:
-        headers = {"Authorization": f"token {token}", "Accept": "text/event-stream"}
-        if last_event_id is not None:
-            headers["Last-Event-ID"] = last_event_id
-        status: list[int] = []
-        body: list[bytes] = []
-
-        def on_header(line: str) -> None:
-            if line.startswith("HTTP/"):
-                status[:] = [int(line.split()[1])]
-
-        def on_chunk(chunk: bytes) -> None:
-            if status and status[0] == 200:
-                feed(chunk)
-            elif sum(map(len, body)) < 65536:
-                body.append(chunk)
-
-        req = HTTPRequest(
-            url,
-            headers=headers,
-            connect_timeout=10,
-            request_timeout=timeout_s,
-            header_callback=on_header,
-            streaming_callback=on_chunk,
-            follow_redirects=False,
+        tls = ssl.create_default_context() if parts.scheme == "https" else None
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=tls, limit=1 << 20), 10
         )
         try:
-            await AsyncHTTPClient().fetch(req)
-        except HTTPClientError as e:
-            if e.code == 599 and status and status[0] == 200:
-                return  # our own timeout: renew
-            if status and status[0] != 200:
-                text = b"".join(body).decode("utf-8", "replace")
-                try:
+            head = [
+                f"GET {target} HTTP/1.1",
+                f"Host: {parts.netloc.rpartition('@')[2]}",
+                f"Authorization: token {token}",
+                "Accept: text/event-stream",
+                "Cache-Control: no-cache",
+                "Connection: close",
+            ]
+            if last_event_id is not None:
+                head.append(f"Last-Event-ID: {last_event_id}")
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), idle_s)
+            lines = raw.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in lines[1:] if line)
+            }
+            chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+            if status != 200:
+                body = b""
+                with contextlib.suppress(Exception):
+                    async for part in _body(reader, chunked, idle_s):
+                        body += part
+                        if len(body) > 65536:
+                            break
+                text = body.decode("utf-8", "replace")
+                with contextlib.suppress(ValueError, AttributeError):
                     text = str(json.loads(text).get("message", text))
-                except (ValueError, AttributeError):
-                    pass
-                raise RuntimeError(f"HTTP {status[0]}: {text[:300]}") from None
-            raise
+                raise UpstreamError(f"HTTP {status}: {text[:300]}")
+            async for part in _body(reader, chunked, idle_s):
+                feed(part)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
     return connect
+
+
+class UpstreamError(Exception):
+    """The service refused the stream (its status and message)."""
+
+
+async def _body(reader: asyncio.StreamReader, chunked: bool, idle_s: float) -> AsyncIterator[bytes]:
+    """The body's bytes as they arrive (chunked transfer decoded); TimeoutError after
+    *idle_s* seconds without any."""
+    while True:
+        if not chunked:
+            data = await asyncio.wait_for(reader.read(65536), idle_s)
+            if not data:
+                return
+            yield data
+            continue
+        size_line = await asyncio.wait_for(reader.readline(), idle_s)
+        if not size_line:
+            return
+        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            return
+        data = await asyncio.wait_for(reader.readexactly(size + 2), idle_s)
+        yield data[:-2]

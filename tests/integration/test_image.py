@@ -142,3 +142,23 @@ def test_tls_verification_uses_the_ca_bundle(docker_client: Any, singleuser_imag
         ["python", "-c", "import ssl; print(ssl.create_default_context().cert_store_stats())"],
     )
     assert re.search(r"'x509_ca': [1-9]", output), output
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def test_the_nsml_sidebar_and_its_server_extension_are_enabled_and_ok(
+    docker_client: Any, singleuser_image: str
+) -> None:
+    """What jupyterlab-git's CI checks: both halves of labextension/ installed, enabled, OK."""
+    output = check(
+        docker_client,
+        singleuser_image,
+        ["sh", "-c", "jupyter server extension list 2>&1; jupyter labextension list 2>&1"],
+    )
+    text = ANSI.sub("", output)
+    assert re.search(r"^\s*jupyter_nsml_lab enabled\s*$", text, re.M), text
+    assert re.search(r"^\s*jupyter_nsml_lab \S+ OK\s*$", text, re.M), text
+    assert re.search(
+        r"^\s*jupyter-nsml-lab v\S+ enabled OK \(python, jupyter[-_]nsml[-_]lab\)", text, re.M
+    ), text
