@@ -84,6 +84,21 @@ export async function sendBytes<T>(
 }
 
 /**
+ * A cookie's value; the last of duplicates, as tornado reads them (and as JupyterLab's
+ * `ServerConnection` picks the XSRF value it sends).
+ */
+export function lastCookie(name: string, cookies: string = document.cookie): string | undefined {
+  let value: string | undefined;
+  for (const part of cookies.split(';')) {
+    const p = part.trim();
+    if (p.startsWith(name + '=')) {
+      value = p.slice(name.length + 1);
+    }
+  }
+  return value;
+}
+
+/**
  * The one event stream: an `EventSource` on the server's stream, reconnecting with a
  * backoff when it closes, handing each classified event to `onEvent`.
  */
@@ -98,11 +113,20 @@ export class EventStream {
       return;
     }
     const settings = ServerConnection.makeSettings();
-    let url = URLExt.join(settings.baseUrl, STREAM_PATH);
+    // EventSource sends no headers of its own: the XSRF value (JupyterHub's single-user
+    // servers ask it of every cookie-authenticated API request, GET included) and a token,
+    // if the page has one, go in the query.
+    const query = new URLSearchParams();
+    const xsrf = lastCookie('_xsrf');
+    if (xsrf !== undefined) {
+      query.set('_xsrf', xsrf);
+    }
     const token = PageConfig.getToken();
     if (token) {
-      url += `?token=${encodeURIComponent(token)}`;
+      query.set('token', token);
     }
+    const q = query.toString();
+    const url = URLExt.join(settings.baseUrl, STREAM_PATH) + (q ? `?${q}` : '');
     const source = new EventSource(url, { withCredentials: true });
     this._source = source;
     const handle = (name: string) => (e: MessageEvent) => {

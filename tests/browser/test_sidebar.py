@@ -26,6 +26,19 @@ from tests.integration.test_sessions import FAIL_PY, TRAIN_PY, Cli, cli_for, sta
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
 
+#: A session that runs until the test creates /tmp/go in its container (through the API's
+#: exec), not for a fixed time a slow machine may spend before the page shows it running.
+GO_PY = """
+import os, time
+import nsml
+print("waiting for /tmp/go", flush=True)
+deadline = time.time() + 600
+while not os.path.exists("/tmp/go") and time.time() < deadline:
+    time.sleep(0.2)
+nsml.report(step=1, loss=0.25)
+print("done", flush=True)
+"""
+
 #: Set in the page before a wait; still set after it: the page was not reloaded meanwhile.
 MARK_JS = "() => { window.__nsmlNoReload = 1; }"
 MARKED_JS = "() => window.__nsmlNoReload === 1"
@@ -70,6 +83,7 @@ def project(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "train.py").write_text(TRAIN_PY)
     (folder / "fail.py").write_text(FAIL_PY)
+    (folder / "go.py").write_text(GO_PY)
     return folder
 
 
@@ -80,22 +94,26 @@ def run(nsml: Cli, entry: str, *args: str) -> str:
 def test_the_sessions_tab_lists_a_running_session_and_shows_it_end_without_a_reload(
     hub: HubProcess, hub_user: Callable[[str], HubUser], tmp_path: Path
 ) -> None:
+    from playwright.sync_api import expect
+
     user = "sb-live"
-    nsml = cli_for(hub, hub.user_token(user), project(tmp_path))
+    token = hub.user_token(user)
+    nsml = cli_for(hub, token, project(tmp_path))
     side = open_lab(hub, hub_user, user)
     side.open()
     side.page.evaluate(MARK_JS)
-    # Started after the page loaded: the sidebar learns of it from the event stream.
-    name = run(nsml, "train.py", "--epochs", "1", "--steps", "40", "--sleep", "0.5")
+    # Started after the page loaded: the sidebar learns of it without a reload (the event
+    # stream, or the slow refresh while the stream's upstream is down).
+    name = run(nsml, "go.py")
     side.expect_state(name, "running")
     side.me.shot("running")
     assert status(nsml, name)["state"] == "running"
+    r = hub.nsml("POST", f"sessions/{name}/exec", token, json={"command": ["touch", "/tmp/go"]})
+    assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
     side.expect_state(name, "completed")
     assert side.page.evaluate(MARKED_JS), "the page was reloaded"
     assert wait_state(nsml, name)["state"] == "completed"
     # The last metrics of the ended session are on its row.
-    from playwright.sync_api import expect
-
     expect(side.row(name).locator(".jp-NSML-metrics")).to_contain_text("loss")
     side.me.shot("completed")
 

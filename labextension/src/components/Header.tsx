@@ -19,6 +19,7 @@ export function Header(props: { model: NSMLModel; onRefresh: () => void }): JSX.
         <div className="jp-NSML-timeleft">{me ? formatTimeLeft(me.credits, rate) : ''}</div>
       </div>
       <span
+        role="status"
         className={`jp-NSML-live ${model.live ? 'jp-mod-live' : ''}`}
         title={model.live ? 'Live: updates arrive as they happen' : 'Not live: refresh by hand'}
         aria-label={model.live ? 'live' : 'offline'}
