@@ -629,9 +629,10 @@ export class NSMLModel {
     this._sessions = next;
     if (this._loaded) {
       for (const [name, s] of next) {
-        const seen =
-          before.get(name) ??
-          (this._streamNew.has(name) ? { ...s, state: 'queued' as const } : undefined);
+        // A session not seen before is new if the stream announced it or it was created
+        // after the first listing (started elsewhere while the stream's upstream was down).
+        const isNew = this._streamNew.has(name) || (Date.parse(s.created) || 0) > this._loadedAt;
+        const seen = before.get(name) ?? (isNew ? { ...s, state: 'queued' as const } : undefined);
         const n = sessionNotice(seen, s, this._me?.name ?? null);
         const key = `${name} ${s.state}`;
         if (n && !this._notified.has(key)) {
@@ -642,6 +643,9 @@ export class NSMLModel {
           this._streamNew.delete(name);
         }
       }
+    }
+    if (!this._loaded) {
+      this._loadedAt = this.now();
     }
     this._loaded = true;
     this._changed.emit();
@@ -716,6 +720,7 @@ export class NSMLModel {
   private _error: string | null = null;
   private _jobs: IJob[] = [];
   private _streamNew = new Set<string>();
+  private _loadedAt = Infinity;
   private _notified = new Set<string>();
   private _live = false;
   private _loaded = false;

@@ -417,6 +417,26 @@ describe('NSMLModel', () => {
     ]);
   });
 
+  test('a session created after the first listing and first seen ended in a refresh raises a notice', async () => {
+    const api = new FakeService();
+    let now = Date.parse('2026-01-01T00:00:00Z');
+    const model = new NSMLModel(api, { now: () => now });
+    const notices: INotice[] = [];
+    model.notice.connect((_, n) => notices.push(n));
+    api.sessions.set(
+      'alice/mnist/1',
+      session({ state: 'failed', created: '2025-12-31T23:00:00Z' })
+    );
+    await model.refreshAll();
+    now += 60_000;
+    api.sessions.set(
+      'alice/mnist/2',
+      session({ name: 'alice/mnist/2', id: 2, state: 'failed', created: '2026-01-01T00:00:30Z' })
+    );
+    await model.refreshSessions();
+    expect(notices.map(n => n.session)).toEqual(['alice/mnist/2']);
+  });
+
   test('stop and fork go to the API and update the list', async () => {
     const api = new FakeService();
     api.sessions.set('alice/mnist/1', session());

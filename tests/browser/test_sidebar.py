@@ -127,7 +127,7 @@ def test_stop_from_the_sidebar_stops_the_session(
     side = open_lab(hub, hub_user, user)
     side.open()
     side.expect_state(name, "running")
-    side.row(name).get_by_role("button", name="Stop").click()
+    side.row(name).get_by_role("button", name="Stop", exact=True).click()
     side.expect_state(name, "stopped")
     side.me.shot("stopped")
     assert wait_state(nsml, name)["state"] == "stopped"
@@ -145,7 +145,7 @@ def test_fork_from_the_dialog_starts_a_child_with_the_edited_argument(
     side = open_lab(hub, hub_user, user)
     side.open()
     side.expect_state(parent, "completed")
-    side.row(parent).get_by_role("button", name="Fork").click()
+    side.row(parent).get_by_role("button", name="Fork", exact=True).click()
     dialog = side.page.get_by_role("dialog")
     args = dialog.get_by_label("Arguments")
     expect(args).to_have_value("--lr 0.1 --epochs 1 --steps 2")
@@ -236,7 +236,7 @@ def test_the_datasets_tab_lists_a_pushed_dataset_and_a_context_menu_push_adds_a_
         {"type": "file", "format": "text", "content": "x,y\n1,2\n3,4\n"},
     )
     browser = me.page.get_by_role("region", name="File Browser Section")
-    browser.get_by_role("button", name=re.compile("Refresh")).first.click()
+    # (the file browser lists it at its next poll)
     item = browser.locator(".jp-DirListing-item", has_text=re.compile(r"^digits2$"))
     item.click(button="right")
     me.page.get_by_role("menuitem", name="Push to NSML as a dataset").click()
