@@ -160,12 +160,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
       window.clearInterval(slow);
       if (settings.refresh === 'live') {
         stream.start();
+        // GPU use and metrics change without events; and while the stream's upstream is
+        // down, this is what still brings state changes (and their notifications).
         slow = window.setInterval(
           () => {
-            if (sidebar.isVisible) {
-              void model.refreshSessions();
-              void model.refreshMe();
-            }
+            void model.refreshSessions();
+            void model.refreshMe();
           },
           Math.max(5, settings.refreshSeconds) * 1000
         );

@@ -235,6 +235,7 @@ def test_the_datasets_tab_lists_a_pushed_dataset_and_a_context_menu_push_adds_a_
         "digits2/train.csv",
         {"type": "file", "format": "text", "content": "x,y\n1,2\n3,4\n"},
     )
+    me.page.locator('.jp-SideBar [data-id="filebrowser"]').click()
     browser = me.page.get_by_role("region", name="File Browser Section")
     # (the file browser lists it at its next poll)
     item = browser.locator(".jp-DirListing-item", has_text=re.compile(r"^digits2$"))
@@ -243,6 +244,7 @@ def test_the_datasets_tab_lists_a_pushed_dataset_and_a_context_menu_push_adds_a_
     dialog = me.page.get_by_role("dialog")
     dialog.get_by_label("Dataset name").fill("digits")
     dialog.get_by_role("button", name="OK").click()
+    side.open("Datasets")
     expect(row.get_by_label("versions")).to_have_text("2 versions", timeout=180_000)
     me.shot("two-versions")
     listed = json.loads(nsml("dataset", "ls", "--json").stdout)
