@@ -56,7 +56,8 @@ class Sidebar:
         """Click the NSML icon in the left bar, then the tab."""
         from playwright.sync_api import expect
 
-        self.page.locator('.jp-SideBar [data-id="jp-nsml-sidebar"]').click()
+        if not self.panel.is_visible():  # a click on the shown panel's icon would hide it
+            self.page.locator('.jp-SideBar [data-id="jp-nsml-sidebar"]').click()
         expect(self.panel).to_be_visible()
         self.panel.get_by_role("tab", name=tab).click()
         expect(self.panel.get_by_role("tab", name=tab)).to_have_attribute("aria-selected", "true")
