@@ -6,7 +6,8 @@
 #     drive Debian's own browser with Playwright; no browser is ever downloaded by the
 #     test tools);
 #   - a Python virtual environment in .venv with the project installed (editable);
-#   - the JupyterLab sidebar: labextension/'s JavaScript built (jlpm) and its Python
+#   - the JupyterLab sidebar: labextension/'s node packages installed and its JavaScript built
+#     (jlpm; the packages also serve its lint and jest tests) and its Python
 #     package jupyter-nsml-lab installed (editable) into .venv;
 #   - configurable-http-proxy (npm) in .cache/proxy.
 # Usage: scripts/setup-env.sh [--test]
@@ -60,8 +61,9 @@ log "installing jupyter-nsml$extra into .venv"
 lab=labextension
 built=$lab/jupyter_nsml_lab/labextension/package.json
 if [ -f $lab/package.json ]; then
-    if [ ! -f "$built" ] || [ -n "$(find $lab/package.json $lab/yarn.lock $lab/tsconfig.json \
-        $lab/src $lab/style $lab/schema -newer "$built" 2>/dev/null | head -1)" ]; then
+    if [ ! -f "$built" ] || [ ! -d $lab/node_modules ] \
+        || [ -n "$(find $lab/package.json $lab/yarn.lock $lab/tsconfig.json \
+            $lab/src $lab/style $lab/schema -newer "$built" 2>/dev/null | head -1)" ]; then
         log "building the JupyterLab extension in $lab (jlpm install, jlpm build:prod)"
         (cd $lab && PATH="$PWD/../.venv/bin:$PATH" jlpm install >/dev/null \
             && PATH="$PWD/../.venv/bin:$PATH" jlpm build:prod >/dev/null)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the tests need and run them all: ruff, mypy, then pytest (unit tests, a real
+# Install what the tests need and run them all: ruff, mypy, the JupyterLab extension's lint and
+# jest tests, then pytest (unit tests, a real
 # jupyterhub, a real Docker engine, a private PostgreSQL). In CI (CI=true) a missing service
 # fails its tests instead of skipping them; only `gpu` tests may skip (no GPU here).
 # Extra arguments go to pytest.
@@ -27,6 +28,9 @@ echo "== ruff" >&2
 .venv/bin/ruff format --check .
 echo "== mypy" >&2
 .venv/bin/mypy
+
+echo "== labextension (tsc, prettier, jest)" >&2
+(cd labextension && ../.venv/bin/jlpm lint && ../.venv/bin/jlpm test --ci)
 
 echo "== pytest" >&2
 if [ "${CI:-}" = "true" ]; then
