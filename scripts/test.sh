@@ -37,7 +37,7 @@ if [ "${CI:-}" = "true" ]; then
     export NSML_TEST_REQUIRE=${NSML_TEST_REQUIRE:-docker,hub,db,browser,cluster}
 fi
 set +e
-.venv/bin/pytest "$@"
+.venv/bin/pytest --durations=30 "$@"  # the slowest tests: where the run's time goes
 rc=$?
 set -e
 echo "test.sh: browser screenshots in ${NSML_SCREENSHOTS:-$PWD/.cache/screenshots}" >&2
