@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ import blake3
 import pytest
 import requests
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import agent_node, wait_for
 from tests.integration.hubproc import HubProcess, ServerProcess, virtual_node_heartbeat
 from tests.integration.test_datasets import User, make_folder, store_dir, tree, user
 from tests.integration.test_hub import assert_json_error
@@ -320,56 +317,11 @@ def remote_agent(hub: HubProcess) -> Iterator[tuple[str, Path]]:
     tests read list nodes by name) and are marked ``down`` afterwards, so that nothing else is
     placed on them.
     """
-    cache = Path(tempfile.mkdtemp(prefix="nsml-agent-cache-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NSML_", "JUPYTERHUB_"))}
-    env.update(
-        NSML_API_URL=hub.nsml_api,
-        NSML_TOKEN=hub.user_token("admin"),
-        NSML_VIRTUAL_GPUS="1",
-        NSML_VIRTUAL_GPU_MODEL="XDS-Remote-GPU",
-    )
-    log = open(hub.state_dir / "agent-xds-remote.log", "ab")
-    proc = subprocess.Popen(
-        [
-            NSML_AGENT,
-            "--name",
-            "xds-remote",
-            "--docker-url",
-            "tcp://xds-remote.invalid:2376",
-            "--cache-dir",
-            str(cache),
-            "--cache-bytes",
-            str(64 * MIB),
-            "--interval",
-            "1",
-            "--holds-interval",
-            "0.2",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    log.close()
-    try:
-        wait_for(
-            lambda: hub.nsml("GET", "nodes/xds-remote", hub.user_token("admin")).status_code == 200,
-            timeout=30,
-            what="the remote agent registered",
-        )
+    env = {"NSML_VIRTUAL_GPUS": "1", "NSML_VIRTUAL_GPU_MODEL": "XDS-Remote-GPU"}
+    args = ["--docker-url", "tcp://xds-remote.invalid:2376", "--cache-bytes", str(64 * MIB)]
+    args += ["--interval", "1", "--holds-interval", "0.2"]
+    with agent_node(hub, "xds-remote", env, args) as cache:
         yield "xds-remote", cache
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        mark_down(hub, "xds-remote")
-        for p in cache.rglob("*"):
-            if p.is_dir():
-                p.chmod(0o755)
-        shutil.rmtree(cache, ignore_errors=True)
 
 
 def test_a_remote_node_downloads_the_version_with_hash_checks_and_releases_it(

@@ -10,11 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import agent_node, wait_for
 from tests.integration.hubproc import HubProcess
 from tests.integration.test_sessions import cli_for, status, wait_state
 
@@ -46,48 +42,15 @@ while not os.path.exists("/tmp/go"):
 @pytest.fixture()
 def programmed_node(hub: HubProcess) -> Iterator[str]:
     """A node of one programmed GPU, its containers on the hub's own engine."""
-    cache = Path(tempfile.mkdtemp(prefix="nsml-agent-cache-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NSML_", "JUPYTERHUB_"))}
-    env.update(
-        NSML_API_URL=hub.nsml_api,
-        NSML_TOKEN=hub.user_token("admin"),
-        NSML_GPU_PROBE="tests.gpu_program:probe",
-        NSML_TEST_GPU_PROGRAM=json.dumps(
-            {"gpus": 1, "model": MODEL, "utilization": {"0": CURVE}, "memory": {"0": MEMORY}}
-        ),
-        PYTHONPATH=str(REPO),
-    )
+    program = {"gpus": 1, "model": MODEL, "utilization": {"0": CURVE}, "memory": {"0": MEMORY}}
+    env = {
+        "NSML_GPU_PROBE": "tests.gpu_program:probe",
+        "NSML_TEST_GPU_PROGRAM": json.dumps(program),
+        "PYTHONPATH": str(REPO),
+    }
     docker_url = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    log = open(hub.state_dir / f"agent-{NODE}.log", "ab")
-    proc = subprocess.Popen(
-        [
-            *(NSML_AGENT, "--name", NODE, "--docker-url", docker_url),
-            *("--cache-dir", str(cache), "--interval", "1"),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    log.close()
-    admin = hub.user_token("admin")
-    try:
-        wait_for(
-            lambda: hub.nsml("GET", f"nodes/{NODE}", admin).status_code == 200,
-            timeout=30,
-            what="the programmed node registered",
-        )
+    with agent_node(hub, NODE, env, ["--docker-url", docker_url, "--interval", "1"]):
         yield NODE
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        r = hub.nsml("PATCH", f"nodes/{NODE}", admin, json={"state": "down"})
-        assert r.status_code in (200, 404), r.text
-        shutil.rmtree(cache, ignore_errors=True)
 
 
 def test_gpumonitor_shows_the_programmed_curve_of_a_running_session(
