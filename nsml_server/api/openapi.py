@@ -644,10 +644,12 @@ def session_paths() -> dict[str, Any]:
                 [
                     _query(
                         "sessions",
-                        "comma-separated session names USER/DATASET/N (at most 500)",
+                        "comma-separated session names USER/DATASET/N (at most 1,000 "
+                        "characters, so that the URL stays under 16 KB however they encode: "
+                        "ask for more sessions in several requests)",
                         required=True,
                         minLength=1,
-                        maxLength=65_536,
+                        maxLength=1_000,  # configurable-http-proxy (Node.js): 16 KB of headers
                     ),
                     *_metric_queries(),
                 ],

@@ -784,7 +784,7 @@ class MetricsBatchHandler(SessionHandler):
     A session that is not there or not readable is named in ``errors``; the others answer.
     """
 
-    #: The most sessions one request may name.
+    #: The most sessions one request may name (the document also bounds their characters).
     MAX_SESSIONS = 500
 
     def get(self, *args: str) -> None:

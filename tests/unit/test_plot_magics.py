@@ -116,3 +116,23 @@ def test_the_gpumonitor_magic_plots_the_utilisation_curve(
     assert "GPU 0: now 30%, mean 46%, peak 90%, memory peak 100 MiB" in out, out
     assert main(["gpumonitor", "alice/_/1"]) == 0
     assert "peak 90%" in capsys.readouterr().out
+
+
+def test_many_sessions_metrics_are_asked_in_urls_of_at_most_1000_characters_of_names(
+    api: FakeAPI,
+) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from nsml import sessions
+    from nsml.client import Client
+
+    names = [f"alice/{'d' * 40}/{k}" for k in range(1, 61)]  # 2,950 characters in all
+    found, _ = sessions.metrics_many(Client(), [*names, names[0]])
+    asked = [
+        parse_qs(urlsplit(p).query)["sessions"][0]
+        for _, p in api.requests
+        if urlsplit(p).path.endswith("/metrics")
+    ]
+    assert len(asked) == 3 and all(len(a) <= 1000 for a in asked), [len(a) for a in asked]
+    assert [n for a in asked for n in a.split(",")] == names, "each once, in order"
+    assert set(found) == {"alice/_/1", "alice/_/2"}  # what the stand-in answers
