@@ -86,13 +86,22 @@ def hub(docker_client: Any, singleuser_image: str) -> Iterator[HubProcess]:
         h.start()
         yield h
     finally:
-        try:
-            if h.proc is not None:
-                for user in h.admin("GET", "/users").json():
-                    if user.get("server") or user.get("pending"):
-                        h.admin("DELETE", f"/users/{user['name']}/server")
-        except Exception:
-            pass
+        stop_all_servers(h)
         h.stop()
         remove_deployment(docker_client, prefix)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def stop_all_servers(h: HubProcess) -> list[str]:
+    """Ask *h* to stop every server that runs or is starting (best effort: a hub that is
+    already gone is left as it is); the users whose servers were asked to stop."""
+    asked: list[str] = []
+    try:
+        if h.proc is not None:
+            for user in h.admin("GET", "/users").json():
+                if user.get("server") or user.get("pending"):
+                    h.admin("DELETE", f"/users/{user['name']}/server")
+                    asked.append(user["name"])
+    except Exception:
+        pass
+    return asked

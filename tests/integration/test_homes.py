@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.hub_fixtures import remove_deployment, unique_prefix
+from tests.hub_fixtures import remove_deployment, stop_all_servers, unique_prefix
 from tests.integration.conftest import wait_for
 from tests.integration.hubproc import HubProcess
 from tests.integration.test_placements import local_model
@@ -231,11 +231,9 @@ def shared_homes_hub(
         h.start()
         yield h, homes
     finally:
+        stop_all_servers(h)
         try:
             if h.proc is not None:
-                for user in h.admin("GET", "/users").json():
-                    if user.get("server") or user.get("pending"):
-                        h.admin("DELETE", f"/users/{user['name']}/server")
                 for user in h.admin("GET", "/users").json():
                     wait_for(lambda u=user["name"]: stopped(h, u), timeout=60, what="stopped")
         except Exception:

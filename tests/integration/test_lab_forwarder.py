@@ -28,7 +28,12 @@ from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httpserver import HTTPServer
 
-from tests.hub_fixtures import proxy_available, remove_deployment, unique_prefix
+from tests.hub_fixtures import (
+    proxy_available,
+    remove_deployment,
+    stop_all_servers,
+    unique_prefix,
+)
 from tests.integration.conftest import wait_for
 from tests.integration.hubproc import HubProcess, free_port
 from tests.integration.test_sessions import FAIL_PY, cli_for
@@ -155,13 +160,7 @@ def lab_hub(docker_client: Any, singleuser_image: str) -> Iterator[tuple[HubProc
         h.start()
         yield h, rec
     finally:
-        try:
-            if h.proc is not None:
-                for user in h.admin("GET", "/users").json():
-                    if user.get("server") or user.get("pending"):
-                        h.admin("DELETE", f"/users/{user['name']}/server")
-        except Exception:
-            pass
+        stop_all_servers(h)
         h.stop()
         rec.stop()
         remove_deployment(docker_client, prefix)
