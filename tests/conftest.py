@@ -89,5 +89,13 @@ def postgres_url() -> Iterator[str]:
         cm.__exit__(None, None, None)
 
 
-# The hub and its image, shared by tests/integration and tests/browser (one hub per session).
-from tests.hub_fixtures import hub, singleuser_image  # noqa: E402, F401
+# The hub and its image, shared by tests/integration and tests/browser (one hub per session);
+# a failed test on that hub reports its state, and work a test leaves running there is named.
+from tests.hub_fixtures import (  # noqa: E402, F401
+    hub,
+    pytest_runtest_makereport,
+    pytest_runtest_setup,
+    pytest_runtest_teardown,
+    pytest_terminal_summary,
+    singleuser_image,
+)

@@ -119,12 +119,18 @@ def status(nsml: Cli, name: str) -> dict[str, Any]:
 
 
 def wait_state(nsml: Cli, name: str, states: tuple[str, ...] = FINAL, timeout: float = 120) -> Any:
-    return wait_for(
-        lambda: (st := status(nsml, name))["state"] in states and st,
-        timeout=timeout,
-        interval=0.5,
-        what=f"{name} in {states}",
-    )
+    """Wait until session *name* is in one of *states*; on timeout, say where it was."""
+    last: dict[str, Any] = {}
+
+    def reached() -> Any:
+        last.update(status(nsml, name))
+        return last["state"] in states and dict(last)
+
+    try:
+        return wait_for(reached, timeout=timeout, interval=0.5, what=f"{name} in {states}")
+    except AssertionError as e:
+        keys = ("state", "reason", "message", "queue", "node", "exit_code")
+        raise AssertionError(f"{e}; last { ({k: last.get(k) for k in keys}) }") from None
 
 
 def logs(nsml: Cli, name: str) -> str:
