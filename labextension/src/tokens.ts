@@ -49,7 +49,9 @@ export interface ISession {
   id: number;
   user: string;
   state: SessionState;
-  visibility: 'private' | 'public';
+  visibility: 'private' | 'team' | 'public';
+  /** The team whose members read it (visibility 'team'). */
+  team?: string | null;
   entry: string;
   args: string[];
   image: string;

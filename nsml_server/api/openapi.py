@@ -657,11 +657,17 @@ def session_paths() -> dict[str, Any]:
         },
         "/sessions": {
             "get": _op(
-                "The caller's sessions (admin: all=1 or user=NAME)",
+                "The caller's sessions (admin: all=1 or user=NAME; teams=1: also their teams')",
                 {"200": _json(SessionList, "Oldest first")},
                 params=[
                     _query("state", "a state, or 'active'", enum=["active", *SESSION_STATES]),
                     _query("all", "1: every user's (admin)", **FLAG),
+                    _query(
+                        "teams",
+                        "1: also the team sessions (visibility 'team') of the caller's teams "
+                        "(their JupyterHub groups), whoever owns them",
+                        **FLAG,
+                    ),
                     _query("user", "another user's (admin)", minLength=1, maxLength=255),
                     _query(
                         "dataset",
@@ -712,7 +718,8 @@ def session_paths() -> dict[str, Any]:
         },
         s + "/stop": {
             "post": _op(
-                "Stop: SIGTERM, the grace period, then SIGKILL",
+                "Stop: SIGTERM, the grace period, then SIGKILL (the owner, an admin, or a "
+                "team admin of the session's team)",
                 {
                     "202": _json(SessionOut, "Stopping"),
                     "200": _json(SessionOut, "Had already ended"),
