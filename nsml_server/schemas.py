@@ -1168,7 +1168,10 @@ class TeamOut(BaseModel):
     balance: float
     balance_milli: int
     admins: list[str]
-    members: list[str] = Field(description="users in the hub group, as last seen")
+    members: list[str] = Field(
+        description="users in the hub group, as last seen (after a change of members: as "
+        "the hub answered it)"
+    )
     billed: list[str] = Field(description="members whose work the pool pays for")
 
 

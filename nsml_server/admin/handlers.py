@@ -25,6 +25,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from .. import audit, credits, levels, nodes
 from ..db import Database
 from ..models import NODE_STATES, PERMISSION_LEVELS, Team, TeamAdmin, User
+from ..teams import TeamError, change_hub_group, may_manage, record_member_change
 from . import charts, data, views
 
 log = logging.getLogger("nsml_server.admin")
@@ -501,6 +502,27 @@ class TeamAdmins(AdminPage):
         )
 
 
+class TeamMembers(AdminPage):
+    """``POST admin/teams/NAME/members`` ``user``, ``member=1|0``: add the user to the team's
+    hub group or remove them (the hub keeps membership; the service asks it)."""
+
+    async def post(self, name: str) -> None:
+        user = self.get_body_argument("user", "").strip()
+        add = self.get_body_argument("member", "1") == "1"
+        if not user:
+            return self.back("teams", error="Name the user.")
+        try:
+            with self.ctx.db.session() as s:
+                may_manage(s, name, self.admin_name, True)
+            oauth = self.ctx.oauth
+            await change_hub_group(oauth.api_url, oauth.api_token, name, user, add)
+            with self.ctx.db.session() as s:
+                record_member_change(s, name, user, add, self.admin_name, self.ctx.now())
+        except TeamError as e:
+            return self.back("teams", error=e.message)
+        self.back("teams", done=f"{user} is {'now' if add else 'no longer'} in team {name}.")
+
+
 class LevelLimitsForm(AdminPage):
     """``POST admin/levels/LEVEL``: the level's limits (blank: no cap)."""
 
@@ -868,6 +890,7 @@ def routes(ctx: AdminContext) -> list[tuple[Any, ...]]:
         (a + f"teams/{name}/credits", TeamCredits, k),
         (a + f"teams/{name}/pays", TeamPays, k),
         (a + f"teams/{name}/admins", TeamAdmins, k),
+        (a + f"teams/{name}/members", TeamMembers, k),
         (a + f"levels/{name}", LevelLimitsForm, k),
         (a + "nodes", Nodes, k),
         (a + f"nodes/{name}/state", NodeState, k),

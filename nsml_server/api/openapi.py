@@ -1046,6 +1046,21 @@ def credit_paths() -> dict[str, Any]:
             ),
             "post": grant(TEAM),
         },
+        "/teams/{name}/members/{user}": {
+            "put": _opp(
+                [TEAM, _path("user", "a hub user name", minLength=1, maxLength=255)],
+                "Add a user to a team (an admin or a team admin of the team); the service "
+                "adds them to the hub group, which stays the source of membership",
+                {"200": _json(TeamOut, "The team, its members as the hub answered")},
+                errors=("404",),
+            ),
+            "delete": _opp(
+                [TEAM, _path("user", "a hub user name", minLength=1, maxLength=255)],
+                "Remove a user from a team (an admin or a team admin of the team), through the hub",
+                {"200": _json(TeamOut, "The team, its members as the hub answered")},
+                errors=("404",),
+            ),
+        },
         "/teams/{name}/admins/{user}": {
             "put": _opp(
                 [TEAM, _path("user", "a hub user name", minLength=1, maxLength=255)],

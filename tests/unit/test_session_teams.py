@@ -247,3 +247,42 @@ def test_the_paying_team_is_the_billing_team_only_while_it_pays_and_holds_the_us
         team.pays = False
         s.flush()
         assert credits.paying_team(s, "alice", ["vision"]) is None
+
+
+# ---- who manages a team's members -------------------------------------------------------------
+
+
+def test_only_admins_and_the_team_s_team_admins_manage_its_members(db: Database) -> None:
+    from nsml_server import levels
+    from nsml_server.models import AuditEntry, User
+    from nsml_server.teams import TeamError, may_manage, record_member_change
+
+    with db.session() as s:
+        levels.set_team(s, "vision", "root", T0)
+        levels.set_team_admin(s, "vision", "vic", True, "root", T0)
+        may_manage(s, "vision", "vic", hub_admin=False)
+        may_manage(s, "vision", "root", hub_admin=True)
+        for user, status in (("mia", 403), ("eve", 403)):
+            with pytest.raises(TeamError) as e:
+                may_manage(s, "vision", user, hub_admin=False)
+            assert e.value.status == status
+            assert "team admin of team vision" in e.value.message
+        with pytest.raises(TeamError) as e:
+            may_manage(s, "audio", "root", hub_admin=True)
+        assert (e.value.status, e.value.reason) == (404, "not_found")
+        record_member_change(s, "vision", "alice", True, "vic", T0)
+        record_member_change(s, "vision", "nobody-seen", True, "vic", T0)
+        alice = s.scalar(select(User).where(User.name == "alice"))
+        assert alice is not None and alice.groups == ["vision"]
+        assert s.scalar(select(User).where(User.name == "nobody-seen")) is None
+        record_member_change(s, "vision", "alice", False, "vic", T0)
+        assert alice.groups == []
+        rows = [
+            (a.actor, a.action, a.target)
+            for a in s.scalars(select(AuditEntry).where(AuditEntry.action.like("teams.member%")))
+        ]
+    assert rows == [
+        ("vic", "teams.member.add", "team:vision"),
+        ("vic", "teams.member.add", "team:vision"),
+        ("vic", "teams.member.remove", "team:vision"),
+    ]
