@@ -499,13 +499,14 @@ class DatasetHold(Base):
     updated: Mapped[datetime] = mapped_column(DateTime)
 
 
-SUBMISSION_STATES = ("queued", "running", "scored", "failed")
+SUBMISSION_STATES = ("queued", "running", "scored", "failed", "stopped")
 
 
 class Submission(Base):
     """A session's checkpoint submitted to its dataset's leaderboard, and its evaluation.
 
-    ``state`` moves ``queued -> running -> scored | failed``; only the evaluation runner of
+    ``state`` moves ``queued -> running -> scored | failed | stopped`` (``stopped``: asked to
+    stop by ``stop_reason``, e.g. its user's credits ran out); only the evaluation runner of
     the leading server moves it. The evaluation runs the session's image and code with the
     checkpoint and the test inputs of ``dataset_ref``'s hidden split, without network; the
     server scores its predictions against the labels (``public_score``; ``private_score`` on

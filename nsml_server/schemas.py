@@ -971,7 +971,7 @@ class HoldPatch(Strict):
 
 # ---- leaderboards ------------------------------------------------------------------------------
 
-SubmissionState = Literal["queued", "running", "scored", "failed"]
+SubmissionState = Literal["queued", "running", "scored", "failed", "stopped"]
 
 
 class SubmissionIn(Strict):

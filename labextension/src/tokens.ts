@@ -119,7 +119,7 @@ export interface IDataset {
   version_list?: IVersion[];
 }
 
-export type SubmissionState = 'queued' | 'running' | 'scored' | 'failed';
+export type SubmissionState = 'queued' | 'running' | 'scored' | 'failed' | 'stopped';
 
 export interface ISubmission {
   id: number;
