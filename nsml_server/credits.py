@@ -318,6 +318,47 @@ def grant(
     return entry
 
 
+def set_balance(
+    s: Session,
+    account: str,
+    target_milli: int,
+    reason: str,
+    actor: str,
+    now: datetime,
+    team: bool = False,
+) -> CreditEntry:
+    """Set *account*'s balance to *target_milli* exactly: a grant (or deduction) of the
+    difference, computed from the balance read under a lock in the caller's transaction,
+    so that a charge or grant committed meanwhile is never overwritten or undone. The lock:
+    ``SELECT ... FOR UPDATE`` of the account row on PostgreSQL; on SQLite, the database's
+    write lock, taken by a no-op ``UPDATE`` before the read. Audited like :func:`grant`;
+    the ledger row's reason says ``set to X: reason``."""
+    if target_milli < 0:
+        raise CreditError("A balance cannot be set below zero.")
+    table = _account_table(team)
+    where = table.name == account
+    if s.get_bind().dialect.name == "postgresql":
+        current = s.scalar(select(table.credits_milli).where(where).with_for_update())
+    else:
+        s.execute(
+            update(table)
+            .where(where)
+            .values(credits_milli=table.credits_milli)
+            .execution_options(synchronize_session=False)
+        )
+        current = s.scalar(select(table.credits_milli).where(where))
+    if current is None:
+        what = "team" if team else "user"
+        raise CreditError(f"No {what} named {account!r}.", 404, "not_found")
+    delta = target_milli - int(current)
+    if delta == 0:
+        raise CreditError(f"{account} already has {format_credits(target_milli)} credits.")
+    text = f"set to {format_credits(target_milli)}" + (
+        f": {reason.strip()}" if reason.strip() else ""
+    )
+    return grant(s, account, delta, text, actor, now, team=team)
+
+
 def _rearm_warning(s: Session, account: str, team: bool) -> None:
     """After a grant, a later low balance warns again."""
     table = _account_table(team)

@@ -382,19 +382,12 @@ class UserCredits(AdminPage):
                 if s.scalar(select(User.id).where(User.name == name)) is None:
                     raise web.HTTPError(404, f"No user named {name!r}.")
                 if mode == "set":
-                    if amount < 0:
-                        raise credits.CreditError("A balance cannot be set below zero.")
-                    delta = amount - credits.balance_milli(s, name)
-                    if delta == 0:
-                        raise credits.CreditError(
-                            f"{name} already has {views.credits_text(amount)} credits."
-                        )
-                    reason = f"set to {views.credits_text(amount)}" + (
-                        f": {reason}" if reason else ""
-                    )
+                    # The difference is read and written in one transaction, the account
+                    # locked: a charge meanwhile is not undone (see credits.set_balance).
+                    entry = credits.set_balance(s, name, amount, reason, self.admin_name, now)
                 else:
-                    delta = amount
-                credits.grant(s, name, delta, reason, self.admin_name, now)
+                    entry = credits.grant(s, name, amount, reason, self.admin_name, now)
+                delta = entry.amount_milli
                 after = credits.balance_milli(s, name)
         except credits.CreditError as e:
             return self.back(page, error=e.message)
