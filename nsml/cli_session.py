@@ -41,6 +41,10 @@ def start_run(
 ) -> dict[str, Any]:
     """Start the session `nsml run` (or ``%nsml run``; *cell*: ``%%nsml run``) describes;
     *on_upload* is told what the code snapshot held once it is stored."""
+    if args.team is not None and args.private:
+        raise _args.UsageProblem(
+            "nsml run: --team makes a team session; give --team or --private, not both"
+        )
     return sessions.run(
         client,
         args.script,
