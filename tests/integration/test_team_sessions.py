@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import wait_for
 from tests.integration.hubproc import HubProcess
 from tests.integration.test_hub import assert_json_error
 from tests.integration.test_sessions import TRAIN_PY, cli_for, logs, wait_state
@@ -70,7 +71,7 @@ def test_members_read_a_team_session_a_team_admin_stops_it_outsiders_get_nothing
     st = json.loads(as_member("status", name, "--json").stdout)
     assert (st["state"], st["team"]) == ("running", team)
     assert st["credit_rate"] is not None and st["credits_used"] is not None
-    assert "first line of user code" in logs(as_member, name)
+    wait_for(lambda: "first line of user code" in logs(as_member, name), what="its output")
     for path in ("events", "metrics", "checkpoints"):
         r = hub.nsml("GET", f"sessions/{name}/{path}", tokens[member])
         assert r.status_code == 200, (path, r.text)
