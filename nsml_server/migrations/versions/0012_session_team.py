@@ -44,13 +44,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Plain ALTER TABLE ... DROP COLUMN (SQLite 3.35 and later, PostgreSQL): a batch rebuild
+    # of ``sessions`` on SQLite would drop the table its events and checkpoints reference.
     op.execute("UPDATE sessions SET visibility = 'private' WHERE visibility = 'team'")
     if op.get_bind().dialect.name == "postgresql":
         op.drop_constraint(op.f("ck_sessions_team_named"), "sessions", type_="check")
         op.drop_constraint(op.f("ck_sessions_visibility_valid"), "sessions", type_="check")
     op.drop_index("ix_credit_ledger_session_id", "credit_ledger")
-    with op.batch_alter_table("submissions") as batch:
-        batch.drop_column("stop_reason")
-    with op.batch_alter_table("sessions") as batch:
-        batch.drop_index(batch.f("ix_sessions_team"))
-        batch.drop_column("team")
+    op.drop_column("submissions", "stop_reason")
+    op.drop_index(op.f("ix_sessions_team"), "sessions")
+    op.drop_column("sessions", "team")
