@@ -286,3 +286,44 @@ def test_only_admins_and_the_team_s_team_admins_manage_its_members(db: Database)
         ("vic", "teams.member.add", "team:vision"),
         ("vic", "teams.member.remove", "team:vision"),
     ]
+
+
+# ---- migration 0012 -----------------------------------------------------------------------------
+
+
+def test_migration_0012_round_trips_keeping_sessions_and_their_events(tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from nsml_server.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'm.sqlite'}"
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "0011")
+    database = Database(url)
+    with database.engine.begin() as c:
+        c.execute(
+            text(
+                "INSERT INTO sessions (id, name, user_name, dataset_key, number, state,"
+                " visibility, code_digest, entry, args, image, datasets, resources, gpu_ids,"
+                " log_base, stop_requested, attempt, memo, last_metrics, points, created,"
+                " restart_on_lost) VALUES (1, 'a/_/1', 'a', '_', 1, 'completed', 'public', 'x',"
+                " 't.py', '[]', 'img', '[]', '{}', '[]', 0, 0, 1, '', '{}', 0, '2026-01-01', 0)"
+            )
+        )
+        c.execute(
+            text(
+                "INSERT INTO session_events (session_id, session_name, user_name, kind,"
+                " message, created) VALUES (1, 'a/_/1', 'a', 'state', 'x', '2026-01-01')"
+            )
+        )
+    command.upgrade(cfg, "head")
+    with database.engine.begin() as c:
+        assert c.execute(text("SELECT visibility, team FROM sessions")).all() == [("public", None)]
+        c.execute(text("UPDATE sessions SET visibility = 'team', team = 'vision'"))
+    command.downgrade(cfg, "0011")
+    with database.engine.begin() as c:
+        assert c.execute(text("SELECT visibility FROM sessions")).all() == [("private",)]
+        assert c.execute(text("SELECT count(*) FROM session_events")).scalar() == 1
+    command.upgrade(cfg, "head")
+    database.dispose()
