@@ -83,3 +83,23 @@ def test_the_magic_has_the_verb(api: FakeAPI, capsys: pytest.CaptureFixture[str]
     assert "team admins: vic" in capsys.readouterr().out
     with pytest.raises(UsageError, match="Only an admin or a team admin"):
         ip.run_line_magic("nsml", "team add vision eve")
+
+
+def test_ps_teams_asks_for_the_team_sessions_from_the_cli_and_the_magic(
+    nsml_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.unit.fakeapi import session
+
+    rows = [session(1), {**session(4, user="vic"), "visibility": "team", "team": "vision"}]
+    with FakeAPI.running({"sessions": {"sessions": rows}}) as fake:
+        nsml_env.setenv("NSML_API_URL", fake.url)
+        nsml_env.setenv("NSML_TOKEN", "t")
+        assert main(["ps", "--teams"]) == 0
+        assert "vic/_/4" in capsys.readouterr().out
+        ip = InteractiveShell.instance()
+        ip.register_magics(NSMLMagics(ip))
+        ip.run_line_magic("nsml", "ps --teams")
+        assert "vic/_/4" in capsys.readouterr().out
+        assert main(["ps"]) == 0
+    asked = [path for method, path in fake.requests if path.startswith("/api/sessions")]
+    assert asked == ["/api/sessions?teams=1", "/api/sessions?teams=1", "/api/sessions"]
