@@ -89,13 +89,14 @@ def test_members_read_a_team_session_a_team_admin_stops_it_outsiders_get_nothing
     )
 
     # Outsiders are answered as for a private session; the team is not theirs to name.
-    for method, path in (
-        ("GET", f"sessions/{name}"),
-        ("GET", f"sessions/{name}/logs"),
-        ("POST", f"sessions/{name}/stop"),
-        ("POST", f"sessions/{name}/fork"),
+    for method, path, body in (
+        ("GET", f"sessions/{name}", None),
+        ("GET", f"sessions/{name}/logs", None),
+        ("POST", f"sessions/{name}/stop", None),
+        ("POST", f"sessions/{name}/fork", {}),
     ):
-        assert_json_error(hub.nsml(method, path, tokens[outsider], json={}), 403, "forbidden")
+        r = hub.nsml(method, path, tokens[outsider], json=body)
+        assert_json_error(r, 403, "forbidden")
     listed = hub.nsml("GET", "sessions?teams=1", tokens[outsider]).json()["sessions"]
     assert name not in [s["name"] for s in listed]
     wrong = cli_for(hub, tokens[outsider], project)("run", "train.py", "--team", team, check=False)
