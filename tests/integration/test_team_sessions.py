@@ -75,6 +75,14 @@ def test_members_read_a_team_session_a_team_admin_stops_it_outsiders_get_nothing
     for path in ("events", "metrics", "checkpoints"):
         r = hub.nsml("GET", f"sessions/{name}/{path}", tokens[member])
         assert r.status_code == 200, (path, r.text)
+    # ... forks it (the child is the member's own, private) ...
+    forked = hub.nsml(
+        "POST", f"sessions/{name}/fork", tokens[member], json={"args": ["--epochs", "1"]}
+    )
+    assert forked.status_code == 201, forked.text
+    child = forked.json()
+    assert (child["user"], child["visibility"], child["parent"]) == (member, "private", name)
+    as_member("stop", child["name"])
     listed = json.loads(as_member("ps", "--teams", "--json").stdout)
     assert name in [s["name"] for s in listed]
     assert name not in [s["name"] for s in json.loads(as_member("ps", "--json").stdout)]
