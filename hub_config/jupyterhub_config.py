@@ -198,12 +198,14 @@ c.JupyterHub.load_roles = [
         "scopes": ["access:services!service=nsml"],
         "services": ["nsml-spawner"],
     },
-    # The NSML server reads who users are and which groups (teams) they belong to, and stops
-    # the GPU notebook servers of users whose credits ran out; the admin panel (a page of the
+    # The NSML server reads who users are and which groups (teams) they belong to, adds and
+    # removes a team's members when an admin or that team's team admin asks (``groups``: the
+    # members of existing groups; not creating or deleting groups), and stops the GPU
+    # notebook servers of users whose credits ran out; the admin panel (a page of the
     # service) also lists and stops users' notebook servers. Nothing else.
     {
         "name": "nsml-service",
-        "scopes": ["read:users", "read:groups", "read:servers", "delete:servers"],
+        "scopes": ["read:users", "read:groups", "groups", "read:servers", "delete:servers"],
         "services": ["nsml"],
     },
     # Users' tokens may call the NSML API (JupyterHub gives new tokens no service access).

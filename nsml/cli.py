@@ -23,6 +23,7 @@ from .cli_credit import add_credit_verb
 from .cli_dataset import add_dataset_verb
 from .cli_plot import add_plot_verb
 from .cli_session import add_session_verbs
+from .cli_team import add_team_verb
 from .client import Client, NSMLError
 from .config import ConfigError, resolve
 from .snapshot import SnapshotError
@@ -144,6 +145,7 @@ def build_parser() -> Parser:
     add_dataset_verb(sub)
     add_board_verbs(sub)
     add_credit_verb(sub)
+    add_team_verb(sub)
     return p
 
 

@@ -66,8 +66,8 @@ def submission_line(sub: dict[str, Any]) -> str:
         if sub.get("private_score") is not None:
             text += f" (private {score_text(sub['private_score'])})"
         return text
-    if sub["state"] == "failed":
-        return f"{head}: failed: {sub.get('message') or 'no reason given'}"
+    if sub["state"] in ("failed", "stopped"):
+        return f"{head}: {sub['state']}: {sub.get('message') or 'no reason given'}"
     return f"{head}: {sub['state']}"
 
 
@@ -85,7 +85,7 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         print_json(sub)
     else:
         print(submission_line(sub))
-    return 1 if sub["state"] == "failed" else 0
+    return 1 if sub["state"] in ("failed", "stopped") else 0
 
 
 def cmd_submissions(client: Client, args: argparse.Namespace) -> int:
@@ -97,7 +97,7 @@ def cmd_submissions(client: Client, args: argparse.Namespace) -> int:
     rows = [{**s, "score": score_text(s["score"]), "when": ago(s["submitted"])} for s in subs]
     print(text_table(rows, SUBMISSION_COLUMNS))
     for s in subs:
-        if s["state"] == "failed":
+        if s["state"] in ("failed", "stopped"):
             print(f"{s['id']}: {(s.get('message') or '').splitlines()[0]}")
     return 0
 

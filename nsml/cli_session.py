@@ -41,6 +41,10 @@ def start_run(
 ) -> dict[str, Any]:
     """Start the session `nsml run` (or ``%nsml run``; *cell*: ``%%nsml run``) describes;
     *on_upload* is told what the code snapshot held once it is stored."""
+    if args.team is not None and args.private:
+        raise _args.UsageProblem(
+            "nsml run: --team makes a team session; give --team or --private, not both"
+        )
     return sessions.run(
         client,
         args.script,
@@ -55,6 +59,8 @@ def start_run(
         image=args.image,
         memo=args.memo or "",
         public=args.public,
+        private=args.private,
+        team=args.team,
         restart_on_lost=args.restart_on_lost,
         on_upload=on_upload,
     )
@@ -125,6 +131,7 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
         client,
         state="active" if args.active else args.state,
         all_users=args.all,
+        teams=args.teams,
         dataset=args.dataset,
         limit=args.limit,
     )
@@ -410,7 +417,19 @@ def add_session_verbs(sub: argparse._SubParsersAction[_args.Parser]) -> None:
     )
     sp.add_argument("--gpu-model", action="append", metavar="MODEL", help="acceptable GPU model")
     sp.add_argument("--folder", default=".", help="the code folder (default: the current one)")
-    sp.add_argument("--public", action="store_true", help="let every user read and fork it")
+    who = sp.add_mutually_exclusive_group()
+    who.add_argument("--public", action="store_true", help="let every user read and fork it")
+    who.add_argument(
+        "--private",
+        action="store_true",
+        help="only you and admins read it (default unless a team pays for your work)",
+    )
+    sp.add_argument(
+        "--team",
+        metavar="TEAM",
+        help="a team session of TEAM (a hub group of yours): its members read and fork it, "
+        "its team admins may stop it (default: your billing team when that team pays)",
+    )
     sp.add_argument(
         "--restart-on-lost",
         action="store_true",
@@ -426,6 +445,9 @@ def add_session_verbs(sub: argparse._SubParsersAction[_args.Parser]) -> None:
     )
     sp.add_argument("-a", "--active", action="store_true", help="only queued or running ones")
     sp.add_argument("--all", action="store_true", help="every user's sessions (admin)")
+    sp.add_argument(
+        "--teams", action="store_true", help="also your teams' team sessions (any owner)"
+    )
     sp.add_argument("--dataset", help="only sessions named USER/DATASET/N")
     sp.add_argument(
         "--limit",

@@ -232,6 +232,8 @@ def run(
     image: str | None = None,
     memo: str = "",
     public: bool = False,
+    private: bool = False,
+    team: str | None = None,
     restart_on_lost: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
     on_upload: Callable[[CodeUpload], None] | None = None,
@@ -251,6 +253,10 @@ def run(
         image: container image (default: the server's).
         memo: a note kept with the session.
         public: let every user read and fork it.
+        private: only the caller and admins read it (even when the caller's billing team
+            pays, which otherwise makes it a team session of that team).
+        team: a team session of this JupyterHub group (one of the caller's): its members
+            read and fork it, its team admins may stop it.
         restart_on_lost: when its node is lost, queue it again (next attempt, loading its
             last checkpoint) instead of ending it ``lost``.
         on_upload: told what the code snapshot held once the server stored it.
@@ -268,8 +274,13 @@ def run(
         "gpu_models": list(gpu_models),
         "datasets": list(datasets),
         "memo": memo,
-        "visibility": "public" if public else "private",
     }
+    if public and private:
+        raise ValueError("a session is public or private, not both")
+    if public or private:
+        body["visibility"] = "public" if public else "private"
+    if team is not None:
+        body["team"] = team
     if restart_on_lost:
         body["restart_on_lost"] = True
     if cpu is not None:
@@ -340,10 +351,12 @@ def ps(
     *,
     state: str | None = None,
     all_users: bool = False,
+    teams: bool = False,
     dataset: str | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Sessions, oldest first: the caller's (``all_users``: everyone's, admins only).
+    """Sessions, oldest first: the caller's (``all_users``: everyone's, admins only;
+    ``teams``: also the team sessions of the caller's teams).
 
     *state* is a state or ``active`` (queued, preparing or running).
     """
@@ -352,6 +365,7 @@ def ps(
         "sessions",
         state=state,
         all="1" if all_users else None,
+        teams="1" if teams else None,
         dataset=dataset,
         limit=limit,
     )["sessions"]

@@ -28,13 +28,13 @@ import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -504,17 +504,22 @@ def record_code_upload(s: Session, user: str, digest: str, now: datetime) -> Non
         pass
 
 
-def may_run_code(s: Session, user: str, is_admin: bool, digest: str) -> bool:
+def may_run_code(
+    s: Session, user: str, is_admin: bool, digest: str, groups: Sequence[str] = ()
+) -> bool:
     """Whether a session of *user* may run the code snapshot *digest*: *user* uploaded it, can
-    read a session that runs it (their own, or a public one), or is an admin."""
+    read a session that runs it (their own, a public one, or a team session of one of their
+    hub *groups*), or is an admin."""
     if is_admin or s.get(CodeUpload, (digest, user)) is not None:
         return True
+    readable = [TrainingSession.user_name == user, TrainingSession.visibility == "public"]
+    if groups:
+        readable.append(
+            and_(TrainingSession.visibility == "team", TrainingSession.team.in_(list(groups)))
+        )
     used = s.scalar(
         select(TrainingSession.id)
-        .where(
-            TrainingSession.code_digest == digest,
-            or_(TrainingSession.user_name == user, TrainingSession.visibility == "public"),
-        )
+        .where(TrainingSession.code_digest == digest, or_(*readable))
         .limit(1)
     )
     return used is not None

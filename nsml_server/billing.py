@@ -18,7 +18,9 @@ After charging, an account (a user, or the team pool that pays for them) at or b
 policy's ``warn_threshold_milli`` is warned once (an event on each of its running sessions;
 e-mail when SMTP is configured). At zero or below, its sessions that cost credits get a stop
 request with reason ``credits``: the session runner sends SIGTERM, waits the stop grace for
-``nsml.save``, and ends them ``stopped`` (reason ``credits``). Its GPU notebook servers are
+``nsml.save``, and ends them ``stopped`` (reason ``credits``). Its evaluations that cost
+credits get ``stop_reason = 'credits'``: the evaluation runner sends SIGTERM, waits its stop
+grace, and ends them ``stopped`` (queued ones without running). Its GPU notebook servers are
 warned, then stopped through the hub after ``notebook_grace_s`` (their files are kept).
 Charges are in arrears, so what an account can overspend is at most one interval of what
 it runs (plus the stop grace).
@@ -53,6 +55,7 @@ from .models import (
     Allocation,
     CreditEntry,
     PlacementRequestRow,
+    Submission,
     Team,
     TrainingSession,
     User,
@@ -349,6 +352,7 @@ class Enforcement:
 
     warned: list[Account] = field(default_factory=list)
     stopped_sessions: list[str] = field(default_factory=list)
+    stopped_evaluations: list[int] = field(default_factory=list)  # submission ids
     notebooks_to_stop: list[tuple[str, str]] = field(default_factory=list)
     notebooks_warned: list[tuple[str, str]] = field(default_factory=list)
     mail: list[tuple[str, str, str]] = field(default_factory=list)  # (user, subject, text)
@@ -482,6 +486,7 @@ def enforce(
                 )
                 out.stopped_sessions.append(r.name)
                 log.warning("%s: out of credits; stopping", r.name)
+        out.stopped_evaluations += _stop_evaluations(s, n, live, models, policy)
         for a in live:
             kind, server = _holder_parts(a.holder)
             if a.user_name != n or kind != "notebook":
@@ -506,13 +511,64 @@ def enforce(
     return out
 
 
+def _stop_evaluations(
+    s: Session,
+    user: str,
+    live: Sequence[Allocation],
+    models: Mapping[tuple[int, int], str],
+    policy: Policy,
+) -> list[int]:
+    """Ask the evaluation runner to stop *user*'s evaluations that cost credits (reason
+    ``credits``); the ids of those newly asked."""
+    held: dict[int, Allocation] = {}
+    for alloc in live:
+        kind, rest = _holder_parts(alloc.holder)
+        number = rest[len("evaluation/") :]
+        if alloc.user_name == user and kind == "evaluation" and number.isdigit():
+            held[int(number)] = alloc
+    stopped: list[int] = []
+    for sub in s.scalars(
+        select(Submission).where(
+            Submission.user_name == user,
+            Submission.state.in_(("queued", "running")),
+            Submission.stop_reason.is_(None),
+        )
+    ):
+        a = held.get(sub.id)
+        r = (
+            credits.allocation_resources(a, models)
+            if a is not None
+            else _resources_of(sub.resources or {})
+        )
+        if credits.cost_per_hour_milli(policy, r) == 0:
+            continue
+        moved = s.execute(
+            update(Submission)
+            .where(
+                Submission.id == sub.id,
+                Submission.state.in_(("queued", "running")),
+                Submission.stop_reason.is_(None),
+            )
+            .values(stop_reason="credits")
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
+        if moved:
+            stopped.append(sub.id)
+            log.warning("submission %d (%s): out of credits; stopping", sub.id, user)
+    return stopped
+
+
 def _who(account: Account) -> tuple[str, str]:
     return ("team" if account[0] else "user", account[1])
 
 
 def _resources(row: TrainingSession) -> credits.Resources:
     """The resources a (queued) session asks for."""
-    r = row.resources or {}
+    return _resources_of(row.resources or {})
+
+
+def _resources_of(r: Mapping[str, Any]) -> credits.Resources:
+    """The resources a stored ask (a session's or an evaluation's ``resources``) names."""
     models = r.get("gpu_models") or []
     return credits.Resources(
         gpu_milli=int(r.get("gpu_milli", 0) or 0),

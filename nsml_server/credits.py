@@ -20,7 +20,7 @@ The pure part (:class:`Policy`, :class:`Resources`, :func:`cost_milli`,
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any, Protocol
@@ -30,7 +30,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import audit
-from .models import Allocation, CreditEntry, CreditPolicyRow, Gpu, Team, User
+from .models import (
+    Allocation,
+    CreditEntry,
+    CreditPolicyRow,
+    Gpu,
+    PlacementRequestRow,
+    Team,
+    User,
+)
 
 log = logging.getLogger("nsml_server.credits")
 
@@ -310,6 +318,47 @@ def grant(
     return entry
 
 
+def set_balance(
+    s: Session,
+    account: str,
+    target_milli: int,
+    reason: str,
+    actor: str,
+    now: datetime,
+    team: bool = False,
+) -> CreditEntry:
+    """Set *account*'s balance to *target_milli* exactly: a grant (or deduction) of the
+    difference, computed from the balance read under a lock in the caller's transaction,
+    so that a charge or grant committed meanwhile is never overwritten or undone. The lock:
+    ``SELECT ... FOR UPDATE`` of the account row on PostgreSQL; on SQLite, the database's
+    write lock, taken by a no-op ``UPDATE`` before the read. Audited like :func:`grant`;
+    the ledger row's reason says ``set to X: reason``."""
+    if target_milli < 0:
+        raise CreditError("A balance cannot be set below zero.")
+    table = _account_table(team)
+    where = table.name == account
+    if s.get_bind().dialect.name == "postgresql":
+        current = s.scalar(select(table.credits_milli).where(where).with_for_update())
+    else:
+        s.execute(
+            update(table)
+            .where(where)
+            .values(credits_milli=table.credits_milli)
+            .execution_options(synchronize_session=False)
+        )
+        current = s.scalar(select(table.credits_milli).where(where))
+    if current is None:
+        what = "team" if team else "user"
+        raise CreditError(f"No {what} named {account!r}.", 404, "not_found")
+    delta = target_milli - int(current)
+    if delta == 0:
+        raise CreditError(f"{account} already has {format_credits(target_milli)} credits.")
+    text = f"set to {format_credits(target_milli)}" + (
+        f": {reason.strip()}" if reason.strip() else ""
+    )
+    return grant(s, account, delta, text, actor, now, team=team)
+
+
 def _rearm_warning(s: Session, account: str, team: bool) -> None:
     """After a grant, a later low balance warns again."""
     table = _account_table(team)
@@ -549,3 +598,91 @@ def policy_from_dict(data: Mapping[str, Any], base: Policy | None = None) -> Pol
             f"Unknown policy field(s) {', '.join(unknown)}; valid: {', '.join(known)}."
         )
     return replace(base or Policy(), **dict(data))
+
+
+# ---- what sessions and users cost -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionCredits:
+    """A session's credit figures: milli-credits charged so far (every attempt), and its
+    cost per hour at the current policy while it holds an allocation (None: it holds none)."""
+
+    used_milli: int
+    rate_milli: int | None
+
+
+def session_credits(
+    s: Session,
+    sessions: Sequence[tuple[int, int | None]],
+    policy: Policy | None = None,
+) -> dict[int, SessionCredits]:
+    """:class:`SessionCredits` of each ``(session id, placement id)`` in *sessions*, in a
+    fixed number of queries however many (a list answers them without a query per row)."""
+    ids = [sid for sid, _ in sessions]
+    if not ids:
+        return {}
+    used: dict[int, int] = {}
+    for i in range(0, len(ids), 5000):
+        chunk = ids[i : i + 5000]
+        for sid, total in s.execute(
+            select(CreditEntry.session_id, func.sum(CreditEntry.amount_milli))
+            .where(CreditEntry.session_id.in_(chunk), CreditEntry.kind != "grant")
+            .group_by(CreditEntry.session_id)
+        ):
+            if sid is not None:
+                used[int(sid)] = -int(total or 0)
+    pids = [pid for _, pid in sessions if pid is not None]
+    held: dict[int, Allocation] = {}
+    if pids:
+        policy = policy or get_policy(s)
+        for i in range(0, len(pids), 5000):
+            pchunk = pids[i : i + 5000]
+            for placement_id, alloc in s.execute(
+                select(PlacementRequestRow.id, Allocation)
+                .join(Allocation, Allocation.id == PlacementRequestRow.allocation_id)
+                .where(PlacementRequestRow.id.in_(pchunk), Allocation.state == "active")
+            ):
+                held[int(placement_id)] = alloc
+    models = gpu_models(s) if held else {}
+    out: dict[int, SessionCredits] = {}
+    for sid, pid in sessions:
+        a = held.get(pid) if pid is not None else None
+        rate: int | None = (
+            cost_per_hour_milli(policy, allocation_resources(a, models))
+            if a is not None and policy is not None
+            else None
+        )
+        out[sid] = SessionCredits(used.get(sid, 0), rate)
+    return out
+
+
+def user_burn_rate_milli_per_hour(
+    s: Session, user: str, now: datetime, policy: Policy | None = None
+) -> int:
+    """Milli-credits per hour that everything *user* runs now costs under the policy (their
+    active allocations: sessions, evaluations, notebook servers), whoever pays for it."""
+    policy = policy or get_policy(s)
+    allocs = list(
+        s.scalars(
+            select(Allocation).where(
+                Allocation.state == "active",
+                Allocation.user_name == user,
+                Allocation.created <= now,
+            )
+        )
+    )
+    if not allocs:
+        return 0
+    models = gpu_models(s)
+    return sum(cost_per_hour_milli(policy, allocation_resources(a, models)) for a in allocs)
+
+
+def paying_team(s: Session, user: str, groups: Sequence[str]) -> str | None:
+    """The team whose pool pays for *user*'s work now (their billing team, when it pays and
+    *groups*, the user's hub groups, still hold it), or None when the user pays."""
+    team = s.scalar(select(User.billing_team).where(User.name == user))
+    if not team or team not in groups:
+        return None
+    pays = s.scalar(select(Team.pays).where(Team.name == team))
+    return team if pays else None

@@ -20,6 +20,9 @@ With the metric ``custom`` the owner's scoring script does the comparison, in a 
 its own on the server's node (the platform's image, no network), given only the predictions
 and one part's labels; it prints the score on its last line, and its output is never shown.
 
+Billing asks for a stop (``stop_reason``) when the user's credits run out: the runner sends
+SIGTERM, waits ``stop_grace_s``, and ends the evaluation ``stopped`` (a queued one at once).
+
 Whatever happens, the placement is released, the container removed and the evaluation's
 folder deleted.
 """
@@ -83,6 +86,10 @@ NO_INFER = (
     "the program ended without predictions: call nsml.bind(load=..., infer=...) before "
     "training starts (the evaluation runs your entry point up to that call)"
 )
+#: What a ``stop_reason`` means, for a person.
+STOP_REASONS = {
+    "credits": "its user's credits ran out (ask an admin for credits, then submit again)",
+}
 #: Lines of a failed program's output shown with its reason.
 TAIL_LINES = 8
 
@@ -210,6 +217,9 @@ class EvaluationRunner:
             if row is None or row.state not in ACTIVE:
                 return
             try:
+                if row.stop_reason is not None:
+                    await self._stop(row)
+                    return
                 if row.state == "queued":
                     await self._queued(row)
                 elif row.handle is None:
@@ -516,6 +526,16 @@ class EvaluationRunner:
         except UnicodeDecodeError:
             raise ScoringError("the predictions file is not UTF-8 text") from None
         return score_parts(metric, text, labels, private)
+
+    async def _stop(self, row: Submission) -> None:
+        """Stop an evaluation asked to stop (``stop_reason``): SIGTERM, the stop grace, then
+        SIGKILL for a running one; end it ``stopped``, its placement released."""
+        backend = self.backends.for_node(row.node) if row.node and row.handle else None
+        if backend is not None and row.handle is not None:
+            with contextlib.suppress(BackendError):
+                await backend.stop(row.handle, grace_s=self.settings.stop_grace_s)
+        why = STOP_REASONS.get(row.stop_reason or "", f"asked to stop ({row.stop_reason})")
+        await self._finish(row, "stopped", f"stopped: {why}", backend)
 
     async def _finish(
         self,

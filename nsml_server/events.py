@@ -15,7 +15,7 @@ This module is what it stands on:
     client that reconnects with ``Last-Event-ID`` gets what it missed
     (:meth:`EventBroker.replay`);
   * submission events: a leaderboard submission changed state (``queued``, ``running``,
-    ``scored``, ``failed``); live only (no id: after a reconnect, fetch
+    ``scored``, ``failed``, ``stopped``); live only (no id: after a reconnect, fetch
     ``api/submissions``);
   * credit events: new rows of the credit ledger (``credit_ledger``: grants, charges,
     refunds, whichever server wrote them), one event per user account and read, with the

@@ -227,7 +227,7 @@ SESSION_STATES = (
 )
 SESSION_ACTIVE_STATES = ("queued", "preparing", "running")
 SESSION_FINAL_STATES = ("completed", "failed", "oom_killed", "stopped", "lost")
-SESSION_VISIBILITIES = ("private", "public")
+SESSION_VISIBILITIES = ("private", "team", "public")
 
 
 class TrainingSession(Base):
@@ -236,12 +236,17 @@ class TrainingSession(Base):
     ``state`` moves ``queued -> preparing -> running -> completed | failed | oom_killed |
     stopped | lost`` and only the session runner of the leading server moves it (with
     conditional updates). ``token_hash`` is the SHA-256 of the session-scoped token given to
-    the container; it is cleared when the session ends.
+    the container; it is cleared when the session ends. ``visibility`` is ``private`` (the
+    owner and admins), ``team`` (also the members of the JupyterHub group ``team``; its team
+    admins may stop it) or ``public`` (every user reads it).
     """
 
     __tablename__ = "sessions"
     __table_args__ = (
         UniqueConstraint("user_name", "dataset_key", "number", name="uq_sessions_user_dataset_n"),
+        # Checked by the database on PostgreSQL (migration 0012), by the API everywhere.
+        CheckConstraint("visibility IN ('private', 'team', 'public')", name="visibility_valid"),
+        CheckConstraint("visibility != 'team' OR team IS NOT NULL", name="team_named"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -251,6 +256,7 @@ class TrainingSession(Base):
     number: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     visibility: Mapped[str] = mapped_column(String(16), default="private")
+    team: Mapped[str | None] = mapped_column(String(255), index=True)
     code_digest: Mapped[str] = mapped_column(String(64))
     entry: Mapped[str] = mapped_column(String(1024))
     args: Mapped[list[Any]] = mapped_column(default=list)
@@ -493,13 +499,14 @@ class DatasetHold(Base):
     updated: Mapped[datetime] = mapped_column(DateTime)
 
 
-SUBMISSION_STATES = ("queued", "running", "scored", "failed")
+SUBMISSION_STATES = ("queued", "running", "scored", "failed", "stopped")
 
 
 class Submission(Base):
     """A session's checkpoint submitted to its dataset's leaderboard, and its evaluation.
 
-    ``state`` moves ``queued -> running -> scored | failed``; only the evaluation runner of
+    ``state`` moves ``queued -> running -> scored | failed | stopped`` (``stopped``: asked to
+    stop by ``stop_reason``, e.g. its user's credits ran out); only the evaluation runner of
     the leading server moves it. The evaluation runs the session's image and code with the
     checkpoint and the test inputs of ``dataset_ref``'s hidden split, without network; the
     server scores its predictions against the labels (``public_score``; ``private_score`` on
@@ -531,6 +538,8 @@ class Submission(Base):
     node: Mapped[str | None] = mapped_column(String(255))
     gpu_ids: Mapped[list[Any]] = mapped_column(default=list)
     handle: Mapped[str | None] = mapped_column(String(255))
+    #: Set to ask the evaluation runner to stop it (``credits``: its user ran out).
+    stop_reason: Mapped[str | None] = mapped_column(String(32))
     public_score: Mapped[float | None] = mapped_column(Float)
     private_score: Mapped[float | None] = mapped_column(Float)
     message: Mapped[str | None] = mapped_column(Text)
@@ -579,6 +588,8 @@ class CreditEntry(Base):
         Index("ix_credit_ledger_account", "account_kind", "account", "id"),
         # Billing looks up the newest charges (the last few intervals) of every allocation.
         Index("ix_credit_ledger_interval_start", "interval_start"),
+        # A session's charges (its credits_used in the API).
+        Index("ix_credit_ledger_session_id", "session_id"),
         CheckConstraint("account_kind IN ('user', 'team')", name="account_kind_valid"),
         CheckConstraint("kind IN ('grant', 'charge', 'refund')", name="kind_valid"),
     )

@@ -264,6 +264,11 @@ class MeOut(BaseModel):
     credits: float = Field(description="balance in credits")
     groups: list[str]
     scopes: list[str]
+    burn_rate: float = Field(
+        default=0.0,
+        description="credits per hour that all the caller's running work (sessions, "
+        "evaluations, notebook servers) costs at the current policy",
+    )
 
 
 class UsageItem(BaseModel):
@@ -421,8 +426,19 @@ class SessionIn(Strict):
         default=None, max_length=512, description="container image; default: the server's"
     )
     memo: str = Field(default="", max_length=10_000)
-    visibility: Literal["private", "public"] = Field(
-        default="private", description="public sessions can be read and forked by every user"
+    visibility: Visibility | None = Field(
+        default=None,
+        description="private: the owner (and admins); team: also the members of its team; "
+        "public: every user reads and forks it. Default: team when a team is given or the "
+        "caller's billing team pays for their work, else private",
+    )
+    team: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="the JupyterHub group (one of the caller's) whose members read the "
+        "session and whose team admins may stop it; default: the caller's billing team when "
+        "that team pays",
     )
     restart_on_lost: bool = Field(
         default=False,
@@ -458,7 +474,14 @@ class SessionPatch(Strict):
     """Change a session's memo or visibility."""
 
     memo: str | None = Field(default=None, max_length=10_000)
-    visibility: Literal["private", "public"] | None = None
+    visibility: Visibility | None = None
+    team: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="the JupyterHub group that may read it (with visibility 'team'; one of "
+        "the caller's groups)",
+    )
 
 
 class SessionResources(BaseModel):
@@ -487,7 +510,10 @@ class SessionOut(BaseModel):
     id: int
     user: str
     state: SessionState
-    visibility: Literal["private", "public"]
+    visibility: Visibility
+    team: str | None = Field(
+        default=None, description="the team whose members read it (visibility 'team')"
+    )
     entry: str
     args: list[str]
     image: str
@@ -526,6 +552,16 @@ class SessionOut(BaseModel):
     started: str | None
     finished: str | None
     duration_s: float | None
+    credits_used: float | None = Field(
+        default=None,
+        description="credits charged so far for this session's allocations (all its "
+        "attempts), from the ledger; null when not known",
+    )
+    credit_rate: float | None = Field(
+        default=None,
+        description="credits per hour it costs at the current policy while it holds "
+        "resources; null when it holds none (not running)",
+    )
 
 
 class SessionList(BaseModel):
@@ -935,7 +971,7 @@ class HoldPatch(Strict):
 
 # ---- leaderboards ------------------------------------------------------------------------------
 
-SubmissionState = Literal["queued", "running", "scored", "failed"]
+SubmissionState = Literal["queued", "running", "scored", "failed", "stopped"]
 
 
 class SubmissionIn(Strict):
@@ -1132,7 +1168,10 @@ class TeamOut(BaseModel):
     balance: float
     balance_milli: int
     admins: list[str]
-    members: list[str] = Field(description="users in the hub group, as last seen")
+    members: list[str] = Field(
+        description="users in the hub group, as last seen (after a change of members: as "
+        "the hub answered it)"
+    )
     billed: list[str] = Field(description="members whose work the pool pays for")
 
 

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from nsml.downsample import downsample
 
+from .credits import MILLI, SessionCredits, session_credits
 from .models import (
     SESSION_ACTIVE_STATES,
     Gpu,
@@ -507,6 +508,53 @@ def iso(t: datetime | None) -> str | None:
     return t.isoformat() + "Z" if t else None
 
 
+def session_team(
+    visibility: str | None,
+    team: str | None,
+    groups: Sequence[str],
+    billing_team: str | None,
+    *,
+    is_admin: bool = False,
+) -> tuple[str, str | None]:
+    """``(visibility, team)`` of a new session (or of a session's change of visibility).
+
+    *team* names the JupyterHub group whose members read the session and whose team admins
+    may stop it: one of the caller's *groups* (a hub admin may name any). Without one, a
+    session is a team session of *billing_team* (the team whose pool pays for the caller's
+    work, or None) unless *visibility* says otherwise; a public session keeps that team for
+    its team admins. ``private`` with a team is refused (a private session has none).
+    """
+    if team is not None and team not in groups and not is_admin:
+        mine = ", ".join(sorted(groups)) or "none"
+        raise SessionError(
+            403,
+            f"You are not a member of team {team!r} (a JupyterHub group); your groups: {mine}.",
+            "forbidden",
+        )
+    if visibility == "private":
+        if team is not None:
+            raise SessionError(
+                400,
+                f"A private session has no team; give --team {team} without --private, or "
+                "--private alone.",
+                "bad_request",
+            )
+        return "private", None
+    chosen = team if team is not None else billing_team
+    if visibility == "public":
+        return "public", chosen
+    if chosen is None:
+        if visibility == "team":
+            mine = ", ".join(sorted(groups)) or "none"
+            raise SessionError(
+                400,
+                f"Name the team that reads this session: --team TEAM (your groups: {mine}).",
+                "bad_request",
+            )
+        return "private", None
+    return "team", chosen
+
+
 # ---- records ----------------------------------------------------------------------------------
 
 
@@ -614,7 +662,18 @@ def event_out(ev: SessionEvent) -> EventOut:
     )
 
 
-def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
+def session_outs(s: Session, rows: Sequence[TrainingSession], now: datetime) -> list[SessionOut]:
+    """:func:`session_out` of each row, their credit figures read for all of them at once."""
+    figures = session_credits(s, [(r.id, r.placement_id) for r in rows])
+    return [session_out(s, r, now, figures.get(r.id)) for r in rows]
+
+
+def session_out(
+    s: Session, row: TrainingSession, now: datetime, figures: SessionCredits | None = None
+) -> SessionOut:
+    """The API's view of *row*; *figures* (its credits) are read when not given."""
+    if figures is None:
+        figures = session_credits(s, [(row.id, row.placement_id)]).get(row.id)
     res = row.resources or {}
     queue = None
     if row.state == "queued" and row.placement_id is not None:
@@ -644,6 +703,7 @@ def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
         user=row.user_name,
         state=row.state,  # type: ignore[arg-type]
         visibility=row.visibility,  # type: ignore[arg-type]
+        team=row.team,
         entry=row.entry,
         args=list(row.args),
         image=row.image,
@@ -676,6 +736,12 @@ def session_out(s: Session, row: TrainingSession, now: datetime) -> SessionOut:
         started=iso(row.started),
         finished=iso(row.finished),
         duration_s=(end - row.started).total_seconds() if end and row.started else None,
+        credits_used=figures.used_milli / MILLI if figures is not None else None,
+        credit_rate=(
+            figures.rate_milli / MILLI
+            if figures is not None and figures.rate_milli is not None
+            else None
+        ),
     )
 
 

@@ -49,7 +49,9 @@ export interface ISession {
   id: number;
   user: string;
   state: SessionState;
-  visibility: 'private' | 'public';
+  visibility: 'private' | 'team' | 'public';
+  /** The team whose members read it (visibility 'team'). */
+  team?: string | null;
   entry: string;
   args: string[];
   image: string;
@@ -117,7 +119,7 @@ export interface IDataset {
   version_list?: IVersion[];
 }
 
-export type SubmissionState = 'queued' | 'running' | 'scored' | 'failed';
+export type SubmissionState = 'queued' | 'running' | 'scored' | 'failed' | 'stopped';
 
 export interface ISubmission {
   id: number;

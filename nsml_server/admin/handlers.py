@@ -25,6 +25,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from .. import audit, credits, levels, nodes
 from ..db import Database
 from ..models import NODE_STATES, PERMISSION_LEVELS, Team, TeamAdmin, User
+from ..teams import TeamError, change_hub_group, may_manage, record_member_change
 from . import charts, data, views
 
 log = logging.getLogger("nsml_server.admin")
@@ -381,19 +382,12 @@ class UserCredits(AdminPage):
                 if s.scalar(select(User.id).where(User.name == name)) is None:
                     raise web.HTTPError(404, f"No user named {name!r}.")
                 if mode == "set":
-                    if amount < 0:
-                        raise credits.CreditError("A balance cannot be set below zero.")
-                    delta = amount - credits.balance_milli(s, name)
-                    if delta == 0:
-                        raise credits.CreditError(
-                            f"{name} already has {views.credits_text(amount)} credits."
-                        )
-                    reason = f"set to {views.credits_text(amount)}" + (
-                        f": {reason}" if reason else ""
-                    )
+                    # The difference is read and written in one transaction, the account
+                    # locked: a charge meanwhile is not undone (see credits.set_balance).
+                    entry = credits.set_balance(s, name, amount, reason, self.admin_name, now)
                 else:
-                    delta = amount
-                credits.grant(s, name, delta, reason, self.admin_name, now)
+                    entry = credits.grant(s, name, amount, reason, self.admin_name, now)
+                delta = entry.amount_milli
                 after = credits.balance_milli(s, name)
         except credits.CreditError as e:
             return self.back(page, error=e.message)
@@ -499,6 +493,27 @@ class TeamAdmins(AdminPage):
         self.back(
             "teams", done=f"{user} is {'now' if make else 'no longer'} an admin of team {name}."
         )
+
+
+class TeamMembers(AdminPage):
+    """``POST admin/teams/NAME/members`` ``user``, ``member=1|0``: add the user to the team's
+    hub group or remove them (the hub keeps membership; the service asks it)."""
+
+    async def post(self, name: str) -> None:
+        user = self.get_body_argument("user", "").strip()
+        add = self.get_body_argument("member", "1") == "1"
+        if not user:
+            return self.back("teams", error="Name the user.")
+        try:
+            with self.ctx.db.session() as s:
+                may_manage(s, name, self.admin_name, True)
+            oauth = self.ctx.oauth
+            await change_hub_group(oauth.api_url, oauth.api_token, name, user, add)
+            with self.ctx.db.session() as s:
+                record_member_change(s, name, user, add, self.admin_name, self.ctx.now())
+        except TeamError as e:
+            return self.back("teams", error=e.message)
+        self.back("teams", done=f"{user} is {'now' if add else 'no longer'} in team {name}.")
 
 
 class LevelLimitsForm(AdminPage):
@@ -868,6 +883,7 @@ def routes(ctx: AdminContext) -> list[tuple[Any, ...]]:
         (a + f"teams/{name}/credits", TeamCredits, k),
         (a + f"teams/{name}/pays", TeamPays, k),
         (a + f"teams/{name}/admins", TeamAdmins, k),
+        (a + f"teams/{name}/members", TeamMembers, k),
         (a + f"levels/{name}", LevelLimitsForm, k),
         (a + "nodes", Nodes, k),
         (a + f"nodes/{name}/state", NodeState, k),

@@ -1,6 +1,6 @@
 """REST handlers: credits (balances, grants, history), the credit policy, permission levels
 and teams. Admins only, except that a user reads their own credits and the policy, and a
-team admin manages who their team's pool pays for."""
+team admin manages who their team's pool pays for and who is in their team."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .. import credits, levels
+from .. import credits, levels, teams
 from ..credits import CreditError, format_credits
 from ..models import CreditEntry, Team, User
 from ..schemas import (
@@ -306,7 +306,8 @@ class UserTeamHandler(_Handler):
         self.write_json(out)
 
 
-def team_out(s: Session, team: Team) -> TeamOut:
+def team_out(s: Session, team: Team, members: list[str] | None = None) -> TeamOut:
+    """The team; its *members* as the hub just answered them, else as last seen."""
     users = list(s.scalars(select(User).order_by(User.name)))
     return TeamOut(
         name=team.name,
@@ -314,7 +315,9 @@ def team_out(s: Session, team: Team) -> TeamOut:
         balance=team.credits_milli / 1000,
         balance_milli=team.credits_milli,
         admins=levels.team_admins(s, team.name),
-        members=[u.name for u in users if team.name in (u.groups or [])],
+        members=members
+        if members is not None
+        else [u.name for u in users if team.name in (u.groups or [])],
         billed=[u.name for u in users if u.billing_team == team.name],
     )
 
@@ -370,6 +373,33 @@ class TeamAdminHandler(_Handler):
         self.write_json(out)
 
 
+class TeamMemberHandler(_Handler):
+    """``PUT``/``DELETE teams/NAME/members/USER`` (an admin or a team admin of NAME): add
+    USER to the team's hub group, or remove them; the hub keeps membership."""
+
+    async def put(self, name: str, user: str) -> None:
+        await self._change(name, user, add=True)
+
+    async def delete(self, name: str, user: str) -> None:
+        await self._change(name, user, add=False)
+
+    async def _change(self, name: str, user: str, add: bool) -> None:
+        try:
+            with self.ctx.db.session() as s:
+                teams.may_manage(s, name, self.user_name, self.is_admin)
+            hub = self.ctx.hub_auth
+            members = await teams.change_hub_group(hub.api_url, hub.api_token, name, user, add)
+            with self.ctx.db.session() as s:
+                teams.record_member_change(s, name, user, add, self.user_name, self.ctx.now())
+                team = levels.get_team(s, name)
+                if team is None:
+                    raise APIError(404, f"No team named {name!r}.", "not_found")
+                out = team_out(s, team, members)
+        except teams.TeamError as e:
+            raise APIError(e.status, e.message, e.reason) from None
+        self.write_json(out)
+
+
 def credit_routes(ctx: ServerContext | None) -> list[Route]:
     """The routes of this module (paths as the OpenAPI document writes them)."""
     k = {"ctx": ctx}
@@ -384,6 +414,7 @@ def credit_routes(ctx: ServerContext | None) -> list[Route]:
         Route("/teams/{name}", TeamHandler, k),
         Route("/teams/{name}/credits", TeamCreditsHandler, k),
         Route("/teams/{name}/admins/{user}", TeamAdminHandler, k),
+        Route("/teams/{name}/members/{user}", TeamMemberHandler, k),
     ]
 
 

@@ -73,7 +73,7 @@ def touch_user(
 
 
 class MeHandler(APIHandler):
-    """``GET api/me`` — the caller: name, permission level, credits."""
+    """``GET api/me`` — the caller: name, permission level, credits, burn rate."""
 
     def get(self) -> None:
         assert self.hub_user is not None
@@ -93,6 +93,8 @@ class MeHandler(APIHandler):
                 credits=user.credits_milli / 1000,
                 groups=list(self.hub_user.get("groups") or []),
                 scopes=list(self.hub_user.get("scopes") or []),
+                burn_rate=credits.user_burn_rate_milli_per_hour(s, user.name, self.ctx.now())
+                / credits.MILLI,
             )
         self.write_json(out)
 

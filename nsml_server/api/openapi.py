@@ -657,11 +657,17 @@ def session_paths() -> dict[str, Any]:
         },
         "/sessions": {
             "get": _op(
-                "The caller's sessions (admin: all=1 or user=NAME)",
+                "The caller's sessions (admin: all=1 or user=NAME; teams=1: also their teams')",
                 {"200": _json(SessionList, "Oldest first")},
                 params=[
                     _query("state", "a state, or 'active'", enum=["active", *SESSION_STATES]),
                     _query("all", "1: every user's (admin)", **FLAG),
+                    _query(
+                        "teams",
+                        "1: also the team sessions (visibility 'team') of the caller's teams "
+                        "(their JupyterHub groups), whoever owns them",
+                        **FLAG,
+                    ),
                     _query("user", "another user's (admin)", minLength=1, maxLength=255),
                     _query(
                         "dataset",
@@ -712,7 +718,8 @@ def session_paths() -> dict[str, Any]:
         },
         s + "/stop": {
             "post": _op(
-                "Stop: SIGTERM, the grace period, then SIGKILL",
+                "Stop: SIGTERM, the grace period, then SIGKILL (the owner, an admin, or a "
+                "team admin of the session's team)",
                 {
                     "202": _json(SessionOut, "Stopping"),
                     "200": _json(SessionOut, "Had already ended"),
@@ -1038,6 +1045,21 @@ def credit_paths() -> dict[str, Any]:
                 params=HISTORY,
             ),
             "post": grant(TEAM),
+        },
+        "/teams/{name}/members/{user}": {
+            "put": _opp(
+                [TEAM, _path("user", "a hub user name", minLength=1, maxLength=255)],
+                "Add a user to a team (an admin or a team admin of the team); the service "
+                "adds them to the hub group, which stays the source of membership",
+                {"200": _json(TeamOut, "The team, its members as the hub answered")},
+                errors=("404",),
+            ),
+            "delete": _opp(
+                [TEAM, _path("user", "a hub user name", minLength=1, maxLength=255)],
+                "Remove a user from a team (an admin or a team admin of the team), through the hub",
+                {"200": _json(TeamOut, "The team, its members as the hub answered")},
+                errors=("404",),
+            ),
         },
         "/teams/{name}/admins/{user}": {
             "put": _opp(

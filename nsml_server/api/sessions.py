@@ -3,7 +3,8 @@
 Who may do what:
 
 - the owner and hub admins: everything; other users: nothing on a private session (403),
-  read and fork on a public one;
+  read and fork on a public one; the members of a team session's team (its JupyterHub
+  group) read and fork it as a public one, and that team's team admins may also stop it;
 - a *session token* (``nsmls_...``, given to the session's container only): report metrics,
   save and load checkpoints of its own session, and load the one checkpoint it was started
   from. Anything else answers 403.
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 from tornado import web
 
 from gpu_scheduler.model import GPU_MILLI
 
+from .. import levels
 from ..artifacts import (
     CHECKPOINT_MAX_MEMBERS,
     ArtifactError,
@@ -36,6 +38,7 @@ from ..artifacts import (
     validate_checkpoint_archive,
 )
 from ..backends import BackendError
+from ..credits import paying_team
 from ..datasets import resolve_refs
 from ..models import SESSION_ACTIVE_STATES, SESSION_STATES, SessionEvent, TrainingSession
 from ..schemas import (
@@ -76,6 +79,8 @@ from ..sessions import (
     metric_series_many,
     record_checkpoint,
     session_out,
+    session_outs,
+    session_team,
     transition,
     validate_checkpoint,
     validate_entry,
@@ -217,18 +222,30 @@ class SessionHandler(APIHandler):
             return self.token_session_id == row.id
         return row.user_name == self.user_name or self.is_admin
 
+    @property
+    def groups(self) -> list[str]:
+        """The caller's JupyterHub groups (teams); none for a session token."""
+        if self.token_session_id is not None or self.hub_user is None:
+            return []
+        return [str(g) for g in self.hub_user.get("groups") or []]
+
     def readable(self, s: Session, name: str) -> TrainingSession:
-        """The session when the caller may read it (owner, admin, or a public session)."""
+        """The session when the caller may read it (owner, admin, a public session, or a
+        team session of one of the caller's teams)."""
         row = self._get(s, name)
         self.check_readable(row)
         return row
 
     def check_readable(self, row: TrainingSession) -> None:
-        """Raise 403 unless the caller may read *row* (owner, admin, or a public session)."""
+        """Raise 403 unless the caller may read *row* (owner, admin, a public session, or a
+        team session of one of the caller's teams)."""
         if self.token_session_id is not None and self.token_session_id != row.id:
             raise APIError(403, f"A session token cannot read session {row.name}.", "forbidden")
-        if not self._is_owner(row) and row.visibility != "public":
-            raise APIError(403, f"Session {row.name} belongs to another user.", "forbidden")
+        if self._is_owner(row) or row.visibility == "public":
+            return
+        if row.visibility == "team" and row.team is not None and row.team in self.groups:
+            return
+        raise APIError(403, f"Session {row.name} belongs to another user.", "forbidden")
 
     def owned(self, s: Session, name: str) -> TrainingSession:
         """The session when the caller may change it (owner or admin)."""
@@ -236,6 +253,27 @@ class SessionHandler(APIHandler):
         if not self._is_owner(row):
             raise APIError(403, f"Session {name} belongs to another user.", "forbidden")
         return row
+
+    def stoppable(self, s: Session, name: str) -> TrainingSession:
+        """The session when the caller may stop it: the owner, an admin, or a team admin of
+        the session's team (who may read it, too)."""
+        row = self._get(s, name)
+        if self._is_owner(row):
+            return row
+        if self.token_session_id is None and row.team is not None and row.visibility != "private":
+            if levels.is_team_admin(s, row.team, self.user_name):
+                return row
+            self.check_readable(row)
+            raise APIError(
+                403,
+                f"Only {row.user_name}, an admin or a team admin of team {row.team} may stop "
+                f"session {name}.",
+                "forbidden",
+            )
+        self.check_readable(row)
+        raise APIError(
+            403, f"Only {row.user_name} or an admin may stop session {name}.", "forbidden"
+        )
 
     def _int_arg(self, name: str) -> int | None:
         """An integer query argument (its bounds are checked from the document first)."""
@@ -310,7 +348,9 @@ class CodeHandler(StreamedBody, SessionHandler):
 
 
 class SessionsHandler(SessionHandler):
-    """``POST api/sessions`` (start); ``GET api/sessions[?state=&all=1&user=&dataset=&limit=]``."""
+    """``POST api/sessions`` (start); ``GET
+    api/sessions[?state=&all=1&user=&teams=1&dataset=&limit=]`` (``teams=1``: also the team
+    sessions of the caller's teams)."""
 
     def post(self) -> None:
         body = self.body_as(SessionIn)
@@ -319,7 +359,7 @@ class SessionsHandler(SessionHandler):
         # A digest is a name, not a capability: another user's snapshot is answered exactly
         # as one that does not exist.
         with self.ctx.db.session() as s:
-            allowed = may_run_code(s, self.user_name, self.is_admin, body.code)
+            allowed = may_run_code(s, self.user_name, self.is_admin, body.code, self.groups)
         if not allowed or not store.has_code(body.code):
             raise APIError(
                 404,
@@ -344,6 +384,13 @@ class SessionsHandler(SessionHandler):
             datasets = resolve_datasets(
                 s, self.user_name, groups, self.is_admin, body.datasets, resources
             )
+            visibility, team = session_team(
+                body.visibility,
+                body.team,
+                groups,
+                paying_team(s, self.user_name, groups),
+                is_admin=self.is_admin,
+            )
             admission(
                 s,
                 self.user_name,
@@ -364,7 +411,8 @@ class SessionsHandler(SessionHandler):
                     "image": image,
                     "resources": resources,
                     "memo": body.memo,
-                    "visibility": body.visibility,
+                    "visibility": visibility,
+                    "team": team,
                     "restart_on_lost": body.restart_on_lost,
                 },
                 now=now,
@@ -393,8 +441,21 @@ class SessionsHandler(SessionHandler):
             raise APIError(400, "limit must be an integer.", "bad_request") from None
         limit = max(1, min(limit, 10_000))
         q = select(TrainingSession).order_by(TrainingSession.id.desc()).limit(limit)
+        teams = self.get_query_argument("teams", "0") in ("1", "true")
         if not everyone:
-            q = q.where(TrainingSession.user_name == (user or self.user_name))
+            mine = TrainingSession.user_name == (user or self.user_name)
+            if teams and self.groups:
+                q = q.where(
+                    or_(
+                        mine,
+                        and_(
+                            TrainingSession.visibility == "team",
+                            TrainingSession.team.in_(self.groups),
+                        ),
+                    )
+                )
+            else:
+                q = q.where(mine)
         if state == "active":
             q = q.where(TrainingSession.state.in_(SESSION_ACTIVE_STATES))
         elif state is not None:
@@ -404,7 +465,7 @@ class SessionsHandler(SessionHandler):
         now = self.ctx.now()
         with self.ctx.db.session() as s:
             rows = list(s.scalars(q))[::-1]
-            out = SessionList(sessions=[session_out(s, r, now) for r in rows])
+            out = SessionList(sessions=session_outs(s, rows, now))
         self.write_json(out)
 
 
@@ -422,8 +483,18 @@ class SessionItemHandler(SessionHandler):
             row = self.owned(s, self.name_of(*name))
             if patch.memo is not None:
                 row.memo = patch.memo
-            if patch.visibility is not None:
-                row.visibility = patch.visibility
+            if patch.visibility is not None or patch.team is not None:
+                visibility = patch.visibility or ("team" if patch.team else row.visibility)
+                # The session's team stays unless another is named (the caller need not
+                # still be in it); a new team must be one of the caller's.
+                kept = row.team if patch.team is None and visibility != "private" else None
+                row.visibility, row.team = session_team(
+                    visibility,
+                    patch.team or kept,
+                    [*self.groups, *([kept] if kept else [])],
+                    None,
+                    is_admin=self.is_admin,
+                )
             s.flush()
             out = session_out(s, row, self.ctx.now())
         self.write_json(out)
@@ -460,7 +531,7 @@ class StopHandler(SessionHandler):
     def post(self, *name: str) -> None:
         full = self.name_of(*name)
         with self.ctx.db.session() as s:
-            row = self.owned(s, full)
+            row = self.stoppable(s, full)
             if row.state in SESSION_ACTIVE_STATES and not row.stop_requested:
                 row.stop_requested = True
                 add_event(s, row, "notice", f"stop requested by {self.user_name}", self.ctx.now())

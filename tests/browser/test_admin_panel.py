@@ -38,6 +38,7 @@ FORMS = [
     "teams/some-team/credits",
     "teams/some-team/pays",
     "teams/some-team/admins",
+    "teams/some-team/members",
     "levels/user",
     f"nodes/{NODE}/state",
     "sessions/stop",
@@ -184,6 +185,7 @@ def test_an_admin_grants_credits_drains_a_node_and_stops_a_server_and_sees_each_
 
     # A new team, then credits for its pool.
     team = f"lab-{secrets.token_hex(2)}"
+    hub.admin("POST", f"/groups/{team}").raise_for_status()
     page.get_by_role("link", name="Teams", exact=True).click()
     new = page.get_by_role("form", name="New team")
     new.get_by_label("Hub group").fill(team)
@@ -195,6 +197,12 @@ def test_an_admin_grants_credits_drains_a_node_and_stops_a_server_and_sees_each_
     pool.get_by_label("Reason").fill("browser test: lab pool")
     pool.get_by_role("button", name="Grant").click()
     expect(page.get_by_role("status")).to_contain_text("pool 10.000")
+    # Carol joins the team: the hub's group changes.
+    members = page.get_by_role("form", name=f"Members of {team}")
+    members.get_by_label("Member", exact=True).fill("browser-carol")
+    members.get_by_role("button", name="Apply").click()
+    expect(page.get_by_role("status")).to_contain_text(f"browser-carol is now in team {team}.")
+    assert "browser-carol" in hub.admin("GET", f"/groups/{team}").json()["users"]
     admin.shot("teams")
 
     # Drain the local node from the nodes page; the API says draining too.
@@ -249,6 +257,7 @@ def test_an_admin_grants_credits_drains_a_node_and_stops_a_server_and_sees_each_
         ("levels.user", "user:browser-carol"),
         ("teams.create", f"team:{team}"),
         ("credits.grant", f"team:{team}"),
+        ("teams.member.add", f"team:{team}"),
     ]:
         expect(
             log.get_by_role("row").filter(has_text=action).filter(has_text=target).first

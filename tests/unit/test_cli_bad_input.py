@@ -112,6 +112,10 @@ BAD = [
     ("dataset board mnist --timeout 5", "--timeout: 5 is out of range; give a number of seconds"),
     ("dataset board mnist --close --reopen", "not allowed with argument --close"),
     ("dataset push mnist ./data --test-inputs in", "--test-inputs and --test-labels go together"),
+    ("team add vision", "nsml team add: the following arguments are required: USER"),
+    ("team bogus vision", "argument ACTION: invalid choice: 'bogus'"),
+    ("run --team vision --private train.py", "give --team or --private, not both"),
+    ("run --public --private train.py", "argument --private: not allowed with argument --public"),
     ("bogus", "argument VERB: invalid choice: 'bogus'"),
     ("", "the following arguments are required: VERB"),
 ]
