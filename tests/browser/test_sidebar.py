@@ -254,14 +254,23 @@ def file_item(me: HubUser, name: str) -> Any:
     return listing.locator(".jp-DirListing-item").filter(has=cell)
 
 
+def show_file_browser(me: HubUser) -> Any:
+    """Show the file browser (a click on its icon while it is shown would hide it)."""
+    from playwright.sync_api import expect
+
+    section = me.page.get_by_role("region", name="File Browser Section")
+    if not section.is_visible():
+        me.page.locator('.jp-SideBar [data-id="filebrowser"]').click()
+    expect(section).to_be_visible()
+    return section
+
+
 def browse_to(me: HubUser, folder: str) -> None:
     """Show the file browser and open *folder* (one below the home) by double-clicking it."""
     from playwright.sync_api import expect
 
-    me.page.locator('.jp-SideBar [data-id="filebrowser"]').click()
-    me.page.get_by_role("region", name="File Browser Section").locator(
-        ".jp-BreadCrumbs-home"
-    ).click()
+    show_file_browser(me)
+    me.page.locator("#filebrowser .jp-BreadCrumbs-home").click()
     file_item(me, folder).dblclick()
     expect(me.page.locator(".jp-BreadCrumbs")).to_contain_text(folder)
 
@@ -488,7 +497,7 @@ def test_pull_puts_the_dataset_into_the_file_browsers_current_folder(
     me.shot("pulled")
     assert read_file(me, "work/pets-v1/labels.csv") == "id,label\n1,cat\n"
     assert read_file(me, "work/pets-v1/images/1.txt") == "a cat\n"
-    me.page.locator('.jp-SideBar [data-id="filebrowser"]').click()
+    show_file_browser(me)
     expect(file_item(me, "pets-v1")).to_be_visible()
     me.shot("file-browser")
     # A second pull does not touch the first copy: it goes next to it.

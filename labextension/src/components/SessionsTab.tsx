@@ -30,9 +30,9 @@ const STATE_FILTERS = [
   'stopped'
 ];
 const OWNERS: [SessionOwner, string][] = [
-  ['all', 'mine and my teams’'],
+  ['all', 'mine+team'],
   ['mine', 'mine'],
-  ['team', 'my teams’']
+  ['team', 'team']
 ];
 const SORTS: [SortKey, string][] = [
   ['created', 'newest'],
@@ -107,6 +107,7 @@ export function SessionsTab(props: ISessionsTabProps): JSX.Element {
         <select
           className="jp-mod-styled"
           aria-label="Whose"
+          title="Whose sessions: mine and my teams’, only mine, or only my teammates’"
           value={filter.owner}
           onChange={e => setFilter({ ...filter, owner: e.target.value as SessionOwner })}
         >
