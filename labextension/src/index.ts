@@ -25,9 +25,17 @@ import { Widget } from '@lumino/widgets';
 
 import { EventStream, serverApi } from './handler';
 import { INotice, NSMLModel, progressFraction, sessionPath } from './model';
-import { compareCode, pullCode, pushCode, runCode, runJob } from './jobs';
+import {
+  IRunLine,
+  RUN_LINE_HINT,
+  compareCode,
+  parseRunLine,
+  pullCode,
+  pushCode,
+  runCode,
+  runJob
+} from './jobs';
 import { CommandIDs, DEFAULT_SETTINGS, ICheckpoint, ISidebarSettings, PLUGIN_ID } from './tokens';
-import { splitArgs } from './format';
 import { IActions } from './components/actions';
 import { SidebarWidget } from './components/Sidebar';
 import { LogViewer } from './components/LogViewer';
@@ -347,40 +355,22 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
         const line = await askText(
           `Run ${PathExt.basename(path)} as an NSML session`,
-          'Arguments, then options (--gpus N, -d DATASET) before a “--”',
+          RUN_LINE_HINT,
           ''
         );
         if (line === null) {
           return;
         }
-        let words: string[];
+        let run: IRunLine;
         try {
-          words = splitArgs(line);
+          run = parseRunLine(line);
         } catch (e) {
           fail('NSML: Run current file')(e);
           return;
         }
-        const sep = words.indexOf('--');
-        const opts = sep >= 0 ? words.slice(0, sep) : [];
-        const args = sep >= 0 ? words.slice(sep + 1) : words;
-        let gpus = 0;
-        const datasets: string[] = [];
-        for (let i = 0; i < opts.length; i++) {
-          if (opts[i] === '--gpus') {
-            gpus = Number(opts[++i]);
-          } else if (opts[i] === '-d' || opts[i] === '--dataset') {
-            datasets.push(opts[++i]);
-          }
-        }
         const r = await job(
           `Run ${PathExt.basename(path)}`,
-          runCode({
-            folder: PathExt.dirname(path),
-            entry: PathExt.basename(path),
-            args,
-            gpus,
-            datasets
-          })
+          runCode({ folder: PathExt.dirname(path), entry: PathExt.basename(path), ...run })
         );
         if (r) {
           Notification.success(`Started ${r.name}`, {

@@ -5,6 +5,8 @@
  */
 import { KernelMessage, ServiceManager } from '@jupyterlab/services';
 
+import { splitArgs } from './format';
+
 export const PROGRESS_TAG = 'NSML-PROGRESS ';
 export const RESULT_TAG = 'NSML-RESULT ';
 export const ERROR_TAG = 'NSML-ERROR ';
@@ -40,11 +42,20 @@ export function pushCode(name: string, folder: string): string {
   ]);
 }
 
-/** Pull dataset `ref` into the new folder `dest` (relative to the server's root). */
+/**
+ * Pull dataset `ref` into the new folder `dest` (relative to the server's root); when `dest`
+ * is taken (a file, or a folder that is not empty: pulled before), into `dest-2`, `dest-3` …
+ */
 export function pullCode(ref: string, dest: string): string {
   return wrap([
     'from nsml.datasets import pull as _pull',
-    `_ref, _d = _pull(_C(), ${py(ref)}, ${py(dest)}, on_progress=_p)`,
+    'from pathlib import Path as _P',
+    `_d0 = _d = _P(${py(dest)})`,
+    '_n = 1',
+    'while _d.exists() and (not _d.is_dir() or any(_d.iterdir())):',
+    '    _n += 1',
+    '    _d = _d0.with_name(f"{_d0.name}-{_n}")',
+    `_ref, _d = _pull(_C(), ${py(ref)}, _d, on_progress=_p)`,
     `print(${py(RESULT_TAG)} + _j.dumps({"ref": _ref, "dest": str(_d)}), flush=True)`
   ]);
 }
@@ -55,6 +66,51 @@ export interface IRunRequest {
   args: string[];
   gpus: number;
   datasets: string[];
+}
+
+/** What the run dialog's one line asks for (`--gpus 1 -d mnist -- --lr 0.1`). */
+export interface IRunLine {
+  args: string[];
+  gpus: number;
+  datasets: string[];
+}
+
+/** The run dialog's hint: how its line is read ({@link parseRunLine}). */
+export const RUN_LINE_HINT =
+  'Arguments of the script; NSML options first, then “--”: --gpus 1 -d mnist -- --lr 0.1';
+
+/**
+ * The run dialog's line, split as a shell does (`splitArgs`): without `--` every word is
+ * an argument of the script; with it, the words before are NSML options (`--gpus N`,
+ * `-d`/`--dataset NAME`, repeatable) and those after are the arguments. Throws an Error
+ * that names the valid options for anything else.
+ */
+export function parseRunLine(line: string): IRunLine {
+  const words = splitArgs(line);
+  const sep = words.indexOf('--');
+  const opts = sep >= 0 ? words.slice(0, sep) : [];
+  const out: IRunLine = { args: sep >= 0 ? words.slice(sep + 1) : words, gpus: 0, datasets: [] };
+  for (let i = 0; i < opts.length; i++) {
+    const opt = opts[i];
+    const value = opts[i + 1];
+    if (opt !== '--gpus' && opt !== '-d' && opt !== '--dataset') {
+      throw new Error(`Unknown option ${opt}: give --gpus N or -d DATASET before “--”.`);
+    }
+    if (value === undefined) {
+      throw new Error(`${opt} needs a value.`);
+    }
+    i++;
+    if (opt === '--gpus') {
+      const n = Number(value);
+      if (!isFinite(n) || n < 0 || value.trim() === '') {
+        throw new Error(`--gpus takes a number of GPUs (0, 0.5, 2 …), not ${value}.`);
+      }
+      out.gpus = n;
+    } else {
+      out.datasets.push(value);
+    }
+  }
+  return out;
 }
 
 /** Start a session from the server folder `folder`, running `entry` with `args`. */

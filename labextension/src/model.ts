@@ -157,13 +157,15 @@ export function reduceSessions(
 }
 
 export interface ISessionFilter {
-  /** Substring of name, entry, arguments, memo or node. */
+  /** Substring of name, user, team, entry, arguments, memo, node or state. */
   text: string;
   /** 'all', 'active' (queued, preparing, running), 'ended', or one state. */
   state: string;
-  /** 'all', 'mine', 'others' (teams' and shared sessions). */
-  owner: 'all' | 'mine' | 'others';
+  /** 'all' (mine and my teams'), 'mine', or 'team' (my teammates' sessions). */
+  owner: SessionOwner;
 }
+
+export type SessionOwner = 'all' | 'mine' | 'team';
 
 export const DEFAULT_FILTER: ISessionFilter = { text: '', state: 'all', owner: 'all' };
 
@@ -178,7 +180,7 @@ export function filterSessions(
     if (filter.owner === 'mine' && s.user !== me) {
       continue;
     }
-    if (filter.owner === 'others' && s.user === me) {
+    if (filter.owner === 'team' && s.user === me) {
       continue;
     }
     const ended = ENDED_STATES.has(s.state);
@@ -192,7 +194,8 @@ export function filterSessions(
       continue;
     }
     if (text) {
-      const hay = [s.name, s.entry, s.args.join(' '), s.memo, s.node ?? '', s.state]
+      const hay = [s.name, s.user, s.team ?? '', s.entry, s.args.join(' '), s.memo]
+        .concat([s.node ?? '', s.state])
         .join(' ')
         .toLowerCase();
       if (!hay.includes(text)) {
@@ -206,16 +209,56 @@ export function filterSessions(
 
 export type SortKey = 'created' | 'name' | 'state' | 'elapsed' | 'gpus' | 'credits' | 'metric';
 
-/** Credits a session has burnt so far, if the service reports it. */
+/** Credits charged for a session so far (`credits_used`), or null when not reported. */
 export function sessionCredits(s: ISession): number | null {
-  const v = s.credits_used ?? s.credits;
-  return typeof v === 'number' ? v : null;
+  return typeof s.credits_used === 'number' ? s.credits_used : null;
 }
 
-/** Credits an hour the session burns while running, if reported. */
+/** Credits an hour a running session costs (`credit_rate`); null when it does not run. */
 export function sessionRate(s: ISession): number | null {
-  const v = s.credit_rate ?? s.credits_per_hour;
-  return typeof v === 'number' && s.state === 'running' ? v : null;
+  return typeof s.credit_rate === 'number' && s.state === 'running' ? s.credit_rate : null;
+}
+
+/**
+ * Whose a session is, for its row: null for one of mine without a team; otherwise the owner
+ * when it is not me and the team it belongs to (`bob · team vision`, `team vision`).
+ */
+export function sessionOwnerLabel(s: ISession, me: string | null): string | null {
+  const parts: string[] = [];
+  if (s.user !== me) {
+    parts.push(s.user);
+  }
+  if (s.team) {
+    parts.push(`team ${s.team}`);
+  }
+  return parts.length ? parts.join(' · ') : null;
+}
+
+/** The actions a session's row offers the caller (`me`; null: not known yet). */
+export interface ISessionActions {
+  stop: boolean;
+  remove: boolean;
+  submit: boolean;
+  logs: boolean;
+  fork: boolean;
+}
+
+/**
+ * What the caller may do with a session: the owner (and an admin) stops a running one,
+ * removes an ended one and submits it; anyone who sees it (a teammate) reads its log and
+ * forks it. While the caller is not known yet, every action is offered (the service
+ * refuses what it must).
+ */
+export function sessionActions(s: ISession, me: IMe | null): ISessionActions {
+  const ended = ENDED_STATES.has(s.state);
+  const owns = me === null || s.user === me.name || me.admin;
+  return {
+    stop: owns && !ended,
+    remove: owns && ended,
+    submit: owns && s.datasets.length > 0,
+    logs: true,
+    fork: true
+  };
 }
 
 /** Mean utilisation now of the session's GPUs (percent), or null when none reported. */
@@ -354,11 +397,13 @@ export function sessionNotice(
   }
 }
 
-/** The caller's burn rate: the service's figure, else the sum over running sessions. */
+/**
+ * The caller's burn rate in credits an hour: the service's `burn_rate`, else (a service
+ * that does not report it) the sum of `credit_rate` over my running sessions.
+ */
 export function burnRate(me: IMe | null, sessions: Iterable<ISession>): number | null {
-  const reported = me ? (me.burn_rate ?? me.credits_per_hour) : null;
-  if (typeof reported === 'number') {
-    return reported;
+  if (typeof me?.burn_rate === 'number') {
+    return me.burn_rate;
   }
   let sum = 0;
   let any = false;
@@ -413,6 +458,9 @@ export interface IApi {
   post<T>(path: string, body?: unknown): Promise<T>;
   del(path: string): Promise<void>;
 }
+
+/** The sessions listing the sidebar asks for: mine and those of my teams, newest first. */
+export const SESSIONS_LISTING = 'sessions?limit=200&teams=1';
 
 /** Encode USER/DATASET/N for a URL path, each part on its own. */
 export function sessionPath(name: string): string {
@@ -479,9 +527,10 @@ export class NSMLModel {
     this._changed.emit();
   }
 
+  /** Mine and my teams' sessions (`teams=1`; a service without teams ignores it). */
   async refreshSessions(): Promise<void> {
     const res = await this._call(
-      () => this._api.get<{ sessions: ISession[] }>('sessions?limit=200'),
+      () => this._api.get<{ sessions: ISession[] }>(SESSIONS_LISTING),
       null
     );
     if (res) {

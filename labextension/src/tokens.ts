@@ -43,7 +43,7 @@ export interface IGpuUse {
 
 export type MetricValue = number | 'nan' | 'inf' | '-inf' | null;
 
-/** One session (`SessionOut`); credit fields only when the service reports them. */
+/** One session (`SessionOut`). */
 export interface ISession {
   name: string;
   id: number;
@@ -74,23 +74,22 @@ export interface ISession {
   started: string | null;
   finished: string | null;
   duration_s: number | null;
-  /** Credits charged so far (when the service's credit accounting reports it). */
-  credits?: number | null;
+  /** Credits charged for it so far (null: nothing charged yet; absent from older services). */
   credits_used?: number | null;
-  /** Credits per hour while it runs (when reported). */
+  /** Credits an hour it costs while it runs (null: not billed). */
   credit_rate?: number | null;
-  credits_per_hour?: number | null;
+  /** The team the session is shared with (its members list it with `teams=1`), or null. */
+  team?: string | null;
 }
 
-/** The caller (`MeOut`), with the credit fields the accounting may add. */
+/** The caller (`MeOut`). */
 export interface IMe {
   name: string;
   admin: boolean;
   credits: number;
   groups: string[];
-  /** Credits per hour burnt by the caller's running sessions (when reported). */
-  burn_rate?: number | null;
-  credits_per_hour?: number | null;
+  /** Credits an hour the caller's running work burns now (absent from older services). */
+  burn_rate?: number;
 }
 
 export interface IVersion {

@@ -9,10 +9,15 @@ import {
   gpuUseNow,
   progressFraction,
   reduceSessions,
+  sessionActions,
+  sessionCredits,
   sessionNotice,
+  sessionOwnerLabel,
   sessionPath,
+  sessionRate,
   sortSessions,
-  DEFAULT_FILTER
+  DEFAULT_FILTER,
+  SESSIONS_LISTING
 } from '../src/model';
 import { ISession } from '../src/tokens';
 import { session } from './fixtures';
@@ -174,7 +179,14 @@ describe('filterSessions', () => {
   const list = [
     session({ name: 'alice/mnist/1', state: 'running', args: ['--lr', '0.1'] }),
     session({ name: 'alice/mnist/2', id: 2, state: 'completed', args: ['--lr', '0.01'] }),
-    session({ name: 'bob/cifar/1', id: 3, user: 'bob', state: 'queued', datasets: ['cifar@1'] })
+    session({
+      name: 'bob/cifar/1',
+      id: 3,
+      user: 'bob',
+      team: 'vision',
+      state: 'queued',
+      datasets: ['cifar@1']
+    })
   ];
   const names = (f: Partial<typeof DEFAULT_FILTER>) =>
     filterSessions(list, { ...DEFAULT_FILTER, ...f }, 'alice').map(s => s.name);
@@ -185,7 +197,9 @@ describe('filterSessions', () => {
     ['ended', { state: 'ended' }, ['alice/mnist/2']],
     ['one state', { state: 'queued' }, ['bob/cifar/1']],
     ['mine', { owner: 'mine' as const }, ['alice/mnist/1', 'alice/mnist/2']],
-    ['others', { owner: 'others' as const }, ['bob/cifar/1']],
+    ["my teams' (my teammates' sessions)", { owner: 'team' as const }, ['bob/cifar/1']],
+    ['text in the team', { text: 'vision' }, ['bob/cifar/1']],
+    ['text in the owner', { text: 'bob' }, ['bob/cifar/1']],
     ['text in the arguments', { text: '0.01' }, ['alice/mnist/2']],
     ['text in the name, any case', { text: 'CIFAR' }, ['bob/cifar/1']]
   ])('%s', (_, f, want) => {
@@ -284,6 +298,32 @@ describe('sessionNotice', () => {
 });
 
 describe('credits', () => {
+  test.each([
+    ['charged so far', { credits_used: 1.25 }, 1.25],
+    ['nothing charged yet', { credits_used: null }, null],
+    ['a service without per-session credits', {}, null],
+    ['zero is a figure', { credits_used: 0 }, 0]
+  ])('credits_used: %s', (_, over, want) => {
+    expect(sessionCredits(session(over))).toBe(want);
+  });
+
+  test.each([
+    ['while running', { credit_rate: 2.5 }, 2.5],
+    ['not once it ended', { credit_rate: 2.5, state: 'completed' as const }, null],
+    ['not while queued', { credit_rate: 2.5, state: 'queued' as const }, null],
+    ['not billed', { credit_rate: null }, null]
+  ])('credit_rate: %s', (_, over, want) => {
+    expect(sessionRate(session(over))).toBe(want);
+  });
+
+  test('the guessed names of an older sidebar are not read', () => {
+    const old = { ...session(), credits: 9, credits_per_hour: 4 } as unknown as ISession;
+    expect(sessionCredits(old)).toBeNull();
+    expect(sessionRate(old)).toBeNull();
+    const me = { name: 'alice', admin: false, credits: 10, groups: [], credits_per_hour: 4 };
+    expect(burnRate(me, [])).toBeNull();
+  });
+
   test('burn rate: the service figure, else the sum over my running sessions', () => {
     const me = { name: 'alice', admin: false, credits: 10, groups: [] };
     const ss = [
@@ -294,6 +334,7 @@ describe('credits', () => {
     ];
     expect(burnRate(me, ss)).toBe(5);
     expect(burnRate({ ...me, burn_rate: 1.5 }, ss)).toBe(1.5);
+    expect(burnRate({ ...me, burn_rate: 0 }, ss)).toBe(0); // nothing of mine runs
     expect(burnRate(me, [session()])).toBeNull();
   });
 
@@ -304,6 +345,70 @@ describe('credits', () => {
     ['plenty at the rate', 500, 100, false]
   ])('low: %s', (_, balance, rate, want) => {
     expect(creditsLow(balance, rate, 10, 1)).toBe(want);
+  });
+});
+
+describe('team sessions', () => {
+  const me = { name: 'alice', admin: false, credits: 10, groups: ['vision'] };
+  const mine = session();
+  const teamMine = session({ name: 'alice/mnist/2', team: 'vision' });
+  const theirs = session({ name: 'bob/mnist/1', user: 'bob', team: 'vision' });
+
+  test.each([
+    ['mine, no team: nothing', mine, null],
+    ['mine, of a team: the team', teamMine, 'team vision'],
+    ["a teammate's: owner and team", theirs, 'bob · team vision'],
+    ['another user, no team (admin, public)', session({ user: 'carol', team: null }), 'carol']
+  ])('owner label: %s', (_, s, want) => {
+    expect(sessionOwnerLabel(s, 'alice')).toBe(want);
+  });
+
+  test.each([
+    ['my running one: stop, not remove', mine, me, { stop: true, remove: false, submit: true }],
+    [
+      'my ended one: remove, not stop',
+      session({ state: 'failed' }),
+      me,
+      { stop: false, remove: true, submit: true }
+    ],
+    [
+      "a teammate's running one: no stop, remove or submit",
+      theirs,
+      me,
+      { stop: false, remove: false, submit: false }
+    ],
+    [
+      "a teammate's, as an admin: stop",
+      theirs,
+      { ...me, admin: true },
+      { stop: true, remove: false, submit: true }
+    ],
+    ['caller not known yet: offered', theirs, null, { stop: true, remove: false, submit: true }]
+  ])('actions: %s', (_, s, who, want) => {
+    expect(sessionActions(s, who)).toEqual({ ...want, logs: true, fork: true });
+  });
+
+  test('the listing asks for my teams’ sessions too', async () => {
+    const api = new FakeService();
+    api.sessions.set(theirs.name, theirs);
+    const model = new NSMLModel(api);
+    await model.refreshSessions();
+    expect(api.calls).toEqual([`GET ${SESSIONS_LISTING}`]);
+    expect(SESSIONS_LISTING).toMatch(/[?&]teams=1(&|$)/);
+    expect(model.sessions.get('bob/mnist/1')!.team).toBe('vision');
+  });
+
+  test("a teammate's session that fails raises no notice of mine", async () => {
+    const api = new FakeService();
+    api.sessions.set(theirs.name, theirs);
+    const model = new NSMLModel(api);
+    const notices: INotice[] = [];
+    model.notice.connect((_, n) => notices.push(n));
+    await model.refreshAll();
+    api.sessions.set(theirs.name, { ...theirs, state: 'failed' });
+    await model.refreshSessions();
+    expect(model.sessions.get(theirs.name)!.state).toBe('failed');
+    expect(notices).toEqual([]);
   });
 });
 

@@ -17,7 +17,6 @@ export class LogViewer extends Widget {
   ) {
     super();
     this.addClass('jp-NSML-log');
-    this.id = `nsml-log-${session.replace(/[^A-Za-z0-9_-]/g, '-')}`;
     this.title.label = `Log: ${session}`;
     this.title.closable = true;
     this._status = document.createElement('div');

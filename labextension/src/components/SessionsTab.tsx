@@ -4,15 +4,18 @@ import {
   DEFAULT_FILTER,
   ISessionFilter,
   NSMLModel,
+  SessionOwner,
   SortKey,
   filterSessions,
   gpuUseNow,
+  sessionActions,
   sessionCredits,
   sessionElapsed,
+  sessionOwnerLabel,
   sessionRate,
   sortSessions
 } from '../model';
-import { ENDED_STATES, ISession } from '../tokens';
+import { IMe, ISession } from '../tokens';
 import { formatCredits, formatDuration, formatMetric } from '../format';
 import { IActions } from './actions';
 
@@ -25,6 +28,11 @@ const STATE_FILTERS = [
   'completed',
   'failed',
   'stopped'
+];
+const OWNERS: [SessionOwner, string][] = [
+  ['all', 'mine+team'],
+  ['mine', 'mine'],
+  ['team', 'team']
 ];
 const SORTS: [SortKey, string][] = [
   ['created', 'newest'],
@@ -98,6 +106,19 @@ export function SessionsTab(props: ISessionsTabProps): JSX.Element {
         </select>
         <select
           className="jp-mod-styled"
+          aria-label="Whose"
+          title="Whose sessions: mine and my teams’, only mine, or only my teammates’"
+          value={filter.owner}
+          onChange={e => setFilter({ ...filter, owner: e.target.value as SessionOwner })}
+        >
+          {OWNERS.map(([k, label]) => (
+            <option key={k} value={k}>
+              {label}
+            </option>
+          ))}
+        </select>
+        <select
+          className="jp-mod-styled"
           aria-label="Sort by"
           value={sort}
           onChange={e => setSort(e.target.value as SortKey)}
@@ -131,6 +152,7 @@ export function SessionsTab(props: ISessionsTabProps): JSX.Element {
             <SessionRow
               key={s.name}
               session={s}
+              me={model.me}
               now={now}
               selected={selected.has(s.name)}
               open={open === s.name}
@@ -147,6 +169,7 @@ export function SessionsTab(props: ISessionsTabProps): JSX.Element {
 
 function SessionRow(props: {
   session: ISession;
+  me: IMe | null;
   now: number;
   selected: boolean;
   open: boolean;
@@ -155,7 +178,8 @@ function SessionRow(props: {
   actions: IActions;
 }): JSX.Element {
   const { session: s, actions } = props;
-  const ended = ENDED_STATES.has(s.state);
+  const may = sessionActions(s, props.me);
+  const whose = sessionOwnerLabel(s, props.me?.name ?? null);
   const use = gpuUseNow(s);
   const credits = sessionCredits(s);
   const rate = sessionRate(s);
@@ -182,6 +206,11 @@ function SessionRow(props: {
         </span>
       </div>
       <div className="jp-NSML-facts">
+        {whose !== null && (
+          <span className="jp-NSML-owner" title="Owner and team" aria-label="owner">
+            {whose}
+          </span>
+        )}
         <span title="Elapsed">{formatDuration(sessionElapsed(s, props.now))}</span>
         <span title="GPUs">
           {s.resources.gpus} GPU{s.resources.gpus === 1 ? '' : 's'}
@@ -227,7 +256,7 @@ function SessionRow(props: {
         </div>
       )}
       <div className="jp-NSML-actions">
-        {!ended && (
+        {may.stop && (
           <button
             className="jp-NSML-action"
             onClick={() => actions.stop(s.name)}
@@ -236,18 +265,22 @@ function SessionRow(props: {
             {s.stop_requested ? 'Stopping…' : 'Stop'}
           </button>
         )}
-        <button className="jp-NSML-action" onClick={() => actions.logs(s.name)}>
-          Logs
-        </button>
-        <button className="jp-NSML-action" onClick={() => actions.fork(s.name)}>
-          Fork
-        </button>
-        {s.datasets.length > 0 && (
+        {may.logs && (
+          <button className="jp-NSML-action" onClick={() => actions.logs(s.name)}>
+            Logs
+          </button>
+        )}
+        {may.fork && (
+          <button className="jp-NSML-action" onClick={() => actions.fork(s.name)}>
+            Fork
+          </button>
+        )}
+        {may.submit && (
           <button className="jp-NSML-action" onClick={() => actions.submit(s.name)}>
             Submit
           </button>
         )}
-        {ended && (
+        {may.remove && (
           <button className="jp-NSML-action" onClick={() => actions.remove(s.name)}>
             Remove
           </button>
