@@ -659,9 +659,11 @@ class CreditBilling(LoggingConfigurable):
         stop_server: StopServer | None = None,
         smtp: SMTPSettings | None = None,
         wake_runner: Callable[[], None] = lambda: None,
+        notify: Callable[[str, str, str], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.notify = notify
         self.db = db
         self.is_leader = is_leader
         self.now = now
@@ -738,6 +740,11 @@ class CreditBilling(LoggingConfigurable):
         """Mail and notebook stops, off the database transaction."""
         loop = asyncio.get_running_loop()
         for user, subject, words in decided.mail:
+            if self.notify is not None:  # the user's open notebooks show it at once
+                try:
+                    self.notify(user, subject.removeprefix("[nsml] "), words)
+                except Exception as e:
+                    log.error("could not notify %s (%s): %s", user, subject, e)
             if self.smtp.enabled:
                 await loop.run_in_executor(None, self._mail, user, subject, words)
         if self.stop_server is None:

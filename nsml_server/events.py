@@ -67,7 +67,7 @@ class StreamEvent:
     """One event of the stream.
 
     Attributes:
-        type: the SSE event name: ``session``, ``submission`` or ``credit``.
+        type: the SSE event name: ``session``, ``submission``, ``credit`` or ``notice``.
         user: whose it is (who may see it, with the admins).
         data: the JSON payload.
         id: the ``session_events`` row id for session events (resumable); None otherwise.
@@ -264,6 +264,14 @@ class EventBroker:
             sub.offer(ev)
             if sub.closed:
                 self.subscribers.discard(sub)
+
+    def publish_notice(self, user: str, subject: str, message: str, level: str = "warning") -> None:
+        """Tell *user* something that is no session's event (live only): a GPU notebook
+        server about to be stopped for credits, credits running low. The billing leader
+        calls it; a user whose stream is open on another server process gets the e-mail
+        (when configured) and the session events, not this notice."""
+        data = {"subject": subject, "message": message, "level": level, "at": iso(self.now())}
+        self.publish(StreamEvent("notice", user, data))
 
     def publish_credit(self, user: str, balance: float, change: float, reason: str) -> None:
         """*user*'s balance changed by *change* (credits) to *balance*, because of *reason*

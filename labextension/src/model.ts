@@ -25,6 +25,8 @@ export type StreamEvent =
     }
   | { kind: 'submission'; id: number | null; dataset: string | null; state: string | null }
   | { kind: 'credits'; balance: number | null }
+  /** A notice from the service for the user (e.g. a GPU notebook server about to stop). */
+  | { kind: 'notice'; level: NoticeLevel; message: string }
   /** (Re)connected, or told to reload: whatever was missed is in a fresh listing. */
   | { kind: 'hello' }
   /** The server's upstream connection to the service dropped or came back. */
@@ -73,6 +75,19 @@ export function classifyStreamEvent(name: string, data: unknown): StreamEvent | 
       kind: 'status',
       connected: inner.connected === true,
       message: typeof inner.message === 'string' ? inner.message : null
+    };
+  }
+  if (type === 'notice') {
+    const level = inner.level;
+    const subject = typeof inner.subject === 'string' ? inner.subject : '';
+    const body = typeof inner.message === 'string' ? inner.message : '';
+    if (!subject && !body) {
+      return null;
+    }
+    return {
+      kind: 'notice',
+      level: level === 'success' || level === 'info' || level === 'error' ? level : 'warning',
+      message: subject && body ? `${subject}: ${body}` : subject || body
     };
   }
   if (type === 'credits' || type === 'credit' || type === 'balance') {
@@ -599,6 +614,9 @@ export class NSMLModel {
         if (event.connected) {
           await this.refreshAll();
         }
+        return;
+      case 'notice':
+        this._notice.emit({ level: event.level, message: event.message, session: null });
         return;
       case 'credits':
         if (event.balance !== null && this._me) {

@@ -50,8 +50,6 @@ export interface ISession {
   user: string;
   state: SessionState;
   visibility: 'private' | 'team' | 'public';
-  /** The team whose members read it (visibility 'team'). */
-  team?: string | null;
   entry: string;
   args: string[];
   image: string;

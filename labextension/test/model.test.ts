@@ -102,6 +102,22 @@ describe('classifyStreamEvent', () => {
       { user: 'alice', balance: 4.5, change: -0.5, reason: 'charge alice/mnist/3' },
       { kind: 'credits', balance: 4.5 }
     ],
+    [
+      'a notice (a GPU notebook server about to stop for credits)',
+      'notice',
+      {
+        subject: 'notebook server stopping: out of credits',
+        message: 'it stops in 120 s',
+        level: 'warning',
+        at: '2026-12-02T21:00:00Z'
+      },
+      {
+        kind: 'notice',
+        level: 'warning',
+        message: 'notebook server stopping: out of credits: it stops in 120 s'
+      }
+    ],
+    ['an empty notice is ignored', 'notice', { subject: '', message: '' }, null],
     ['anything else is ignored', 'message', { foo: 1 }, null],
     ['a non-object is ignored', 'message', 42, null]
   ])('%s', (_, name, data, want) => {

@@ -3,6 +3,7 @@ skipped across passes, restarts and a leader failover; warnings and safe stops."
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -265,6 +266,35 @@ def test_a_gpu_notebook_out_of_credits_is_warned_then_stopped(db: Database) -> N
     clock.t += timedelta(minutes=1)
     _, third = billing.tick()
     assert third.notebooks_to_stop == [("fay", "")]  # the CPU-only server is left alone
+
+
+def test_the_warning_before_a_notebook_server_stops_reaches_the_users_open_notebooks(
+    db: Database,
+) -> None:
+    add_user(db, "fox", 0)
+    with db.session() as s:
+        node = s.scalar(select(Node))
+        assert node is not None
+        s.add(
+            Allocation(
+                holder="fox:notebook:gpu",
+                user_name="fox",
+                node_id=node.id,
+                gpu_indices=[4],
+                gpu_milli_per_gpu=1000,
+                created=T0,
+            )
+        )
+    told: list[tuple[str, str, str]] = []
+    billing = CreditBilling(
+        db, now=Clock(T0 + timedelta(minutes=1)), notify=lambda *a: told.append(a)
+    )
+    _, decided = billing.tick()
+    asyncio.run(billing._act(decided))
+    said = {subject: words for u, subject, words in told if u == "fox"}
+    assert set(said) == {"credits low", "notebook server stopping: out of credits"}, told
+    words = said["notebook server stopping: out of credits"]
+    assert "notebook server gpu holds GPUs" in words and "files are kept" in words, words
 
 
 def test_a_team_that_pays_is_charged_instead_of_its_member(db: Database) -> None:

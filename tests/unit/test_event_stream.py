@@ -200,6 +200,23 @@ def test_credit_changes_written_to_the_ledger_reach_their_user_only(db: Database
     run(test, db)
 
 
+def test_a_notice_reaches_its_user_only_as_one_frame(db: Database) -> None:
+    async def test(broker: EventBroker) -> None:
+        alice = await broker.subscribe("alice")
+        bob = await broker.subscribe("bob")
+        broker.publish_notice("alice", "notebook server stopping: out of credits", "in 120 s")
+        [ev] = await take(alice, 1)
+        frame = sse_frame(ev)
+        assert frame.startswith("event: notice\ndata: {") and frame.endswith("}\n\n"), frame
+        assert ev.data["subject"] == "notebook server stopping: out of credits"
+        assert (ev.data["message"], ev.data["level"]) == ("in 120 s", "warning")
+        assert bob.queue.empty()
+        broker.unsubscribe(alice)
+        broker.unsubscribe(bob)
+
+    run(test, db)
+
+
 def test_a_subscriber_that_falls_behind_is_cut_off_not_buffered_forever() -> None:
     async def main() -> None:
         sub = Subscriber("alice", False, queue_max=3)
