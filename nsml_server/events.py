@@ -23,9 +23,10 @@ This module is what it stands on:
     fetch ``api/me``). Team pools are not streamed.
 
 Who sees what: a user gets the events of their own sessions and submissions and their own
-balance; a hub admin may ask for everyone's (``?all=1``). A subscriber that falls more than
-``queue_max`` events behind is cut off (it reconnects with ``Last-Event-ID`` and replays from
-the table), so a slow reader costs bounded memory.
+balance, and the session events of their teams' team sessions (visibility ``team``, a team
+among their hub groups); a hub admin may ask for everyone's (``?all=1``). A subscriber that
+falls more than ``queue_max`` events behind is cut off (it reconnects with ``Last-Event-ID``
+and replays from the table), so a slow reader costs bounded memory.
 """
 
 from __future__ import annotations
@@ -71,12 +72,14 @@ class StreamEvent:
         user: whose it is (who may see it, with the admins).
         data: the JSON payload.
         id: the ``session_events`` row id for session events (resumable); None otherwise.
+        team: for a team session's events, its team: the team's members see them too.
     """
 
     type: str
     user: str
     data: dict[str, Any]
     id: int | None = None
+    team: str | None = None
 
 
 def sse_frame(ev: StreamEvent) -> str:
@@ -156,23 +159,30 @@ def session_events(s: Session, rows: Iterable[SessionEvent]) -> list[StreamEvent
         if row is not None and row.state == "queued" and row.placement_id is not None:
             p = s.get(PlacementRequestRow, row.placement_id)
             queue = p if p is not None and p.state == "waiting" else None
-        out.append(StreamEvent("session", ev.user_name, session_payload(ev, row, queue), ev.id))
+        team = row.team if row is not None and row.visibility == "team" else None
+        payload = session_payload(ev, row, queue)
+        out.append(StreamEvent("session", ev.user_name, payload, ev.id, team))
     return out
 
 
 class Subscriber:
     """One open stream: a bounded queue of the events its caller may see."""
 
-    def __init__(self, user: str, everyone: bool, queue_max: int) -> None:
+    def __init__(
+        self, user: str, everyone: bool, queue_max: int, teams: frozenset[str] = frozenset()
+    ) -> None:
         self.user = user
         self.everyone = everyone
+        self.teams = teams
         self.queue: asyncio.Queue[StreamEvent | None] = asyncio.Queue(queue_max + 1)
         self.queue_max = queue_max
         self.overflowed = False
         self.closed = False
 
     def may_see(self, ev: StreamEvent) -> bool:
-        return self.everyone or ev.user == self.user
+        return (
+            self.everyone or ev.user == self.user or (ev.team is not None and ev.team in self.teams)
+        )
 
     def offer(self, ev: StreamEvent) -> None:
         """Queue *ev* if the caller may see it; past ``queue_max`` waiting, cut it off."""
@@ -236,11 +246,14 @@ class EventBroker:
 
     # ---- subscribers ---------------------------------------------------------------------
 
-    async def subscribe(self, user: str, everyone: bool = False) -> Subscriber:
-        """A new subscriber; starts the reading task if it is the first."""
+    async def subscribe(
+        self, user: str, everyone: bool = False, teams: frozenset[str] = frozenset()
+    ) -> Subscriber:
+        """A new subscriber (who also sees the sessions of *teams*, the caller's groups);
+        starts the reading task if it is the first."""
         if not self._state.started:
             await asyncio.to_thread(self._init_state)
-        sub = Subscriber(user, everyone, self.queue_max)
+        sub = Subscriber(user, everyone, self.queue_max, teams)
         self.subscribers.add(sub)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
@@ -280,8 +293,16 @@ class EventBroker:
 
     # ---- reading -------------------------------------------------------------------------
 
-    def replay(self, user: str, everyone: bool, since: int, until: int) -> list[StreamEvent]:
-        """Session events with ``since < id <= until`` that *user* may see (blocking)."""
+    def replay(
+        self,
+        user: str,
+        everyone: bool,
+        since: int,
+        until: int,
+        teams: frozenset[str] = frozenset(),
+    ) -> list[StreamEvent]:
+        """Session events with ``since < id <= until`` that *user* (a member of *teams*)
+        may see (blocking)."""
         out: list[StreamEvent] = []
         with self.db.session() as s:
             while since < until:
@@ -291,7 +312,18 @@ class EventBroker:
                     .order_by(SessionEvent.id)
                     .limit(REPLAY_PAGE)
                 )
-                if not everyone:
+                if not everyone and teams:
+                    team_sessions = select(TrainingSession.id).where(
+                        TrainingSession.visibility == "team",
+                        TrainingSession.team.in_(sorted(teams)),
+                    )
+                    q = q.where(
+                        or_(
+                            SessionEvent.user_name == user,
+                            SessionEvent.session_id.in_(team_sessions),
+                        )
+                    )
+                elif not everyone:
                     q = q.where(SessionEvent.user_name == user)
                 rows = list(s.scalars(q))
                 if not rows:

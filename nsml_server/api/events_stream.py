@@ -63,7 +63,8 @@ class EventStreamHandler(APIHandler):
         everyone = self.get_query_argument("all", "0") in ("1", "true")
         if everyone:
             self.require_admin()
-        self.sub = sub = await self.broker.subscribe(self.user_name, everyone)
+        teams = frozenset(str(g) for g in (self.hub_user or {}).get("groups") or ())
+        self.sub = sub = await self.broker.subscribe(self.user_name, everyone, teams)
         try:
             self.set_header("Content-Type", "text/event-stream; charset=utf-8")
             self.set_header("Cache-Control", "no-store")
@@ -73,7 +74,7 @@ class EventStreamHandler(APIHandler):
             until = self.broker.last_event_id
             if since:
                 for old in await asyncio.to_thread(
-                    self.broker.replay, self.user_name, everyone, since, until
+                    self.broker.replay, self.user_name, everyone, since, until, teams
                 ):
                     self.write(sse_frame(old))
             # Everything up to `until` is sent (or was before the client reconnected): the

@@ -106,6 +106,32 @@ def test_each_user_gets_only_their_own_sessions_events_with_the_session_state_no
     run(test, db)
 
 
+def test_a_team_sessions_events_reach_the_teams_members_live_and_on_replay(db: Database) -> None:
+    shared, own = new_session(db, "carl"), new_session(db, "carl")
+    with db.session() as s:
+        row = s.get(TrainingSession, shared)
+        assert row is not None
+        row.visibility, row.team = "team", "vision"
+        s.commit()
+
+    async def test(broker: EventBroker) -> None:
+        member = await broker.subscribe("dora", teams=frozenset({"vision", "nlp"}))
+        outsider = await broker.subscribe("emil", teams=frozenset({"nlp"}))
+        change(db, own, "running", "carl's own session: not the team's")
+        change(db, shared, "running", "the team session runs")
+        [ev] = await take(member, 1)
+        assert (ev.data["session"], ev.data["state"], ev.team) == ("carl/_/1", "running", "vision")
+        assert member.queue.empty() and outsider.queue.empty()
+        until = broker.last_event_id
+        replayed = broker.replay("dora", False, 0, until, frozenset({"vision"}))
+        assert {e.data["session"] for e in replayed} == {"carl/_/1"}, replayed
+        assert broker.replay("emil", False, 0, until, frozenset({"nlp"})) == []
+        for sub in (member, outsider):
+            broker.unsubscribe(sub)
+
+    run(test, db)
+
+
 def test_a_reconnecting_client_replays_what_it_missed_and_only_its_own(db: Database) -> None:
     a, b = new_session(db, "alice"), new_session(db, "bob")  # event ids 1, 2
     change(db, a, "running", "running")  # 3
