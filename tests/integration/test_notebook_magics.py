@@ -123,7 +123,7 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
         "import pathlib\np = pathlib.Path('data'); p.mkdir(exist_ok=True)\n"
         "(p / 'hello.txt').write_text('hi from the dataset')",
         "%nsml dataset push nbdata data",
-        "%nsml run --gpus 2 --memory 512M -d nbdata train.py -- --lr 0.1",
+        "%nsml run --gpus 2 --cpu 0.5 --memory 512M -d nbdata train.py -- --lr 0.1",
         "from nsml import Client, sessions\nc = Client()\nname = sessions.getid(c)\n"
         "st = sessions.wait(c, name, timeout=150)\nprint(st['state'], st['last_step'])",
         "%nsml ps",
@@ -133,7 +133,7 @@ def test_a_kernel_runs_a_session_follows_it_forks_it_and_diffs_them(
         "child = sessions.getid(c)\nprint(sessions.wait(c, child, timeout=150)['state'])",
         "%nsml logs $child",
         "%nsml diff $name $child",
-        "%%nsml run -d nbdata\nimport os, nsml\n"
+        "%%nsml run --cpu 0.5 -d nbdata\nimport os, nsml\n"
         "print(open(os.path.join(nsml.DATASET_PATH, 'hello.txt')).read())\n"
         "try:\n    open(os.path.join(nsml.DATASET_PATH, 'new.txt'), 'w')\n"
         "except OSError as e:\n    print('write refused:', e.strerror)",

@@ -82,6 +82,11 @@ time.sleep(600)
 """
 
 
+# The sessions ask for half a CPU: the shared hub's one node has as many CPUs as the machine
+# (two on a CI runner), and the second session of a test must not wait for what another
+# test's work holds there.
+
+
 @pytest.fixture()
 def project(tmp_path: Path) -> Path:
     folder = tmp_path / "project"
@@ -159,7 +164,7 @@ def test_a_session_that_reports_and_saves_every_second_outlives_a_killed_service
     token = hub.user_token("sv-alice")
     nsml = cli_for(hub, token, project)
     steps = 12
-    name = nsml("run", "train.py", "--", str(steps)).stdout.strip()
+    name = nsml("run", "--cpu", "0.5", "train.py", "--", str(steps)).stdout.strip()
     wait_for(lambda: status(nsml, name)["points"] >= 3, 120, 0.5, "a few reports")
     with service_killed(hub):
         time.sleep(8)  # the session reports and saves into a dead server meanwhile
@@ -203,8 +208,8 @@ def test_sessions_that_end_while_the_service_is_down_get_their_state_exit_code_a
 ) -> None:
     token = hub.user_token("sv-bob")
     nsml = cli_for(hub, token, project)
-    good = nsml("run", "ends.py", "--", "0").stdout.strip()
-    bad = nsml("run", "ends.py", "--", "3").stdout.strip()
+    good = nsml("run", "--cpu", "0.5", "ends.py", "--", "0").stdout.strip()
+    bad = nsml("run", "--cpu", "0.5", "ends.py", "--", "3").stdout.strip()
     for name in (good, bad):
         wait_for(lambda name=name: "ready" in logs(nsml, name), 120, 0.3, f"{name} ready")
     with service_killed(hub):
@@ -315,7 +320,7 @@ def test_a_malicious_checkpoint_is_refused_at_upload_naming_the_member(
 ) -> None:
     owner = hub.user_token("sv-carol")
     nsml = cli_for(hub, owner, project)
-    name = nsml("run", "wait.py").stdout.strip()
+    name = nsml("run", "--cpu", "0.5", "wait.py").stdout.strip()
     wait_state(nsml, name, ("running",))
     token = session_token(nsml, name)
     url = f"sessions/{name}/checkpoints"
@@ -342,7 +347,7 @@ def test_a_checkpoint_damaged_in_the_store_fails_pull_in_one_line_leaving_nothin
 ) -> None:
     owner = hub.user_token("sv-erin")
     nsml = cli_for(hub, owner, project)
-    name = nsml("run", "wait.py").stdout.strip()
+    name = nsml("run", "--cpu", "0.5", "wait.py").stdout.strip()
     wait_state(nsml, name, ("running",))
     token = session_token(nsml, name)
     good = tar_of(("state.json", b'{"epoch": 1}'), ("w.bin", os.urandom(4096)))
