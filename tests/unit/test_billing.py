@@ -19,12 +19,12 @@ from nsml_server.models import (
     CreditEntry,
     Gpu,
     Node,
-    PlacementRequestRow,
     SessionEvent,
     Team,
     TrainingSession,
     User,
 )
+from tests.unit.rows import hold, placed
 
 T0 = datetime(2026, 12, 1, 9, 0, 0)
 POLICY = Policy(gpu_hour_milli=60_000, interval_s=60, warn_threshold_milli=5_000)
@@ -64,23 +64,8 @@ def run_session(
 ) -> tuple[int, int]:
     """A running session of *user* holding *gpus* since *start*: (session id, allocation id)."""
     with db.session() as s:
-        node = s.scalar(select(Node))
-        assert node is not None
-        a = Allocation(
-            holder=f"{user}:session/mnist/{number}",
-            user_name=user,
-            node_id=node.id,
-            gpu_indices=gpus,
-            gpu_milli_per_gpu=1000,
-            created=start,
-        )
-        s.add(a)
-        s.flush()
-        p = PlacementRequestRow(
-            holder=a.holder, user_name=user, state="placed", allocation_id=a.id, created=start
-        )
-        s.add(p)
-        s.flush()
+        a = hold(s, user, f"{user}:session/mnist/{number}", gpus, start)
+        placement_id = placed(s, a)
         row = TrainingSession(
             name=f"{user}/mnist/{number}",
             user_name=user,
@@ -91,7 +76,7 @@ def run_session(
             entry="main.py",
             image="img",
             resources={"gpu_milli": 1000 * len(gpus)},
-            placement_id=p.id,
+            placement_id=placement_id,
             created=start,
             started=start,
         )
@@ -239,19 +224,8 @@ def test_the_low_balance_warning_is_given_once_and_rearmed_by_a_grant(db: Databa
 def test_a_gpu_notebook_out_of_credits_is_warned_then_stopped(db: Database) -> None:
     add_user(db, "fay", 0)
     with db.session() as s:
-        node = s.scalar(select(Node))
-        assert node is not None
-        s.add(
-            Allocation(
-                holder="fay:notebook",
-                user_name="fay",
-                node_id=node.id,
-                gpu_indices=[5],
-                gpu_milli_per_gpu=500,
-                created=T0,
-            )
-        )
-        s.add(Allocation(holder="fay:notebook:cpu", user_name="fay", node_id=node.id, created=T0))
+        hold(s, "fay", "fay:notebook", [5], T0, gpu_milli=500)
+        hold(s, "fay", "fay:notebook:cpu", [], T0, gpu_milli=0)
     stopped: list[tuple[str, str]] = []
 
     async def stop_server(user: str, server: str) -> None:
@@ -273,18 +247,7 @@ def test_the_warning_before_a_notebook_server_stops_reaches_the_users_open_noteb
 ) -> None:
     add_user(db, "fox", 0)
     with db.session() as s:
-        node = s.scalar(select(Node))
-        assert node is not None
-        s.add(
-            Allocation(
-                holder="fox:notebook:gpu",
-                user_name="fox",
-                node_id=node.id,
-                gpu_indices=[4],
-                gpu_milli_per_gpu=1000,
-                created=T0,
-            )
-        )
+        hold(s, "fox", "fox:notebook:gpu", [4], T0)
     told: list[tuple[str, str, str]] = []
     billing = CreditBilling(
         db, now=Clock(T0 + timedelta(minutes=1)), notify=lambda *a: told.append(a)

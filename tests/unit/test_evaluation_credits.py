@@ -25,7 +25,6 @@ from nsml_server.lease import LeaderLease
 from nsml_server.models import (
     Allocation,
     Dataset,
-    Node,
     PlacementRequestRow,
     Submission,
     User,
@@ -34,6 +33,7 @@ from nsml_server.scheduler import Scheduler
 from nsml_server.scheduler import Submission as Ask
 from nsml_server.schemas import Heartbeat
 from nsml_server.session_runner import BackendPool
+from tests.unit.rows import hold
 
 T0 = datetime(2026, 12, 1, 9, 0, 0)
 #: One credit per GPU-minute; nothing else costs.
@@ -234,18 +234,7 @@ def test_a_queued_evaluation_of_a_user_at_zero_is_asked_to_stop_a_free_one_is_no
             "submitted")}, "resources": {"cpu_milli": 1000}})  # fmt: skip
         s.add_all([queued, free])
         # Alice holds a paid allocation (another evaluation, running), so she is broke.
-        node = s.scalar(select(Node))
-        assert node is not None
-        s.add(
-            Allocation(
-                holder="alice:evaluation/999",
-                user_name="alice",
-                node_id=node.id,
-                gpu_indices=[0],
-                gpu_milli_per_gpu=1000,
-                created=T0,
-            )
-        )
+        hold(s, "alice", "alice:evaluation/999", [0], T0)
     with db.session() as s:
         decided = enforce(s, POLICY, T0 + timedelta(minutes=1))
     assert decided.stopped_evaluations == [queued.id]

@@ -15,8 +15,9 @@ from nsml_server.artifacts import may_run_code
 from nsml_server.billing import CreditBilling
 from nsml_server.credits import Policy
 from nsml_server.db import Database, check_schema
-from nsml_server.models import Allocation, Gpu, Node, PlacementRequestRow, Team, TrainingSession
+from nsml_server.models import Allocation, Gpu, Node, Team, TrainingSession
 from nsml_server.sessions import SessionError, session_out, session_outs, session_team
+from tests.unit.rows import hold, placed
 
 T0 = datetime(2026, 12, 1, 9, 0, 0)
 POLICY = Policy(gpu_hour_milli=60_000, cpu_hour_milli=0, memory_gb_hour_milli=0, interval_s=60)
@@ -116,24 +117,7 @@ def add_session(
     with db.session() as s:
         pid = None
         if gpus is not None:
-            node = s.scalar(select(Node))
-            assert node is not None
-            a = Allocation(
-                holder=f"{user}:session/mnist/{number}",
-                user_name=user,
-                node_id=node.id,
-                gpu_indices=gpus,
-                gpu_milli_per_gpu=1000,
-                created=start,
-            )
-            s.add(a)
-            s.flush()
-            p = PlacementRequestRow(
-                holder=a.holder, user_name=user, state="placed", allocation_id=a.id, created=start
-            )
-            s.add(p)
-            s.flush()
-            pid = p.id
+            pid = placed(s, hold(s, user, f"{user}:session/mnist/{number}", gpus, start))
         row = TrainingSession(
             name=f"{user}/mnist/{number}",
             user_name=user,
