@@ -4,14 +4,18 @@
 
     python -I _supervisor.py EXIT_FILE MEM_LIMIT_BYTES -- PROGRAM ARGS...
 
-It starts the program in the same process group (same working directory, environment and
-output), with ``RLIMIT_AS`` set to MEM_LIMIT_BYTES when that is not 0, and waits for it.
-Signals sent to the group reach the program; the supervisor itself ignores SIGTERM, SIGINT and
-SIGHUP (with a handler, so the program gets the default dispositions) so that it lives to
-record the exit. When the program ends, the supervisor writes EXIT_FILE (JSON: ``exit_code``,
-128 + N for signal N, ``signal``, ``finished_at``, ``error``) atomically, then SIGKILLs what is
-left of the process group, as the end of a container would, and exits with the program's
-code. It is the child subreaper of its descendants (Linux), so it reaps what it kills.
+Once its signal handlers are in place it starts the program in the same process group (same
+working directory, environment and output), with ``RLIMIT_AS`` set to MEM_LIMIT_BYTES when that
+is not 0, and waits for it. Signals sent to the group reach the program; the supervisor itself
+ignores SIGTERM, SIGINT and SIGHUP (with a handler, so the program gets the default
+dispositions) so that it lives to record the exit. When the program runs, it writes
+``started.json`` (the program's PID) beside EXIT_FILE: the backend's ``start`` returns only
+then, so that a stop right after a start reaches the program instead of killing a supervisor
+that has not yet set its handlers. When the program ends, the supervisor writes EXIT_FILE
+(JSON: ``exit_code``, 128 + N for signal N, ``signal``, ``finished_at``, ``error``)
+atomically, then SIGKILLs what is left of the process group, as the end of a container would,
+and exits with the program's code. It is the child subreaper of its descendants (Linux), so it
+reaps what it kills.
 
 Because the exit status lands in a file, a server started later can still read it.
 """
@@ -100,6 +104,19 @@ def _write_exit(path: str, exit_code: int, sig: int | None, error: str | None) -
     os.replace(tmp, path)
 
 
+def started_path(exit_file: str) -> str:
+    """Where the supervisor says that the program runs: ``started.json`` beside EXIT_FILE."""
+    return os.path.join(os.path.dirname(exit_file), "started.json")
+
+
+def _write_started(exit_file: str, pid: int) -> None:
+    path = started_path(exit_file)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": pid}, f)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str]) -> int:
     """Run the program described by *argv*; return its exit code."""
     if len(argv) < 4 or argv[2] != "--":
@@ -121,6 +138,7 @@ def main(argv: list[str]) -> int:
         print(f"nsml: {message}", file=sys.stderr, flush=True)
         _write_exit(exit_file, code, None, message)
         return code
+    _write_started(exit_file, proc.pid)
     rc = proc.wait()
     sig = -rc if rc < 0 else None
     code = 128 + sig if sig is not None else rc

@@ -9,7 +9,8 @@ use. What it does, exactly:
   new process group and records the exit status in a file, so that a restarted server can
   still read it. ``stop`` sends SIGTERM to the whole group, waits for the grace period, then
   SIGKILLs the group (exit code 137). When the program ends, what is left of its group is
-  killed, as the end of a container would.
+  killed, as the end of a container would. ``start`` returns once the supervisor says the
+  program runs, so that a stop right after it reaches the program.
 * **Environment**: only ``PATH``, ``HOME``, ``LANG``, ``LC_ALL``, ``TZ``, ``TMPDIR``, ``USER``,
   ``LOGNAME`` and ``SHELL`` are taken from the server's environment (so its tokens do not
   leak into runs), then ``spec.env``, then the GPU variables (host GPU indices or UUIDs in
@@ -78,6 +79,9 @@ SUPERVISOR = Path(__file__).with_name("_supervisor.py")
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 _KILL_WAIT_S = 5.0
+# How long ``start`` waits for the supervisor to say the program runs (a loaded machine can
+# take seconds to start a Python interpreter); past it, ``start`` returns anyway.
+_STARTED_WAIT_S = 30.0
 _POLL_S = 0.05
 
 
@@ -346,8 +350,31 @@ class LocalProcessBackend(ExecutionBackend):
                 "killed_at": None,
             }
         self._children[handle] = proc
+        await self._wait_started(spec.name, handle, proc)
         self._log.info("%s: started local run %s (pid %d)", spec.name, handle, proc.pid)
         return handle
+
+    async def _wait_started(self, name: str, handle: str, proc: subprocess.Popen[bytes]) -> None:
+        """Wait until the supervisor has started the program (or ended, or never says so).
+
+        Until then the supervisor has not set its signal handlers, and a stop would kill it
+        before the program started, leaving no exit status.
+        """
+        run_dir = self._run_dir(handle)
+        deadline = time.monotonic() + _STARTED_WAIT_S
+        while not (run_dir / "started.json").exists() and not (run_dir / "exit.json").exists():
+            if proc.poll() is not None:
+                return
+            if time.monotonic() >= deadline:
+                self._log.warning(
+                    "%s: the supervisor of local run %s did not say within %.0fs that the "
+                    "program runs",
+                    name,
+                    handle,
+                    _STARTED_WAIT_S,
+                )
+                return
+            await asyncio.sleep(0.01)
 
     async def status(self, handle: str) -> RunStatus:
         """From the exit file when the run ended, else from ``/proc``; MISSING when unknown."""
