@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import typing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, bindparam, cast, insert, select, update
+from sqlalchemy import CursorResult, String, bindparam, cast, insert, select, update
 from sqlalchemy.orm import Session
 
 from gpu_scheduler.fgd import PodShape, RecentMix
@@ -335,15 +336,35 @@ class Scheduler:
         return [o for o in out if o is not None]
 
     def release(self, s: Session, row: PlacementRequestRow) -> bool:
-        """Cancel a waiting request or release a placed one. Idempotent."""
+        """Cancel a waiting request or release a placed one. Idempotent.
+
+        *row* may be stale: a pass may have placed the request since it was read. Each change
+        is therefore a compare-and-set on the request's state; when the cancel finds the
+        request no longer waiting, the row is read again and its allocation released, so an
+        allocation is never left held by a request marked cancelled.
+        """
+        R = PlacementRequestRow
+        now = self.now()
         if row.state == "waiting":
-            row.state = "cancelled"
-            row.decided = self.now()
-            self.wake()
-            return True
+            r = s.execute(
+                update(R)
+                .where(R.id == row.id, R.state == "waiting")
+                .values(state="cancelled", decided=now)
+                .execution_options(synchronize_session=False)
+            )
+            s.refresh(row)
+            if typing.cast(CursorResult[Any], r).rowcount == 1:
+                self.wake()
+                return True
         if row.state == "placed" and row.allocation_id is not None:
-            released = ledger.release(s, row.allocation_id, self.now())
-            row.state = "released"
+            released = ledger.release(s, row.allocation_id, now)
+            s.execute(
+                update(R)
+                .where(R.id == row.id, R.state == "placed")
+                .values(state="released")
+                .execution_options(synchronize_session=False)
+            )
+            s.refresh(row)
             self.wake()
             return released
         return False
@@ -491,7 +512,31 @@ class Scheduler:
                     ),
                     changes,
                 )
+            result.placed -= self._release_unclaimed(s, changes, now)
         return result
+
+    def _release_unclaimed(self, s: Session, changes: list[dict[str, Any]], now: datetime) -> int:
+        """Release this pass's reservations whose request stopped waiting meanwhile.
+
+        A request cancelled after the pass read it (PostgreSQL lets the cancel commit while
+        the pass runs) keeps its new state: the update above skips it, and the allocation
+        reserved for it would otherwise stay held with nobody to release it.
+        """
+        R = PlacementRequestRow
+        reserved = {c["rid"]: c["aid"] for c in changes if c["st"] == "placed"}
+        if not reserved:
+            return 0
+        claimed = s.execute(
+            select(R.id, R.state, R.allocation_id).where(R.id.in_(list(reserved)))
+        ).all()
+        unclaimed = [
+            r.id for r in claimed if (r.state, r.allocation_id) != ("placed", reserved[r.id])
+        ]
+        for rid in unclaimed:
+            ledger.release(s, reserved[rid], now)
+            self.decisions.pop(rid, None)
+            log.info("request %s stopped waiting during the pass; its reservation is released", rid)
+        return len(unclaimed)
 
     @staticmethod
     def _change(

@@ -130,4 +130,6 @@ def test_the_allowed_images_pass(hub: HubProcess, servers: list[str]) -> None:  
         "POST", "placements", token, json={"holder": "ok", "image": image, "cpu": 0.1, "memory": 64}
     )
     assert r.status_code in (201, 202), r.text
-    hub.nsml("DELETE", f"placements/{r.json()['id']}", token)
+    released = hub.nsml("DELETE", f"placements/{r.json()['id']}", token)
+    assert released.status_code == 200, released.text
+    assert released.json()["state"] in ("cancelled", "released"), released.json()
