@@ -38,6 +38,9 @@ HOOKS = Path(__file__).with_name("fuzz_hooks.py")
 SEED = 20_260_512
 EXAMPLES = int(os.environ.get("NSML_FUZZ_EXAMPLES", "40"))
 """Examples per operation in the fuzzing phase (the coverage phase adds its boundary cases)."""
+ANONYMOUS_EXAMPLES = max(EXAMPLES // 4, 5)
+"""Without a token every request is refused before its parameters or body are read (one code
+path whatever was generated), so the anonymous run needs fewer examples to cover it."""
 DEADLINE_S = float(os.environ.get("NSML_FUZZ_DEADLINE_S", "240"))
 """Longest one identity's run may take."""
 
@@ -61,7 +64,7 @@ ARCHIVE_OPERATIONS = [
 ]
 
 
-def config(tmp: Path, token: str | None, only_get: bool) -> Path:
+def config(tmp: Path, token: str | None, only_get: bool, examples: int = EXAMPLES) -> Path:
     """The run's schemathesis.toml."""
     lines = [
         f"seed = {SEED}",
@@ -74,7 +77,7 @@ def config(tmp: Path, token: str | None, only_get: bool) -> Path:
         lines.append(f'headers = {{ Authorization = "token {token}" }}')
     lines += [
         "[generation]",
-        f"max-examples = {EXAMPLES}",
+        f"max-examples = {examples}",
         "no-shrink = true",
         'database = "none"',
         "[phases.stateful]",
@@ -119,9 +122,9 @@ def config(tmp: Path, token: str | None, only_get: bool) -> Path:
 
 
 def run_schemathesis(
-    hub: HubProcess, tmp: Path, token: str | None, only_get: bool
+    hub: HubProcess, tmp: Path, token: str | None, only_get: bool, examples: int = EXAMPLES
 ) -> dict[str, Any]:
-    cfg = config(tmp, token, only_get)
+    cfg = config(tmp, token, only_get, examples)
     start = time.monotonic()
     r = subprocess.run(
         [SCHEMATHESIS, "--config-file", str(cfg), "run", f"{hub.nsml_api}/openapi.json"],
@@ -179,7 +182,13 @@ def test_fuzzing_the_api_finds_no_server_error_and_no_answer_outside_the_documen
     elif identity == "admin":
         token = hub.user_token("admin")
     try:
-        out = run_schemathesis(hub, tmp_path, token, only_get=identity == "admin")
+        out = run_schemathesis(
+            hub,
+            tmp_path,
+            token,
+            only_get=identity == "admin",
+            examples=EXAMPLES if token else ANONYMOUS_EXAMPLES,
+        )
     finally:
         if identity == "user" and token:
             cleanup_user(hub, token)
@@ -188,5 +197,5 @@ def test_fuzzing_the_api_finds_no_server_error_and_no_answer_outside_the_documen
     report = out["report"]
     assert report["complete"] and report["stop_reason"] == "completed", text
     assert not report["failures"] and not report["errors"], f"{text}\nsee {out['output']}"
-    assert report["test_cases"]["generated"] > 500, text
+    assert report["test_cases"]["generated"] > (500 if token else 200), text
     assert out["exit"] == 0, f"{text}\nsee {out['output']}"
