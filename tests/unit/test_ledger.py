@@ -12,11 +12,12 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from nsml_server import ledger, nodes
-from nsml_server.db import Database, check_schema
+from nsml_server.db import Database
 from nsml_server.lease import LeaderLease, LostLease
-from nsml_server.models import Base, PlacementRequestRow
+from nsml_server.models import PlacementRequestRow
 from nsml_server.scheduler import Scheduler, Submission, SubmitQueue
 from nsml_server.schemas import Heartbeat
+from tests.unit.dbs import BOTH, empty_database
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
 
@@ -35,17 +36,9 @@ def heartbeat(gpus: int = 4, cpu: int = 16000, mem: int = 65536) -> Heartbeat:
     )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db)])
+@pytest.fixture(params=BOTH)
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'nsml.sqlite'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    database = Database(url)
-    with database.engine.begin() as conn:  # a clean schema for every test
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-        Base.metadata.drop_all(conn)
-    check_schema(database.engine, url)
+    database = empty_database(request, tmp_path)
     with database.session() as s:
         nodes.apply_heartbeat(s, "node-a", heartbeat(), T0)
     yield database

@@ -11,27 +11,20 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from nsml_server import credits
 from nsml_server.credits import CreditError
-from nsml_server.db import Database, check_schema
-from nsml_server.models import AuditEntry, Base, User
+from nsml_server.db import Database
+from nsml_server.models import AuditEntry, User
+from tests.unit.dbs import BOTH, empty_database
 
 T0 = datetime(2026, 12, 1, 9, 0, 0)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db)])
+@pytest.fixture(params=BOTH)
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'nsml.sqlite'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    database = Database(url)
-    with database.engine.begin() as conn:  # a clean schema for every test
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-        Base.metadata.drop_all(conn)
-    check_schema(database.engine, url)
+    database = empty_database(request, tmp_path)
     with database.session() as s:
         credits.ensure_user(s, "alice", T0, 10_000)
     yield database
