@@ -378,7 +378,7 @@ def test_a_remote_node_refuses_a_blob_whose_bytes_do_not_match(
     blob = store_dir(hub) / "blobs" / digest[:2] / digest[2:]
     original, mode = blob.read_bytes(), blob.stat().st_mode
     blob.chmod(0o644)
-    blob.write_bytes(b"?" + original[1:])
+    blob.write_bytes(bytes([original[0] ^ 0xFF]) + original[1:])  # never the same byte
     placed = place(alice, "rotten-job", ["rotten-data"], gpus=1, gpu_models=["XDS-Remote-GPU"])
     try:
         body = assert_json_error(mounts(alice, placed["id"], wait_s=30), 409, "dataset_cache")

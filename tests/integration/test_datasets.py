@@ -240,7 +240,7 @@ def test_pull_verifies_every_file_against_its_hash(
     path.chmod(0o644)
     original = path.read_bytes()
     try:
-        path.write_bytes(b"X" + original[1:])
+        path.write_bytes(bytes([original[0] ^ 0xFF]) + original[1:])  # never the same byte
         r = alice.nsml(
             "dataset", "pull", name, str(work / "out"), "--transport", transport, check=False
         )
