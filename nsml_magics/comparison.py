@@ -30,6 +30,7 @@ from typing import Any
 
 from nsml import sessions
 from nsml.client import Client
+from nsml.sessions import FINAL_STATES
 
 from .panel import Panel, Run, Series, XAxis, build_panel, columns, line_data, run_from_api
 
@@ -40,7 +41,6 @@ log = logging.getLogger("nsml_magics")
 DEFAULT_MAX_POINTS = 600
 #: Parallel metric fetches (the server answers each from its own rows).
 FETCH_WORKERS = 8
-FINAL_STATES = frozenset({"completed", "failed", "oom_killed", "stopped", "lost"})
 _WILDCARDS = set("*?[")
 
 

@@ -301,14 +301,16 @@ def _gpumonitor(m: NSMLMagics, ns: argparse.Namespace, cell: str | None) -> None
         print_json(answer)
         return
     needs_bokeh()
-    from bokeh.io import show
-
     from .comparison import load_bokehjs
-    from .gpumonitor import build_gpu_panel, summary
+    from .gpumonitor import LiveGpuMonitor, build_gpu_panel, summary
 
     print(summary(answer))
     load_bokehjs()
-    show(build_gpu_panel(answer))
+    key = "gpumonitor:" + str(answer["session"])
+    shown = m.lines.get(key)
+    if shown is not None and shown.task is not None:
+        shown.task.cancel()  # the newer panel follows the session; the older stays as it is
+    m.lines[key] = LiveGpuMonitor(m.client, answer).show()
     if ns.html:
         from bokeh.embed import file_html
         from bokeh.resources import INLINE

@@ -13,9 +13,10 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from nsml.sessions import FINAL_STATES
+
 log = logging.getLogger("nsml_magics")
 
-FINAL_STATES = frozenset({"completed", "failed", "oom_killed", "stopped", "lost"})
 _COLORS = {
     "queued": "#6c757d",
     "preparing": "#0d6efd",

@@ -21,6 +21,8 @@ from tests.browser.conftest import HubUser
 from tests.browser.test_homes import small_server
 from tests.integration.conftest import wait_for
 from tests.integration.hubproc import HubProcess
+from tests.integration.test_gpu_monitor import CURVE, MODEL, programmed_node  # noqa: F401  (fixture)
+from tests.integration.test_gpu_monitor import TRAIN_PY as GPU_TRAIN_PY
 from tests.integration.test_sessions import TRAIN_PY, cli_for, status, wait_state
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
@@ -271,3 +273,63 @@ def test_the_same_panel_as_a_standalone_html_file_opens_offline(
     finally:
         context.close()
     assert "cdn.bokeh.org" not in (tmp_path / "panel.html").read_text()
+
+
+# The utilisation line of ``%nsml gpumonitor``'s panel in the page: its samples, in percent.
+GPU_UTIL_JS = """() => {
+  if (!window.Bokeh) return null;
+  for (const d of Bokeh.documents) {
+    const plot = [...d.all_models].find(m => m.name === 'nsml-gpumonitor-util');
+    if (plot) return Array.from(plot.renderers[0].data_source.data.util);
+  }
+  return null;
+}"""
+
+
+def test_gpumonitor_follows_a_running_sessions_gpu_use_in_the_notebook(
+    hub: HubProcess,
+    hub_user: Callable[[str], HubUser],
+    programmed_node: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``%nsml gpumonitor`` on a session running on a node whose GPU plays a programmed curve:
+    the panel in the cell's output draws the curve's values and keeps adding samples while
+    the session runs, the kernel free meanwhile."""
+    from playwright.sync_api import expect
+
+    user = USER + "-gpu"
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / "train.py").write_text(GPU_TRAIN_PY)
+    nsml = cli_for(hub, hub.user_token(user), folder)
+    me = hub_user(user)
+    page = me.page
+    me.log_in()
+    me.start_server(small_server(hub))
+    page.locator(".jp-LauncherCard[data-category='Notebook']").first.click()
+    expect(page.get_by_role("tab", name=re.compile(r"Untitled.*\.ipynb"))).to_be_visible()
+    run_cell(page, "warm = 1 + 1; warm")
+    expect(page.locator(".jp-OutputArea-output").last).to_have_text("2")
+    name = nsml(
+        "run", "--gpus", "1", "--gpu-model", MODEL, "--cpu", "0.25", "--memory", "256M", "train.py"
+    ).stdout.strip()
+    try:
+        assert wait_state(nsml, name, ("running",))["node"] == programmed_node
+        run_cell(page, f"%nsml gpumonitor {name}")
+        first = page.wait_for_function(f"() => ({GPU_UTIL_JS})() ?? (window.Bokeh && [])")
+        shown = len(first.json_value())
+        run_cell(page, "answer = 6 * 7; answer")  # the kernel is free while the panel follows
+        expect(page.locator(".jp-OutputArea-output").last).to_have_text("42")
+        grown = page.wait_for_function(
+            f"(n) => {{ const u = ({GPU_UTIL_JS})(); return u && u.length > n + 1 && u; }}",
+            arg=shown,
+            timeout=60_000,
+        ).json_value()
+        assert all(int(u) in CURVE for u in grown), grown
+        places = [CURVE.index(int(u)) for u in grown]
+        assert places == sorted(set(places)), ("the curve's values, in its order", grown)
+        me.shot("gpumonitor-live")
+    finally:
+        nsml("exec", name, "--", "touch", "/tmp/go", check=False)
+        nsml("stop", name, check=False)
+        wait_state(nsml, name)

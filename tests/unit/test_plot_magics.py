@@ -111,11 +111,53 @@ def test_the_plot_magic_shows_the_panel_as_a_widget(
 def test_the_gpumonitor_magic_plots_the_utilisation_curve(
     api: FakeAPI, ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from nsml_magics.gpumonitor import LiveGpuMonitor
+
     magic(ip, "gpumonitor alice/_/1")
     out = capsys.readouterr().out
     assert "GPU 0: now 30%, mean 46%, peak 90%, memory peak 100 MiB" in out, out
+    live = ip.magics_manager.registry["NSMLMagics"].lines["gpumonitor:alice/_/1"]
+    assert isinstance(live, LiveGpuMonitor) and type(live.widget).__name__ == "BokehModel"
+    assert live.task is not None, "a running session is followed"
+    live.task.cancel()
     assert main(["gpumonitor", "alice/_/1"]) == 0
     assert "peak 90%" in capsys.readouterr().out
+
+
+def test_the_gpumonitor_panel_follows_a_running_session_until_it_ends(api: FakeAPI) -> None:
+    import asyncio
+
+    from nsml.client import Client
+    from nsml_magics.gpumonitor import LiveGpuMonitor
+
+    first = {**GPU, "t": [], "seconds": [], "gpus": [], "note": "no samples yet"}
+    live = LiveGpuMonitor(Client(), first, interval_s=0.05)
+    (note,) = live.panel.layout.children
+    assert note.name == "nsml-gpumonitor-note" and "no samples yet" in note.text
+    # The session's first samples, then samples the server merged as they aged, then its end.
+    merged = {**GPU, "t": GPU["t"][::2], "seconds": [20.0] * 2}
+    merged["gpus"] = [{"gpu": "0", "utilization_pct": [30.0, 60.0], "memory_used_mib": [1, 2]}]
+
+    def drawn() -> list[float]:
+        util = live.panel.layout.children[0]
+        if util.name == "nsml-gpumonitor-note":
+            return []
+        return list(util.renderers[0].data_source.data["util"])
+
+    async def follow() -> None:
+        task = asyncio.create_task(live.follow())
+        for answer, expected in ((GPU, CURVE), (merged, [30.0, 60.0])):
+            api.routes["sessions/alice/_/1/gpu"] = answer
+            while drawn() != expected:  # "the curve replaces the note", then the merged
+                await asyncio.sleep(0.02)  # series replaces the line's points
+        assert live.running and not task.done()
+        api.routes["sessions/alice/_/1/gpu"] = {**merged, "state": "completed"}
+        await task  # following ends with the session
+
+    asyncio.run(asyncio.wait_for(follow(), 20))
+    assert not live.running and drawn() == [30.0, 60.0]
+    asked = [p for _, p in api.requests if p.endswith("/gpu")]
+    assert len(asked) >= 3, asked
 
 
 def test_many_sessions_metrics_are_asked_in_urls_of_at_most_1000_characters_of_names(
