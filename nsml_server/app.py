@@ -804,7 +804,6 @@ class NSMLServer(DBSettings):
             stop_server=hub_server_stopper(hub.api_url, hub.api_token) if hub.api_token else None,
             smtp=self.notifier.settings,
             wake_runner=self.runner.wake,
-            notify=self._notify_user,
         )
 
     def init_sessions(self) -> None:
@@ -881,12 +880,6 @@ class NSMLServer(DBSettings):
             dataset_store=self.datasets.store if self.datasets is not None else None,
         )
         return leaderboard_routes(self.ctx, service)
-
-    def _notify_user(self, user: str, subject: str, message: str) -> None:
-        """A notice on *user*'s open event streams of this process (see ``events.py``)."""
-        broker = getattr(self, "events", None)
-        if broker is not None:
-            broker.publish_notice(user, subject, message)
 
     def event_routes(self) -> list[Route]:
         from .api.events_stream import event_routes

@@ -15,13 +15,14 @@ database, so:
   (catch-up), back to ``max_catch_up_s`` before now.
 
 After charging, an account (a user, or the team pool that pays for them) at or below the
-policy's ``warn_threshold_milli`` is warned once (an event on each of its running sessions;
-e-mail when SMTP is configured). At zero or below, its sessions that cost credits get a stop
-request with reason ``credits``: the session runner sends SIGTERM, waits the stop grace for
-``nsml.save``, and ends them ``stopped`` (reason ``credits``). Its evaluations that cost
-credits get ``stop_reason = 'credits'``: the evaluation runner sends SIGTERM, waits its stop
-grace, and ends them ``stopped`` (queued ones without running). Its GPU notebook servers are
-warned, then stopped through the hub after ``notebook_grace_s`` (their files are kept).
+policy's ``warn_threshold_milli`` is warned once (an event on each of its running sessions,
+a ``notice`` on its users' open notebooks, e-mail when SMTP is configured). At zero or
+below, its sessions that cost credits get a stop request with reason ``credits``: the
+session runner sends SIGTERM, waits the stop grace for ``nsml.save``, and ends them
+``stopped`` (reason ``credits``). Its evaluations that cost credits get ``stop_reason =
+'credits'``: the evaluation runner sends SIGTERM, waits its stop grace, and ends them
+``stopped`` (queued ones without running). Its GPU notebook servers are warned, then
+stopped through the hub after ``notebook_grace_s`` (their files are kept).
 Charges are in arrears, so what an account can overspend is at most one interval of what
 it runs (plus the stop grace).
 
@@ -41,7 +42,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, text, update
+from sqlalchemy import bindparam, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from traitlets import Bool, Float, Int, validate
@@ -50,6 +51,7 @@ from traitlets.config import LoggingConfigurable
 from . import credits
 from .credits import Policy, format_credits
 from .db import Database
+from .events import add_notice
 from .models import (
     SESSION_ACTIVE_STATES,
     Allocation,
@@ -59,6 +61,7 @@ from .models import (
     Team,
     TrainingSession,
     User,
+    UserNotice,
 )
 from .notify import SMTPSettings, send
 from .sessions import add_event
@@ -67,6 +70,9 @@ log = logging.getLogger("nsml_server.billing")
 
 Account = tuple[bool, str]
 """``(team?, name)``: who pays."""
+
+NOTICE_KEEP = timedelta(days=1)
+"""How long a user notice is kept (the event stream sends only new ones)."""
 
 
 @dataclass
@@ -659,11 +665,9 @@ class CreditBilling(LoggingConfigurable):
         stop_server: StopServer | None = None,
         smtp: SMTPSettings | None = None,
         wake_runner: Callable[[], None] = lambda: None,
-        notify: Callable[[str, str, str], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.notify = notify
         self.db = db
         self.is_leader = is_leader
         self.now = now
@@ -688,6 +692,11 @@ class CreditBilling(LoggingConfigurable):
                 notebook_warned_at=self.notebook_warned_at,
                 notebook_grace_s=self.notebook_grace_s,
             )
+            # What is mailed also reaches the user's open notebooks, through the stream of
+            # whichever server process serves them, once this transaction commits.
+            for user, subject, words in decided.mail:
+                add_notice(s, user, subject.removeprefix("[nsml] "), words, now)
+            s.execute(delete(UserNotice).where(UserNotice.created < now - NOTICE_KEEP))
         for key in decided.notebooks_warned:
             self.notebook_warned_at[key] = now
         if report.charges:
@@ -739,13 +748,8 @@ class CreditBilling(LoggingConfigurable):
     async def _act(self, decided: Enforcement) -> None:
         """Mail and notebook stops, off the database transaction."""
         loop = asyncio.get_running_loop()
-        for user, subject, words in decided.mail:
-            if self.notify is not None:  # the user's open notebooks show it at once
-                try:
-                    self.notify(user, subject.removeprefix("[nsml] "), words)
-                except Exception as e:
-                    log.error("could not notify %s (%s): %s", user, subject, e)
-            if self.smtp.enabled:
+        if self.smtp.enabled:
+            for user, subject, words in decided.mail:
                 await loop.run_in_executor(None, self._mail, user, subject, words)
         if self.stop_server is None:
             for user, server in decided.notebooks_to_stop:

@@ -20,7 +20,10 @@ This module is what it stands on:
   * credit events: new rows of the credit ledger (``credit_ledger``: grants, charges,
     refunds, whichever server wrote them), one event per user account and read, with the
     balance now, the change and the newest row's reason; live only (after a reconnect,
-    fetch ``api/me``). Team pools are not streamed.
+    fetch ``api/me``). Team pools are not streamed;
+  * notices: new rows of ``user_notices`` (credits low, a GPU notebook server about to be
+    stopped for credits), which the billing leader writes (:func:`add_notice`), whichever
+    process serves the stream; live only.
 
 Who sees what: a user gets the events of their own sessions and submissions and their own
 balance, and the session events of their teams' team sessions (visibility ``team``, a team
@@ -51,6 +54,7 @@ from .models import (
     Submission,
     TrainingSession,
     User,
+    UserNotice,
 )
 from .sessions import iso
 
@@ -139,6 +143,21 @@ def submission_payload(row: Submission) -> dict[str, Any]:
     }
 
 
+def add_notice(
+    s: Session, user: str, subject: str, message: str, now: datetime, level: str = "warning"
+) -> None:
+    """Tell *user* something that is no session's event (credits low, a GPU notebook server
+    about to be stopped for credits): a ``user_notices`` row in the caller's transaction,
+    which every process's stream sends to *user*'s open notebooks once it is committed."""
+    s.add(UserNotice(user_name=user, subject=subject, message=message, level=level, created=now))
+
+
+def notice_event(row: UserNotice) -> StreamEvent:
+    """The ``notice`` event of a ``user_notices`` row: ``{subject, message, level, at}``."""
+    data = {"subject": row.subject, "message": row.message, "level": row.level}
+    return StreamEvent("notice", row.user_name, {**data, "at": iso(row.created)})
+
+
 def credit_event(
     user: str, balance: float, change: float, reason: str, at: datetime
 ) -> StreamEvent:
@@ -213,6 +232,7 @@ class _PollState:
     last_event_id: int = 0
     last_submission_id: int = 0
     last_credit_id: int = 0
+    last_notice_id: int = 0
     submissions: dict[int, str] = field(default_factory=dict)  # active id -> state
     started: bool = False
 
@@ -278,14 +298,6 @@ class EventBroker:
             if sub.closed:
                 self.subscribers.discard(sub)
 
-    def publish_notice(self, user: str, subject: str, message: str, level: str = "warning") -> None:
-        """Tell *user* something that is no session's event (live only): a GPU notebook
-        server about to be stopped for credits, credits running low. The billing leader
-        calls it; a user whose stream is open on another server process gets the e-mail
-        (when configured) and the session events, not this notice."""
-        data = {"subject": subject, "message": message, "level": level, "at": iso(self.now())}
-        self.publish(StreamEvent("notice", user, data))
-
     def publish_credit(self, user: str, balance: float, change: float, reason: str) -> None:
         """*user*'s balance changed by *change* (credits) to *balance*, because of *reason*
         (e.g. ``charge user/mnist/3``); :meth:`poll` calls it for new ledger rows."""
@@ -338,6 +350,7 @@ class EventBroker:
             st.last_event_id = s.scalar(select(func.max(SessionEvent.id))) or 0
             st.last_submission_id = s.scalar(select(func.max(Submission.id))) or 0
             st.last_credit_id = s.scalar(select(func.max(CreditEntry.id))) or 0
+            st.last_notice_id = s.scalar(select(func.max(UserNotice.id))) or 0
             active = select(Submission.id, Submission.state).where(
                 Submission.state.in_(SUBMISSION_ACTIVE)
             )
@@ -372,6 +385,17 @@ class EventBroker:
                 else:
                     st.submissions.pop(sub.id, None)
             out += self._credit_events(s)
+            notices = list(
+                s.scalars(
+                    select(UserNotice)
+                    .where(UserNotice.id > st.last_notice_id)
+                    .order_by(UserNotice.id)
+                    .limit(REPLAY_PAGE)
+                )
+            )
+            if notices:
+                st.last_notice_id = notices[-1].id
+                out += [notice_event(n) for n in notices]
         return out
 
     def _credit_events(self, s: Session) -> list[StreamEvent]:

@@ -309,6 +309,24 @@ class SessionEvent(Base):
     created: Mapped[datetime] = mapped_column(DateTime)
 
 
+class UserNotice(Base):
+    """Something a user is told that is no session's event: credits running low, a GPU
+    notebook server about to be stopped for credits. The billing leader writes it in the
+    transaction that decided it; every server process's event stream reads new rows and sends
+    them to that user's open notebooks (a ``notice`` event), so the notice reaches a notebook
+    whichever process serves its stream. Rows older than a day are deleted (the stream sends
+    only what is new)."""
+
+    __tablename__ = "user_notices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(255), index=True)
+    subject: Mapped[str] = mapped_column(String(255))
+    message: Mapped[str] = mapped_column(Text, default="")
+    level: Mapped[str] = mapped_column(String(16), default="warning")
+    created: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
 class SessionMetricChunk(Base):
     """A batch of ``nsml.report`` points of one session, stored as received (compact JSON).
 

@@ -3,7 +3,6 @@ skipped across passes, restarts and a leader failover; warnings and safe stops."
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from nsml_server.models import (
     Team,
     TrainingSession,
     User,
+    UserNotice,
 )
 from tests.unit.rows import hold, placed
 
@@ -248,16 +248,23 @@ def test_the_warning_before_a_notebook_server_stops_reaches_the_users_open_noteb
     add_user(db, "fox", 0)
     with db.session() as s:
         hold(s, "fox", "fox:notebook:gpu", [4], T0)
-    told: list[tuple[str, str, str]] = []
-    billing = CreditBilling(
-        db, now=Clock(T0 + timedelta(minutes=1)), notify=lambda *a: told.append(a)
-    )
-    _, decided = billing.tick()
-    asyncio.run(billing._act(decided))
-    said = {subject: words for u, subject, words in told if u == "fox"}
-    assert set(said) == {"credits low", "notebook server stopping: out of credits"}, told
+    clock = Clock(T0 + timedelta(minutes=1))
+    billing = CreditBilling(db, now=clock)
+    billing.tick()  # the notices are written with the decision, for every process's stream
+
+    def notices() -> dict[str, str]:
+        with db.session() as s:
+            rows = s.scalars(select(UserNotice).order_by(UserNotice.id)).all()
+            assert {r.user_name for r in rows} <= {"fox"}
+            return {r.subject: r.message for r in rows}
+
+    said = notices()
+    assert set(said) == {"credits low", "notebook server stopping: out of credits"}, said
     words = said["notebook server stopping: out of credits"]
     assert "notebook server gpu holds GPUs" in words and "files are kept" in words, words
+    clock.t += timedelta(days=1, minutes=1)  # a day later the pass deletes them
+    billing.tick()
+    assert notices() == {}
 
 
 def test_a_team_that_pays_is_charged_instead_of_its_member(db: Database) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nsml_server.db import Database, check_schema
-from nsml_server.events import EventBroker, StreamEvent, Subscriber, sse_frame
+from nsml_server.events import EventBroker, StreamEvent, Subscriber, add_notice, sse_frame
 from nsml_server.models import Dataset, Submission, TrainingSession
 from nsml_server.sessions import add_event, create_session
 
@@ -226,19 +226,29 @@ def test_credit_changes_written_to_the_ledger_reach_their_user_only(db: Database
     run(test, db)
 
 
-def test_a_notice_reaches_its_user_only_as_one_frame(db: Database) -> None:
+def test_a_notice_reaches_its_user_only_as_one_frame_from_every_server_process(
+    db: Database,
+) -> None:
+    """A notice written by one process (the billing leader) reaches the user's streams on
+    every process: here two brokers, as two server processes have, on one database."""
+
     async def test(broker: EventBroker) -> None:
+        other = EventBroker(db, lambda: NOW, poll_interval_s=0.01)  # another process's
         alice = await broker.subscribe("alice")
         bob = await broker.subscribe("bob")
-        broker.publish_notice("alice", "notebook server stopping: out of credits", "in 120 s")
-        [ev] = await take(alice, 1)
-        frame = sse_frame(ev)
-        assert frame.startswith("event: notice\ndata: {") and frame.endswith("}\n\n"), frame
-        assert ev.data["subject"] == "notebook server stopping: out of credits"
-        assert (ev.data["message"], ev.data["level"]) == ("in 120 s", "warning")
+        alice_there = await other.subscribe("alice")
+        with db.session() as s:
+            add_notice(s, "alice", "notebook server stopping: out of credits", "in 120 s", NOW)
+        for sub in (alice, alice_there):
+            [ev] = await take(sub, 1)
+            frame = sse_frame(ev)
+            assert frame.startswith("event: notice\ndata: {") and frame.endswith("}\n\n"), frame
+            assert ev.data["subject"] == "notebook server stopping: out of credits"
+            assert (ev.data["message"], ev.data["level"]) == ("in 120 s", "warning")
+            assert ev.data["at"].startswith("2026-12-01T12:00:00"), ev.data
         assert bob.queue.empty()
-        broker.unsubscribe(alice)
-        broker.unsubscribe(bob)
+        for b, sub in ((broker, alice), (broker, bob), (other, alice_there)):
+            b.unsubscribe(sub)
 
     run(test, db)
 
