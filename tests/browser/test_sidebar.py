@@ -28,6 +28,7 @@ from tests.integration.conftest import wait_for
 from tests.integration.hubproc import HubProcess
 from tests.integration.test_leaderboards import TRAIN_PY as BOARD_TRAIN_PY
 from tests.integration.test_sessions import FAIL_PY, TRAIN_PY, Cli, cli_for, status, wait_state
+from tests.integration.test_team_sessions import join, team  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
 
@@ -146,6 +147,51 @@ def test_stop_from_the_sidebar_stops_the_session(
     side.expect_state(name, "stopped")
     side.me.shot("stopped")
     assert wait_state(nsml, name)["state"] == "stopped"
+
+
+def test_a_teammates_team_session_is_listed_and_followed_with_only_logs_and_fork(
+    hub: HubProcess,
+    hub_user: Callable[[str], HubUser],
+    tmp_path: Path,
+    team: str,  # noqa: F811
+) -> None:
+    """A member of a team sees a teammate's team session in the sessions tab (its owner and
+    team on the row), follows it to its end without a reload (the stream carries a team
+    session's events to the team's members), may read its log and fork it but not stop it;
+    the "whose" chooser shows it under the team's and hides it under mine."""
+    from playwright.sync_api import expect
+
+    tag = secrets.token_hex(3)
+    owner, member = f"sb-own-{tag}", f"sb-mem-{tag}"
+    for u in (owner, member):
+        hub.user_token(u)
+    join(hub, team, owner, member)
+    nsml = cli_for(hub, hub.user_token(owner), project(tmp_path))  # a token made after joining
+    side = open_lab(hub, hub_user, member)
+    side.open()
+    side.page.evaluate(MARK_JS)
+    name = str(nsml("run", "--team", team, "go.py").stdout.strip())
+    side.expect_state(name, "running")
+    row = side.row(name)
+    expect(row.locator(".jp-NSML-owner")).to_have_text(f"{owner} · team {team}")
+    expect(row.locator(".jp-NSML-action")).to_have_text(["Logs", "Fork"])
+    whose = side.panel.locator("select[title^='Whose sessions']")
+    whose.select_option("mine")
+    expect(row).to_have_count(0)
+    whose.select_option("team")
+    expect(row).to_be_visible()
+    side.me.shot("teammate-running")
+    r = hub.nsml(
+        "POST",
+        f"sessions/{name}/exec",
+        hub.user_token(owner),
+        json={"command": ["touch", "/tmp/go"]},
+    )
+    assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
+    side.expect_state(name, "completed")
+    assert side.page.evaluate(MARKED_JS), "the page was reloaded"
+    expect(row.locator(".jp-NSML-action")).to_have_text(["Logs", "Fork"])  # no Remove
+    side.me.shot("teammate-completed")
 
 
 def test_fork_from_the_dialog_starts_a_child_with_the_edited_argument(
