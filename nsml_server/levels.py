@@ -234,6 +234,12 @@ def is_team_admin(s: Session, team: str, user: str) -> bool:
     return user in team_admins(s, team)
 
 
+def teams_administered(s: Session, user: str) -> list[str]:
+    """The teams whose admin *user* is (they may stop those teams' sessions)."""
+    q = select(Team.name).join(TeamAdmin, TeamAdmin.team_id == Team.id)
+    return sorted(s.scalars(q.where(TeamAdmin.user_name == user)))
+
+
 def set_billing_team(s: Session, user: str, team: str | None, actor: str, now: datetime) -> User:
     """Let *team*'s pool pay for *user*'s work (None: the user pays); audited. The user must
     be in the team's hub group (as last seen) and the team must exist."""

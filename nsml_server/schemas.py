@@ -264,6 +264,11 @@ class MeOut(BaseModel):
     credits: float = Field(description="balance in credits")
     groups: list[str]
     scopes: list[str]
+    team_admin_of: list[str] = Field(
+        default_factory=list,
+        description="the teams whose admin the caller is (they may stop those teams' sessions "
+        "and manage their members)",
+    )
     burn_rate: float = Field(
         default=0.0,
         description="credits per hour that all the caller's running work (sessions, "

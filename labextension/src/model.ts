@@ -260,15 +260,17 @@ export interface ISessionActions {
 
 /**
  * What the caller may do with a session: the owner (and an admin) stops a running one,
- * removes an ended one and submits it; anyone who sees it (a teammate) reads its log and
- * forks it. While the caller is not known yet, every action is offered (the service
- * refuses what it must).
+ * removes an ended one and submits it; a team admin of the session's team stops it too;
+ * anyone who sees it (a teammate) reads its log and forks it. While the caller is not known
+ * yet, every action is offered (the service refuses what it must).
  */
 export function sessionActions(s: ISession, me: IMe | null): ISessionActions {
   const ended = ENDED_STATES.has(s.state);
   const owns = me === null || s.user === me.name || me.admin;
+  const leads =
+    !!s.team && s.visibility !== 'private' && (me?.team_admin_of ?? []).includes(s.team);
   return {
-    stop: owns && !ended,
+    stop: (owns || leads) && !ended,
     remove: owns && ended,
     submit: owns && s.datasets.length > 0,
     logs: true,

@@ -88,6 +88,8 @@ export interface IMe {
   groups: string[];
   /** Credits an hour the caller's running work burns now (absent from older services). */
   burn_rate?: number;
+  /** The teams whose admin the caller is: they may stop those teams' sessions. */
+  team_admin_of?: string[];
 }
 
 export interface IVersion {

@@ -368,7 +368,7 @@ describe('team sessions', () => {
   const me = { name: 'alice', admin: false, credits: 10, groups: ['vision'] };
   const mine = session();
   const teamMine = session({ name: 'alice/mnist/2', team: 'vision' });
-  const theirs = session({ name: 'bob/mnist/1', user: 'bob', team: 'vision' });
+  const theirs = session({ name: 'bob/mnist/1', user: 'bob', team: 'vision', visibility: 'team' });
 
   test.each([
     ['mine, no team: nothing', mine, null],
@@ -398,6 +398,24 @@ describe('team sessions', () => {
       theirs,
       { ...me, admin: true },
       { stop: true, remove: false, submit: true }
+    ],
+    [
+      "a teammate's, as the team's admin: stop, not remove or submit",
+      theirs,
+      { ...me, team_admin_of: ['vision'] },
+      { stop: true, remove: false, submit: false }
+    ],
+    [
+      "a teammate's ended one, as the team's admin: nothing to stop",
+      { ...theirs, state: 'completed' as const },
+      { ...me, team_admin_of: ['vision'] },
+      { stop: false, remove: false, submit: false }
+    ],
+    [
+      "another team's, as an admin of mine: no stop",
+      theirs,
+      { ...me, team_admin_of: ['audio'] },
+      { stop: false, remove: false, submit: false }
     ],
     ['caller not known yet: offered', theirs, null, { stop: true, remove: false, submit: true }]
   ])('actions: %s', (_, s, who, want) => {

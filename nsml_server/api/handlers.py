@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from .. import credits, nodes
+from .. import credits, levels, nodes
 from ..models import NODE_STATES, Allocation, Node, User
 from ..schemas import Health, Heartbeat, MeOut, NodeList, NodePatch, UsageItem, UsageOut
 from .base import APIError, APIHandler
@@ -93,6 +93,7 @@ class MeHandler(APIHandler):
                 credits=user.credits_milli / 1000,
                 groups=list(self.hub_user.get("groups") or []),
                 scopes=list(self.hub_user.get("scopes") or []),
+                team_admin_of=levels.teams_administered(s, user.name),
                 burn_rate=credits.user_burn_rate_milli_per_hour(s, user.name, self.ctx.now())
                 / credits.MILLI,
             )

@@ -149,7 +149,7 @@ def test_stop_from_the_sidebar_stops_the_session(
     assert wait_state(nsml, name)["state"] == "stopped"
 
 
-def test_a_teammates_team_session_is_listed_and_followed_with_only_logs_and_fork(
+def test_a_teammates_team_session_is_listed_and_followed_and_its_team_admin_may_stop_it(
     hub: HubProcess,
     hub_user: Callable[[str], HubUser],
     tmp_path: Path,
@@ -158,7 +158,8 @@ def test_a_teammates_team_session_is_listed_and_followed_with_only_logs_and_fork
     """A member of a team sees a teammate's team session in the sessions tab (its owner and
     team on the row), follows it to its end without a reload (the stream carries a team
     session's events to the team's members), may read its log and fork it but not stop it;
-    the "whose" chooser shows it under the team's and hides it under mine."""
+    the "whose" chooser shows it under the team's and hides it under mine. Made the team's
+    admin, the member stops the next team session from the sidebar."""
     from playwright.sync_api import expect
 
     tag = secrets.token_hex(3)
@@ -192,6 +193,20 @@ def test_a_teammates_team_session_is_listed_and_followed_with_only_logs_and_fork
     assert side.page.evaluate(MARKED_JS), "the page was reloaded"
     expect(row.locator(".jp-NSML-action")).to_have_text(["Logs", "Fork"])  # no Remove
     side.me.shot("teammate-completed")
+    # Made the team's admin, the member may stop the team's sessions from the sidebar.
+    r = hub.nsml(
+        "PUT", f"teams/{team}/admins/{member}", hub.user_token("admin"), json={"admin": True}
+    )
+    assert r.status_code == 200, r.text
+    side.page.reload()
+    side.open()
+    second = str(nsml("run", "--team", team, "go.py").stdout.strip())
+    side.expect_state(second, "running")
+    expect(side.row(second).locator(".jp-NSML-action")).to_have_text(["Stop", "Logs", "Fork"])
+    side.row(second).get_by_role("button", name="Stop", exact=True).click()
+    side.expect_state(second, "stopped")
+    assert wait_state(nsml, second)["state"] == "stopped"
+    side.me.shot("team-admin-stopped")
 
 
 def test_fork_from_the_dialog_starts_a_child_with_the_edited_argument(

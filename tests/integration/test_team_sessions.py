@@ -111,7 +111,9 @@ def test_members_read_a_team_session_a_team_admin_stops_it_outsiders_get_nothing
     assert wrong.returncode == 2
     assert f"You are not a member of team '{team}'" in wrong.stderr
 
-    # The team admin stops it.
+    # The team admin stops it (what the sidebar offers them: GET me names the team).
+    assert hub.nsml("GET", "me", tokens[lead]).json()["team_admin_of"] == [team]
+    assert hub.nsml("GET", "me", tokens[member]).json()["team_admin_of"] == []
     r = hub.nsml("POST", f"sessions/{name}/stop", tokens[lead])
     assert r.status_code == 202, r.text
     st = wait_state(nsml, name)
