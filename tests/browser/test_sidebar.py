@@ -71,8 +71,17 @@ class Sidebar:
         """Click the NSML icon in the left bar, then the tab."""
         from playwright.sync_api import expect
 
-        if not self.panel.is_visible():  # a click on the shown panel's icon would hide it
-            self.page.locator('.jp-SideBar [data-id="jp-nsml-sidebar"]').click()
+        # A click on the shown panel's icon hides it, and after a reload JupyterLab may show
+        # the panel it restores just after a look found it hidden: click until it is shown.
+        icon = self.page.locator('.jp-SideBar [data-id="jp-nsml-sidebar"]')
+        for _ in range(3):
+            if self.panel.is_visible():
+                break
+            icon.click()
+            try:
+                expect(self.panel).to_be_visible(timeout=5_000)
+            except AssertionError:
+                continue
         expect(self.panel).to_be_visible()
         self.panel.get_by_role("tab", name=tab).click()
         expect(self.panel.get_by_role("tab", name=tab)).to_have_attribute("aria-selected", "true")
