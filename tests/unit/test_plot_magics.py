@@ -111,15 +111,25 @@ def test_the_plot_magic_shows_the_panel_as_a_widget(
 def test_the_gpumonitor_magic_plots_the_utilisation_curve(
     api: FakeAPI, ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import asyncio
+
     from nsml_magics.gpumonitor import LiveGpuMonitor
 
-    magic(ip, "gpumonitor alice/_/1")
-    out = capsys.readouterr().out
-    assert "GPU 0: now 30%, mean 46%, peak 90%, memory peak 100 MiB" in out, out
-    live = ip.magics_manager.registry["NSMLMagics"].lines["gpumonitor:alice/_/1"]
-    assert isinstance(live, LiveGpuMonitor) and type(live.widget).__name__ == "BokehModel"
-    assert live.task is not None, "a running session is followed"
-    live.task.cancel()
+    # The kernel's loop (an earlier asyncio.run() in this process leaves none current).
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        magic(ip, "gpumonitor alice/_/1")
+        out = capsys.readouterr().out
+        assert "GPU 0: now 30%, mean 46%, peak 90%, memory peak 100 MiB" in out, out
+        live = ip.magics_manager.registry["NSMLMagics"].lines["gpumonitor:alice/_/1"]
+        assert isinstance(live, LiveGpuMonitor) and type(live.widget).__name__ == "BokehModel"
+        assert live.task is not None, "a running session is followed"
+        live.task.cancel()
+        loop.run_until_complete(asyncio.gather(live.task, return_exceptions=True))
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
     assert main(["gpumonitor", "alice/_/1"]) == 0
     assert "peak 90%" in capsys.readouterr().out
 
