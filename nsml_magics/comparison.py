@@ -235,6 +235,27 @@ def summary_text(panel: Panel) -> str:
 _bokehjs_loaded = False
 
 
+def display_live(layout: Any) -> tuple[Any, asyncio.AbstractEventLoop | None]:
+    """Show *layout* in the cell's output as a ``jupyter_bokeh`` widget, whose models the
+    kernel may change later: ``(widget, the kernel's event loop)``. Without
+    ``jupyter_bokeh`` (or without a loop) it is shown once: ``(None, None)``."""
+    from IPython.display import display
+
+    try:
+        from jupyter_bokeh.widgets import BokehModel
+    except ImportError:  # pragma: no cover - the notebook image has it
+        from bokeh.io import show
+
+        show(layout)
+        return None, None
+    widget = BokehModel(layout)
+    display(widget)
+    try:
+        return widget, asyncio.get_event_loop()
+    except RuntimeError:
+        return widget, None
+
+
 def load_bokehjs() -> None:
     """Load BokehJS into the notebook page, inline (once per kernel)."""
     global _bokehjs_loaded
@@ -281,21 +302,9 @@ class LivePanel:
         ]
 
     def show(self) -> LivePanel:
-        from IPython.display import display
-
         load_bokehjs()
-        try:
-            from jupyter_bokeh.widgets import BokehModel
-        except ImportError:  # pragma: no cover - the notebook image has it
-            from bokeh.io import show
-
-            show(self.panel.layout)
-            return self
-        self.widget = BokehModel(self.panel.layout)
-        display(self.widget)
-        try:
-            loop = asyncio.get_event_loop()
-        except RuntimeError:
+        self.widget, loop = display_live(self.panel.layout)
+        if loop is None:
             return self
         if self.running():
             self.task = loop.create_task(self.follow())

@@ -179,22 +179,10 @@ class LiveGpuMonitor:
         return self.state not in FINAL_STATES
 
     def show(self) -> LiveGpuMonitor:
-        from IPython.display import display
+        from .comparison import display_live
 
-        try:
-            from jupyter_bokeh.widgets import BokehModel
-        except ImportError:  # pragma: no cover - the notebook image has it
-            from bokeh.io import show
-
-            show(self.panel.layout)
-            return self
-        self.widget = BokehModel(self.panel.layout)
-        display(self.widget)
-        try:
-            loop = asyncio.get_event_loop()
-        except RuntimeError:
-            return self
-        if self.running:
+        self.widget, loop = display_live(self.panel.layout)
+        if loop is not None and self.running:
             self.task = loop.create_task(self.follow())
         return self
 

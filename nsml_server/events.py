@@ -41,7 +41,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -141,6 +141,15 @@ def submission_payload(row: Submission) -> dict[str, Any]:
         "message": row.message,
         "finished": iso(row.finished),
     }
+
+
+_Row = TypeVar("_Row", SessionEvent, CreditEntry, UserNotice)
+
+
+def rows_after(s: Session, table: type[_Row], after: int) -> list[_Row]:
+    """The rows of *table* with ``id > after``, oldest first, at most :data:`REPLAY_PAGE`."""
+    q = select(table).where(table.id > after).order_by(table.id).limit(REPLAY_PAGE)
+    return list(s.scalars(q))
 
 
 def add_notice(
@@ -362,14 +371,7 @@ class EventBroker:
         st = self._state
         out: list[StreamEvent] = []
         with self.db.session() as s:
-            rows = list(
-                s.scalars(
-                    select(SessionEvent)
-                    .where(SessionEvent.id > st.last_event_id)
-                    .order_by(SessionEvent.id)
-                    .limit(REPLAY_PAGE)
-                )
-            )
+            rows = rows_after(s, SessionEvent, st.last_event_id)
             if rows:
                 out += session_events(s, rows)
                 st.last_event_id = rows[-1].id
@@ -385,14 +387,7 @@ class EventBroker:
                 else:
                     st.submissions.pop(sub.id, None)
             out += self._credit_events(s)
-            notices = list(
-                s.scalars(
-                    select(UserNotice)
-                    .where(UserNotice.id > st.last_notice_id)
-                    .order_by(UserNotice.id)
-                    .limit(REPLAY_PAGE)
-                )
-            )
+            notices = rows_after(s, UserNotice, st.last_notice_id)
             if notices:
                 st.last_notice_id = notices[-1].id
                 out += [notice_event(n) for n in notices]
@@ -401,14 +396,7 @@ class EventBroker:
     def _credit_events(self, s: Session) -> list[StreamEvent]:
         """One event per user account with new ledger rows since the last read."""
         st = self._state
-        entries = list(
-            s.scalars(
-                select(CreditEntry)
-                .where(CreditEntry.id > st.last_credit_id)
-                .order_by(CreditEntry.id)
-                .limit(REPLAY_PAGE)
-            )
-        )
+        entries = rows_after(s, CreditEntry, st.last_credit_id)
         if not entries:
             return []
         st.last_credit_id = entries[-1].id
