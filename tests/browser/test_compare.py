@@ -90,19 +90,23 @@ def run_cell(page: Any, code: str) -> None:
 
 
 def open_notebook(hub: HubProcess, hub_user: Callable[[str], HubUser], user: str) -> HubUser:
-    """Log *user* in, start a small server, open a new notebook and wait until its kernel
-    answered a first cell."""
+    """Log *user* in, start a small server and open a new notebook."""
     from playwright.sync_api import expect
 
     me = hub_user(user)
-    page = me.page
     me.log_in()
     me.start_server(small_server(hub))
-    page.locator(".jp-LauncherCard[data-category='Notebook']").first.click()
-    expect(page.get_by_role("tab", name=re.compile(r"Untitled.*\.ipynb"))).to_be_visible()
+    me.page.locator(".jp-LauncherCard[data-category='Notebook']").first.click()
+    expect(me.page.get_by_role("tab", name=re.compile(r"Untitled.*\.ipynb"))).to_be_visible()
+    return me
+
+
+def warm_kernel(page: Any) -> None:
+    """Wait until the notebook's kernel answered a first cell."""
+    from playwright.sync_api import expect
+
     run_cell(page, "warm = 1 + 1; warm")
     expect(page.locator(".jp-OutputArea-output").last).to_have_text("2")
-    return me
 
 
 def test_a_notebook_cell_compares_three_sessions_and_hover_highlights_one_in_every_plot(
@@ -111,12 +115,8 @@ def test_a_notebook_cell_compares_three_sessions_and_hover_highlights_one_in_eve
     from playwright.sync_api import expect
 
     names = run_sessions(hub, tmp_path)
-    me = hub_user(USER)
+    me = open_notebook(hub, hub_user, USER)
     page = me.page
-    me.log_in()
-    me.start_server(small_server(hub))
-    page.locator(".jp-LauncherCard[data-category='Notebook']").first.click()
-    expect(page.get_by_role("tab", name=re.compile(r"Untitled.*\.ipynb"))).to_be_visible()
     expect(page.locator(".jp-Notebook .jp-Cell .cm-content").first).to_be_visible()
     me.shot("notebook-open")
 
@@ -191,8 +191,9 @@ def test_a_running_session_grows_live_and_a_zoom_fetches_the_exact_points(
     folder.mkdir()
     (folder / "train.py").write_text(TRAIN_PY)
     nsml = cli_for(hub, hub.user_token(user), folder)
-    me = open_notebook(hub, hub_user, user)  # the kernel is up before the session starts
+    me = open_notebook(hub, hub_user, user)
     page = me.page
+    warm_kernel(page)  # the kernel is up before the session starts
     # 3 epochs x 20 steps, 0.5 s a step: about 30 s of reports, steps 0 to 59
     name = nsml(
         "run", "train.py", "--", "--epochs", "3", "--steps", "20", "--sleep", "0.5"
@@ -314,6 +315,7 @@ def test_gpumonitor_follows_a_running_sessions_gpu_use_in_the_notebook(
     nsml = cli_for(hub, hub.user_token(user), folder)
     me = open_notebook(hub, hub_user, user)
     page = me.page
+    warm_kernel(page)
     name = nsml(
         "run", "--gpus", "1", "--gpu-model", MODEL, "--cpu", "0.25", "--memory", "256M", "train.py"
     ).stdout.strip()
